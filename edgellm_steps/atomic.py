@@ -1,0 +1,79 @@
+"""Writing files and directories so that a killed writer leaves nothing that looks finished.
+
+Everything is written under a temporary name beside its destination and renamed
+into place only when complete; ``rename`` within one directory is atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+
+
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Atomically write ``data`` to ``path`` unless it already holds exactly that.
+
+    Returns whether the file was written. Leaving an unchanged file alone keeps
+    its mtime, which is what keeps Snakemake from seeing a change.
+    """
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def remove_stale_staging(directory: Path) -> None:
+    """Delete staging directories that a killed run left in ``directory``."""
+    if not directory.is_dir():
+        return
+    for entry in directory.iterdir():
+        if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
+            log.info("removing leftover staging directory %s from an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(destination: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; on success move its files into ``destination``.
+
+    Files are moved one by one (``destination`` may already hold files of other
+    steps, such as a LoRA graph beside the base graph), in sorted order except
+    that ``model.onnx`` and ``manifest.json`` come last: a reader that finds the
+    manifest finds everything it lists. On failure the staging directory is removed
+    and ``destination`` is left as it was.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(destination.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{destination.name}-", dir=destination.parent))
+    try:
+        yield staging
+        destination.mkdir(parents=True, exist_ok=True)
+        last = ("model.onnx", "manifest.json")
+        names = sorted(p.name for p in staging.iterdir())
+        ordered = [n for n in names if n not in last] + [n for n in last if n in names]
+        for name in ordered:
+            os.replace(staging / name, destination / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

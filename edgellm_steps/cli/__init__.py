@@ -1,0 +1,22 @@
+"""Console scripts: parse arguments, call one library function, map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from edgellm_steps.errors import EdgeLLMError
+
+log = logging.getLogger("edgellm")
+
+
+def run_cli(body: Callable[[], object]) -> int:
+    """Run ``body`` with logging set up; a user error becomes one line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        body()
+    except EdgeLLMError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    return 0

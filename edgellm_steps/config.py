@@ -1,0 +1,111 @@
+"""Workflow configuration: schema validation and per-model settings.
+
+The schema (``config/config.schema.yaml``) documents every key and its default;
+this module validates a loaded config against it and resolves what one model
+gets after inheriting ``defaults``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from edgellm_steps.errors import ConfigError
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "config.schema.yaml"
+
+
+@dataclass(frozen=True)
+class BuildLimits:
+    """Engine build limits (contract section 8)."""
+
+    max_batch_size: int
+    max_input_len: int
+    max_kv_cache_capacity: int
+    max_lora_rank: int
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Everything the workflow knows about one model after defaults apply."""
+
+    name: str
+    source: str
+    precisions: tuple[str, ...]
+    sm_targets: tuple[int, ...]
+    chat_template: str | None
+    build: BuildLimits
+
+    @property
+    def default_sm(self) -> int:
+        return self.sm_targets[0]
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def _location(error: jsonschema.ValidationError) -> str:
+    parts = []
+    for part in error.absolute_path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
+    """Raise :class:`ConfigError` naming the first offending key of ``config``."""
+    schema = schema if schema is not None else load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = jsonschema.exceptions.best_match(errors)
+        raise ConfigError(
+            f"invalid config at {_location(error)}: {error.message}; "
+            "fix it in your config file (keys and defaults: config/config.schema.yaml)"
+        )
+
+
+def _schema_default_settings(schema: dict[str, Any]) -> dict[str, Any]:
+    settings = schema["$defs"]["settings"]["properties"]
+    defaults = {key: spec.get("default") for key, spec in settings.items() if key != "build"}
+    build = schema["$defs"]["build"]["properties"]
+    defaults["build"] = {key: spec["default"] for key, spec in build.items()}
+    return defaults
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> ModelSettings:
+    """Settings of model ``name``: schema defaults < ``defaults:`` < the model's entry."""
+    models = config.get("models") or {}
+    if name not in models:
+        known = ", ".join(sorted(models)) or "(none)"
+        raise ConfigError(
+            f"unknown model '{name}' in target: the config defines {known}; "
+            f"add '{name}' under models: in your config file or fix the target path"
+        )
+    schema = schema if schema is not None else load_schema()
+    merged = _merge(_schema_default_settings(schema), config.get("defaults") or {})
+    merged = _merge(merged, models[name])
+    return ModelSettings(
+        name=name,
+        source=merged["source"],
+        precisions=tuple(merged["precisions"]),
+        sm_targets=tuple(merged["sm_targets"]),
+        chat_template=merged["chat_template"],
+        build=BuildLimits(**merged["build"]),
+    )

@@ -1,0 +1,103 @@
+"""export-llm: an HF decoder checkpoint -> the Edge-LLM ONNX directory (fp16).
+
+Output (contract sections 3-4): ``model.onnx`` + ``onnx_model.data``,
+``config.json``, ``embedding.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json``, ``processed_chat_template.json`` and our
+``manifest.json``. Everything is written into a staging directory and moved
+into ``output_dir`` only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import onnx
+
+from edgellm_steps.atomic import staged_directory
+from edgellm_steps.chat_template import load_processed_chat_template, process_chat_template
+from edgellm_steps.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, SourceError
+from edgellm_steps.families import family_for
+from edgellm_steps.llm_graph import DecoderGraph
+from edgellm_steps.manifest import write_manifest
+from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.sidecars import runtime_config, write_embedding, write_json, write_tokenizer_files
+from edgellm_steps.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise EdgeLLMError(f"unknown device '{device}': use cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingDependencyError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
+
+
+def _check_supported(dims: DecoderDims, activation: str) -> None:
+    if dims.hidden_act != activation:
+        raise SourceError(f"hidden_act {dims.hidden_act!r} is not supported (the family uses {activation!r})")
+    if dims.num_heads % dims.num_kv_heads:
+        raise SourceError(
+            f"num_attention_heads {dims.num_heads} is not a multiple of num_key_value_heads {dims.num_kv_heads}"
+        )
+    if dims.rotary_dim % 2:
+        raise SourceError(f"rotary dim {dims.rotary_dim} (head_dim x partial_rotary_factor) must be even")
+
+
+def export_llm(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    device: str = "cpu",
+    chat_template: str | Path | None = None,
+) -> Path:
+    """Export ``model_dir`` (local directory or hub id) into ``output_dir``; returns the ONNX path.
+
+    ``device`` is accepted for the quantized exports that run the model; the fp16
+    export reads weights straight from the memory-mapped shards and runs nothing.
+    """
+    started = time.monotonic()
+    _check_device(device)
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    hf_config = read_hf_config(checkpoint)
+    spec = family_for(hf_config, where=str(checkpoint))
+    dims = decoder_dims(hf_config)
+    _check_supported(dims, spec.activation)
+    processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    if processed_template is None:
+        processed_template = process_chat_template(tokenizer)
+    store = TensorStore(checkpoint)
+    output_dir = Path(output_dir)
+    log.info("exporting %s (%s, %d layers) to %s", checkpoint, spec.family, dims.num_layers, output_dir)
+    with staged_directory(output_dir) as staging:
+        writer = ExternalDataWriter(staging)
+        try:
+            model = DecoderGraph(GraphBuilder(writer), store, spec, dims).build()
+        finally:
+            writer.close()
+        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
+        onnx.save_model(model, str(staging / ONNX_NAME))
+        onnx.checker.check_model(str(staging / ONNX_NAME))
+        write_embedding(store, spec, staging / "embedding.safetensors")
+        write_json(staging / "config.json", runtime_config(dims, spec, hf_config))
+        write_tokenizer_files(checkpoint, tokenizer, staging)
+        write_json(staging / "processed_chat_template.json", processed_template)
+        write_manifest(
+            staging,
+            step="export-llm",
+            parameters={"precision": "fp16", "chat_template": str(chat_template) if chat_template else None},
+        )
+    log.info("export finished in %.1f s", time.monotonic() - started)
+    return output_dir / ONNX_NAME

@@ -1,0 +1,163 @@
+"""The Edge-LLM decoder graph (contract section 3), built node by node from a family spec.
+
+The graph is written directly rather than traced: every weight is read from the
+memory-mapped checkpoint, converted, streamed to ``onnx_model.data`` and
+released, so the export never holds the model twice (nor once). RoPE and the
+KV-cache update live inside ``trt::AttentionPlugin``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from edgellm_steps.checkpoint import DecoderDims, TensorStore
+from edgellm_steps.errors import SourceError
+from edgellm_steps.families import FamilySpec
+from edgellm_steps.llm_io import llm_inputs, llm_outputs, past_name, present_name
+from edgellm_steps.onnx_builder import GraphBuilder
+from edgellm_steps.plugins.attention import emit_attention_plugin
+
+log = logging.getLogger(__name__)
+
+
+def _fp16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float16).contiguous().numpy()
+
+
+def _node_path(module: str) -> str:
+    """``model.layers.0.self_attn`` -> ``/model/layers.0/self_attn`` (torch exporter style)."""
+    parts = module.split(".")
+    merged: list[str] = []
+    for part in parts:
+        if part.isdigit() and merged:
+            merged[-1] = f"{merged[-1]}.{part}"
+        else:
+            merged.append(part)
+    return "/" + "/".join(merged)
+
+
+class DecoderGraph:
+    """Builds one decoder graph; one method per block of the architecture."""
+
+    def __init__(self, builder: GraphBuilder, store: TensorStore, spec: FamilySpec, dims: DecoderDims) -> None:
+        self.g = builder
+        self.store = store
+        self.spec = spec
+        self.dims = dims
+
+    def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
+        """MatMul by the transposed HF weight ([K, N] initializer), plus the bias when the checkpoint has one."""
+        w = weight if weight is not None else self.store.get(f"{module}.weight")
+        name = self.g.weight(f"{module}.weight", _fp16(w.t()))
+        path = _node_path(module)
+        y = self.g.op("MatMul", [x, name], f"{path}/MatMul")
+        if f"{module}.bias" in self.store:
+            bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
+            y = self.g.op("Add", [y, bias], f"{path}/Add")
+        return y
+
+    def rms_norm(self, weight_name: str, x: str, path: str) -> str:
+        """HF RMSNorm: statistics in float32, scale applied in float16 after the cast back."""
+        g = self.g
+        weight = g.weight(weight_name, _fp16(self.store.get(weight_name)))
+        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        square = g.op("Mul", [xf, xf], f"{path}/Pow")
+        axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
+        mean = g.op("ReduceMean", [square, axes], f"{path}/ReduceMean", keepdims=1)
+        eps = g.constant(np.array(self.dims.rms_norm_eps, dtype=np.float32), "rms_norm_eps")
+        rstd = g.op(
+            "Reciprocal",
+            [g.op("Sqrt", [g.op("Add", [mean, eps], f"{path}/Add")], f"{path}/Sqrt")],
+            f"{path}/Reciprocal",
+        )
+        normed = g.op("Cast", [g.op("Mul", [xf, rstd], f"{path}/Mul")], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+        return g.op("Mul", [normed, weight], f"{path}/Mul_1")
+
+    def head_norm(self, weight_name: str, x: str, heads: int, path: str) -> str:
+        """Per-head RMSNorm of a [B, S, heads*D] projection (Qwen3's q_norm / k_norm)."""
+        d = self.dims.head_dim
+        split = self.g.op(
+            "Reshape",
+            [x, self.g.constant(np.array([0, 0, heads, d], dtype=np.int64), "shape_heads")],
+            f"{path}/Reshape",
+        )
+        normed = self.rms_norm(weight_name, split, path)
+        merged = np.array([0, 0, heads * d], dtype=np.int64)
+        return self.g.op("Reshape", [normed, self.g.constant(merged, "shape_merge")], f"{path}/Reshape_1")
+
+    def attention(self, layer: int, prefix: str, x: str) -> str:
+        d = self.dims
+        attn = f"{prefix}.self_attn"
+        q = self.linear(f"{attn}.q_proj", x)
+        k = self.linear(f"{attn}.k_proj", x)
+        v = self.linear(f"{attn}.v_proj", x)
+        if self.spec.qk_norm:
+            q = self.head_norm(f"{attn}.q_norm.weight", q, d.num_heads, _node_path(f"{attn}.q_norm"))
+            k = self.head_norm(f"{attn}.k_norm.weight", k, d.num_kv_heads, _node_path(f"{attn}.k_norm"))
+        path = _node_path(attn)
+        qkv = self.g.op("Concat", [q, k, v], f"{path}/Concat", axis=-1)
+        out = emit_attention_plugin(
+            self.g,
+            f"{path}/AttentionPlugin",
+            qkv=qkv,
+            past_key_value=past_name(layer),
+            context_lengths="context_lengths",
+            rope_rotary_cos_sin="rope_rotary_cos_sin",
+            kvcache_start_index="kvcache_start_index",
+            present_key_value=present_name(layer),
+            num_q_heads=d.num_heads,
+            num_kv_heads=d.num_kv_heads,
+            head_size=d.head_dim,
+        )
+        shape = self.g.constant(np.array([0, 0, d.num_heads * d.head_dim], dtype=np.int64), "shape_attn_out")
+        flat = self.g.op("Reshape", [out, shape], f"{path}/Reshape")
+        return self.linear(f"{attn}.o_proj", flat)
+
+    def mlp(self, prefix: str, x: str) -> str:
+        mlp = f"{prefix}.mlp"
+        path = _node_path(mlp)
+        gate = self.linear(f"{mlp}.gate_proj", x)
+        up = self.linear(f"{mlp}.up_proj", x)
+        silu = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")], f"{path}/act_fn/Mul")
+        return self.linear(f"{mlp}.down_proj", self.g.op("Mul", [silu, up], f"{path}/Mul"))
+
+    def decoder_layer(self, layer: int, x: str) -> str:
+        prefix = self.spec.layer_prefix.format(i=layer)
+        path = _node_path(prefix)
+        h = self.rms_norm(f"{prefix}.input_layernorm.weight", x, f"{path}/input_layernorm")
+        x = self.g.op("Add", [x, self.attention(layer, prefix, h)], f"{path}/Add")
+        h = self.rms_norm(f"{prefix}.post_attention_layernorm.weight", x, f"{path}/post_attention_layernorm")
+        return self.g.op("Add", [x, self.mlp(prefix, h)], f"{path}/Add_1")
+
+    def lm_head_weight(self) -> torch.Tensor | None:
+        if self.spec.lm_head in self.store:
+            return None
+        if self.dims.tie_word_embeddings:
+            return self.store.get(self.spec.embed_tokens)
+        raise SourceError(
+            f"checkpoint has no {self.spec.lm_head!r} and tie_word_embeddings is false; is the checkpoint complete?"
+        )
+
+    def build(self) -> onnx.ModelProto:
+        d, g = self.dims, self.g
+        for spec in llm_inputs(d):
+            g.add_input(spec.name, spec.elem_type, list(spec.dims))
+        x = "inputs_embeds"
+        for layer in range(d.num_layers):
+            log.info("layer %d/%d", layer + 1, d.num_layers)
+            x = self.decoder_layer(layer, x)
+        h = self.rms_norm(self.spec.final_norm, x, "/model/norm")
+        axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
+        indices = g.op("Unsqueeze", ["last_token_ids", axes], "/model/Unsqueeze_last_token_ids")
+        selected = g.op("GatherND", [h, indices], "/model/GatherND", batch_dims=1)
+        lm_head_module = self.spec.lm_head.removesuffix(".weight")
+        logits16 = self.linear(lm_head_module, selected, weight=self.lm_head_weight())
+        g.node("Cast", [logits16], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
+        for spec in llm_outputs(d):
+            g.add_output(spec.name, spec.elem_type, list(spec.dims))
+        return g.to_model("edgellm_llm")

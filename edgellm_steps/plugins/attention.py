@@ -1,0 +1,143 @@
+"""``trt::AttentionPlugin``: RoPE, KV-cache write and causal GQA attention in one op.
+
+Semantics (contract section 3.4): Q/K/V arrive packed and pre-RoPE. For each
+sequence b the new tokens sit at positions ``start_b .. start_b + S - 1`` where
+``start_b = kvcache_start_index[b]`` (0 when that input is empty, i.e. a plain
+prefill); only the first ``context_lengths[b] - start_b`` of them are real, the
+rest is batch padding. RoPE uses row ``position`` of the runtime's cos|sin table
+(cos half, then sin half; rotate-half convention over the first ``rot`` dims);
+K and V are written into the full-capacity cache at those positions; each token
+attends causally to cache positions ``0 .. its position`` with scale 1/sqrt(D);
+query head h reads KV head ``h // (Hq / Hkv)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx.reference.op_run import OpRun
+
+from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+
+OP_TYPE = "AttentionPlugin"
+
+
+def emit_attention_plugin(
+    builder: GraphBuilder,
+    name: str,
+    *,
+    qkv: str,
+    past_key_value: str,
+    context_lengths: str,
+    rope_rotary_cos_sin: str,
+    kvcache_start_index: str,
+    present_key_value: str,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+) -> str:
+    """Add one attention node; returns the name of its ``attn_output`` [B,S,Hq,D]."""
+    attn_output, _ = builder.node(
+        OP_TYPE,
+        [qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index],
+        name,
+        outputs=[f"{name}_attn_output", present_key_value],
+        domain=PLUGIN_DOMAIN,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        enable_tree_attention=0,
+        enable_fp8_kv_cache=0,
+    )
+    return attn_output
+
+
+def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate-half RoPE on the first ``2 * cos.shape[-1]`` dims of ``x`` [n, heads, D]."""
+    half = cos.shape[-1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+
+def attention_reference(
+    qkv: np.ndarray,
+    past_key_value: np.ndarray,
+    context_lengths: np.ndarray,
+    rope_rotary_cos_sin: np.ndarray,
+    kvcache_start_index: np.ndarray,
+    *,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy implementation of the plugin; returns (attn_output, present_key_value)."""
+    batch, seq, _ = qkv.shape
+    hq, hkv, d = num_q_heads, num_kv_heads, head_size
+    capacity = past_key_value.shape[3]
+    x = qkv.astype(np.float32)
+    q = x[..., : hq * d].reshape(batch, seq, hq, d)
+    k = x[..., hq * d : (hq + hkv) * d].reshape(batch, seq, hkv, d)
+    v = x[..., (hq + hkv) * d :].reshape(batch, seq, hkv, d)
+    present = past_key_value.copy()
+    out = np.zeros((batch, seq, hq, d), dtype=qkv.dtype)
+    half = rope_rotary_cos_sin.shape[-1] // 2
+    for b in range(batch):
+        start = int(kvcache_start_index[b]) if kvcache_start_index.size else 0
+        n = min(max(int(context_lengths[b]) - start, 0), seq)
+        if start + n > capacity:
+            raise ValueError(f"sequence {b} needs {start + n} cache slots but the cache holds {capacity}")
+        positions = start + np.arange(n)
+        table = rope_rotary_cos_sin[b if rope_rotary_cos_sin.shape[0] > 1 else 0][positions]
+        cos, sin = table[:, :half], table[:, half:]
+        qb = _apply_rope(q[b, :n], cos, sin)
+        kb = _apply_rope(k[b, :n], cos, sin)
+        present[b, 0, :, start : start + n] = kb.transpose(1, 0, 2).astype(present.dtype)
+        present[b, 1, :, start : start + n] = v[b, :n].transpose(1, 0, 2).astype(present.dtype)
+        total = start + n
+        keys = np.repeat(present[b, 0, :, :total].astype(np.float32), hq // hkv, axis=0)
+        values = np.repeat(present[b, 1, :, :total].astype(np.float32), hq // hkv, axis=0)
+        scores = np.einsum("shd,htd->hst", qb, keys) / np.sqrt(d)
+        visible = np.arange(total)[None, :] <= positions[:, None]
+        scores = np.where(visible[None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out[b, :n] = np.einsum("hst,htd->shd", probs, values).astype(qkv.dtype)
+    return out, present
+
+
+class AttentionPluginOp(OpRun):
+    """``onnx.reference`` binding of :func:`attention_reference`."""
+
+    op_domain = PLUGIN_DOMAIN
+
+    def _run(
+        self,
+        qkv,
+        past_key_value,
+        context_lengths,
+        rope_rotary_cos_sin,
+        kvcache_start_index,
+        *extra,
+        num_q_heads=None,
+        num_kv_heads=None,
+        head_size=None,
+        enable_tree_attention=None,
+        enable_fp8_kv_cache=None,
+    ):
+        if enable_tree_attention or enable_fp8_kv_cache or extra:
+            raise NotImplementedError("the CPU reference covers plain (non-tree, fp16-KV) attention only")
+        return attention_reference(
+            qkv,
+            past_key_value,
+            context_lengths,
+            rope_rotary_cos_sin,
+            kvcache_start_index,
+            num_q_heads=num_q_heads,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+        )
+
+
+# onnx.reference looks custom ops up by class name.
+AttentionPluginOp.__name__ = OP_TYPE

@@ -1,0 +1,88 @@
+"""The precision grammar: ``<weights>[-lm<lm_head>][-kv<kv_cache>]``.
+
+Examples: ``fp16``, ``fp8``, ``int4_awq-lmfp8``, ``nvfp4-kvfp8``,
+``int8_sq-lmnvfp4-kvfp8``. Facts about each precision (which SM can run it,
+whether it needs a quantize job) live in the tables below, not in callers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from edgellm_steps.errors import PrecisionError
+
+WEIGHT_PRECISIONS = ("fp16", "fp8", "int8_sq", "int4_awq", "int4_gptq", "nvfp4")
+LM_HEAD_PRECISIONS = ("fp8", "nvfp4")
+KV_CACHE_PRECISIONS = ("fp8",)
+
+#: Lowest SM that can run a quantized format (contract section 1).
+SM_FLOOR = {"fp8": 89, "nvfp4": 100}
+
+KNOWN_SM_TARGETS = (80, 86, 87, 89, 90, 100, 110, 120, 121)
+
+GRAMMAR = "<weights>[-lm<lm_head>][-kv<kv_cache>] with weights in {}, lm_head in {}, kv_cache in {}".format(
+    "|".join(WEIGHT_PRECISIONS), "|".join(LM_HEAD_PRECISIONS), "|".join(KV_CACHE_PRECISIONS)
+)
+
+_PATTERN = re.compile(r"^(?P<weights>[a-z0-9_]+)(?:-lm(?P<lm_head>[a-z0-9_]+))?(?:-kv(?P<kv>[a-z0-9_]+))?$")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A parsed precision string."""
+
+    weights: str
+    lm_head: str | None = None
+    kv_cache: str | None = None
+
+    def __str__(self) -> str:
+        text = self.weights
+        if self.lm_head:
+            text += f"-lm{self.lm_head}"
+        if self.kv_cache:
+            text += f"-kv{self.kv_cache}"
+        return text
+
+    @property
+    def needs_quantize_step(self) -> bool:
+        """fp16 exports the checkpoint as is; int4_gptq is quantized already."""
+        return self.weights not in ("fp16", "int4_gptq") or bool(self.lm_head or self.kv_cache)
+
+    def formats(self) -> tuple[str, ...]:
+        """Every numeric format the graph carries, for SM floor checks."""
+        return tuple(f for f in (self.weights, self.lm_head, self.kv_cache) if f)
+
+    def sm_floor(self) -> int:
+        """The lowest SM target that can run every format of this precision."""
+        return max((SM_FLOOR.get(f, 0) for f in self.formats()), default=0)
+
+
+def parse_precision(text: str) -> Precision:
+    """Parse ``text`` or raise :class:`PrecisionError` quoting the grammar."""
+    match = _PATTERN.match(text)
+    if match is None:
+        raise PrecisionError(f"malformed precision '{text}': expected {GRAMMAR}")
+    weights, lm_head, kv = match.group("weights"), match.group("lm_head"), match.group("kv")
+    for value, allowed, what in (
+        (weights, WEIGHT_PRECISIONS, "weight"),
+        (lm_head, LM_HEAD_PRECISIONS, "lm_head"),
+        (kv, KV_CACHE_PRECISIONS, "kv_cache"),
+    ):
+        if value is not None and value not in allowed:
+            raise PrecisionError(f"unknown {what} precision '{value}' in '{text}': expected {GRAMMAR}")
+    return Precision(weights, lm_head, kv)
+
+
+def check_sm_supports(precision: Precision, sm: int) -> None:
+    """Raise when ``sm`` cannot run ``precision`` (fp8 needs SM89+, nvfp4 SM100+)."""
+    if sm not in KNOWN_SM_TARGETS:
+        known = ", ".join(str(s) for s in KNOWN_SM_TARGETS)
+        raise PrecisionError(f"unknown SM target sm{sm}: known targets are {known}")
+    for fmt in precision.formats():
+        floor = SM_FLOOR.get(fmt, 0)
+        if sm < floor:
+            raise PrecisionError(
+                f"precision '{precision}' uses {fmt}, which needs SM >= {floor}; "
+                f"sm{sm} cannot run it: pick another precision or an SM target >= {floor}"
+            )

@@ -1,0 +1,66 @@
+"""Running exported LLM graphs on the CPU, with real implementations of the plugin ops.
+
+``onnx.reference`` executes the standard ops; :data:`REFERENCE_OPS` supplies the
+``trt`` domain ops. The runner keeps the KV caches between calls, so a test can
+drive prefill, chunked prefill and decode steps like the runtime does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from onnx.reference import ReferenceEvaluator
+from safetensors.numpy import load_file
+
+from edgellm_steps.llm_io import past_name, present_name
+from edgellm_steps.plugins import REFERENCE_OPS
+
+
+class LLMRunner:
+    """Feeds an exported LLM directory the way the runtime does: embeddings in, logits out."""
+
+    def __init__(self, onnx_dir: Path, rope_table: np.ndarray, *, batch: int, capacity: int) -> None:
+        onnx_dir = Path(onnx_dir)
+        self.config = json.loads((onnx_dir / "config.json").read_text())
+        self.embedding = load_file(str(onnx_dir / "embedding.safetensors"))["embedding"]
+        self.session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
+        self.rope = rope_table.astype(np.float32)
+        layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
+        self.caches = [np.zeros((batch, 2, hkv, capacity, d), np.float16) for _ in range(layers)]
+        self.lengths = np.zeros(batch, np.int32)
+
+    def step(self, token_ids: list[list[int]], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``token_ids[b]`` to sequence b (ragged lists are right-padded); returns float32 logits.
+
+        With ``all_logits`` the logits of every new token are returned ([B, S, V]),
+        otherwise those of each sequence's last new token ([B, 1, V]).
+        """
+        batch = len(token_ids)
+        seq = max(len(t) for t in token_ids)
+        ids = np.zeros((batch, seq), np.int64)
+        for b, tokens in enumerate(token_ids):
+            ids[b, : len(tokens)] = tokens
+        counts = np.array([len(t) for t in token_ids], np.int32)
+        start = self.lengths.copy()
+        if all_logits:
+            last = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
+        else:
+            last = (counts - 1).astype(np.int64)[:, None]
+        feeds = {
+            "inputs_embeds": self.embedding[ids].astype(np.float16),
+            "rope_rotary_cos_sin": self.rope,
+            "context_lengths": (start + counts).astype(np.int32),
+            "last_token_ids": last,
+            # An empty start index means a plain prefill into an empty cache.
+            "kvcache_start_index": start if start.any() else np.zeros(0, np.int32),
+        }
+        for i, cache in enumerate(self.caches):
+            feeds[past_name(i)] = cache
+        outputs = self.session.run(None, feeds)
+        names = [o.name for o in self.session.proto_.graph.output]
+        result = dict(zip(names, outputs, strict=True))
+        self.caches = [result[present_name(i)] for i in range(len(self.caches))]
+        self.lengths = start + counts
+        return result["logits"]

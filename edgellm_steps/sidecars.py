@@ -1,0 +1,77 @@
+"""Sidecar files of an LLM export directory (contract section 4)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from edgellm_steps import EDGELLM_VERSION
+from edgellm_steps.checkpoint import DecoderDims, TensorStore
+from edgellm_steps.errors import SourceError
+from edgellm_steps.families import FamilySpec
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def runtime_config(
+    dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any], *, model_type: str = "llm"
+) -> dict[str, Any]:
+    """The ``config.json`` the runtime reads."""
+    config: dict[str, Any] = {
+        "vocab_size": dims.vocab_size,
+        "max_position_embeddings": dims.max_position_embeddings,
+        "hidden_size": dims.hidden_size,
+        "intermediate_size": dims.intermediate_size,
+        "num_hidden_layers": dims.num_layers,
+        "num_attention_heads": dims.num_heads,
+        "num_key_value_heads": dims.num_kv_heads,
+        "rope_theta": dims.rope_theta,
+        "rope_scaling": dims.rope_scaling,
+        "head_dim": dims.head_dim,
+        "partial_rotary_factor": dims.partial_rotary_factor,
+        "rms_norm_eps": dims.rms_norm_eps,
+        "model_type": model_type,
+        "model": spec.family,
+        "edgellm_version": EDGELLM_VERSION,
+    }
+    scaling = dims.rope_scaling or {}
+    original = scaling.get("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
+    if original is not None:
+        config["original_max_position_embeddings"] = original
+    return config
+
+
+def write_embedding(store: TensorStore, spec: FamilySpec, path: Path) -> None:
+    """``embedding.safetensors``: tensor ``embedding``, float16 [V, H]."""
+    table = store.get(spec.embed_tokens).to(torch.float16).contiguous()
+    save_file({"embedding": table}, str(path))
+
+
+def write_tokenizer_files(checkpoint: Path, tokenizer: Any, output_dir: Path) -> None:
+    """Copy the fast tokenizer files; without ``tokenizer.json`` in the checkpoint, save the loaded tokenizer."""
+    if all((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(checkpoint / name, output_dir / name)
+        return
+    if not getattr(tokenizer, "is_fast", False):
+        raise SourceError(
+            f"{checkpoint} has no tokenizer.json and its tokenizer has no fast version; "
+            "the runtime needs tokenizer.json: convert the tokenizer with tokenizers and save it into the checkpoint"
+        )
+    scratch = output_dir / ".tokenizer"
+    tokenizer.save_pretrained(str(scratch))
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(scratch / name, output_dir / name)
+    shutil.rmtree(scratch)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
