@@ -115,7 +115,7 @@ class TensorStore:
                 )
             for shard in shards:
                 with safe_open(shard, framework="pt") as handle:
-                    for name in handle:
+                    for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                         self._shard_of[name] = shard
         self._handles: dict[Path, Any] = {}
 

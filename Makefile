@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` runs the main job, `make test` the suite.
+# Both start with `make setup`, which builds .venv/ once from pinned versions.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+SETUP_STAMP := $(VENV)/.setup-complete
+DEMO_DIR := .demo
+DEMO_MODEL := demo-qwen2
+SNAKEMAKE := $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(DEMO_DIR)
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup demo test lint clean-demo
+
+setup: $(SETUP_STAMP)
+
+# The stamp is rebuilt only when the pins change, so a repeated `make setup` is instant.
+# torch comes first and alone: the pinned CPU wheel; a plain `torch` would pull a CUDA build.
+$(SETUP_STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	@touch $@
+
+demo: setup
+	$(BIN)/edgellm-make-demo --workdir $(DEMO_DIR)
+	$(SNAKEMAKE) --cores 2 onnx/$(DEMO_MODEL)_fp16/llm/model.onnx --configfile $(DEMO_DIR)/config.yaml
+	$(SNAKEMAKE) --dry-run engines/$(DEMO_MODEL)_fp16.engine --configfile $(DEMO_DIR)/config.yaml
+	@echo
+	@echo "Demo artifacts (ONNX export and sidecars): $(CURDIR)/$(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/"
+	@ls -l $(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/
+	@echo "Logs: $(CURDIR)/$(DEMO_DIR)/logs/   Config: $(CURDIR)/$(DEMO_DIR)/config.yaml"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules/
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

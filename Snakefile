@@ -1,0 +1,20 @@
+# TensorRT Edge-LLM artifacts, built incrementally: see README.md for targets and config.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+include: "rules/common.smk"
+include: "rules/export.smk"
+include: "rules/engine.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_engine_targets(),
+
+
+rule export_all:
+    input:
+        all_export_targets(),

@@ -1,0 +1,140 @@
+"""What the workflow asks while it plans: settings, checks and inputs per target.
+
+The Snakemake rules call these functions from input and params functions. They
+raise :class:`~edgellm_steps.errors.EdgeLLMError` for anything a user can fix;
+the workflow turns that into one line and stops before any job runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgellm_steps import digests
+from edgellm_steps.config import ModelSettings, load_schema, model_settings, validate_config
+from edgellm_steps.errors import ConfigError, PrecisionError
+from edgellm_steps.families import family_for
+from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.sources import STATE_DIR, read_hf_config, resolve_source, source_stamps
+
+log = logging.getLogger(__name__)
+
+CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+#: Modules whose code decides each step's output: a change to any of them reruns that step's jobs.
+STEP_MODULES: dict[str, tuple[str, ...]] = {
+    "export-llm": (
+        "export_llm.py",
+        "llm_graph.py",
+        "llm_io.py",
+        "onnx_builder.py",
+        "plugins/attention.py",
+        "checkpoint.py",
+        "families.py",
+        "sidecars.py",
+        "chat_template.py",
+        "manifest.py",
+        "atomic.py",
+    ),
+    "build-engine": ("build_engine.py", "llm_io.py"),
+}
+
+#: Precisions this release can build end to end (the rest parse, then fail here with the reason).
+BUILDABLE_WEIGHTS = ("fp16",)
+
+
+def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
+    """The config Snakemake loaded, or ``config.yaml`` found in the work directory; validated."""
+    if not config.get("models") and "defaults" not in config:
+        for candidate in CONFIG_CANDIDATES:
+            path = workdir / candidate
+            if path.is_file():
+                with open(path, encoding="utf-8") as handle:
+                    config = {**(yaml.safe_load(handle) or {}), **config}
+                break
+        else:
+            raise ConfigError(
+                "no configuration: pass --configfile <workdir>/config.yaml "
+                "(example: config/config.yaml in the checkout) or put config.yaml in the work directory"
+            )
+    validate_config(config)
+    return config
+
+
+def step_code_digest(step: str) -> str:
+    """A digest of the code that implements ``step``; recorded as a rule param."""
+    parts = [digests.bytes_digest((PACKAGE_DIR / module).read_bytes()) for module in STEP_MODULES[step]]
+    return digests.bytes_digest("".join(parts).encode())[:16]
+
+
+class Planner:
+    """Answers the rules' questions about one validated config."""
+
+    def __init__(self, config: dict[str, Any], state_dir: Path = STATE_DIR) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self._schema = load_schema()
+
+    def settings(self, model: str) -> ModelSettings:
+        return model_settings(self.config, model, self._schema)
+
+    def precision(self, model: str, text: str) -> Precision:
+        self.settings(model)
+        precision = parse_precision(text)
+        if precision.weights not in BUILDABLE_WEIGHTS or precision.lm_head or precision.kv_cache:
+            raise PrecisionError(
+                f"precision '{precision}' is valid but this release builds only "
+                f"{', '.join(BUILDABLE_WEIGHTS)}: request onnx/{model}_fp16/... or engines/{model}_fp16.engine"
+            )
+        return precision
+
+    def checkpoint(self, model: str) -> Path:
+        """The model's local checkpoint, checked to hold a supported architecture."""
+        settings = self.settings(model)
+        path = resolve_source(settings.source, model=model)
+        family_for(read_hf_config(path, model=model), where=f"model '{model}' ({settings.source})")
+        return path
+
+    def export_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of export_llm: the source stamps and an optional chat template file."""
+        self.precision(model, precision)
+        self.checkpoint(model)
+        settings = self.settings(model)
+        inputs: dict[str, Any] = {"source": source_stamps(model, settings.source, self.state_dir)}
+        if settings.chat_template:
+            template = Path(settings.chat_template)
+            if not template.is_file():
+                raise ConfigError(
+                    f"model '{model}': chat_template file '{template}' does not exist; fix chat_template in your config"
+                )
+            inputs["chat_template"] = str(template)
+        return inputs
+
+    def engine_sm(self, model: str, precision: str, sm: str | int | None) -> int:
+        """The SM target of an engine target (the model's default when ``sm`` is None), checked."""
+        settings = self.settings(model)
+        target = settings.default_sm if sm is None else int(sm)
+        check_sm_supports(self.precision(model, precision), target)
+        return target
+
+    def build_limits(self, model: str) -> dict[str, int]:
+        return dict(vars(self.settings(model).build))
+
+    def all_engines(self) -> list[str]:
+        targets = []
+        for model in self.config["models"]:
+            settings = self.settings(model)
+            for precision in settings.precisions:
+                targets += [f"engines/sm{sm}/{model}_{precision}.engine" for sm in settings.sm_targets]
+        return targets
+
+    def all_exports(self) -> list[str]:
+        return [
+            f"onnx/{model}_{precision}/llm/model.onnx"
+            for model in self.config["models"]
+            for precision in self.settings(model).precisions
+        ]

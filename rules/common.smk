@@ -1,0 +1,84 @@
+# Config validation, wildcard constraints and the input/params functions of all rules.
+# The logic lives in edgellm_steps.planning; these wrappers only turn a user error
+# into one line on stderr and stop the plan before any job runs.
+import os
+import sys
+
+from edgellm_steps.errors import EdgeLLMError
+from edgellm_steps.planning import Planner, load_workflow_config, step_code_digest
+
+
+def abort(err):
+    sys.stderr.write(f"Error: {err}\n")
+    raise SystemExit(1)
+
+
+try:
+    PLAN = Planner(load_workflow_config(config))
+except EdgeLLMError as err:
+    abort(err)
+
+
+wildcard_constraints:
+    model=r"[A-Za-z0-9][A-Za-z0-9.\-]*",
+    precision=r"[A-Za-z0-9_\-]+",
+    sm=r"\d+",
+
+
+def ask(question, *args):
+    try:
+        return question(*args)
+    except EdgeLLMError as err:
+        abort(err)
+
+
+def all_engine_targets():
+    return ask(PLAN.all_engines)
+
+
+def all_export_targets():
+    return ask(PLAN.all_exports)
+
+
+def step_code(step):
+    """A recorded param: editing a step's implementation reruns its jobs."""
+    digest = step_code_digest(step)
+    return lambda wildcards: digest
+
+
+def export_llm_inputs(wildcards):
+    return ask(PLAN.export_inputs, wildcards.model, wildcards.precision)
+
+
+def export_checkpoint(wildcards, input):
+    # A function of `input` is not recorded: moving a checkpoint reruns nothing
+    # as long as its content (the source stamps) is unchanged.
+    return str(ask(PLAN.checkpoint, wildcards.model))
+
+
+def export_options(wildcards, input):
+    return (
+        f"--chat_template {input.chat_template}"
+        if "chat_template" in input.keys()
+        else ""
+    )
+
+
+def engine_sm(wildcards):
+    return ask(
+        PLAN.engine_sm, wildcards.model, wildcards.precision, wildcards.get("sm")
+    )
+
+
+def engine_limits(wildcards):
+    limits = ask(PLAN.build_limits, wildcards.model)
+    return " ".join(f"--{key} {value}" for key, value in sorted(limits.items()))
+
+
+def default_sm_engine(wildcards):
+    sm = engine_sm(wildcards)
+    return f"engines/sm{sm}/{wildcards.model}_{wildcards.precision}.engine"
+
+
+def relative_to_link(wildcards, input):
+    return os.path.relpath(input.engine, "engines")

@@ -1,0 +1,42 @@
+# TensorRT engines: one per (model, precision, SM target), built on a GPU of that SM.
+
+
+localrules:
+    link_default_engine,
+
+
+rule build_engine:
+    input:
+        manifest="onnx/{model}_{precision}/llm/manifest.json",
+    output:
+        engine="engines/sm{sm}/{model}_{precision}.engine",
+    log:
+        "logs/build_engine/sm{sm}/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/build_engine/sm{sm}/{model}_{precision}.tsv"
+    conda:
+        "../envs/engine.yaml"
+    resources:
+        gpu=1,
+    params:
+        code=step_code("build-engine"),
+        sm=engine_sm,
+        limits=engine_limits,
+    shell:
+        "edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine {output.engine:q}"
+        " --sm {params.sm} {params.limits} > {log:q} 2>&1"
+
+
+rule link_default_engine:
+    input:
+        engine=default_sm_engine,
+    output:
+        link="engines/{model}_{precision}.engine",
+    log:
+        "logs/link_default_engine/{model}_{precision}.log",
+    conda:
+        "../envs/coreutils.yaml"
+    params:
+        target=relative_to_link,
+    shell:
+        "ln -sfn {params.target:q} {output.link:q} > {log:q} 2>&1"

@@ -1,0 +1,28 @@
+# export-llm: HF checkpoint -> Edge-LLM ONNX directory (contract sections 3-4).
+
+
+rule export_llm:
+    input:
+        unpack(export_llm_inputs),
+    output:
+        onnx="onnx/{model}_{precision}/llm/model.onnx",
+        data="onnx/{model}_{precision}/llm/onnx_model.data",
+        config="onnx/{model}_{precision}/llm/config.json",
+        embedding="onnx/{model}_{precision}/llm/embedding.safetensors",
+        tokenizer="onnx/{model}_{precision}/llm/tokenizer.json",
+        tokenizer_config="onnx/{model}_{precision}/llm/tokenizer_config.json",
+        chat_template="onnx/{model}_{precision}/llm/processed_chat_template.json",
+        manifest="onnx/{model}_{precision}/llm/manifest.json",
+    log:
+        "logs/export_llm/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/export_llm/{model}_{precision}.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("export-llm"),
+        checkpoint=export_checkpoint,
+        options=export_options,
+    shell:
+        "edgellm-export-llm --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
+        " {params.options} > {log:q} 2>&1"
