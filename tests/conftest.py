@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny real checkpoints (made once per session) and a Snakemake driver."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgellm_steps.demo import make_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+#: One tiny configuration per test case of the export; every family in the registry must appear.
+TINY_CASES = {
+    "qwen2": {"family": "qwen2"},
+    "llama-tied": {"family": "llama", "tie_word_embeddings": True},
+    "llama-mqa": {"family": "llama", "num_key_value_heads": 1},
+    "llama3-rope": {
+        "family": "llama",
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "qwen3": {"family": "qwen3"},
+}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """``checkpoint_factory(case)`` -> a tiny checkpoint directory, made once per session."""
+    made: dict[str, Path] = {}
+
+    def factory(case: str, **overrides) -> Path:
+        key = case + repr(sorted(overrides.items()))
+        if key not in made:
+            options = {**TINY_CASES.get(case, {}), **overrides}
+            family = options.pop("family", case)
+            made[key] = make_checkpoint(tmp_path_factory.mktemp(case) / "ckpt", family=family, **options)
+        return made[key]
+
+    return factory
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for subprocesses: this venv's console scripts first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True, snakefile: Path | None = None):
+    """Run the real workflow in ``workdir``; returns the CompletedProcess (stdout+stderr merged)."""
+    command = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(snakefile or REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        *args,
+    ]
+    result = subprocess.run(command, env=tool_env(), capture_output=True, text=True)
+    result.output = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.output[-4000:]}")
+    return result
+
+
+def write_config(workdir: Path, text: str) -> Path:
+    path = workdir / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def copy_checkpoint(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination

@@ -1,0 +1,233 @@
+"""export-llm: the contract's graph I/O and sidecars, and numerical parity with transformers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+from onnx import TensorProto
+from safetensors.numpy import load_file
+
+from edgellm_steps.errors import ChatTemplateError, UnsupportedArchitectureError
+from edgellm_steps.export_llm import export_llm
+from edgellm_steps.families import FAMILIES
+from edgellm_steps.parity import compare_logits, hf_rope_table
+from edgellm_steps.reference import LLMRunner
+
+from .conftest import BIN, TINY_CASES, tool_env
+
+CAPACITY = 48
+
+
+def test_every_family_has_a_tiny_case():
+    covered = {case.get("family") for case in TINY_CASES.values()}
+    missing = [spec.family for spec in FAMILIES if spec.family not in covered]
+    assert not missing, f"families without a parity case: {missing}"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint_factory, tmp_path_factory):
+    """``exported(case)`` -> (checkpoint, export dir), exported once per module."""
+    done = {}
+
+    def export(case: str):
+        if case not in done:
+            checkpoint = checkpoint_factory(case)
+            out = tmp_path_factory.mktemp(f"export-{case}") / "llm"
+            export_llm(checkpoint, out)
+            done[case] = (checkpoint, out)
+        return done[case]
+
+    return export
+
+
+def hf_model(checkpoint):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def value_info(graph_values):
+    result = {}
+    for value in graph_values:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor_type.shape.dim]
+        result[value.name] = (tensor_type.elem_type, dims)
+    return result
+
+
+@pytest.mark.parametrize("case", ["qwen2", "llama-tied", "qwen3"])
+def test_graph_follows_the_contract(exported, case):
+    checkpoint, out = exported(case)
+    hf = json.loads((checkpoint / "config.json").read_text())
+    layers, hidden, vocab = hf["num_hidden_layers"], hf["hidden_size"], hf["vocab_size"]
+    hkv = hf["num_key_value_heads"]
+    head_dim = hf.get("head_dim") or hidden // hf["num_attention_heads"]
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=False)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {(o.domain, o.version) for o in model.opset_import} >= {("", 19), ("trt", 1)}
+    inputs = value_info(model.graph.input)
+    kv = [TensorProto.FLOAT16, ["batch_size", 2, hkv, "past_len", head_dim]]
+    expected_inputs = [
+        ("inputs_embeds", [TensorProto.FLOAT16, ["batch_size", "seq_len", hidden]]),
+        *((f"past_key_values_{i}", kv) for i in range(layers)),
+        ("rope_rotary_cos_sin", [TensorProto.FLOAT, ["rope_batch_size", "max_position_embeddings", head_dim]]),
+        ("context_lengths", [TensorProto.INT32, ["batch_size"]]),
+        ("last_token_ids", [TensorProto.INT64, ["batch_size", "num_tokens"]]),
+        ("kvcache_start_index", [TensorProto.INT32, ["kv_cache_start_batch_size"]]),
+    ]
+    assert [(name, list(info)) for name, info in inputs.items()] == expected_inputs
+    outputs = value_info(model.graph.output)
+    present = [TensorProto.FLOAT16, ["batch_size", 2, hkv, "present_kv_cache_len", head_dim]]
+    expected_outputs = [
+        ("logits", [TensorProto.FLOAT, ["batch_size", "num_tokens", vocab]]),
+        *((f"present_key_values_{i}", present) for i in range(layers)),
+    ]
+    assert [(name, list(info)) for name, info in outputs.items()] == expected_outputs
+    plugins = [n for n in model.graph.node if n.op_type == "AttentionPlugin"]
+    assert len(plugins) == layers and all(n.domain == "trt" for n in plugins)
+    attrs = {a.name: a.i for a in plugins[0].attribute}
+    assert attrs == {
+        "num_q_heads": hf["num_attention_heads"],
+        "num_kv_heads": hkv,
+        "head_size": head_dim,
+        "enable_tree_attention": 0,
+        "enable_fp8_kv_cache": 0,
+    }
+    gather = [n for n in model.graph.node if n.op_type == "GatherND"]
+    assert len(gather) == 1 and gather[0].attribute[0].i == 1
+    external = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    assert external == {"onnx_model.data"}
+    assert not any(n.op_type == "Gather" for n in model.graph.node), "the embedding lookup must stay outside the graph"
+
+
+@pytest.mark.parametrize("case", ["qwen2", "llama-tied"])
+def test_sidecars(exported, case):
+    checkpoint, out = exported(case)
+    hf = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        assert config[key] == hf[key]
+    assert config["num_key_value_heads"] == hf["num_key_value_heads"]
+    assert config["rope_theta"] == hf["rope_parameters"]["rope_theta"]
+    assert config["rope_scaling"] is None
+    assert config["head_dim"] == hf["hidden_size"] // hf["num_attention_heads"]
+    assert config["partial_rotary_factor"] == 1.0
+    assert config["model_type"] == "llm" and config["edgellm_version"] == "0.5.0"
+    assert config["model"] == {"qwen2": "qwen2", "llama-tied": "llama"}[case]
+    embedding = load_file(str(out / "embedding.safetensors"))
+    assert list(embedding) == ["embedding"]
+    assert embedding["embedding"].dtype == np.float16
+    assert embedding["embedding"].shape == (hf["vocab_size"], hf["hidden_size"])
+    assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert (out / "tokenizer_config.json").is_file()
+    template = json.loads((out / "processed_chat_template.json").read_text())
+    assert set(template["roles"]) == {"system", "user", "assistant"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
+
+
+def test_llama3_rope_scaling_reaches_the_config(exported):
+    _, out = exported("llama3-rope")
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "llama3"
+    assert config["rope_scaling"]["factor"] == 8.0
+    assert config["rope_theta"] == 500000.0
+    assert config["original_max_position_embeddings"] == 64
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_prefill_then_decode_matches_transformers(exported, case):
+    checkpoint, out = exported(case)
+    model = hf_model(checkpoint)
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 10).tolist()
+    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
+    steps = [runner.step([ids[:7]], all_logits=True)[0]]
+    steps += [runner.step([[token]])[0] for token in ids[7:]]
+    result = compare_logits(np.concatenate(steps), hf_logits(model, ids))
+    assert result.passed(), f"{case}: {result}"
+
+
+def test_chunked_prefill_matches_transformers(exported):
+    checkpoint, out = exported("qwen2")
+    model = hf_model(checkpoint)
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, 12).tolist()
+    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
+    first = runner.step([ids[:5]], all_logits=True)[0]
+    second = runner.step([ids[5:]], all_logits=True)[0]
+    result = compare_logits(np.concatenate([first, second]), hf_logits(model, ids))
+    assert result.passed(), str(result)
+
+
+def test_batch_of_two_lengths_matches_transformers(exported):
+    checkpoint, out = exported("llama-tied")
+    model = hf_model(checkpoint)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (9, 6)]
+    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=2, capacity=CAPACITY)
+    prefill = runner.step([s[:-2] for s in seqs])
+    decode1 = runner.step([[s[-2]] for s in seqs])
+    decode2 = runner.step([[s[-1]] for s in seqs])
+    for b, seq in enumerate(seqs):
+        reference = hf_logits(model, seq)[[len(seq) - 3, len(seq) - 2, len(seq) - 1]]
+        got = np.stack([prefill[b, 0], decode1[b, 0], decode2[b, 0]])
+        result = compare_logits(got, reference)
+        assert result.passed(), f"sequence {b}: {result}"
+
+
+def test_parity_check_can_fail(exported):
+    """A corrupted weight must break parity: the check is not vacuous."""
+    checkpoint, out = exported("qwen2")
+    model = hf_model(checkpoint)
+    ids = list(range(1, 9))
+    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
+    runner.embedding = runner.embedding[::-1].copy()
+    result = compare_logits(runner.step([ids], all_logits=True)[0], hf_logits(model, ids))
+    assert not result.passed()
+
+
+def test_unsupported_architecture_lists_supported(tmp_path, checkpoint_factory):
+    import shutil
+
+    bad = tmp_path / "gpt2"
+    shutil.copytree(checkpoint_factory("qwen2"), bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+        export_llm(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_chat_template_override_is_validated(tmp_path, checkpoint_factory):
+    bad = tmp_path / "template.json"
+    bad.write_text(json.dumps({"roles": {"system": {"prefix": "", "suffix": ""}}}))
+    with pytest.raises(ChatTemplateError, match=r"roles\.user needs string 'prefix' and 'suffix'"):
+        export_llm(checkpoint_factory("qwen2"), tmp_path / "out", chat_template=bad)
+    good = tmp_path / "good.json"
+    roles = {r: {"prefix": f"<{r}>", "suffix": f"</{r}>"} for r in ("system", "user", "assistant")}
+    good.write_text(json.dumps({"roles": roles, "generation_prompt": "<assistant>"}))
+    export_llm(checkpoint_factory("qwen2"), tmp_path / "out", chat_template=good)
+    written = json.loads((tmp_path / "out" / "processed_chat_template.json").read_text())
+    assert written["roles"] == roles
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run(
+        [str(BIN / "edgellm-export-llm"), "--model_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")],
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: source directory")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
