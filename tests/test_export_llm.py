@@ -222,7 +222,13 @@ def test_chat_template_override_is_validated(tmp_path, checkpoint_factory):
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     result = subprocess.run(
-        [str(BIN / "edgellm-export-llm"), "--model_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")],
+        [
+            str(BIN / "edgellm-export-llm"),
+            "--model_dir",
+            str(tmp_path / "missing"),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ],
         env=tool_env(),
         capture_output=True,
         text=True,

@@ -205,3 +205,18 @@ def test_runs_from_any_workdir_and_writes_nothing_into_the_checkout(tmp_path, sh
     run_snakemake(work, ONNX, "--configfile", str(config))
     assert (work / ONNX).is_file() and (work / ".edgellm").is_dir() and (work / "logs").is_dir()
     assert snapshot() == before
+
+
+def test_hub_id_source_resolves_from_the_local_cache(tmp_path, checkpoint_factory, monkeypatch):
+    cache = tmp_path / "hf-cache"
+    repo = cache / "models--some-org--tiny-model"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    copy_checkpoint(checkpoint_factory("qwen2"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_config(tmp_path, "models:\n  tiny:\n    source: some-org/tiny-model\n")
+    run_snakemake(tmp_path, ONNX)
+    assert (tmp_path / MANIFEST).is_file()
+    assert NOTHING in run_snakemake(tmp_path, "-n", ONNX).output

@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_kv_cache_capacity", type=int, default=4096)
     parser.add_argument("--max_lora_rank", type=int, default=0)
     args = parser.parse_args(argv)
-    limits = {k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_kv_cache_capacity", "max_lora_rank")}
+    limits = {
+        k: getattr(args, k) for k in ("max_batch_size", "max_input_len", "max_kv_cache_capacity", "max_lora_rank")
+    }
     return run_cli(lambda: build_engine(args.onnx_dir, args.engine, sm=args.sm, **limits))
 
 

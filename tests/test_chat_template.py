@@ -1,0 +1,37 @@
+import pytest
+
+from edgellm_steps.chat_template import process_chat_template
+from edgellm_steps.demo import train_tokenizer
+from edgellm_steps.errors import ChatTemplateError
+
+
+def test_chatml_with_default_system_prompt():
+    processed = process_chat_template(train_tokenizer("qwen2"))
+    assert processed["roles"]["user"] == {"prefix": "<|im_start|>user\n", "suffix": "<|im_end|>\n"}
+    assert processed["roles"]["system"] == {"prefix": "<|im_start|>system\n", "suffix": "<|im_end|>\n"}
+    assert processed["generation_prompt"] == "<|im_start|>assistant\n"
+    assert processed["default_system_prompt"] == "You are a helpful assistant."
+
+
+def test_llama3_style_keeps_bos_in_the_system_prefix():
+    processed = process_chat_template(train_tokenizer("llama"))
+    assert processed["roles"]["system"]["prefix"] == "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    assert processed["roles"]["assistant"] == {
+        "prefix": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "suffix": "<|eot_id|>",
+    }
+    assert "default_system_prompt" not in processed
+
+
+def test_template_without_fixed_turns_is_refused():
+    tokenizer = train_tokenizer("qwen2")
+    tokenizer.chat_template = "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ChatTemplateError, match="--chat_template"):
+        process_chat_template(tokenizer)
+
+
+def test_missing_template_is_refused():
+    tokenizer = train_tokenizer("qwen2")
+    tokenizer.chat_template = None
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        process_chat_template(tokenizer)

@@ -1,0 +1,46 @@
+"""Normalizing HF configs written by transformers 4.x and 5.x."""
+
+import pytest
+
+from edgellm_steps.checkpoint import decoder_dims
+from edgellm_steps.errors import UnsupportedArchitectureError
+from edgellm_steps.families import family_for
+
+BASE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 100,
+    "max_position_embeddings": 256,
+}
+
+
+def test_transformers4_rope_fields():
+    dims = decoder_dims(
+        {
+            **BASE,
+            "rope_theta": 500000.0,
+            "rope_scaling": {"type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192},
+        }
+    )
+    assert dims.rope_theta == 500000.0
+    assert dims.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert dims.num_kv_heads == 4 and dims.head_dim == 16 and dims.partial_rotary_factor == 1.0
+
+
+def test_transformers5_rope_parameters():
+    dims = decoder_dims({**BASE, "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"}, "head_dim": None})
+    assert dims.rope_theta == 1e6 and dims.rope_scaling is None and dims.head_dim == 16
+
+
+def test_explicit_head_dim_and_partial_rotary():
+    dims = decoder_dims({**BASE, "head_dim": 32, "partial_rotary_factor": 0.5, "num_key_value_heads": 1})
+    assert dims.head_dim == 32 and dims.rotary_dim == 16 and dims.num_kv_heads == 1
+
+
+def test_registry_finds_families_and_lists_supported():
+    assert family_for({"architectures": ["Qwen2ForCausalLM"]}).family == "qwen2"
+    assert family_for({"architectures": ["Qwen3ForCausalLM"]}).qk_norm
+    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+        family_for({"architectures": ["GPT2LMHeadModel"]})

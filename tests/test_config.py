@@ -1,0 +1,47 @@
+import pytest
+import yaml
+
+from edgellm_steps.config import model_settings, validate_config
+from edgellm_steps.errors import ConfigError
+from edgellm_steps.planning import load_workflow_config
+
+from .conftest import REPO
+
+
+def test_example_config_is_valid():
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    validate_config(config)
+
+
+def test_minimal_entry_gets_documented_defaults():
+    settings = model_settings({"models": {"m": {"source": "x"}}}, "m")
+    assert settings.precisions == ("fp16",)
+    assert settings.sm_targets == (87,) and settings.default_sm == 87
+    assert settings.chat_template is None
+    assert vars(settings.build) == {
+        "max_batch_size": 4,
+        "max_input_len": 1024,
+        "max_kv_cache_capacity": 4096,
+        "max_lora_rank": 0,
+    }
+
+
+def test_model_overrides_defaults_which_override_the_schema():
+    config = {
+        "defaults": {"sm_targets": [110], "build": {"max_batch_size": 8}},
+        "models": {"m": {"source": "x", "build": {"max_input_len": 256}}, "n": {"source": "y", "sm_targets": [89]}},
+    }
+    validate_config(config)
+    m, n = model_settings(config, "m"), model_settings(config, "n")
+    assert m.sm_targets == (110,) and m.build.max_batch_size == 8 and m.build.max_input_len == 256
+    assert n.sm_targets == (89,) and n.build.max_batch_size == 8 and n.build.max_input_len == 1024
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown model 'z'.*defines a, b"):
+        model_settings({"models": {"a": {"source": "x"}, "b": {"source": "y"}}}, "z")
+
+
+def test_config_yaml_in_the_workdir_is_found(tmp_path):
+    (tmp_path / "config.yaml").write_text("models:\n  m:\n    source: x\n")
+    assert load_workflow_config({}, tmp_path)["models"] == {"m": {"source": "x"}}

@@ -1,0 +1,116 @@
+"""Bad input fails at planning: one line naming the problem and the fix, no traceback, no job run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from .conftest import run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+GOOD = "models:\n  tiny:\n    source: ckpt\n"
+
+
+def plan_error(workdir, target: str) -> str:
+    result = run_snakemake(workdir, "-n", target, check=False)
+    assert result.returncode != 0, result.output
+    assert "Traceback" not in result.output and "Exception" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    assert not (workdir / "onnx").exists() and not (workdir / "logs").exists()
+    return errors[0]
+
+
+@pytest.fixture
+def workdir(tmp_path, checkpoint_factory):
+    shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, GOOD)
+    return tmp_path
+
+
+def test_unknown_model_key(workdir):
+    line = plan_error(workdir, "onnx/other_fp16/llm/model.onnx")
+    assert "unknown model 'other'" in line and "the config defines tiny" in line and "add 'other'" in line
+
+
+def test_missing_source_directory(workdir):
+    write_config(workdir, GOOD.replace("source: ckpt", "source: not-there"))
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "source directory 'not-there' does not exist" in line and "fix source" in line
+
+
+def test_hub_id_not_in_cache(workdir, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_config(workdir, GOOD.replace("source: ckpt", "source: some-org/some-model"))
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "nor in the HuggingFace cache" in line and "hf download some-org/some-model" in line
+
+
+def test_source_without_config_json(workdir):
+    (workdir / "ckpt" / "config.json").unlink()
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "has no config.json" in line and "point source at the directory" in line
+
+
+def test_unsupported_architecture(workdir):
+    config_path = workdir / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = ["MambaForCausalLM"]
+    config_path.write_text(json.dumps(config))
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "unsupported architecture MambaForCausalLM" in line
+    assert "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in line
+
+
+@pytest.mark.parametrize(
+    ("precision", "expected"),
+    [
+        ("fp7", "unknown weight precision 'fp7'"),
+        ("fp16-lmint4", "unknown lm_head precision 'int4'"),
+        ("fp16-kvfp8-lmfp8", "malformed precision 'fp16-kvfp8-lmfp8'"),
+    ],
+)
+def test_malformed_precision(workdir, precision, expected):
+    line = plan_error(workdir, f"onnx/tiny_{precision}/llm/model.onnx")
+    assert expected in line and "<weights>[-lm<lm_head>][-kv<kv_cache>]" in line
+
+
+def test_precision_below_the_sm_floor(workdir):
+    line = plan_error(workdir, "engines/sm80/tiny_fp16-kvfp8.engine")
+    assert "fp8" in line
+
+
+def test_unknown_sm_target(workdir):
+    line = plan_error(workdir, "engines/sm81/tiny_fp16.engine")
+    assert "unknown SM target sm81" in line
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ("models:\n  tiny:\n    source: 3\n", "models.tiny.source: 3 is not of type 'string'"),
+        ("models:\n  tiny_x:\n    source: ckpt\n", "'tiny_x' does not match"),
+        ("models:\n  tiny:\n    source: ckpt\n    build:\n      max_batch_size: 0\n", "max_batch_size: 0 is less"),
+        ("models:\n  tiny:\n    source: ckpt\n    precision: fp16\n", "'precision' was unexpected"),
+        ("defaults:\n  precisions: [fp16]\n", "'models' is a required property"),
+    ],
+)
+def test_config_violating_the_schema(workdir, config, expected):
+    write_config(workdir, config)
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert expected in line and "invalid config" in line and "fix it in your config file" in line
+
+
+def test_missing_config(tmp_path):
+    line = plan_error(tmp_path, "onnx/tiny_fp16/llm/model.onnx")
+    assert "no configuration" in line and "--configfile" in line
+
+
+def test_a_source_is_checked_only_when_a_target_needs_it(workdir):
+    write_config(workdir, GOOD + "  broken:\n    source: nowhere\n")
+    result = run_snakemake(workdir, "-n", "onnx/tiny_fp16/llm/model.onnx")
+    assert "export_llm" in result.output
