@@ -48,6 +48,13 @@ LLAMA3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
 #: family -> (transformers config class name, chat template, special tokens, tiny config overrides)
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {
@@ -73,6 +80,14 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         "bos": None,
         "eos": "<|im_end|>",
         "config": {"head_dim": 32},
+    },
+    "phi3": {
+        "config_class": "Phi3Config",
+        "template": PHI3_TEMPLATE,
+        "special": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "bos": None,
+        "eos": "<|end|>",
+        "config": {},
     },
 }
 

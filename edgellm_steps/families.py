@@ -24,6 +24,10 @@ class FamilySpec:
     architectures: tuple[str, ...]
     #: Per-head RMSNorm on Q and K before RoPE (Qwen3).
     qk_norm: bool = False
+    #: Q, K and V come from one ``self_attn.qkv_proj`` (Phi-3) instead of three projections.
+    fused_qkv: bool = False
+    #: Gate and up come from one ``mlp.gate_up_proj`` (gate rows first) instead of two.
+    fused_gate_up: bool = False
     #: Activation of the gated MLP (HF ``hidden_act``).
     activation: str = "silu"
     #: Weight name templates; ``{i}`` is the decoder layer index.
@@ -38,6 +42,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # Qwen2 and Qwen2.5 share the class; DeepSeek-R1-Distill-Qwen ships as Qwen2ForCausalLM.
     FamilySpec(family="qwen2", architectures=("Qwen2ForCausalLM",)),
     FamilySpec(family="qwen3", architectures=("Qwen3ForCausalLM",), qk_norm=True),
+    # Phi-3 and Phi-4-mini: fused projections and partial rotary embeddings.
+    FamilySpec(family="phi3", architectures=("Phi3ForCausalLM",), fused_qkv=True, fused_gate_up=True),
 )
 
 _BY_ARCHITECTURE = {arch: spec for spec in FAMILIES for arch in spec.architectures}

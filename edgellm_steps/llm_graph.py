@@ -93,14 +93,17 @@ class DecoderGraph:
     def attention(self, layer: int, prefix: str, x: str) -> str:
         d = self.dims
         attn = f"{prefix}.self_attn"
-        q = self.linear(f"{attn}.q_proj", x)
-        k = self.linear(f"{attn}.k_proj", x)
-        v = self.linear(f"{attn}.v_proj", x)
-        if self.spec.qk_norm:
-            q = self.head_norm(f"{attn}.q_norm.weight", q, d.num_heads, _node_path(f"{attn}.q_norm"))
-            k = self.head_norm(f"{attn}.k_norm.weight", k, d.num_kv_heads, _node_path(f"{attn}.k_norm"))
         path = _node_path(attn)
-        qkv = self.g.op("Concat", [q, k, v], f"{path}/Concat", axis=-1)
+        if self.spec.fused_qkv:
+            qkv = self.linear(f"{attn}.qkv_proj", x)
+        else:
+            q = self.linear(f"{attn}.q_proj", x)
+            k = self.linear(f"{attn}.k_proj", x)
+            v = self.linear(f"{attn}.v_proj", x)
+            if self.spec.qk_norm:
+                q = self.head_norm(f"{attn}.q_norm.weight", q, d.num_heads, _node_path(f"{attn}.q_norm"))
+                k = self.head_norm(f"{attn}.k_norm.weight", k, d.num_kv_heads, _node_path(f"{attn}.k_norm"))
+            qkv = self.g.op("Concat", [q, k, v], f"{path}/Concat", axis=-1)
         out = emit_attention_plugin(
             self.g,
             f"{path}/AttentionPlugin",
@@ -121,8 +124,13 @@ class DecoderGraph:
     def mlp(self, prefix: str, x: str) -> str:
         mlp = f"{prefix}.mlp"
         path = _node_path(mlp)
-        gate = self.linear(f"{mlp}.gate_proj", x)
-        up = self.linear(f"{mlp}.up_proj", x)
+        if self.spec.fused_gate_up:
+            sizes = self.g.constant(np.array([self.dims.intermediate_size] * 2, dtype=np.int64), "split_gate_up")
+            gate_up = self.linear(f"{mlp}.gate_up_proj", x)
+            gate, up = self.g.node("Split", [gate_up, sizes], f"{path}/Split", outputs=2, axis=-1)
+        else:
+            gate = self.linear(f"{mlp}.gate_proj", x)
+            up = self.linear(f"{mlp}.up_proj", x)
         silu = self.g.op("Mul", [gate, self.g.op("Sigmoid", [gate], f"{path}/act_fn/Sigmoid")], f"{path}/act_fn/Mul")
         return self.linear(f"{mlp}.down_proj", self.g.op("Mul", [silu, up], f"{path}/Mul"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,23 @@ TINY_CASES = {
         },
     },
     "qwen3": {"family": "qwen3"},
+    # A config as transformers 4.x wrote it: rope_theta / rope_scaling instead of rope_parameters.
+    "llama3-transformers4-config": {
+        "family": "llama",
+        "legacy_config": True,
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "phi3-partial-rotary": {
+        "family": "phi3",
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    },
 }
 
 
@@ -45,10 +63,28 @@ def checkpoint_factory(tmp_path_factory):
         if key not in made:
             options = {**TINY_CASES.get(case, {}), **overrides}
             family = options.pop("family", case)
+            legacy = options.pop("legacy_config", False)
             made[key] = make_checkpoint(tmp_path_factory.mktemp(case) / "ckpt", family=family, **options)
+            if legacy:
+                as_transformers4_config(made[key] / "config.json")
         return made[key]
 
     return factory
+
+
+def as_transformers4_config(path: Path) -> None:
+    """Rewrite a transformers 5 config.json the way transformers 4.x spelled it."""
+    config = json.loads(path.read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default":
+        rope["type"] = rope.pop("rope_type")
+        config["rope_scaling"] = rope
+    else:
+        config["rope_scaling"] = None
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.51.3"
+    path.write_text(json.dumps(config, indent=2))
 
 
 def tool_env() -> dict[str, str]:

@@ -42,5 +42,7 @@ def test_explicit_head_dim_and_partial_rotary():
 def test_registry_finds_families_and_lists_supported():
     assert family_for({"architectures": ["Qwen2ForCausalLM"]}).family == "qwen2"
     assert family_for({"architectures": ["Qwen3ForCausalLM"]}).qk_norm
-    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM"
+    ):
         family_for({"architectures": ["GPT2LMHeadModel"]})

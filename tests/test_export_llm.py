@@ -135,13 +135,23 @@ def test_sidecars(exported, case):
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
 
 
-def test_llama3_rope_scaling_reaches_the_config(exported):
-    _, out = exported("llama3-rope")
+@pytest.mark.parametrize("case", ["llama3-rope", "llama3-transformers4-config"])
+def test_llama3_rope_scaling_reaches_the_config(exported, case):
+    _, out = exported(case)
     config = json.loads((out / "config.json").read_text())
     assert config["rope_scaling"]["rope_type"] == "llama3"
     assert config["rope_scaling"]["factor"] == 8.0
     assert config["rope_theta"] == 500000.0
     assert config["original_max_position_embeddings"] == 64
+
+
+def test_partial_rotary_factor_sizes_the_rope_table(exported):
+    _, out = exported("phi3-partial-rotary")
+    config = json.loads((out / "config.json").read_text())
+    assert config["partial_rotary_factor"] == 0.5 and config["head_dim"] == 16
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    rope = value_info(model.graph.input)["rope_rotary_cos_sin"]
+    assert rope == (TensorProto.FLOAT, ["rope_batch_size", "max_position_embeddings", 8])
 
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
@@ -202,7 +212,9 @@ def test_unsupported_architecture_lists_supported(tmp_path, checkpoint_factory):
     config = json.loads((bad / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM"
+    ):
         export_llm(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

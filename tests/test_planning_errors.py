@@ -63,7 +63,7 @@ def test_unsupported_architecture(workdir):
     config_path.write_text(json.dumps(config))
     line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
     assert "unsupported architecture MambaForCausalLM" in line
-    assert "supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in line
+    assert "supported: LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in line
 
 
 @pytest.mark.parametrize(
