@@ -3,22 +3,23 @@
 HF configs spell the same facts differently across transformers releases
 (4.x: ``rope_theta`` / ``rope_scaling``; 5.x: ``rope_parameters``; ``head_dim``
 absent, null or explicit). :func:`decoder_dims` normalizes them in one place.
-:class:`TensorStore` memory-maps safetensors shards and hands out one tensor at
-a time, so a caller never holds the whole checkpoint.
+:class:`TensorStore` reads safetensors shards by byte range, one tensor (or a
+slice of rows) at a time, so a caller never holds more than the tensor it works on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from edgellm_steps.errors import SourceError
+from edgellm_steps.safetensors_io import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -97,27 +98,30 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
 
 
 class TensorStore:
-    """Named tensors of a checkpoint's safetensors shards, loaded one at a time (memory-mapped)."""
+    """Named tensors of a checkpoint's safetensors shards, read on demand."""
 
     def __init__(self, checkpoint: Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self._shard_of: dict[str, Path] = {}
         index = self.checkpoint / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self._shard_of = {name: self.checkpoint / shard for name, shard in weight_map.items()}
+            shard_paths = sorted({self.checkpoint / shard for shard in weight_map.values()})
         else:
-            shards = sorted(self.checkpoint.glob("*.safetensors"))
-            if not shards:
+            shard_paths = sorted(self.checkpoint.glob("*.safetensors"))
+        if not shard_paths:
+            raise SourceError(
+                f"{self.checkpoint} holds no *.safetensors weights; convert the checkpoint with "
+                "transformers' save_pretrained(safe_serialization=True)"
+            )
+        self._shard_of: dict[str, SafetensorsFile] = {}
+        for path in shard_paths:
+            if not path.is_file():
                 raise SourceError(
-                    f"{self.checkpoint} holds no *.safetensors weights; convert the checkpoint with "
-                    "transformers' save_pretrained(safe_serialization=True)"
+                    f"{self.checkpoint}: shard {path.name} listed in the index is missing; re-download it"
                 )
-            for shard in shards:
-                with safe_open(shard, framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                        self._shard_of[name] = shard
-        self._handles: dict[Path, Any] = {}
+            shard = SafetensorsFile(path)
+            for name in shard.names():
+                self._shard_of[name] = shard
 
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
@@ -125,19 +129,21 @@ class TensorStore:
     def names(self) -> list[str]:
         return list(self._shard_of)
 
-    def get(self, name: str) -> torch.Tensor:
+    def _shard(self, name: str) -> SafetensorsFile:
         shard = self._shard_of.get(name)
         if shard is None:
             raise SourceError(
-                f"{self.checkpoint}: tensor {name!r} is missing from the safetensors shards; is the checkpoint whole?"
+                f"{self.checkpoint}: tensor {name!r} is in no safetensors shard; is the checkpoint whole?"
             )
-        handle = self._handles.get(shard)
-        if handle is None:
-            handle = self._handles[shard] = safe_open(shard, framework="pt")
-        return handle.get_tensor(name)
+        return shard
 
-    def shape(self, name: str) -> list[int]:
-        shard = self._shard_of[name]
-        handle = self._handles.get(shard) or safe_open(shard, framework="pt")
-        self._handles[shard] = handle
-        return list(handle.get_slice(name).get_shape())
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shard(name).shape(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, in the checkpoint's dtype."""
+        return self._shard(name).read(name)
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
+        """The tensor in slices of ``rows`` leading-dim rows, each read on its own."""
+        return self._shard(name).read_row_chunks(name, rows)

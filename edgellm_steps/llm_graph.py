@@ -9,6 +9,7 @@ KV-cache update live inside ``trt::AttentionPlugin``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -25,8 +26,23 @@ from edgellm_steps.plugins.attention import emit_attention_plugin
 log = logging.getLogger(__name__)
 
 
+#: Elements converted per slice when streaming a weight (32 MB of float16).
+CHUNK_ELEMENTS = 1 << 24
+
+
 def _fp16(tensor: torch.Tensor) -> np.ndarray:
     return tensor.to(torch.float16).contiguous().numpy()
+
+
+def fp16_transposed_chunks(weight: torch.Tensor) -> Iterator[np.ndarray]:
+    """Rows of ``weight.T`` in float16, a slice of input columns at a time.
+
+    An HF Linear weight is [N, K]; the MatMul initializer is [K, N]. Transposing
+    slice by slice keeps one extra slice in memory instead of a second full copy.
+    """
+    step = max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
+    for first in range(0, weight.shape[1], step):
+        yield weight[:, first : first + step].t().to(torch.float16).contiguous().numpy()
 
 
 def _node_path(module: str) -> str:
@@ -53,7 +69,9 @@ class DecoderGraph:
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
         """MatMul by the transposed HF weight ([K, N] initializer), plus the bias when the checkpoint has one."""
         w = weight if weight is not None else self.store.get(f"{module}.weight")
-        name = self.g.weight(f"{module}.weight", _fp16(w.t()))
+        rows, cols = w.shape
+        name = self.g.weight_chunks(f"{module}.weight", np.float16, (cols, rows), fp16_transposed_chunks(w))
+        del w
         path = _node_path(module)
         y = self.g.op("MatMul", [x, name], f"{path}/MatMul")
         if f"{module}.bias" in self.store:

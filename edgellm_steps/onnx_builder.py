@@ -9,6 +9,7 @@ and peak memory is one tensor, not the model.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +46,33 @@ class ExternalDataWriter:
         self.bytes_written = 0
 
     def add(self, name: str, array: np.ndarray) -> TensorProto:
-        align = _PAGE_ALIGN if array.nbytes >= _PAGE_ALIGN_THRESHOLD else _SMALL_ALIGN
+        return self.add_chunks(name, array.dtype, array.shape, [array])
+
+    def add_chunks(
+        self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+    ) -> TensorProto:
+        """Write a tensor whose row-major data arrives in chunks; only one chunk is alive at a time."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        align = _PAGE_ALIGN if nbytes >= _PAGE_ALIGN_THRESHOLD else _SMALL_ALIGN
         pad = -self._offset % align
         if pad:
             self._handle.write(b"\0" * pad)
             self._offset += pad
-        data = np.ascontiguousarray(array)
-        self._handle.write(memoryview(data).cast("B"))
-        tensor = TensorProto(name=name, data_type=NP_TO_ONNX[data.dtype], dims=list(data.shape))
+        written = 0
+        for chunk in chunks:
+            data = np.ascontiguousarray(chunk, dtype=dtype)
+            self._handle.write(memoryview(data).cast("B"))
+            written += data.nbytes
+        if written != nbytes:
+            raise ValueError(f"tensor {name!r}: got {written} bytes for shape {tuple(shape)}, expected {nbytes}")
+        tensor = TensorProto(name=name, data_type=NP_TO_ONNX[dtype], dims=list(shape))
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.location), ("offset", self._offset), ("length", data.nbytes)):
+        for key, value in (("location", self.location), ("offset", self._offset), ("length", nbytes)):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, str(value)
-        self._offset += data.nbytes
-        self.bytes_written += data.nbytes
+        self._offset += nbytes
+        self.bytes_written += nbytes
         return tensor
 
     def close(self) -> None:
@@ -94,8 +108,12 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, dims))
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        """A weight streamed to the external-data file."""
-        self.initializers.append(self.writer.add(name, array))
+        """A weight stored in the external-data file."""
+        return self.weight_chunks(name, array.dtype, array.shape, [array])
+
+    def weight_chunks(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> str:
+        """A weight streamed to the external-data file chunk by chunk."""
+        self.initializers.append(self.writer.add_chunks(name, dtype, shape, chunks))
         self._names.add(name)
         return name
 

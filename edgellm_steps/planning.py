@@ -36,6 +36,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "checkpoint.py",
         "families.py",
         "sidecars.py",
+        "safetensors_io.py",
         "chat_template.py",
         "manifest.py",
         "atomic.py",

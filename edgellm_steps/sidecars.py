@@ -8,13 +8,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.families import FamilySpec
+from edgellm_steps.llm_graph import CHUNK_ELEMENTS
+from edgellm_steps.safetensors_io import write_single_tensor
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,10 @@ def runtime_config(
 
 def write_embedding(store: TensorStore, spec: FamilySpec, path: Path) -> None:
     """``embedding.safetensors``: tensor ``embedding``, float16 [V, H]."""
-    table = store.get(spec.embed_tokens).to(torch.float16).contiguous()
-    save_file({"embedding": table}, str(path))
+    shape = store.shape(spec.embed_tokens)
+    rows = max(1, CHUNK_ELEMENTS // max(shape[-1], 1))
+    chunks = (chunk.to(torch.float16).numpy() for chunk in store.row_chunks(spec.embed_tokens, rows))
+    write_single_tensor(path, "embedding", shape, np.float16, chunks)
 
 
 def write_tokenizer_files(checkpoint: Path, tokenizer: Any, output_dir: Path) -> None:

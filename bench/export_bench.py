@@ -1,0 +1,194 @@
+"""Wall time and peak RSS of ``edgellm-export-llm`` on real model shapes (run by hand, not in CI).
+
+Cases (random weights, the public configs' shapes):
+  0.5b  Qwen2.5-0.5B-Instruct (494M parameters, tied embeddings, bf16). Targets: <= 26 s, <= 1.4 GB.
+  8b    Llama-3.1-8B (8.0B parameters, 16 GB bf16), written shard by shard. Target: <= 4 GB peak RSS.
+
+    .venv/bin/python bench/export_bench.py 0.5b [8b] [--workdir DIR] [--keep]
+
+Peak RSS is the export process's ru_maxrss. Checkpoints are generated in a separate
+process: a child forked from a large parent would inherit the parent's RSS in ru_maxrss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from edgellm_steps.demo import train_tokenizer
+
+log = logging.getLogger("export_bench")
+
+CASES = {
+    "0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "qkv_bias": True,
+        "targets": {"wall_s": 26, "peak_rss_gb": 1.4},
+    },
+    "8b": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "qkv_bias": False,
+        "targets": {"peak_rss_gb": 4.0},
+    },
+}
+
+
+def layer_tensors(case: dict, layer: int) -> dict[str, tuple[int, ...]]:
+    h, i = case["hidden_size"], case["intermediate_size"]
+    d = h // case["num_attention_heads"]
+    kv = case["num_key_value_heads"] * d
+    p = f"model.layers.{layer}"
+    shapes = {
+        f"{p}.input_layernorm.weight": (h,),
+        f"{p}.post_attention_layernorm.weight": (h,),
+        f"{p}.self_attn.q_proj.weight": (h, h),
+        f"{p}.self_attn.k_proj.weight": (kv, h),
+        f"{p}.self_attn.v_proj.weight": (kv, h),
+        f"{p}.self_attn.o_proj.weight": (h, h),
+        f"{p}.mlp.gate_proj.weight": (i, h),
+        f"{p}.mlp.up_proj.weight": (i, h),
+        f"{p}.mlp.down_proj.weight": (h, i),
+    }
+    if case["qkv_bias"]:
+        shapes.update(
+            {
+                f"{p}.self_attn.q_proj.bias": (h,),
+                f"{p}.self_attn.k_proj.bias": (kv,),
+                f"{p}.self_attn.v_proj.bias": (kv,),
+            }
+        )
+    return shapes
+
+
+def write_checkpoint(case: dict, directory: Path, shard_bytes: int = 2 << 30) -> int:
+    """Write a random bf16 checkpoint shard by shard; only one shard is ever in memory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    h, v = case["hidden_size"], case["vocab_size"]
+    groups = [{"model.embed_tokens.weight": (v, h)}]
+    groups += [layer_tensors(case, layer) for layer in range(case["num_hidden_layers"])]
+    tail = {"model.norm.weight": (h,)}
+    if not case["tie_word_embeddings"]:
+        tail["lm_head.weight"] = (v, h)
+    groups.append(tail)
+    shards, current, size = [], {}, 0
+    for group in groups:
+        group_bytes = sum(2 * torch.Size(s).numel() for s in group.values())
+        if current and size + group_bytes > shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current.update(group)
+        size += group_bytes
+    shards.append(current)
+    weight_map, total = {}, 0
+    generator = torch.Generator().manual_seed(0)
+    for n, shapes in enumerate(shards):
+        name = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+        total += sum(t.numel() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, name))
+        del tensors
+        log.info("wrote %s", name)
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 2 * total}, "weight_map": weight_map}, indent=2)
+    )
+    config = {k: v for k, v in case.items() if k not in ("targets", "qkv_bias")}
+    config.update({"dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2})
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    train_tokenizer("qwen2" if case["model_type"] == "qwen2" else "llama").save_pretrained(str(directory))
+    return total
+
+
+def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
+    command = [
+        str(Path(sys.executable).parent / "edgellm-export-llm"),
+        "--model_dir",
+        str(checkpoint),
+        "--output_dir",
+        str(output),
+    ]
+    started = time.monotonic()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.monotonic() - started
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 2)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cases", nargs="+", choices=sorted(CASES))
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    parser.add_argument("--keep", action="store_true", help="keep checkpoints and exports")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.generate_only:
+        for name in args.cases:
+            params = write_checkpoint(CASES[name], args.workdir / f"{name}-checkpoint")
+            log.info("%s: %.0fM parameters", name, params / 1e6)
+        return 0
+    rows = []
+    for name in args.cases:
+        case = CASES[name]
+        checkpoint, output = args.workdir / f"{name}-checkpoint", args.workdir / f"{name}-onnx"
+        shutil.rmtree(output, ignore_errors=True)
+        if not (checkpoint / "config.json").is_file():
+            generate = [sys.executable, __file__, name, "--workdir", str(args.workdir), "--generate-only"]
+            subprocess.run(generate, check=True)
+        result = measure_export(checkpoint, output)
+        data_gb = (output / "onnx_model.data").stat().st_size / 1e9
+        rows.append((name, result, case["targets"], data_gb))
+        if not args.keep:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            shutil.rmtree(output, ignore_errors=True)
+    print("| case | wall (s) | peak RSS (GB) | onnx_model.data (GB) | targets |")
+    print("|---|---|---|---|---|")
+    for name, result, targets, data_gb in rows:
+        goal = ", ".join(f"{k} <= {v}" for k, v in targets.items())
+        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {data_gb:.2f} | {goal} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
