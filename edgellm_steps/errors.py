@@ -32,3 +32,7 @@ class ChatTemplateError(EdgeLLMError):
 
 class MissingDependencyError(EdgeLLMError):
     """An optional dependency (TensorRT, a GPU) needed by a step is absent."""
+
+
+class ParityError(EdgeLLMError):
+    """An export's outputs differ from the reference model's beyond the tolerances."""

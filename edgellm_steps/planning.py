@@ -42,6 +42,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "atomic.py",
     ),
     "build-engine": ("build_engine.py", "llm_io.py"),
+    "verify-onnx": ("verify.py", "reference.py", "parity.py", "plugins/attention.py"),
 }
 
 #: Precisions this release can build end to end (the rest parse, then fail here with the reason).
@@ -114,6 +115,11 @@ class Planner:
                 )
             inputs["chat_template"] = str(template)
         return inputs
+
+    def verify_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of verify_onnx: the export's manifest and the source it must match."""
+        inputs = self.export_inputs(model, precision)
+        return {"manifest": f"onnx/{model}_{precision}/llm/manifest.json", "source": inputs["source"]}
 
     def engine_sm(self, model: str, precision: str, sm: str | int | None) -> int:
         """The SM target of an engine target (the model's default when ``sm`` is None), checked."""

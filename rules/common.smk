@@ -50,6 +50,10 @@ def export_llm_inputs(wildcards):
     return ask(PLAN.export_inputs, wildcards.model, wildcards.precision)
 
 
+def verify_onnx_inputs(wildcards):
+    return ask(PLAN.verify_inputs, wildcards.model, wildcards.precision)
+
+
 def export_checkpoint(wildcards, input):
     # A function of `input` is not recorded: moving a checkpoint reruns nothing
     # as long as its content (the source stamps) is unchanged.

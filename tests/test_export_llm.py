@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
 import onnx
 import pytest
-import torch
-import transformers
 from onnx import TensorProto
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
-from edgellm_steps.errors import ChatTemplateError, UnsupportedArchitectureError
+from edgellm_steps.errors import ChatTemplateError, ParityError, UnsupportedArchitectureError
 from edgellm_steps.export_llm import export_llm
 from edgellm_steps.families import FAMILIES
-from edgellm_steps.parity import compare_logits, hf_rope_table
-from edgellm_steps.reference import LLMRunner
+from edgellm_steps.verify import verify_onnx
 
 from .conftest import BIN, TINY_CASES, tool_env
-
-CAPACITY = 48
 
 
 def test_every_family_has_a_tiny_case():
@@ -44,15 +40,6 @@ def exported(checkpoint_factory, tmp_path_factory):
         return done[case]
 
     return export
-
-
-def hf_model(checkpoint):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def value_info(graph_values):
@@ -155,58 +142,37 @@ def test_partial_rotary_factor_sizes_the_rope_table(exported):
 
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
-def test_prefill_then_decode_matches_transformers(exported, case):
+def test_export_matches_transformers(exported, case, tmp_path):
+    """Prefill then decode, chunked prefill, and a ragged batch of two (see edgellm_steps.verify)."""
     checkpoint, out = exported(case)
-    model = hf_model(checkpoint)
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 10).tolist()
-    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
-    steps = [runner.step([ids[:7]], all_logits=True)[0]]
-    steps += [runner.step([[token]])[0] for token in ids[7:]]
-    result = compare_logits(np.concatenate(steps), hf_logits(model, ids))
-    assert result.passed(), f"{case}: {result}"
+    summary = verify_onnx(out, checkpoint, report=tmp_path / "report.json")
+    assert summary["passed"] and set(summary["cases"]) == {"prefill_decode", "chunked_prefill", "ragged_batch"}
+    assert json.loads((tmp_path / "report.json").read_text()) == summary
 
 
-def test_chunked_prefill_matches_transformers(exported):
+def test_parity_check_can_fail(exported, tmp_path):
+    """A corrupted embedding table must fail verification: the check is not vacuous."""
     checkpoint, out = exported("qwen2")
-    model = hf_model(checkpoint)
-    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, 12).tolist()
-    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
-    first = runner.step([ids[:5]], all_logits=True)[0]
-    second = runner.step([ids[5:]], all_logits=True)[0]
-    result = compare_logits(np.concatenate([first, second]), hf_logits(model, ids))
-    assert result.passed(), str(result)
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    table = load_file(str(broken / "embedding.safetensors"))["embedding"]
+    save_file({"embedding": np.ascontiguousarray(table[::-1])}, str(broken / "embedding.safetensors"))
+    with pytest.raises(ParityError, match="does not match"):
+        verify_onnx(broken, checkpoint, report=tmp_path / "report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["passed"] is False
 
 
-def test_batch_of_two_lengths_matches_transformers(exported):
+def test_verify_cli_exit_codes(exported):
     checkpoint, out = exported("llama-tied")
-    model = hf_model(checkpoint)
-    rng = np.random.default_rng(3)
-    seqs = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (9, 6)]
-    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=2, capacity=CAPACITY)
-    prefill = runner.step([s[:-2] for s in seqs])
-    decode1 = runner.step([[s[-2]] for s in seqs])
-    decode2 = runner.step([[s[-1]] for s in seqs])
-    for b, seq in enumerate(seqs):
-        reference = hf_logits(model, seq)[[len(seq) - 3, len(seq) - 2, len(seq) - 1]]
-        got = np.stack([prefill[b, 0], decode1[b, 0], decode2[b, 0]])
-        result = compare_logits(got, reference)
-        assert result.passed(), f"sequence {b}: {result}"
-
-
-def test_parity_check_can_fail(exported):
-    """A corrupted weight must break parity: the check is not vacuous."""
-    checkpoint, out = exported("qwen2")
-    model = hf_model(checkpoint)
-    ids = list(range(1, 9))
-    runner = LLMRunner(out, hf_rope_table(model, CAPACITY), batch=1, capacity=CAPACITY)
-    runner.embedding = runner.embedding[::-1].copy()
-    result = compare_logits(runner.step([ids], all_logits=True)[0], hf_logits(model, ids))
-    assert not result.passed()
+    command = [str(BIN / "edgellm-verify-onnx"), "--onnx_dir", str(out), "--model_dir", str(checkpoint)]
+    assert subprocess.run(command, env=tool_env(), capture_output=True).returncode == 0
+    other, _ = exported("llama-mqa")
+    result = subprocess.run([*command[:-1], str(other)], env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_unsupported_architecture_lists_supported(tmp_path, checkpoint_factory):
-    import shutil
-
     bad = tmp_path / "gpt2"
     shutil.copytree(checkpoint_factory("qwen2"), bad)
     config = json.loads((bad / "config.json").read_text())

@@ -220,3 +220,14 @@ def test_hub_id_source_resolves_from_the_local_cache(tmp_path, checkpoint_factor
     run_snakemake(tmp_path, ONNX)
     assert (tmp_path / MANIFEST).is_file()
     assert NOTHING in run_snakemake(tmp_path, "-n", ONNX).output
+
+
+def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, CONFIG)
+    plan = run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json")
+    assert planned_jobs(plan.output) == {"export_llm": 1, "verify_onnx": 1}
+    run_snakemake(tmp_path, "reports/tiny_fp16/verify.json")
+    report = json.loads((tmp_path / "reports/tiny_fp16/verify.json").read_text())
+    assert report["passed"] and report["cases"]["prefill_decode"]["greedy_match"]
+    assert NOTHING in run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json").output

@@ -1,0 +1,20 @@
+# verify-onnx: an export's logits against transformers', on the CPU (optional target).
+
+
+rule verify_onnx:
+    input:
+        unpack(verify_onnx_inputs),
+    output:
+        report="reports/{model}_{precision}/verify.json",
+    log:
+        "logs/verify_onnx/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/verify_onnx/{model}_{precision}.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("verify-onnx"),
+        checkpoint=export_checkpoint,
+    shell:
+        "edgellm-verify-onnx --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
+        " --report {output.report:q} > {log:q} 2>&1"
