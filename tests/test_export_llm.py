@@ -58,7 +58,7 @@ def test_graph_follows_the_contract(exported, case):
     layers, hidden, vocab = hf["num_hidden_layers"], hf["hidden_size"], hf["vocab_size"]
     hkv = hf["num_key_value_heads"]
     head_dim = hf.get("head_dim") or hidden // hf["num_attention_heads"]
-    onnx.checker.check_model(str(out / "model.onnx"), full_check=False)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert {(o.domain, o.version) for o in model.opset_import} >= {("", 19), ("trt", 1)}
     inputs = value_info(model.graph.input)
