@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -149,10 +149,13 @@ def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
         str(output),
     ]
     started = time.monotonic()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would also count the generator.
+    _, status, usage = os.wait4(process.pid, 0)
     wall = time.monotonic() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 1e6, 2)}
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"export failed: {' '.join(command)}")
+    return {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
 
 
 def main() -> int:

@@ -16,6 +16,15 @@ from edgellm_steps.demo import make_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
 #: One tiny configuration per test case of the export; every family in the registry must appear.
 TINY_CASES = {
     "qwen2": {"family": "qwen2"},
@@ -23,28 +32,14 @@ TINY_CASES = {
     "llama-mqa": {"family": "llama", "num_key_value_heads": 1},
     "llama3-rope": {
         "family": "llama",
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+        "rope_parameters": LLAMA3_ROPE,
     },
     "qwen3": {"family": "qwen3"},
     # A config as transformers 4.x wrote it: rope_theta / rope_scaling instead of rope_parameters.
     "llama3-transformers4-config": {
         "family": "llama",
         "legacy_config": True,
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
+        "rope_parameters": LLAMA3_ROPE,
     },
     "phi3-partial-rotary": {
         "family": "phi3",
