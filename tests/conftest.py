@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -56,7 +57,7 @@ def checkpoint_factory(tmp_path_factory):
     def factory(case: str, **overrides) -> Path:
         key = case + repr(sorted(overrides.items()))
         if key not in made:
-            options = {**TINY_CASES.get(case, {}), **overrides}
+            options = copy.deepcopy({**TINY_CASES.get(case, {}), **overrides})
             family = options.pop("family", case)
             legacy = options.pop("legacy_config", False)
             made[key] = make_checkpoint(tmp_path_factory.mktemp(case) / "ckpt", family=family, **options)
