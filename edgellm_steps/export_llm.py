@@ -23,6 +23,8 @@ from edgellm_steps.families import family_for
 from edgellm_steps.llm_graph import DecoderGraph
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.quant_linear import QuantPlan
+from edgellm_steps.quantize_llm import read_quant_info
 from edgellm_steps.sidecars import runtime_config, write_embedding, write_json, write_tokenizer_files
 from edgellm_steps.sources import read_hf_config, resolve_source
 
@@ -79,12 +81,15 @@ def export_llm(
     if processed_template is None:
         processed_template = process_chat_template(tokenizer)
     store = TensorStore(checkpoint)
+    info = read_quant_info(checkpoint)
+    quant = QuantPlan.from_info(info, spec.lm_head.removesuffix(".weight"))
+    precision = info["precision"] if info else "fp16"
     output_dir = Path(output_dir)
-    log.info("exporting %s (%s, %d layers) to %s", checkpoint, spec.family, dims.num_layers, output_dir)
+    log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
     with staged_directory(output_dir) as staging:
         writer = ExternalDataWriter(staging)
         try:
-            model = DecoderGraph(GraphBuilder(writer), store, spec, dims).build()
+            model = DecoderGraph(GraphBuilder(writer), store, spec, dims, quant).build()
         finally:
             writer.close()
         log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
@@ -97,7 +102,7 @@ def export_llm(
         write_manifest(
             staging,
             step="export-llm",
-            parameters={"precision": "fp16", "chat_template": str(chat_template) if chat_template else None},
+            parameters={"precision": precision, "chat_template": str(chat_template) if chat_template else None},
         )
     log.info("export finished in %.1f s", time.monotonic() - started)
     return output_dir / ONNX_NAME

@@ -9,7 +9,6 @@ KV-cache update live inside ``trt::AttentionPlugin``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -22,27 +21,13 @@ from edgellm_steps.families import FamilySpec
 from edgellm_steps.llm_io import llm_inputs, llm_outputs, past_name, present_name
 from edgellm_steps.onnx_builder import GraphBuilder
 from edgellm_steps.plugins.attention import emit_attention_plugin
+from edgellm_steps.quant_linear import QuantPlan, emit_linear
 
 log = logging.getLogger(__name__)
 
 
-#: Elements converted per slice when streaming a weight (32 MB of float16).
-CHUNK_ELEMENTS = 1 << 24
-
-
 def _fp16(tensor: torch.Tensor) -> np.ndarray:
     return tensor.to(torch.float16).contiguous().numpy()
-
-
-def fp16_transposed_chunks(weight: torch.Tensor) -> Iterator[np.ndarray]:
-    """Rows of ``weight.T`` in float16, a slice of input columns at a time.
-
-    An HF Linear weight is [N, K]; the MatMul initializer is [K, N]. Transposing
-    slice by slice keeps one extra slice in memory instead of a second full copy.
-    """
-    step = max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
-    for first in range(0, weight.shape[1], step):
-        yield weight[:, first : first + step].t().to(torch.float16).contiguous().numpy()
 
 
 def _node_path(module: str) -> str:
@@ -60,20 +45,26 @@ def _node_path(module: str) -> str:
 class DecoderGraph:
     """Builds one decoder graph; one method per block of the architecture."""
 
-    def __init__(self, builder: GraphBuilder, store: TensorStore, spec: FamilySpec, dims: DecoderDims) -> None:
+    def __init__(
+        self,
+        builder: GraphBuilder,
+        store: TensorStore,
+        spec: FamilySpec,
+        dims: DecoderDims,
+        quant: QuantPlan | None = None,
+    ) -> None:
         self.g = builder
         self.store = store
         self.spec = spec
         self.dims = dims
+        self.quant = quant or QuantPlan(lm_head_module=spec.lm_head.removesuffix(".weight"))
 
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
-        """MatMul by the transposed HF weight ([K, N] initializer), plus the bias when the checkpoint has one."""
+        """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
         w = weight if weight is not None else self.store.get(f"{module}.weight")
-        rows, cols = w.shape
-        name = self.g.weight_chunks(f"{module}.weight", np.float16, (cols, rows), fp16_transposed_chunks(w))
-        del w
         path = _node_path(module)
-        y = self.g.op("MatMul", [x, name], f"{path}/MatMul")
+        y = emit_linear(self.g, self.store, module, path, x, w, self.quant.linear_format(module, self.store))
+        del w
         if f"{module}.bias" in self.store:
             bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
             y = self.g.op("Add", [y, bias], f"{path}/Add")
@@ -134,6 +125,7 @@ class DecoderGraph:
             num_q_heads=d.num_heads,
             num_kv_heads=d.num_kv_heads,
             head_size=d.head_dim,
+            kv_scales=self.quant.kv_scales(attn, self.store),
         )
         shape = self.g.constant(np.array([0, 0, d.num_heads * d.head_dim], dtype=np.int64), "shape_attn_out")
         flat = self.g.op("Reshape", [out, shape], f"{path}/Reshape")
@@ -171,7 +163,8 @@ class DecoderGraph:
 
     def build(self) -> onnx.ModelProto:
         d, g = self.dims, self.g
-        for spec in llm_inputs(d):
+        kv_type = TensorProto.FLOAT8E4M3FN if self.quant.kv_cache == "fp8" else TensorProto.FLOAT16
+        for spec in llm_inputs(d, kv_type):
             g.add_input(spec.name, spec.elem_type, list(spec.dims))
         x = "inputs_embeds"
         for layer in range(d.num_layers):
@@ -184,6 +177,6 @@ class DecoderGraph:
         lm_head_module = self.spec.lm_head.removesuffix(".weight")
         logits16 = self.linear(lm_head_module, selected, weight=self.lm_head_weight())
         g.node("Cast", [logits16], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
-        for spec in llm_outputs(d):
+        for spec in llm_outputs(d, kv_type):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
         return g.to_model("edgellm_llm")

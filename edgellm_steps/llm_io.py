@@ -29,11 +29,12 @@ def present_name(layer: int) -> str:
     return f"present_key_values_{layer}"
 
 
-def llm_inputs(dims: DecoderDims) -> list[TensorSpec]:
+def llm_inputs(dims: DecoderDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
+    """Graph inputs in contract order; ``kv_type`` is FLOAT8E4M3FN for an fp8 KV cache."""
     kv_dims = ("batch_size", 2, dims.num_kv_heads, "past_len", dims.head_dim)
     return [
         TensorSpec("inputs_embeds", TensorProto.FLOAT16, ("batch_size", "seq_len", dims.hidden_size)),
-        *(TensorSpec(past_name(i), TensorProto.FLOAT16, kv_dims) for i in range(dims.num_layers)),
+        *(TensorSpec(past_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
         TensorSpec(
             "rope_rotary_cos_sin",
             TensorProto.FLOAT,
@@ -45,9 +46,9 @@ def llm_inputs(dims: DecoderDims) -> list[TensorSpec]:
     ]
 
 
-def llm_outputs(dims: DecoderDims) -> list[TensorSpec]:
+def llm_outputs(dims: DecoderDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
     kv_dims = ("batch_size", 2, dims.num_kv_heads, "present_kv_cache_len", dims.head_dim)
     return [
         TensorSpec("logits", TensorProto.FLOAT, ("batch_size", "num_tokens", dims.vocab_size)),
-        *(TensorSpec(present_name(i), TensorProto.FLOAT16, kv_dims) for i in range(dims.num_layers)),
+        *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
     ]

@@ -49,9 +49,19 @@ class ExternalDataWriter:
         return self.add_chunks(name, array.dtype, array.shape, [array])
 
     def add_chunks(
-        self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]
+        self,
+        name: str,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        chunks: Iterable[np.ndarray],
+        *,
+        elem_type: int | None = None,
     ) -> TensorProto:
-        """Write a tensor whose row-major data arrives in chunks; only one chunk is alive at a time."""
+        """Write a tensor whose row-major data arrives in chunks; only one chunk is alive at a time.
+
+        ``elem_type`` overrides the ONNX type for data handed over as raw bytes of
+        another NumPy dtype (float8 weights arrive as uint8).
+        """
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
         align = _PAGE_ALIGN if nbytes >= _PAGE_ALIGN_THRESHOLD else _SMALL_ALIGN
@@ -66,7 +76,7 @@ class ExternalDataWriter:
             written += data.nbytes
         if written != nbytes:
             raise ValueError(f"tensor {name!r}: got {written} bytes for shape {tuple(shape)}, expected {nbytes}")
-        tensor = TensorProto(name=name, data_type=NP_TO_ONNX[dtype], dims=list(shape))
+        tensor = TensorProto(name=name, data_type=elem_type or NP_TO_ONNX[dtype], dims=list(shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", self._offset), ("length", nbytes)):
             entry = tensor.external_data.add()
@@ -111,9 +121,17 @@ class GraphBuilder:
         """A weight stored in the external-data file."""
         return self.weight_chunks(name, array.dtype, array.shape, [array])
 
-    def weight_chunks(self, name: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Iterable[np.ndarray]) -> str:
+    def weight_chunks(
+        self,
+        name: str,
+        dtype: np.dtype,
+        shape: tuple[int, ...],
+        chunks: Iterable[np.ndarray],
+        *,
+        elem_type: int | None = None,
+    ) -> str:
         """A weight streamed to the external-data file chunk by chunk."""
-        self.initializers.append(self.writer.add_chunks(name, dtype, shape, chunks))
+        self.initializers.append(self.writer.add_chunks(name, dtype, shape, chunks, elem_type=elem_type))
         self._names.add(name)
         return name
 
@@ -124,6 +142,15 @@ class GraphBuilder:
         if key not in self._constants:
             name = self._unique(f"/constants/{hint}")
             self.initializers.append(numpy_helper.from_array(array, name))
+            self._constants[key] = name
+        return self._constants[key]
+
+    def typed_constant(self, elem_type: int, values: list, dims: tuple[int, ...] = (), hint: str = "const") -> str:
+        """A small constant of an ONNX type NumPy lacks (float8 zero points)."""
+        key = (elem_type, tuple(dims), tuple(values))
+        if key not in self._constants:
+            name = self._unique(f"/constants/{hint}")
+            self.initializers.append(helper.make_tensor(name, elem_type, list(dims), values))
             self._constants[key] = name
         return self._constants[key]
 

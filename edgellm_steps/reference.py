@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
@@ -28,7 +29,9 @@ class LLMRunner:
         self.session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
         self.rope = rope_table.astype(np.float32)
         layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
-        self.caches = [np.zeros((batch, 2, hkv, capacity, d), np.float16) for _ in range(layers)]
+        past = next(i for i in self.session.proto_.graph.input if i.name == past_name(0))
+        cache_dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
+        self.caches = [np.zeros((batch, 2, hkv, capacity, d), cache_dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, np.int32)
 
     def step(self, token_ids: list[list[int]], *, all_logits: bool = False) -> np.ndarray:

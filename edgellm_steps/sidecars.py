@@ -15,8 +15,8 @@ from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.families import FamilySpec
-from edgellm_steps.llm_graph import CHUNK_ELEMENTS
 from edgellm_steps.safetensors_io import write_single_tensor
+from edgellm_steps.weight_streams import CHUNK_ELEMENTS
 
 log = logging.getLogger(__name__)
 

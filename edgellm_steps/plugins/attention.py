@@ -19,6 +19,7 @@ from onnx.reference.op_run import OpRun
 from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
 
 OP_TYPE = "AttentionPlugin"
+FP8_MAX = 448.0
 
 
 def emit_attention_plugin(
@@ -34,11 +35,19 @@ def emit_attention_plugin(
     num_q_heads: int,
     num_kv_heads: int,
     head_size: int,
+    kv_scales: tuple[float, float] | None = None,
 ) -> str:
-    """Add one attention node; returns the name of its ``attn_output`` [B,S,Hq,D]."""
+    """Add one attention node; returns the name of its ``attn_output`` [B,S,Hq,D].
+
+    ``kv_scales`` ([k_amax/448, v_amax/448]) makes the cache fp8 and becomes the
+    constant ``k_v_scale_quant_orig`` input.
+    """
+    inputs = [qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index]
+    if kv_scales is not None:
+        inputs.append(builder.constant(np.array(kv_scales, dtype=np.float32), "k_v_scale_quant_orig"))
     attn_output, _ = builder.node(
         OP_TYPE,
-        [qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index],
+        inputs,
         name,
         outputs=[f"{name}_attn_output", present_key_value],
         domain=PLUGIN_DOMAIN,
@@ -46,7 +55,7 @@ def emit_attention_plugin(
         num_kv_heads=num_kv_heads,
         head_size=head_size,
         enable_tree_attention=0,
-        enable_fp8_kv_cache=0,
+        enable_fp8_kv_cache=int(kv_scales is not None),
     )
     return attn_output
 
@@ -69,8 +78,13 @@ def attention_reference(
     num_q_heads: int,
     num_kv_heads: int,
     head_size: int,
+    kv_scales: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy implementation of the plugin; returns (attn_output, present_key_value)."""
+    """NumPy implementation of the plugin; returns (attn_output, present_key_value).
+
+    With ``kv_scales`` the cache holds fp8 codes: K and V are divided by their
+    scale when written and multiplied by it when read.
+    """
     batch, seq, _ = qkv.shape
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
     capacity = past_key_value.shape[3]
@@ -79,6 +93,16 @@ def attention_reference(
     k = x[..., hq * d : (hq + hkv) * d].reshape(batch, seq, hkv, d)
     v = x[..., (hq + hkv) * d :].reshape(batch, seq, hkv, d)
     present = past_key_value.copy()
+    scale = np.ones(2, np.float32) if kv_scales is None else np.asarray(kv_scales, np.float32)
+
+    def store(values: np.ndarray, which: int) -> np.ndarray:
+        if kv_scales is None:
+            return values.astype(present.dtype)
+        return np.clip(values / scale[which], -FP8_MAX, FP8_MAX).astype(present.dtype)
+
+    def load(which: int, total: int) -> np.ndarray:
+        return present[b, which, :, :total].astype(np.float32) * scale[which]
+
     out = np.zeros((batch, seq, hq, d), dtype=qkv.dtype)
     half = rope_rotary_cos_sin.shape[-1] // 2
     for b in range(batch):
@@ -91,11 +115,11 @@ def attention_reference(
         cos, sin = table[:, :half], table[:, half:]
         qb = _apply_rope(q[b, :n], cos, sin)
         kb = _apply_rope(k[b, :n], cos, sin)
-        present[b, 0, :, start : start + n] = kb.transpose(1, 0, 2).astype(present.dtype)
-        present[b, 1, :, start : start + n] = v[b, :n].transpose(1, 0, 2).astype(present.dtype)
+        present[b, 0, :, start : start + n] = store(kb.transpose(1, 0, 2), 0)
+        present[b, 1, :, start : start + n] = store(v[b, :n].transpose(1, 0, 2), 1)
         total = start + n
-        keys = np.repeat(present[b, 0, :, :total].astype(np.float32), hq // hkv, axis=0)
-        values = np.repeat(present[b, 1, :, :total].astype(np.float32), hq // hkv, axis=0)
+        keys = np.repeat(load(0, total), hq // hkv, axis=0)
+        values = np.repeat(load(1, total), hq // hkv, axis=0)
         scores = np.einsum("shd,htd->hst", qb, keys) / np.sqrt(d)
         visible = np.arange(total)[None, :] <= positions[:, None]
         scores = np.where(visible[None], scores, -np.inf)
@@ -125,8 +149,10 @@ class AttentionPluginOp(OpRun):
         enable_tree_attention=None,
         enable_fp8_kv_cache=None,
     ):
-        if enable_tree_attention or enable_fp8_kv_cache or extra:
-            raise NotImplementedError("the CPU reference covers plain (non-tree, fp16-KV) attention only")
+        if enable_tree_attention:
+            raise NotImplementedError("the CPU reference does not implement tree attention")
+        if bool(enable_fp8_kv_cache) != bool(extra):
+            raise ValueError("enable_fp8_kv_cache and the k_v_scale_quant_orig input go together")
         return attention_reference(
             qkv,
             past_key_value,
@@ -136,6 +162,7 @@ class AttentionPluginOp(OpRun):
             num_q_heads=num_q_heads,
             num_kv_heads=num_kv_heads,
             head_size=head_size,
+            kv_scales=extra[0] if extra else None,
         )
 
 

@@ -1,0 +1,117 @@
+"""Calibration text: offline by default, local files, or a HF dataset when online.
+
+The default corpus needs no download: it is the docstrings of the Python
+standard library on this machine, read with ``ast`` (nothing is imported),
+a few megabytes of technical English prose. Samples are cut from the
+tokenized stream of the corpus, so every sample has exactly ``max_tokens``
+tokens while the corpus lasts, and the corpus is cycled if it is short.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import sysconfig
+from pathlib import Path
+
+from edgellm_steps.errors import EdgeLLMError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+_MIN_WORDS = 12
+
+
+def builtin_corpus(limit_chars: int = 8_000_000) -> list[str]:
+    """Paragraphs of the standard library's docstrings, in a stable order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    paragraphs: list[str] = []
+    total = 0
+    skip = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node)
+            for paragraph in (doc or "").split("\n\n"):
+                text = " ".join(paragraph.split())
+                if len(text.split()) >= _MIN_WORDS:
+                    paragraphs.append(text)
+                    total += len(text)
+        if total >= limit_chars:
+            break
+    return paragraphs
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EdgeLLMError(f"{path}:{number} is not JSON ({err}); JSONL needs one object per line") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise EdgeLLMError(f"{path}:{number} has no string 'text' field; each JSONL line needs one")
+            texts.append(record["text"])
+        return texts
+    return [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+
+
+def load_corpus(source: str | None) -> list[str]:
+    """Texts from ``source``: ``builtin``/None, a .txt/.jsonl file, a directory of them, or a HF dataset id."""
+    if source in (None, "", BUILTIN):
+        return builtin_corpus()
+    path = Path(source).expanduser()
+    if path.is_file():
+        texts = _read_file(path)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise EdgeLLMError(f"calibration directory {path} has no .txt or .jsonl files; add some or pick another")
+        texts = [t for f in files for t in _read_file(f)]
+    else:
+        texts = _load_hub_dataset(source)
+    if not texts:
+        raise EdgeLLMError(f"calibration corpus {source} is empty; give it some text")
+    return texts
+
+
+def _load_hub_dataset(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise EdgeLLMError(
+            f"calibration corpus '{name}' is neither a file nor a directory; to use a HF dataset id, "
+            "`pip install datasets` (and be online), or pass a local .txt/.jsonl file"
+        ) from err
+    dataset = datasets.load_dataset(name, split="train")
+    column = "text" if "text" in dataset.column_names else dataset.column_names[0]
+    return [row[column] for row in dataset if isinstance(row[column], str)]
+
+
+def calibration_samples(tokenizer, texts: list[str], num_samples: int, max_tokens: int) -> list[list[int]]:
+    """``num_samples`` token lists of ``max_tokens`` tokens cut from the corpus stream."""
+    if num_samples < 1 or max_tokens < 1:
+        raise EdgeLLMError("calibration needs at least one sample of at least one token")
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    needed = num_samples * max_tokens
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+        if len(stream) >= needed:
+            break
+    if not stream:
+        raise EdgeLLMError("the calibration corpus tokenizes to nothing")
+    while len(stream) < needed:
+        stream += stream[: needed - len(stream)]
+    return [stream[i * max_tokens : (i + 1) * max_tokens] for i in range(num_samples)]

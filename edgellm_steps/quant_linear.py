@@ -1,0 +1,161 @@
+"""Linear layers in the precisions of contract section 3.5, from ModelOpt's calibrated quantizers.
+
+The quantized checkpoint keeps float weights (smoothing and AWQ scales folded
+in) and, per Linear, the quantizers' tensors: ``weight_quantizer._amax``,
+``input_quantizer._amax``, ``input_quantizer._pre_quant_scale``. Here the
+weights are quantized exactly as ModelOpt's fake quantizers do it (same scale,
+rounding and clamping) and the graph carries what TensorRT's strongly typed
+build reads:
+
+- fp8: FP8 weights -> DequantizeLinear; activations through an FP8 Q/DQ pair.
+- int8_sq: x * smoothing scale -> int8 Q/DQ (per tensor); int8 weights per output channel -> DQ.
+- int4_awq: x * AWQ scale -> ``trt::Int4GroupwiseGemmPlugin`` with packed weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from onnx import TensorProto
+
+from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.onnx_builder import GraphBuilder
+from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
+from edgellm_steps.weight_streams import fp16_transposed_chunks, transposed_chunks
+
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT4_MAX = 7.0
+
+#: Formats a Linear can be exported in; None is plain float16.
+LINEAR_FORMATS = (None, "fp8", "int8_sq", "int4_awq")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Which format each Linear and the KV cache get, from the quantize step's record."""
+
+    weights: str | None = None
+    lm_head: str | None = None
+    kv_cache: str | None = None
+    lm_head_module: str = "lm_head"
+
+    @classmethod
+    def from_info(cls, info: dict | None, lm_head_module: str) -> QuantPlan:
+        if info is None:
+            return cls(lm_head_module=lm_head_module)
+        weights = None if info["weights"] == "fp16" else info["weights"]
+        return cls(weights, info.get("lm_head"), info.get("kv_cache"), lm_head_module)
+
+    def linear_format(self, module: str, store: TensorStore) -> str | None:
+        """A Linear is quantized when ModelOpt calibrated its weight quantizer."""
+        if f"{module}.weight_quantizer._amax" not in store:
+            return None
+        return self.lm_head if module == self.lm_head_module else self.weights
+
+    def kv_scales(self, attention_module: str, store: TensorStore) -> tuple[float, float] | None:
+        """[k_amax / 448, v_amax / 448] for an fp8 KV cache, else None."""
+        if self.kv_cache != "fp8":
+            return None
+        amax = [float(store.get(f"{attention_module}.{kv}_bmm_quantizer._amax").float()) for kv in ("k", "v")]
+        return amax[0] / FP8_MAX, amax[1] / FP8_MAX
+
+
+def _fp16(value: torch.Tensor) -> np.ndarray:
+    return value.to(torch.float16).numpy()
+
+
+def _codes(part: torch.Tensor, multiplier: torch.Tensor, bound: float) -> torch.Tensor:
+    """Integer codes exactly as ModelOpt's fake quantizer computes them: round(x * bound / amax), clamped.
+
+    Codes use the float32 multiplier; only the stored dequantization scale is
+    rounded to float16. Rounding the scale first would flip codes that sit at
+    a rounding boundary, each a full quantization step away from the reference.
+    """
+    return torch.round(part.to(torch.float32) * multiplier).clamp(-bound - 1, bound)
+
+
+def _fp8_bytes(part: torch.Tensor, multiplier: torch.Tensor) -> np.ndarray:
+    scaled = (part.to(torch.float32) * multiplier).clamp(-FP8_MAX, FP8_MAX)
+    return scaled.to(torch.float8_e4m3fn).contiguous().view(torch.uint8).numpy()
+
+
+def _activation_qdq(g: GraphBuilder, x: str, path: str, scale: np.ndarray, zero_point: str) -> str:
+    scale_name = g.constant(scale, "act_scale")
+    quantized = g.op("QuantizeLinear", [x, scale_name, zero_point], f"{path}/input_quantizer/QuantizeLinear")
+    return g.op("DequantizeLinear", [quantized, scale_name, zero_point], f"{path}/input_quantizer/DequantizeLinear")
+
+
+def _pre_quant_scale(g: GraphBuilder, store: TensorStore, module: str, x: str, path: str) -> str:
+    name = f"{module}.input_quantizer._pre_quant_scale"
+    if name not in store:
+        return x
+    scale = g.weight(name, store.get(name).to(torch.float16).numpy())
+    return g.op("Mul", [x, scale], f"{path}/input_quantizer/Mul")
+
+
+def fp8_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
+    w_amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(())
+    a_amax = store.get(f"{module}.input_quantizer._amax").float().reshape(())
+    rows, cols = weight.shape
+    w_q = g.weight_chunks(
+        f"{module}.weight",
+        np.uint8,
+        (cols, rows),
+        transposed_chunks(weight, lambda part, _: _fp8_bytes(part, FP8_MAX / w_amax)),
+        elem_type=TensorProto.FLOAT8E4M3FN,
+    )
+    fp8_zero = g.typed_constant(TensorProto.FLOAT8E4M3FN, [0.0], hint="fp8_zero")
+    w_scale_name = g.constant(_fp16(w_amax / FP8_MAX), "weight_scale")
+    w_dq = g.op("DequantizeLinear", [w_q, w_scale_name, fp8_zero], f"{path}/weight_quantizer/DequantizeLinear")
+    x_dq = _activation_qdq(g, x, path, _fp16(a_amax / FP8_MAX), fp8_zero)
+    return g.op("MatMul", [x_dq, w_dq], f"{path}/MatMul")
+
+
+def int8_sq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
+    w_amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(-1)
+    a_amax = store.get(f"{module}.input_quantizer._amax").float().reshape(())
+    rows, cols = weight.shape
+    multiplier = (INT8_MAX / w_amax)[None, :]
+
+    def quantize(part: torch.Tensor, _: int) -> np.ndarray:
+        return _codes(part, multiplier, INT8_MAX).to(torch.int8).contiguous().numpy()
+
+    w_q = g.weight_chunks(f"{module}.weight", np.int8, (cols, rows), transposed_chunks(weight, quantize))
+    int8_zero = g.constant(np.array(0, dtype=np.int8), "int8_zero")
+    int8_zeros = g.constant(np.zeros(rows, dtype=np.int8), "int8_zeros")
+    w_scale_name = g.weight(f"{module}.weight_quantizer.scale", _fp16(w_amax / INT8_MAX))
+    w_dq = g.op(
+        "DequantizeLinear", [w_q, w_scale_name, int8_zeros], f"{path}/weight_quantizer/DequantizeLinear", axis=1
+    )
+    x_s = _pre_quant_scale(g, store, module, x, path)
+    x_dq = _activation_qdq(g, x_s, path, _fp16(a_amax / INT8_MAX), int8_zero)
+    return g.op("MatMul", [x_dq, w_dq], f"{path}/MatMul")
+
+
+def int4_awq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
+    rows, cols = weight.shape
+    amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(rows, cols // GROUP_SIZE)
+    multiplier = (INT4_MAX / amax).repeat_interleave(GROUP_SIZE, dim=1)
+    q = _codes(weight, multiplier, INT4_MAX).to(torch.int8)
+    packed = g.weight(f"{module}.weight", pack_int4(q.numpy()))
+    scales = g.weight(f"{module}.weight_quantizer.scale", _fp16((amax / INT4_MAX).t().contiguous()))
+    x_s = _pre_quant_scale(g, store, module, x, path)
+    return emit_int4_gemm(g, f"{path}/Int4GroupwiseGemmPlugin", x_s, packed, scales, n=rows, k=cols)
+
+
+def emit_linear(
+    g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor, fmt: str | None
+) -> str:
+    """The MatMul (or plugin) of one Linear in format ``fmt``; bias is the caller's."""
+    if fmt == "fp8":
+        return fp8_linear(g, store, module, path, x, weight)
+    if fmt == "int8_sq":
+        return int8_sq_linear(g, store, module, path, x, weight)
+    if fmt == "int4_awq":
+        return int4_awq_linear(g, store, module, path, x, weight)
+    rows, cols = weight.shape
+    name = g.weight_chunks(f"{module}.weight", np.float16, (cols, rows), fp16_transposed_chunks(weight))
+    return g.op("MatMul", [x, name], f"{path}/MatMul")

@@ -1,0 +1,56 @@
+"""ModelOpt recipes per precision (contract section 2), declared in one table.
+
+A precision string maps to one ModelOpt ``quant_cfg`` list: the weight recipe
+(``FP8_DEFAULT_CFG``, ``INT8_SMOOTHQUANT_CFG``, ``INT4_AWQ_CFG``,
+``NVFP4_DEFAULT_CFG``), then the LM-head override, then ``FP8_KV_CFG``. Later
+entries win in ModelOpt, so the order is the precedence.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from edgellm_steps.precision import Precision
+
+WEIGHT_RECIPES = {
+    "fp8": "FP8_DEFAULT_CFG",
+    "int8_sq": "INT8_SMOOTHQUANT_CFG",
+    "int4_awq": "INT4_AWQ_CFG",
+    "nvfp4": "NVFP4_DEFAULT_CFG",
+}
+
+_FP8 = {"num_bits": (4, 3), "axis": None}
+_NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+LM_HEAD_RECIPES: dict[str, list[dict[str, Any]]] = {
+    fmt: [
+        {"quantizer_name": "*lm_head*weight_quantizer", "cfg": cfg},
+        {"quantizer_name": "*lm_head*input_quantizer", "cfg": cfg},
+    ]
+    for fmt, cfg in (("fp8", _FP8), ("nvfp4", _NVFP4))
+}
+
+#: Calibration batch size per weight format (the classic tool's defaults).
+CALIBRATION_BATCH = {"int4_awq": 16}
+
+#: Block size of int4 weights: input dims must be multiples of it.
+INT4_GROUP_SIZE = 128
+
+
+def modelopt_config(precision: Precision) -> dict[str, Any]:
+    """The ModelOpt quantization config for ``precision`` (fp16 weights quantize nothing but the overrides)."""
+    import modelopt.torch.quantization as mtq
+
+    if precision.weights in WEIGHT_RECIPES:
+        config = copy.deepcopy(getattr(mtq, WEIGHT_RECIPES[precision.weights]))
+    else:
+        config = {"quant_cfg": [{"quantizer_name": "*", "enable": False}], "algorithm": "max"}
+    if precision.lm_head:
+        config["quant_cfg"] += copy.deepcopy(LM_HEAD_RECIPES[precision.lm_head])
+    if precision.kv_cache:
+        config["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    return config
+
+
+def calibration_batch_size(precision: Precision) -> int:
+    return CALIBRATION_BATCH.get(precision.weights, 1)

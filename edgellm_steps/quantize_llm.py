@@ -1,0 +1,153 @@
+"""quantize-llm: an HF checkpoint -> a ModelOpt fake-quantized HF checkpoint.
+
+The output directory is a normal HF checkpoint (weights, with smoothing and AWQ
+scales folded in by ModelOpt, plus every quantizer's calibrated ``_amax`` /
+``_pre_quant_scale`` as tensors), ``modelopt_state.pth`` (so transformers with
+ModelOpt's HF checkpointing restores the fake-quantized model), the tokenizer,
+and ``edgellm_quantization.json`` naming the precision for the export step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.atomic import staged_directory
+from edgellm_steps.calibration import BUILTIN, calibration_samples, load_corpus
+from edgellm_steps.checkpoint import decoder_dims
+from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
+from edgellm_steps.families import family_for
+from edgellm_steps.manifest import write_manifest
+from edgellm_steps.precision import Precision, parse_precision
+from edgellm_steps.quant_recipes import INT4_GROUP_SIZE, calibration_batch_size, modelopt_config
+from edgellm_steps.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+QUANT_INFO = "edgellm_quantization.json"
+DEFAULT_CALIB_SIZE = 512
+DEFAULT_CALIB_MAX_TOKENS = 512
+
+
+def check_int4_dims(hf_config: dict[str, Any], *, where: str) -> None:
+    """int4 packs weights in blocks of 128 along the input dim: every GEMM input must be a multiple."""
+    dims = decoder_dims(hf_config)
+    for layer, size in (
+        ("self_attn.q_proj/k_proj/v_proj/mlp.gate_proj/up_proj (hidden_size)", dims.hidden_size),
+        ("self_attn.o_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
+        ("mlp.down_proj (intermediate_size)", dims.intermediate_size),
+    ):
+        if size % INT4_GROUP_SIZE:
+            raise PrecisionError(
+                f"{where}: int4 needs GEMM input dims that are multiples of {INT4_GROUP_SIZE}, but "
+                f"model.layers.*.{layer} has {size}; use fp8 or int8_sq for this model"
+            )
+
+
+def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | None) -> Precision:
+    text = quantization + (f"-lm{lm_head}" if lm_head else "") + (f"-kv{kv_cache}" if kv_cache else "")
+    precision = parse_precision(text)
+    if not precision.needs_quantize_step:
+        raise PrecisionError(f"precision '{precision}' needs no quantize step: export the checkpoint directly")
+    if precision.weights == "int4_gptq":
+        raise PrecisionError("int4_gptq means a checkpoint already quantized with GPTQ: export it directly")
+    if "nvfp4" in precision.formats():
+        raise PrecisionError(f"precision '{precision}': nvfp4 export is not implemented in this release")
+    return precision
+
+
+def _device_and_dtype(device: str):
+    import torch
+
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise MissingDependencyError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
+        return "cuda", torch.float16
+    if device != "cpu":
+        raise EdgeLLMError(f"unknown device '{device}': use cpu or cuda")
+    return "cpu", torch.float32
+
+
+def quantize_llm(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    quantization: str,
+    lm_head_quantization: str | None = None,
+    kv_cache_quantization: str | None = None,
+    dataset_dir: str | None = None,
+    device: str = "cpu",
+    calib_size: int = DEFAULT_CALIB_SIZE,
+    calib_max_tokens: int = DEFAULT_CALIB_MAX_TOKENS,
+) -> Path:
+    """Quantize ``model_dir`` with ModelOpt, calibrating on ``dataset_dir`` (built-in corpus when None)."""
+    started = time.monotonic()
+    precision = compose_precision(quantization, lm_head_quantization, kv_cache_quantization)
+    device, dtype = _device_and_dtype(device)
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    hf_config = read_hf_config(checkpoint)
+    family_for(hf_config, where=str(checkpoint))
+    if precision.weights == "int4_awq":
+        check_int4_dims(hf_config, where=str(checkpoint))
+
+    import modelopt
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    texts = load_corpus(dataset_dir)
+    samples = calibration_samples(tokenizer, texts, calib_size, calib_max_tokens)
+    batch = calibration_batch_size(precision)
+    batches = [torch.tensor(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    log.info(
+        "calibrating %s on %d samples x %d tokens (batch %d) on %s",
+        precision,
+        calib_size,
+        calib_max_tokens,
+        batch,
+        device,
+    )
+
+    mto.enable_huggingface_checkpointing()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
+
+    def forward_loop(quant_model) -> None:
+        with torch.no_grad():
+            for ids in tqdm(batches, desc="calibration", unit="batch", file=sys.stderr, mininterval=5):
+                quant_model(ids.to(device))
+
+    mtq.quantize(model, modelopt_config(precision), forward_loop=forward_loop)
+    info = {
+        "precision": str(precision),
+        "weights": precision.weights,
+        "lm_head": precision.lm_head,
+        "kv_cache": precision.kv_cache,
+        "calibration": {
+            "corpus": dataset_dir or BUILTIN,
+            "samples": calib_size,
+            "max_tokens": calib_max_tokens,
+            "batch_size": batch,
+            "device": device,
+        },
+        "modelopt_version": modelopt.__version__,
+    }
+    with staged_directory(Path(output_dir)) as staging:
+        model.save_pretrained(str(staging))
+        tokenizer.save_pretrained(str(staging))
+        (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_manifest(staging, step="quantize-llm", parameters=info)
+    log.info("quantization finished in %.1f s", time.monotonic() - started)
+    return Path(output_dir)
+
+
+def read_quant_info(checkpoint: Path) -> dict[str, Any] | None:
+    """The quantize step's record in a checkpoint, or None for an unquantized one."""
+    path = Path(checkpoint) / QUANT_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
