@@ -53,15 +53,27 @@ def remove_stale_staging(directory: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _replace_directory(staging: Path, destination: Path) -> None:
+    if destination.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{destination.name}-old-", dir=destination.parent))
+        os.replace(destination, retired / destination.name)
+        os.replace(staging, destination)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, destination)
+
+
 @contextlib.contextmanager
-def staged_directory(destination: Path) -> Iterator[Path]:
+def staged_directory(destination: Path, *, exclusive: bool = False) -> Iterator[Path]:
     """Yield an empty staging directory; on success move its files into ``destination``.
 
-    Files are moved one by one (``destination`` may already hold files of other
-    steps, such as a LoRA graph beside the base graph), in sorted order except
-    that ``model.onnx`` and ``manifest.json`` come last: a reader that finds the
-    manifest finds everything it lists. On failure the staging directory is removed
-    and ``destination`` is left as it was.
+    By default files are moved one by one (``destination`` may already hold files
+    of other steps, such as a LoRA graph beside the base graph), in sorted order
+    except that ``model.onnx`` and ``manifest.json`` come last: a reader that finds
+    the manifest finds everything it lists. With ``exclusive`` the step owns the
+    whole directory: the staging directory replaces it, so no file of an earlier
+    run (a shard of another name) survives. On failure the staging directory is
+    removed and ``destination`` is left as it was.
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +81,9 @@ def staged_directory(destination: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{destination.name}-", dir=destination.parent))
     try:
         yield staging
+        if exclusive:
+            _replace_directory(staging, destination)
+            return
         destination.mkdir(parents=True, exist_ok=True)
         last = ("model.onnx", "manifest.json")
         names = sorted(p.name for p in staging.iterdir())

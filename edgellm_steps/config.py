@@ -31,6 +31,16 @@ class BuildLimits:
 
 
 @dataclass(frozen=True)
+class QuantizationSettings:
+    """Calibration settings of quantize-llm."""
+
+    calib_size: int
+    calib_max_tokens: int
+    dataset: str | None
+    device: str
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """Everything the workflow knows about one model after defaults apply."""
 
@@ -40,6 +50,7 @@ class ModelSettings:
     sm_targets: tuple[int, ...]
     chat_template: str | None
     build: BuildLimits
+    quantization: QuantizationSettings
 
     @property
     def default_sm(self) -> int:
@@ -72,10 +83,14 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
 
 
 def _schema_default_settings(schema: dict[str, Any]) -> dict[str, Any]:
-    settings = schema["$defs"]["settings"]["properties"]
-    defaults = {key: spec.get("default") for key, spec in settings.items() if key != "build"}
-    build = schema["$defs"]["build"]["properties"]
-    defaults["build"] = {key: spec["default"] for key, spec in build.items()}
+    """Defaults of every setting; nested objects (``build``, ``quantization``) get their members' defaults."""
+    defaults = {}
+    for key, spec in schema["$defs"]["settings"]["properties"].items():
+        if "$ref" in spec:
+            nested = schema["$defs"][spec["$ref"].rsplit("/", 1)[-1]]["properties"]
+            defaults[key] = {name: member["default"] for name, member in nested.items()}
+        else:
+            defaults[key] = spec.get("default")
     return defaults
 
 
@@ -108,4 +123,5 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         sm_targets=tuple(merged["sm_targets"]),
         chat_template=merged["chat_template"],
         build=BuildLimits(**merged["build"]),
+        quantization=QuantizationSettings(**merged["quantization"]),
     )

@@ -23,8 +23,8 @@ from edgellm_steps.families import family_for
 from edgellm_steps.llm_graph import DecoderGraph
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.quant_info import read_quant_info
 from edgellm_steps.quant_linear import QuantPlan
-from edgellm_steps.quantize_llm import read_quant_info
 from edgellm_steps.sidecars import runtime_config, write_embedding, write_json, write_tokenizer_files
 from edgellm_steps.sources import read_hf_config, resolve_source
 

@@ -8,6 +8,7 @@ the workflow turns that into one line and stops before any job runs.
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from edgellm_steps.config import ModelSettings, load_schema, model_settings, val
 from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.families import family_for
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.quantize_llm import check_int4_dims
 from edgellm_steps.sources import STATE_DIR, read_hf_config, resolve_source, source_stamps
 
 log = logging.getLogger(__name__)
@@ -37,16 +39,21 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "families.py",
         "sidecars.py",
         "safetensors_io.py",
+        "quant_linear.py",
+        "quant_info.py",
+        "weight_streams.py",
+        "plugins/int4_gemm.py",
         "chat_template.py",
         "manifest.py",
         "atomic.py",
     ),
+    "quantize-llm": ("quantize_llm.py", "quant_recipes.py", "calibration.py", "quant_info.py", "atomic.py"),
     "build-engine": ("build_engine.py", "llm_io.py"),
-    "verify-onnx": ("verify.py", "reference.py", "parity.py", "plugins/attention.py"),
+    "verify-onnx": ("verify.py", "reference.py", "parity.py", "plugins/attention.py", "plugins/int4_gemm.py"),
 }
 
-#: Precisions this release can build end to end (the rest parse, then fail here with the reason).
-BUILDABLE_WEIGHTS = ("fp16",)
+#: Formats this release can build end to end (the rest parse, then fail here with the reason).
+BUILDABLE = {"weights": ("fp16", "fp8", "int8_sq", "int4_awq"), "lm_head": ("fp8",), "kv_cache": ("fp8",)}
 
 
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
@@ -87,11 +94,14 @@ class Planner:
     def precision(self, model: str, text: str) -> Precision:
         self.settings(model)
         precision = parse_precision(text)
-        if precision.weights not in BUILDABLE_WEIGHTS or precision.lm_head or precision.kv_cache:
-            raise PrecisionError(
-                f"precision '{precision}' is valid but this release builds only "
-                f"{', '.join(BUILDABLE_WEIGHTS)}: request onnx/{model}_fp16/... or engines/{model}_fp16.engine"
-            )
+        for part in ("weights", "lm_head", "kv_cache"):
+            value = getattr(precision, part)
+            if value is not None and value not in BUILDABLE[part]:
+                raise PrecisionError(
+                    f"precision '{precision}' is valid but this release cannot build {part} {value} yet; "
+                    f"buildable: weights {'|'.join(BUILDABLE['weights'])}, -lm{'|-lm'.join(BUILDABLE['lm_head'])}, "
+                    f"-kv{'|-kv'.join(BUILDABLE['kv_cache'])}"
+                )
         return precision
 
     def checkpoint(self, model: str) -> Path:
@@ -101,12 +111,51 @@ class Planner:
         family_for(read_hf_config(path, model=model), where=f"model '{model}' ({settings.source})")
         return path
 
-    def export_inputs(self, model: str, precision: str) -> dict[str, Any]:
-        """Inputs of export_llm: the source stamps and an optional chat template file."""
-        self.precision(model, precision)
+    def source_inputs(self, model: str) -> list[str]:
+        """The stamps standing for the model's source checkpoint (checked first)."""
         self.checkpoint(model)
+        return source_stamps(model, self.settings(model).source, self.state_dir)
+
+    def quantized_manifest(self, model: str, precision: str) -> str | None:
+        """The quantize step's manifest when ``precision`` needs that step, else None."""
+        parsed = self.precision(model, precision)
+        if not parsed.needs_quantize_step:
+            return None
+        if parsed.weights == "int4_awq":
+            check_int4_dims(read_hf_config(self.checkpoint(model), model=model), where=f"model '{model}'")
+        return f"quantized/{model}_{precision}/manifest.json"
+
+    def quantize_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of quantize_llm: the source stamps and a local calibration corpus."""
+        if self.quantized_manifest(model, precision) is None:
+            raise PrecisionError(f"precision '{precision}' has no quantize step: export the checkpoint directly")
+        inputs: dict[str, Any] = {"source": self.source_inputs(model)}
+        dataset = self.settings(model).quantization.dataset
+        if dataset and Path(dataset).exists():
+            path = Path(dataset)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            inputs["calibration"] = [str(f) for f in files]
+        return inputs
+
+    def quantize_options(self, model: str, precision: str) -> str:
+        """The quantize CLI flags that decide its output (recorded, so a change reruns the job)."""
+        parsed = self.precision(model, precision)
+        quant = self.settings(model).quantization
+        flags = [f"--quantization {parsed.weights}"]
+        if parsed.lm_head:
+            flags.append(f"--lm_head_quantization {parsed.lm_head}")
+        if parsed.kv_cache:
+            flags.append(f"--kv_cache_quantization {parsed.kv_cache}")
+        flags.append(f"--calib_size {quant.calib_size} --calib_max_tokens {quant.calib_max_tokens}")
+        if quant.dataset:
+            flags.append(f"--dataset_dir {shlex.quote(quant.dataset)}")
+        return " ".join(flags)
+
+    def export_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of export_llm: the quantized checkpoint's manifest or the source stamps, and a chat template."""
+        quantized = self.quantized_manifest(model, precision)
         settings = self.settings(model)
-        inputs: dict[str, Any] = {"source": source_stamps(model, settings.source, self.state_dir)}
+        inputs: dict[str, Any] = {"quantized": quantized} if quantized else {"source": self.source_inputs(model)}
         if settings.chat_template:
             template = Path(settings.chat_template)
             if not template.is_file():
@@ -119,7 +168,8 @@ class Planner:
     def verify_inputs(self, model: str, precision: str) -> dict[str, Any]:
         """Inputs of verify_onnx: the export's manifest and the source it must match."""
         inputs = self.export_inputs(model, precision)
-        return {"manifest": f"onnx/{model}_{precision}/llm/manifest.json", "source": inputs["source"]}
+        inputs.pop("chat_template", None)
+        return {"manifest": f"onnx/{model}_{precision}/llm/manifest.json", **inputs}
 
     def engine_sm(self, model: str, precision: str, sm: str | int | None) -> int:
         """The SM target of an engine target (the model's default when ``sm`` is None), checked."""

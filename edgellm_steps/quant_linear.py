@@ -8,6 +8,9 @@ rounding and clamping) and the graph carries what TensorRT's strongly typed
 build reads:
 
 - fp8: FP8 weights -> DequantizeLinear; activations through an FP8 Q/DQ pair.
+
+Every quantized Linear first multiplies its input by ``_pre_quant_scale`` when
+ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
 - int8_sq: x * smoothing scale -> int8 Q/DQ (per tensor); int8 weights per output channel -> DQ.
 - int4_awq: x * AWQ scale -> ``trt::Int4GroupwiseGemmPlugin`` with packed weights.
 """
@@ -110,7 +113,8 @@ def fp8_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: s
     fp8_zero = g.typed_constant(TensorProto.FLOAT8E4M3FN, [0.0], hint="fp8_zero")
     w_scale_name = g.constant(_fp16(w_amax / FP8_MAX), "weight_scale")
     w_dq = g.op("DequantizeLinear", [w_q, w_scale_name, fp8_zero], f"{path}/weight_quantizer/DequantizeLinear")
-    x_dq = _activation_qdq(g, x, path, _fp16(a_amax / FP8_MAX), fp8_zero)
+    x_s = _pre_quant_scale(g, store, module, x, path)
+    x_dq = _activation_qdq(g, x_s, path, _fp16(a_amax / FP8_MAX), fp8_zero)
     return g.op("MatMul", [x_dq, w_dq], f"{path}/MatMul")
 
 

@@ -23,12 +23,12 @@ from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, Precision
 from edgellm_steps.families import family_for
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.precision import Precision, parse_precision
+from edgellm_steps.quant_info import QUANT_INFO
 from edgellm_steps.quant_recipes import INT4_GROUP_SIZE, calibration_batch_size, modelopt_config
 from edgellm_steps.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
-QUANT_INFO = "edgellm_quantization.json"
 DEFAULT_CALIB_SIZE = 512
 DEFAULT_CALIB_MAX_TOKENS = 512
 
@@ -138,16 +138,10 @@ def quantize_llm(
         },
         "modelopt_version": modelopt.__version__,
     }
-    with staged_directory(Path(output_dir)) as staging:
+    with staged_directory(Path(output_dir), exclusive=True) as staging:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(staging, step="quantize-llm", parameters=info)
     log.info("quantization finished in %.1f s", time.monotonic() - started)
     return Path(output_dir)
-
-
-def read_quant_info(checkpoint: Path) -> dict[str, Any] | None:
-    """The quantize step's record in a checkpoint, or None for an unquantized one."""
-    path = Path(checkpoint) / QUANT_INFO
-    return json.loads(path.read_text()) if path.is_file() else None

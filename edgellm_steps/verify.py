@@ -26,7 +26,7 @@ from edgellm_steps.atomic import write_if_changed
 from edgellm_steps.errors import ParityError
 from edgellm_steps.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.precision import parse_precision
-from edgellm_steps.quantize_llm import read_quant_info
+from edgellm_steps.quant_info import read_quant_info
 from edgellm_steps.reference import LLMRunner
 from edgellm_steps.sources import resolve_source
 

@@ -42,8 +42,8 @@ def all_export_targets():
 
 def step_code(step):
     """A recorded param: editing a step's implementation reruns its jobs."""
-    digest = step_code_digest(step)
-    return lambda wildcards: digest
+    version = f"{step} implementation {step_code_digest(step)}"
+    return lambda wildcards: version
 
 
 def export_llm_inputs(wildcards):
@@ -54,10 +54,29 @@ def verify_onnx_inputs(wildcards):
     return ask(PLAN.verify_inputs, wildcards.model, wildcards.precision)
 
 
-def export_checkpoint(wildcards, input):
+def quantize_llm_inputs(wildcards):
+    return ask(PLAN.quantize_inputs, wildcards.model, wildcards.precision)
+
+
+def quantize_options(wildcards):
+    return ask(PLAN.quantize_options, wildcards.model, wildcards.precision)
+
+
+def quantize_device(wildcards, input):
+    # Not recorded (a function of `input`): where calibration runs does not change what is built.
+    return ask(PLAN.settings, wildcards.model).quantization.device
+
+
+def source_checkpoint(wildcards, input):
     # A function of `input` is not recorded: moving a checkpoint reruns nothing
     # as long as its content (the source stamps) is unchanged.
     return str(ask(PLAN.checkpoint, wildcards.model))
+
+
+def export_checkpoint(wildcards, input):
+    if "quantized" in input.keys():
+        return os.path.dirname(input.quantized)
+    return source_checkpoint(wildcards, input)
 
 
 def export_options(wildcards, input):
