@@ -114,3 +114,18 @@ def test_a_source_is_checked_only_when_a_target_needs_it(workdir):
     write_config(workdir, GOOD + "  broken:\n    source: nowhere\n")
     result = run_snakemake(workdir, "-n", "onnx/tiny_fp16/llm/model.onnx")
     assert "export_llm" in result.output
+
+
+def test_int4_on_dims_that_are_not_multiples_of_128(workdir):
+    line = plan_error(workdir, "onnx/tiny_int4_awq/llm/model.onnx")
+    assert "int4 needs GEMM input dims that are multiples of 128" in line and "has 64" in line
+
+
+def test_precision_this_release_cannot_build(workdir):
+    line = plan_error(workdir, "onnx/tiny_nvfp4/llm/model.onnx")
+    assert "cannot build weights nvfp4 yet" in line
+
+
+def test_fp8_engine_below_sm89(workdir):
+    line = plan_error(workdir, "engines/sm87/tiny_fp8.engine")
+    assert "needs SM >= 89" in line and "sm87 cannot run it" in line

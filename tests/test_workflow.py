@@ -231,3 +231,34 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
     report = json.loads((tmp_path / "reports/tiny_fp16/verify.json").read_text())
     assert report["passed"] and report["cases"]["prefill_decode"]["greedy_match"]
     assert NOTHING in run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json").output
+
+
+QUANT_CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    quantization:
+      calib_size: 4
+      calib_max_tokens: 32
+"""
+QUANT_PRECISIONS = ("fp8", "int8_sq", "int4_awq", "fp8-lmfp8", "fp16-kvfp8", "int4_awq-lmfp8-kvfp8")
+
+
+def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
+    write_config(tmp_path, QUANT_CONFIG)
+    targets = [f"onnx/tiny_{p}/llm/model.onnx" for p in (*QUANT_PRECISIONS, "fp16")]
+    plan = run_snakemake(tmp_path, "-n", *targets)
+    assert planned_jobs(plan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(targets)}
+    run_snakemake(tmp_path, *targets)
+    for precision in QUANT_PRECISIONS:
+        info = json.loads((tmp_path / f"quantized/tiny_{precision}/edgellm_quantization.json").read_text())
+        assert info["precision"] == precision and info["calibration"]["samples"] == 4
+    assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+    write_config(tmp_path, QUANT_CONFIG.replace("calib_size: 4", "calib_size: 6") + "      device: cpu\n")
+    replan = run_snakemake(tmp_path, "-n", *targets)
+    assert planned_jobs(replan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(QUANT_PRECISIONS)}
+    assert "--calib_size 6" in replan.output
+    write_config(tmp_path, QUANT_CONFIG + "      device: cuda\n")
+    assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
