@@ -20,6 +20,7 @@ from edgellm_steps.chat_template import load_processed_chat_template, process_ch
 from edgellm_steps.checkpoint import DecoderDims, TensorStore, decoder_dims
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, SourceError
 from edgellm_steps.families import family_for
+from edgellm_steps.gptq import check_gptq_config, gptq_config
 from edgellm_steps.llm_graph import DecoderGraph
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
@@ -81,9 +82,11 @@ def export_llm(
     if processed_template is None:
         processed_template = process_chat_template(tokenizer)
     store = TensorStore(checkpoint)
-    info = read_quant_info(checkpoint)
-    quant = QuantPlan.from_info(info, spec.lm_head.removesuffix(".weight"))
-    precision = info["precision"] if info else "fp16"
+    gptq = gptq_config(hf_config)
+    if gptq is not None:
+        check_gptq_config(gptq, where=str(checkpoint))
+    quant = QuantPlan.from_info(read_quant_info(checkpoint), spec.lm_head.removesuffix(".weight"), gptq)
+    precision = quant.precision
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
     with staged_directory(output_dir) as staging:

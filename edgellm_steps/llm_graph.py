@@ -21,7 +21,7 @@ from edgellm_steps.families import FamilySpec
 from edgellm_steps.llm_io import llm_inputs, llm_outputs, past_name, present_name
 from edgellm_steps.onnx_builder import GraphBuilder
 from edgellm_steps.plugins.attention import emit_attention_plugin
-from edgellm_steps.quant_linear import QuantPlan, emit_linear
+from edgellm_steps.quant_linear import QuantPlan, emit_linear, gptq_linear
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,14 @@ class DecoderGraph:
 
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
         """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
-        w = weight if weight is not None else self.store.get(f"{module}.weight")
         path = _node_path(module)
-        y = emit_linear(self.g, self.store, module, path, x, w, self.quant.linear_format(module, self.store))
-        del w
+        fmt = self.quant.linear_format(module, self.store)
+        if fmt == "int4_gptq":
+            y = gptq_linear(self.g, self.store, module, path, x, self.quant.gptq)
+        else:
+            w = weight if weight is not None else self.store.get(f"{module}.weight")
+            y = emit_linear(self.g, self.store, module, path, x, w, fmt)
+            del w
         if f"{module}.bias" in self.store:
             bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
             y = self.g.op("Add", [y, bias], f"{path}/Add")

@@ -18,6 +18,7 @@ from edgellm_steps import digests
 from edgellm_steps.config import ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.families import family_for
+from edgellm_steps.gptq import check_gptq_config, gptq_config
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
 from edgellm_steps.quantize_llm import check_int4_dims
 from edgellm_steps.sources import STATE_DIR, read_hf_config, resolve_source, source_stamps
@@ -53,7 +54,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 #: Formats this release can build end to end (the rest parse, then fail here with the reason).
-BUILDABLE = {"weights": ("fp16", "fp8", "int8_sq", "int4_awq"), "lm_head": ("fp8",), "kv_cache": ("fp8",)}
+BUILDABLE = {"weights": ("fp16", "fp8", "int8_sq", "int4_awq", "int4_gptq"), "lm_head": ("fp8",), "kv_cache": ("fp8",)}
 
 
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
@@ -111,6 +112,22 @@ class Planner:
         family_for(read_hf_config(path, model=model), where=f"model '{model}' ({settings.source})")
         return path
 
+    def check_source_fits(self, model: str, precision: Precision) -> None:
+        """int4_gptq needs a GPTQ checkpoint, and a GPTQ checkpoint can only be exported as int4_gptq."""
+        gptq = gptq_config(read_hf_config(self.checkpoint(model), model=model))
+        where = f"model '{model}'"
+        if precision.weights == "int4_gptq":
+            if gptq is None:
+                raise PrecisionError(
+                    f"{where}: int4_gptq exports a checkpoint already quantized with GPTQ "
+                    "(quantization_config.quant_method: gptq), and this one is not; use int4_awq to quantize it"
+                )
+            if precision.lm_head or precision.kv_cache:
+                raise PrecisionError(f"{where}: int4_gptq cannot be combined with -lm/-kv overrides in this release")
+            check_gptq_config(gptq, where=where)
+        elif gptq is not None:
+            raise PrecisionError(f"{where}: the source is a GPTQ checkpoint; request precision int4_gptq")
+
     def source_inputs(self, model: str) -> list[str]:
         """The stamps standing for the model's source checkpoint (checked first)."""
         self.checkpoint(model)
@@ -119,6 +136,7 @@ class Planner:
     def quantized_manifest(self, model: str, precision: str) -> str | None:
         """The quantize step's manifest when ``precision`` needs that step, else None."""
         parsed = self.precision(model, precision)
+        self.check_source_fits(model, parsed)
         if not parsed.needs_quantize_step:
             return None
         if parsed.weights == "int4_awq":

@@ -24,6 +24,7 @@ import torch
 from onnx import TensorProto
 
 from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.gptq import gptq_codes
 from edgellm_steps.onnx_builder import GraphBuilder
 from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
 from edgellm_steps.weight_streams import fp16_transposed_chunks, transposed_chunks
@@ -44,16 +45,27 @@ class QuantPlan:
     lm_head: str | None = None
     kv_cache: str | None = None
     lm_head_module: str = "lm_head"
+    #: The checkpoint's GPTQ quantization config when it is a pre-quantized GPTQ checkpoint.
+    gptq: dict | None = None
 
     @classmethod
-    def from_info(cls, info: dict | None, lm_head_module: str) -> QuantPlan:
+    def from_info(cls, info: dict | None, lm_head_module: str, gptq: dict | None = None) -> QuantPlan:
+        if gptq is not None:
+            return cls("int4_gptq", lm_head_module=lm_head_module, gptq=gptq)
         if info is None:
             return cls(lm_head_module=lm_head_module)
         weights = None if info["weights"] == "fp16" else info["weights"]
         return cls(weights, info.get("lm_head"), info.get("kv_cache"), lm_head_module)
 
+    @property
+    def precision(self) -> str:
+        text = self.weights or "fp16"
+        return text + (f"-lm{self.lm_head}" if self.lm_head else "") + (f"-kv{self.kv_cache}" if self.kv_cache else "")
+
     def linear_format(self, module: str, store: TensorStore) -> str | None:
-        """A Linear is quantized when ModelOpt calibrated its weight quantizer."""
+        """A Linear is quantized when ModelOpt calibrated its weight quantizer (or GPTQ packed it)."""
+        if self.gptq is not None and f"{module}.qweight" in store:
+            return "int4_gptq"
         if f"{module}.weight_quantizer._amax" not in store:
             return None
         return self.lm_head if module == self.lm_head_module else self.weights
@@ -148,6 +160,14 @@ def int4_awq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str,
     scales = g.weight(f"{module}.weight_quantizer.scale", _fp16((amax / INT4_MAX).t().contiguous()))
     x_s = _pre_quant_scale(g, store, module, x, path)
     return emit_int4_gemm(g, f"{path}/Int4GroupwiseGemmPlugin", x_s, packed, scales, n=rows, k=cols)
+
+
+def gptq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, gptq: dict) -> str:
+    q, scales = gptq_codes(store, module, gptq)
+    rows, cols = q.shape
+    packed = g.weight(f"{module}.weight", pack_int4(q))
+    scale_name = g.weight(f"{module}.weight_quantizer.scale", scales)
+    return emit_int4_gemm(g, f"{path}/Int4GroupwiseGemmPlugin", x, packed, scale_name, n=rows, k=cols)
 
 
 def emit_linear(

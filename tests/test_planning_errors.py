@@ -129,3 +129,8 @@ def test_precision_this_release_cannot_build(workdir):
 def test_fp8_engine_below_sm89(workdir):
     line = plan_error(workdir, "engines/sm87/tiny_fp8.engine")
     assert "needs SM >= 89" in line and "sm87 cannot run it" in line
+
+
+def test_int4_gptq_needs_a_gptq_checkpoint(workdir):
+    line = plan_error(workdir, "onnx/tiny_int4_gptq/llm/model.onnx")
+    assert "int4_gptq exports a checkpoint already quantized with GPTQ" in line and "int4_awq" in line

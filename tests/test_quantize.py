@@ -221,3 +221,32 @@ def test_calibration_samples_have_the_requested_shape():
     tokenizer = train_tokenizer("qwen2")
     samples = calibration_samples(tokenizer, ["a short text", "another one"], 5, 16)
     assert len(samples) == 5 and all(len(s) == 16 for s in samples)
+
+
+@pytest.fixture(scope="module")
+def gptq(base, tmp_path_factory):
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    root = tmp_path_factory.mktemp("gptq")
+    write_gptq_checkpoint(base, root / "gptq", root / "dequantized")
+    return root
+
+
+def test_gptq_checkpoint_exports_to_the_int4_plugin(gptq, tmp_path):
+    out = tmp_path / "llm"
+    export_llm(gptq / "gptq", out)
+    model = load_graph(out)
+    assert sum(n.op_type == "Int4GroupwiseGemmPlugin" for n in model.graph.node) == 2 * 7
+    assert json.loads((out / "manifest.json").read_text())["parameters"]["precision"] == "int4_gptq"
+    # The reference is the float model holding the dequantized GPTQ weights: same weights, fp16 criterion.
+    summary = verify_onnx(out, gptq / "dequantized")
+    assert summary["passed"], summary
+
+
+def test_asymmetric_gptq_is_refused(base, tmp_path):
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    write_gptq_checkpoint(base, tmp_path / "gptq", tmp_path / "dequantized", zero=7)
+    with pytest.raises(EdgeLLMError, match="zero points are not all 8"):
+        export_llm(tmp_path / "gptq", tmp_path / "llm")
+    assert not (tmp_path / "llm").exists()

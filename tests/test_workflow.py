@@ -262,3 +262,20 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
     assert "--calib_size 6" in replan.output
     write_config(tmp_path, QUANT_CONFIG + "      device: cuda\n")
     assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+
+def test_gptq_checkpoint_exports_without_a_quantize_job(tmp_path, checkpoint_factory):
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    write_gptq_checkpoint(
+        checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt", tmp_path / "float"
+    )
+    write_config(tmp_path, CONFIG)
+    target = "onnx/tiny_int4_gptq/llm/model.onnx"
+    assert planned_jobs(run_snakemake(tmp_path, "-n", target).output) == {"export_llm": 1}
+    run_snakemake(tmp_path, target)
+    assert json.loads((tmp_path / "onnx/tiny_int4_gptq/llm/manifest.json").read_text())["parameters"]["precision"] == (
+        "int4_gptq"
+    )
+    refused = run_snakemake(tmp_path, "-n", ONNX, check=False)
+    assert refused.returncode != 0 and "request precision int4_gptq" in refused.output
