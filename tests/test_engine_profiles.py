@@ -5,9 +5,9 @@ import pytest
 
 from edgellm_steps.config import BuildLimits
 from edgellm_steps.engine_profiles import llm_profiles
+from edgellm_steps.export_llm import export_llm
 
 DEFAULTS = BuildLimits(max_batch_size=4, max_input_len=1024, max_kv_cache_capacity=4096, max_lora_rank=0)
-from edgellm_steps.export_llm import export_llm
 
 
 @pytest.fixture(scope="module")
