@@ -10,7 +10,7 @@ DEMO_MODEL := demo-qwen2
 SNAKEMAKE := $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(DEMO_DIR)
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test lint clean-demo
+.PHONY: setup demo test lint clean-demo cluster-deps
 
 setup: $(SETUP_STAMP)
 
@@ -31,8 +31,14 @@ demo: setup
 	@ls -l $(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/
 	@echo "Logs: $(CURDIR)/$(DEMO_DIR)/logs/   Config: $(CURDIR)/$(DEMO_DIR)/config.yaml"
 
-test: setup
+test: setup cluster-deps
 	$(BIN)/python -m pytest -q
+
+# The Slurm test starts a throwaway single-node cluster; as root, install its Debian packages.
+cluster-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v slurmctld >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; \
+	fi
 
 lint: setup
 	$(BIN)/ruff check .

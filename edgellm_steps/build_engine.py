@@ -1,37 +1,144 @@
-"""build-engine: an exported ONNX directory -> a TensorRT engine for one SM target.
+"""build-engine: an exported ONNX directory -> the runtime's engine directory for one SM target.
 
-This release plans engine jobs (targets, SM checks, resources) and checks the
-build host; the TensorRT build itself is not implemented yet and says so.
+The engine directory (the ``.engine`` target) holds ``llm.engine``, ``config.json``
+(the export's config plus ``builder_config``) and the export's sidecars. The
+build needs TensorRT, the Edge-LLM plugin library (``EDGELLM_PLUGIN_PATH``) and a
+visible GPU whose SM equals the target: an engine only runs on the SM it was
+built for. Everything that can be checked is checked before the (long) build,
+and the directory appears only when complete.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import json
 import logging
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import onnx
+
+from edgellm_steps.atomic import staged_directory
+from edgellm_steps.config import BuildLimits
+from edgellm_steps.engine_profiles import llm_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
-from edgellm_steps.manifest import MANIFEST_NAME
+from edgellm_steps.manifest import MANIFEST_NAME, write_manifest
 
 log = logging.getLogger(__name__)
 
+ENGINE_FILE = "llm.engine"
+SIDECARS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "processed_chat_template.json",
+    "embedding.safetensors",
+    "vocab_map.safetensors",
+)
+PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
 
-def check_build_host() -> None:
-    """Fail in one line when TensorRT is not importable here."""
+
+def visible_gpu_sm() -> int | None:
+    """SM of the first visible GPU (e.g. 87), or None when there is none."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0 or not lines:
+        return None
+    major, _, minor = lines[0].partition(".")
+    return int(major) * 10 + int(minor or 0)
+
+
+def check_build_host(sm: int, plugin_path: str | None) -> Path:
+    """Fail in one line, before any work, when this host cannot build for ``sm``; returns the plugin path."""
+    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
     if importlib.util.find_spec("tensorrt") is None:
         raise MissingDependencyError(
             "TensorRT is not installed on this host: engines build on a GPU machine with "
             "`pip install 'edgellm-steps[engine]'` (or the envs/engine.yaml conda env)"
         )
+    visible = visible_gpu_sm()
+    if visible is None:
+        raise MissingDependencyError(
+            f"no NVIDIA GPU is visible here (nvidia-smi found none); build sm{sm} on an SM{sm} GPU"
+        )
+    if visible != sm:
+        raise EdgeLLMError(
+            f"the visible GPU is sm{visible} but the target is sm{sm}: an engine runs only on its own SM"
+        )
+    path = plugin_path or os.environ.get(PLUGIN_ENV)
+    if not path or not Path(path).is_file():
+        raise MissingDependencyError(
+            f"the Edge-LLM plugin library is not found ({PLUGIN_ENV}={path!r}); "
+            f"set {PLUGIN_ENV} to libNvInfer_edgellm_plugin.so"
+        )
+    return Path(path)
 
 
-def build_engine(onnx_dir: str | Path, engine: str | Path, *, sm: int, **limits: int) -> Path:
-    """Build the engine of ``onnx_dir`` for SM ``sm`` into ``engine``."""
-    onnx_dir = Path(onnx_dir)
+def _serialize(onnx_path: Path, profiles: list[dict], plugin: Path) -> bytes:
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    ctypes.CDLL(str(plugin), mode=ctypes.RTLD_GLOBAL)
+    trt.init_libnvinfer_plugins(logger, "")
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgeLLMError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise EdgeLLMError(f"TensorRT failed to build {onnx_path}; see the TensorRT messages above")
+    return bytes(engine)
+
+
+def build_engine(
+    onnx_dir: str | Path,
+    engine_dir: str | Path,
+    *,
+    sm: int,
+    limits: BuildLimits,
+    plugin_path: str | None = None,
+) -> Path:
+    """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``."""
+    onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     if not (onnx_dir / MANIFEST_NAME).is_file():
         raise EdgeLLMError(f"{onnx_dir} is not a finished export (no {MANIFEST_NAME}); run the export first")
-    check_build_host()
-    raise EdgeLLMError(
-        f"building TensorRT engines is not implemented in this release (sm{sm}, limits {limits}); "
-        f"the ONNX export in {onnx_dir} is ready for Edge-LLM's own engine builder"
-    )
+    plugin = check_build_host(sm, plugin_path)
+    export_config = json.loads((onnx_dir / "config.json").read_text())
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    profiles = llm_profiles(graph, limits)
+    with staged_directory(engine_dir, exclusive=True) as staging:
+        (staging / ENGINE_FILE).write_bytes(_serialize(onnx_dir / "model.onnx", profiles, plugin))
+        builder_config = {
+            "max_input_len": limits.max_input_len,
+            "max_batch_size": limits.max_batch_size,
+            "max_kv_cache_capacity": limits.max_kv_cache_capacity,
+            "max_lora_rank": limits.max_lora_rank,
+            "eagle_base": export_config.get("model_type") == "eagle3_base",
+            "eagle_draft": export_config.get("model_type") == "eagle3_draft",
+        }
+        config = {**export_config, "builder_config": builder_config}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in SIDECARS:
+            if (onnx_dir / name).is_file():
+                shutil.copyfile(onnx_dir / name, staging / name)
+        write_manifest(staging, step="build-engine", parameters={"sm": sm, **builder_config})
+    return engine_dir

@@ -8,6 +8,7 @@ the workflow turns that into one line and stops before any job runs.
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "atomic.py",
     ),
     "quantize-llm": ("quantize_llm.py", "quant_recipes.py", "calibration.py", "quant_info.py", "atomic.py"),
-    "build-engine": ("build_engine.py", "llm_io.py"),
+    "build-engine": ("build_engine.py", "engine_profiles.py", "manifest.py", "atomic.py"),
     "verify-onnx": ("verify.py", "reference.py", "parity.py", "plugins/attention.py", "plugins/int4_gemm.py"),
 }
 
@@ -198,6 +199,26 @@ class Planner:
 
     def build_limits(self, model: str) -> dict[str, int]:
         return dict(vars(self.settings(model).build))
+
+    def _section(self, name: str) -> dict[str, Any]:
+        return self.config.get(name) or {}
+
+    def engine_plugin_path(self) -> str | None:
+        return self._section("engine").get("plugin_path")
+
+    def engine_mem_mb(self, model: str) -> int:
+        """Host RAM of an engine job: a multiple of the source checkpoint's weight bytes, at least 4 GB."""
+        checkpoint = self.checkpoint(model)
+        weight_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        factor = float(self._section("engine").get("host_memory_factor", 4))
+        return max(4096, math.ceil(factor * weight_bytes / 2**20))
+
+    def engine_constraint(self, sm: int | str) -> str:
+        return str(self._section("cluster").get("constraints", {}).get(str(sm), f"sm{sm}"))
+
+    def engine_partition(self, sm: int | str) -> str:
+        """The mapped partition, or "" (the executor's default partition)."""
+        return str(self._section("cluster").get("partitions", {}).get(str(sm), ""))
 
     def all_engines(self) -> list[str]:
         targets = []

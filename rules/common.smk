@@ -98,6 +98,24 @@ def engine_limits(wildcards):
     return " ".join(f"--{key} {value}" for key, value in sorted(limits.items()))
 
 
+def engine_plugin(wildcards, input):
+    # Not recorded: where the plugin library lives on a build host is not part of the engine.
+    path = PLAN.engine_plugin_path()
+    return f"--plugin_path {path}" if path else ""
+
+
+def engine_mem_mb(wildcards):
+    return ask(PLAN.engine_mem_mb, wildcards.model)
+
+
+def engine_constraint(wildcards):
+    return PLAN.engine_constraint(wildcards.sm)
+
+
+def engine_partition(wildcards):
+    return PLAN.engine_partition(wildcards.sm)
+
+
 def default_sm_engine(wildcards):
     sm = engine_sm(wildcards)
     return f"engines/sm{sm}/{wildcards.model}_{wildcards.precision}.engine"

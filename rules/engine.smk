@@ -1,4 +1,5 @@
 # TensorRT engines: one per (model, precision, SM target), built on a GPU of that SM.
+# The `.engine` target is the runtime's engine directory (llm.engine, config.json, sidecars).
 
 
 localrules:
@@ -9,7 +10,7 @@ rule build_engine:
     input:
         manifest="onnx/{model}_{precision}/llm/manifest.json",
     output:
-        engine="engines/sm{sm}/{model}_{precision}.engine",
+        engine=directory("engines/sm{sm}/{model}_{precision}.engine"),
     log:
         "logs/build_engine/sm{sm}/{model}_{precision}.log",
     benchmark:
@@ -18,20 +19,24 @@ rule build_engine:
         "../envs/engine.yaml"
     resources:
         gpu=1,
+        mem_mb=engine_mem_mb,
+        constraint=engine_constraint,
+        slurm_partition=engine_partition,
     params:
         code=step_code("build-engine"),
         sm=engine_sm,
         limits=engine_limits,
+        plugin=engine_plugin,
     shell:
-        "edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine {output.engine:q}"
-        " --sm {params.sm} {params.limits} > {log:q} 2>&1"
+        "edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
+        " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
 
 
 rule link_default_engine:
     input:
         engine=default_sm_engine,
     output:
-        link="engines/{model}_{precision}.engine",
+        link=directory("engines/{model}_{precision}.engine"),
     log:
         "logs/link_default_engine/{model}_{precision}.log",
     conda:

@@ -1,0 +1,66 @@
+"""The workflow on a real (single-node, loopback) Slurm cluster through profiles/slurm."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import REPO, copy_checkpoint, run_snakemake, write_config
+from .slurm_cluster import ClusterUnavailable, local_slurm
+
+pytestmark = pytest.mark.workflow
+
+#: Fast polling for a loopback cluster; the profile keeps cluster-friendly defaults.
+FAST = (
+    "--slurm-init-seconds-before-status-checks",
+    "1",
+    "--seconds-between-status-checks",
+    "1",
+    "--slurm-keep-successful-logs",
+    "--slurm-no-account",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    try:
+        with local_slurm() as host:
+            yield host
+    except ClusterUnavailable as reason:
+        pytest.skip(str(reason))
+
+
+@pytest.fixture
+def workdir(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
+    return tmp_path
+
+
+def slurm(workdir, *args, check=True):
+    return run_snakemake(workdir, "--profile", str(REPO / "profiles/slurm"), *FAST, *args, check=check)
+
+
+def test_cpu_stages_run_as_slurm_jobs(cluster, workdir):
+    result = slurm(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "has been submitted with SLURM jobid" in result.output
+    assert (workdir / "onnx/tiny_fp16/llm/manifest.json").is_file()
+    logs = list((workdir / ".snakemake/slurm_logs/rule_export_llm").rglob("*.log"))
+    assert logs, "no Slurm job log for export_llm"
+    assert "Nothing to be done" in run_snakemake(workdir, "-n", "onnx/tiny_fp16/llm/model.onnx").output
+
+
+def test_engine_jobs_get_a_gpu_and_their_sm_constraint(cluster, workdir):
+    plan = run_snakemake(workdir, "-n", "engines/sm87/tiny_fp16.engine")
+    assert "gpu=1" in plan.output and "constraint=sm87" in plan.output
+    result = slurm(workdir, "engines/sm87/tiny_fp16.engine", check=False)
+    assert result.returncode != 0  # no TensorRT on this host: the build fails in its one line
+    log = (workdir / "logs/build_engine/sm87/tiny_fp16.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=0" in log, log  # Slurm allocated the (fake) GPU
+    assert log.strip().splitlines()[-1].startswith("error: TensorRT is not installed")
+    assert not (workdir / "engines/sm87/tiny_fp16.engine").exists()
+
+
+def test_a_target_no_node_can_run_is_refused(cluster, workdir):
+    result = slurm(workdir, "engines/sm110/tiny_fp16.engine", check=False)
+    assert result.returncode != 0
+    assert "Invalid feature specification" in result.output or "sm110" in result.output
