@@ -14,12 +14,14 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from edgellm_steps.errors import SourceError
-from edgellm_steps.safetensors_io import SafetensorsFile
+
+if TYPE_CHECKING:  # planning imports this module and must not pay for importing torch
+    import torch
+
+    from edgellm_steps.safetensors_io import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,8 @@ class TensorStore:
     """Named tensors of a checkpoint's safetensors shards, read on demand."""
 
     def __init__(self, checkpoint: Path) -> None:
+        from edgellm_steps.safetensors_io import SafetensorsFile
+
         self.checkpoint = Path(checkpoint)
         index = self.checkpoint / "model.safetensors.index.json"
         if index.is_file():

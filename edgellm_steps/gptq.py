@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
@@ -61,6 +60,8 @@ def _unpack_cols(words: np.ndarray) -> np.ndarray:
 
 def gptq_codes(store: TensorStore, module: str, quant: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(signed int4 values [N, K] as int8, float16 scales [K/group, N]) of one GPTQ Linear."""
+    import torch
+
     codes = _unpack_rows(store.get(f"{module}.qweight").numpy())  # [K, N]
     scales = store.get(f"{module}.scales").to(torch.float16).numpy()
     offset = 0 if quant.get("checkpoint_format") == "gptq_v2" else 1

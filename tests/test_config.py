@@ -45,3 +45,13 @@ def test_unknown_model_names_the_known_ones():
 def test_config_yaml_in_the_workdir_is_found(tmp_path):
     (tmp_path / "config.yaml").write_text("models:\n  m:\n    source: x\n")
     assert load_workflow_config({}, tmp_path)["models"] == {"m": {"source": "x"}}
+
+
+def test_planning_does_not_import_torch():
+    """Every dry-run imports the planning code; torch alone would add over a second to each."""
+    import subprocess
+    import sys
+
+    code = "import sys, edgellm_steps.planning; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
