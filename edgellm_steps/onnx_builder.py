@@ -45,9 +45,6 @@ class ExternalDataWriter:
         self._offset = 0
         self.bytes_written = 0
 
-    def add(self, name: str, array: np.ndarray) -> TensorProto:
-        return self.add_chunks(name, array.dtype, array.shape, [array])
-
     def add_chunks(
         self,
         name: str,
