@@ -130,9 +130,6 @@ class TensorStore:
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
 
-    def names(self) -> list[str]:
-        return list(self._shard_of)
-
     def _shard(self, name: str) -> SafetensorsFile:
         shard = self._shard_of.get(name)
         if shard is None:

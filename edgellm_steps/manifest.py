@@ -27,7 +27,3 @@ def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) ->
     path = Path(directory) / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / MANIFEST_NAME).read_text())

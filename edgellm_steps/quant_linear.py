@@ -33,9 +33,6 @@ FP8_MAX = 448.0
 INT8_MAX = 127.0
 INT4_MAX = 7.0
 
-#: Formats a Linear can be exported in; None is plain float16.
-LINEAR_FORMATS = (None, "fp8", "int8_sq", "int4_awq")
-
 
 @dataclass(frozen=True)
 class QuantPlan:
