@@ -28,7 +28,9 @@ rule build_engine:
         limits=engine_limits,
         plugin=engine_plugin,
     shell:
-        "edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
+        # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
+        # (profiles/local runs one GPU job at a time).
+        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
         " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
 
 
