@@ -8,11 +8,12 @@ rounding and clamping) and the graph carries what TensorRT's strongly typed
 build reads:
 
 - fp8: FP8 weights -> DequantizeLinear; activations through an FP8 Q/DQ pair.
+- int8_sq: x * smoothing scale -> int8 Q/DQ (per tensor); int8 weights per output channel -> DQ.
+- int4_awq: x * AWQ scale -> ``trt::Int4GroupwiseGemmPlugin`` with packed weights.
+- int4_gptq: a GPTQ checkpoint's codes and scales, repacked for the same plugin.
 
 Every quantized Linear first multiplies its input by ``_pre_quant_scale`` when
 ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
-- int8_sq: x * smoothing scale -> int8 Q/DQ (per tensor); int8 weights per output channel -> DQ.
-- int4_awq: x * AWQ scale -> ``trt::Int4GroupwiseGemmPlugin`` with packed weights.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.gptq import gptq_codes
 from edgellm_steps.onnx_builder import GraphBuilder
 from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
+from edgellm_steps.precision import Precision
 from edgellm_steps.weight_streams import fp16_transposed_chunks, transposed_chunks
 
 FP8_MAX = 448.0
@@ -56,8 +58,7 @@ class QuantPlan:
 
     @property
     def precision(self) -> str:
-        text = self.weights or "fp16"
-        return text + (f"-lm{self.lm_head}" if self.lm_head else "") + (f"-kv{self.kv_cache}" if self.kv_cache else "")
+        return str(Precision(self.weights or "fp16", self.lm_head, self.kv_cache))
 
     def linear_format(self, module: str, store: TensorStore) -> str | None:
         """A Linear is quantized when ModelOpt calibrated its weight quantizer (or GPTQ packed it)."""
