@@ -61,7 +61,10 @@ def visible_gpu_sm() -> int | None:
 
 def check_build_host(sm: int, plugin_path: str | None) -> Path:
     """Fail in one line, before any work, when this host cannot build for ``sm``; returns the plugin path."""
-    log.info("CUDA_VISIBLE_DEVICES=%s", os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
+    allocation = {
+        k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "SLURM_GPUS_ON_NODE") if k in os.environ
+    }
+    log.info("GPU allocation: %s", " ".join(f"{k}={v}" for k, v in allocation.items()) or "none")
     if importlib.util.find_spec("tensorrt") is None:
         raise MissingDependencyError(
             "TensorRT is not installed on this host: engines build on a GPU machine with "

@@ -55,7 +55,7 @@ def test_engine_jobs_get_a_gpu_and_their_sm_constraint(cluster, workdir):
     result = slurm(workdir, "engines/sm87/tiny_fp16.engine", check=False)
     assert result.returncode != 0  # no TensorRT on this host: the build fails in its one line
     log = (workdir / "logs/build_engine/sm87/tiny_fp16.log").read_text()
-    assert "CUDA_VISIBLE_DEVICES=0" in log, log  # Slurm allocated the (fake) GPU
+    assert "SLURM_GPUS_ON_NODE=1" in log, log  # Slurm allocated the (fake) GPU to the job
     assert log.strip().splitlines()[-1].startswith("error: TensorRT is not installed")
     assert not (workdir / "engines/sm87/tiny_fp16.engine").exists()
 
