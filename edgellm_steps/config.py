@@ -36,6 +36,7 @@ class QuantizationSettings:
 
     calib_size: int
     calib_max_tokens: int
+    batch_size: int | None
     dataset: str | None
     device: str
 

@@ -166,6 +166,8 @@ class Planner:
         if parsed.kv_cache:
             flags.append(f"--kv_cache_quantization {parsed.kv_cache}")
         flags.append(f"--calib_size {quant.calib_size} --calib_max_tokens {quant.calib_max_tokens}")
+        if quant.batch_size:
+            flags.append(f"--calib_batch_size {quant.batch_size}")
         if quant.dataset:
             flags.append(f"--dataset_dir {shlex.quote(quant.dataset)}")
         return " ".join(flags)

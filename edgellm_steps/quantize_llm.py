@@ -83,6 +83,7 @@ def quantize_llm(
     device: str = "cpu",
     calib_size: int = DEFAULT_CALIB_SIZE,
     calib_max_tokens: int = DEFAULT_CALIB_MAX_TOKENS,
+    calib_batch_size: int | None = None,
 ) -> Path:
     """Quantize ``model_dir`` with ModelOpt, calibrating on ``dataset_dir`` (built-in corpus when None)."""
     started = time.monotonic()
@@ -104,7 +105,7 @@ def quantize_llm(
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     texts = load_corpus(dataset_dir)
     samples = calibration_samples(tokenizer, texts, calib_size, calib_max_tokens)
-    batch = calibration_batch_size(precision)
+    batch = calib_batch_size or calibration_batch_size(precision)
     batches = [torch.tensor(samples[i : i + batch]) for i in range(0, len(samples), batch)]
     log.info(
         "calibrating %s on %d samples x %d tokens (batch %d) on %s",

@@ -55,3 +55,15 @@ def test_planning_does_not_import_torch():
     code = "import sys, edgellm_steps.planning; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_quantize_flags_follow_the_config():
+    from edgellm_steps.planning import Planner
+
+    config = {"models": {"m": {"source": "x", "quantization": {"calib_size": 64, "batch_size": 4}}}}
+    validate_config(config)
+    flags = Planner(config).quantize_options("m", "int4_awq-lmfp8-kvfp8")
+    assert flags == (
+        "--quantization int4_awq --lm_head_quantization fp8 --kv_cache_quantization fp8"
+        " --calib_size 64 --calib_max_tokens 512 --calib_batch_size 4"
+    )

@@ -187,6 +187,12 @@ def test_quantized_checkpoint_records_its_precision(quantized):
     assert json.loads((out / "manifest.json").read_text())["parameters"]["precision"] == "int4_awq-lmfp8"
 
 
+def test_calibration_batch_size_can_be_lowered(base, tmp_path):
+    quantize_llm(base, tmp_path / "q", quantization="int4_awq", calib_batch_size=2, **CALIB)
+    info = json.loads((tmp_path / "q" / "edgellm_quantization.json").read_text())
+    assert info["calibration"]["batch_size"] == 2
+
+
 def test_int4_refuses_dims_that_are_not_multiples_of_128(checkpoint_factory, tmp_path):
     with pytest.raises(PrecisionError, match=r"multiples of 128.*has 64"):
         quantize_llm(checkpoint_factory("qwen2"), tmp_path / "q", quantization="int4_awq", **CALIB)

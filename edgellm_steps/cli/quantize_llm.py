@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calib_max_tokens", type=int, default=DEFAULT_CALIB_MAX_TOKENS, help="tokens per calibration sample"
     )
+    parser.add_argument(
+        "--calib_batch_size", type=int, default=None, help="calibration batch (default: 1, or 16 for int4_awq)"
+    )
     args = parser.parse_args(argv)
     return run_cli(
         lambda: quantize_llm(
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             calib_size=args.calib_size,
             calib_max_tokens=args.calib_max_tokens,
+            calib_batch_size=args.calib_batch_size,
         )
     )
 
