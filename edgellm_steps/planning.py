@@ -17,12 +17,13 @@ import yaml
 
 from edgellm_steps import digests
 from edgellm_steps.config import ModelSettings, load_schema, model_settings, validate_config
+from edgellm_steps.digests import DigestCache
 from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.families import family_for
 from edgellm_steps.gptq import check_gptq_config, gptq_config
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
 from edgellm_steps.quantize_llm import check_int4_dims
-from edgellm_steps.sources import STATE_DIR, read_hf_config, resolve_source, source_stamps
+from edgellm_steps.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class Planner:
         self.config = config
         self.state_dir = state_dir
         self._schema = load_schema()
+        # One DAG build asks about the same model for every job; resolve and read its source once.
+        self._sources: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._stamps: dict[str, list[str]] = {}
+        self._digests: DigestCache | None = None
 
     def settings(self, model: str) -> ModelSettings:
         return model_settings(self.config, model, self._schema)
@@ -106,16 +111,23 @@ class Planner:
                 )
         return precision
 
+    def _source(self, model: str) -> tuple[Path, dict[str, Any]]:
+        """The model's local checkpoint and its config.json, checked to hold a supported architecture."""
+        if model not in self._sources:
+            settings = self.settings(model)
+            path = resolve_source(settings.source, model=model)
+            hf_config = read_hf_config(path, model=model)
+            family_for(hf_config, where=f"model '{model}' ({settings.source})")
+            self._sources[model] = (path, hf_config)
+        return self._sources[model]
+
     def checkpoint(self, model: str) -> Path:
         """The model's local checkpoint, checked to hold a supported architecture."""
-        settings = self.settings(model)
-        path = resolve_source(settings.source, model=model)
-        family_for(read_hf_config(path, model=model), where=f"model '{model}' ({settings.source})")
-        return path
+        return self._source(model)[0]
 
     def check_source_fits(self, model: str, precision: Precision) -> None:
         """int4_gptq needs a GPTQ checkpoint, and a GPTQ checkpoint can only be exported as int4_gptq."""
-        gptq = gptq_config(read_hf_config(self.checkpoint(model), model=model))
+        gptq = gptq_config(self._source(model)[1])
         where = f"model '{model}'"
         if precision.weights == "int4_gptq":
             if gptq is None:
@@ -131,8 +143,12 @@ class Planner:
 
     def source_inputs(self, model: str) -> list[str]:
         """The stamps standing for the model's source checkpoint (checked first)."""
-        self.checkpoint(model)
-        return source_stamps(model, self.settings(model).source, self.state_dir)
+        if model not in self._stamps:
+            if self._digests is None:
+                self._digests = DigestCache(self.state_dir / "digest-cache.json")
+            stamps = refresh_stamps(self.checkpoint(model), self.state_dir / "sources" / model, self._digests)
+            self._stamps[model] = [str(p) for p in stamps]
+        return self._stamps[model]
 
     def quantized_manifest(self, model: str, precision: str) -> str | None:
         """The quantize step's manifest when ``precision`` needs that step, else None."""
@@ -141,7 +157,7 @@ class Planner:
         if not parsed.needs_quantize_step:
             return None
         if parsed.weights == "int4_awq":
-            check_int4_dims(read_hf_config(self.checkpoint(model), model=model), where=f"model '{model}'")
+            check_int4_dims(self._source(model)[1], where=f"model '{model}'")
         return f"quantized/{model}_{precision}/manifest.json"
 
     def quantize_inputs(self, model: str, precision: str) -> dict[str, Any]:

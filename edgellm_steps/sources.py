@@ -105,10 +105,3 @@ def refresh_stamps(checkpoint: Path, stamp_dir: Path, cache: DigestCache) -> lis
                 old.unlink()
     cache.save()
     return stamps
-
-
-def source_stamps(model: str, source: str, state_dir: Path = STATE_DIR) -> list[str]:
-    """Stamps standing for model ``model``'s checkpoint, for use as rule inputs."""
-    checkpoint = resolve_source(source, model=model)
-    cache = DigestCache(state_dir / "digest-cache.json")
-    return [str(p) for p in refresh_stamps(checkpoint, state_dir / "sources" / model, cache)]
