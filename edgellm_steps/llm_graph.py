@@ -183,4 +183,4 @@ class DecoderGraph:
         g.node("Cast", [logits16], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
         for spec in llm_outputs(d, kv_type):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
-        return g.to_model("edgellm_llm")
+        return g.to_model("edgellm_llm", opset=self.quant.opset)

@@ -20,6 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 log = logging.getLogger(__name__)
 
 OPSET = 19
+#: FP4 tensors (NVFP4) first exist in opset 23; graphs that carry them import it instead.
+FP4_OPSET = 23
+#: The lowest IR version that knows each opset's types (FLOAT4E2M1 needs IR 11).
+IR_VERSION = {OPSET: 9, FP4_OPSET: 11}
 PLUGIN_DOMAIN = "trt"
 EXTERNAL_DATA_FILE = "onnx_model.data"
 _SMALL_ALIGN = 64
@@ -53,11 +57,13 @@ class ExternalDataWriter:
         chunks: Iterable[np.ndarray],
         *,
         elem_type: int | None = None,
+        dims: tuple[int, ...] | None = None,
     ) -> TensorProto:
         """Write a tensor whose row-major data arrives in chunks; only one chunk is alive at a time.
 
         ``elem_type`` overrides the ONNX type for data handed over as raw bytes of
-        another NumPy dtype (float8 weights arrive as uint8).
+        another NumPy dtype (float8 weights arrive as uint8); ``dims`` overrides the
+        ONNX shape where it differs from the bytes' ``shape`` (two FP4 codes per byte).
         """
         dtype = np.dtype(dtype)
         nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -73,7 +79,7 @@ class ExternalDataWriter:
             written += data.nbytes
         if written != nbytes:
             raise ValueError(f"tensor {name!r}: got {written} bytes for shape {tuple(shape)}, expected {nbytes}")
-        tensor = TensorProto(name=name, data_type=elem_type or NP_TO_ONNX[dtype], dims=list(shape))
+        tensor = TensorProto(name=name, data_type=elem_type or NP_TO_ONNX[dtype], dims=list(dims or shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", self._offset), ("length", nbytes)):
             entry = tensor.external_data.add()
@@ -126,9 +132,10 @@ class GraphBuilder:
         chunks: Iterable[np.ndarray],
         *,
         elem_type: int | None = None,
+        dims: tuple[int, ...] | None = None,
     ) -> str:
         """A weight streamed to the external-data file chunk by chunk."""
-        self.initializers.append(self.writer.add_chunks(name, dtype, shape, chunks, elem_type=elem_type))
+        self.initializers.append(self.writer.add_chunks(name, dtype, shape, chunks, elem_type=elem_type, dims=dims))
         self._names.add(name)
         return name
 
@@ -172,9 +179,11 @@ class GraphBuilder:
         """A single-output node; returns its output name."""
         return self.node(op_type, inputs, name, **attrs)[0]
 
-    def to_model(self, graph_name: str, *, custom_domains: tuple[str, ...] = (PLUGIN_DOMAIN,)) -> onnx.ModelProto:
+    def to_model(
+        self, graph_name: str, *, opset: int = OPSET, custom_domains: tuple[str, ...] = (PLUGIN_DOMAIN,)
+    ) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in custom_domains]
+        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in custom_domains]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgellm_steps")
-        model.ir_version = 9
+        model.ir_version = IR_VERSION[opset]
         return model

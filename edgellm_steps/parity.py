@@ -35,6 +35,12 @@ TOLERANCES = {
     "int4_awq": Tolerance(),
     "int8_sq": Tolerance(REL_TOL, MIN_COSINE, False, "int8 activation quantization noise (floor 1.7%)"),
     "fp8": Tolerance(8e-2, 0.995, False, "fp8 activation and KV quantization noise (floor 3.5-5.6%)"),
+    # One E2M1 step is 25-33% of a value, so activations near a rounding boundary move a lot. Over six
+    # random tiny models (nvfp4 and nvfp4-lmnvfp4-kvfp8), the fake-quantized model run in float16 differs
+    # from itself in float32 by 7.9-22.9% (cosine >= 0.973), in bfloat16 by 13-26% (cosine >= 0.961); the
+    # exported graph's own error tracks the float16 figure (9.3-23.7%). Layer tests hold its weights
+    # (exact codes) and GEMMs (0.5% of max |y|) to tight bounds.
+    "nvfp4": Tolerance(0.30, 0.96, False, "nvfp4 activation quantization noise (floor 8-26%)"),
 }
 
 

@@ -22,7 +22,7 @@ from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.families import family_for
 from edgellm_steps.gptq import check_gptq_config, gptq_config
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
-from edgellm_steps.quantize_llm import check_int4_dims
+from edgellm_steps.quantize_llm import check_block_dims
 from edgellm_steps.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,24 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "quant_info.py",
         "weight_streams.py",
         "plugins/int4_gemm.py",
+        "plugins/fp4_quantize.py",
+        "nvfp4.py",
         "chat_template.py",
         "manifest.py",
         "atomic.py",
     ),
-    "quantize-llm": ("quantize_llm.py", "quant_recipes.py", "calibration.py", "quant_info.py", "atomic.py"),
+    "quantize-llm": ("quantize_llm.py", "quant_recipes.py", "calibration.py", "quant_info.py", "nvfp4.py", "atomic.py"),
     "build-engine": ("build_engine.py", "engine_profiles.py", "manifest.py", "atomic.py"),
-    "verify-onnx": ("verify.py", "reference.py", "parity.py", "plugins/attention.py", "plugins/int4_gemm.py"),
+    "verify-onnx": (
+        "verify.py",
+        "reference.py",
+        "parity.py",
+        "plugins/attention.py",
+        "plugins/int4_gemm.py",
+        "plugins/fp4_quantize.py",
+        "nvfp4.py",
+    ),
 }
-
-#: Formats this release can build end to end (the rest parse, then fail here with the reason).
-BUILDABLE = {"weights": ("fp16", "fp8", "int8_sq", "int4_awq", "int4_gptq"), "lm_head": ("fp8",), "kv_cache": ("fp8",)}
 
 
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
@@ -101,14 +108,6 @@ class Planner:
     def precision(self, model: str, text: str) -> Precision:
         self.settings(model)
         precision = parse_precision(text)
-        for part in ("weights", "lm_head", "kv_cache"):
-            value = getattr(precision, part)
-            if value is not None and value not in BUILDABLE[part]:
-                raise PrecisionError(
-                    f"precision '{precision}' is valid but this release cannot build {part} {value} yet; "
-                    f"buildable: weights {'|'.join(BUILDABLE['weights'])}, -lm{'|-lm'.join(BUILDABLE['lm_head'])}, "
-                    f"-kv{'|-kv'.join(BUILDABLE['kv_cache'])}"
-                )
         return precision
 
     def _source(self, model: str) -> tuple[Path, dict[str, Any]]:
@@ -156,8 +155,7 @@ class Planner:
         self.check_source_fits(model, parsed)
         if not parsed.needs_quantize_step:
             return None
-        if parsed.weights == "int4_awq":
-            check_int4_dims(self._source(model)[1], where=f"model '{model}'")
+        check_block_dims(self._source(model)[1], parsed, where=f"model '{model}'")
         return f"quantized/{model}_{precision}/manifest.json"
 
     def quantize_inputs(self, model: str, precision: str) -> dict[str, Any]:

@@ -11,6 +11,9 @@ build reads:
 - int8_sq: x * smoothing scale -> int8 Q/DQ (per tensor); int8 weights per output channel -> DQ.
 - int4_awq: x * AWQ scale -> ``trt::Int4GroupwiseGemmPlugin`` with packed weights.
 - int4_gptq: a GPTQ checkpoint's codes and scales, repacked for the same plugin.
+- nvfp4: FP4 weights [N, K] with E4M3 block scales -> two DequantizeLinear (scales, then
+  blocks of 16) -> Transpose; activations through ``trt::TRT_FP4DynamicQuantize`` and the
+  same two dequantizes. Both paths dequantize to float32 and cast to float16 for the MatMul.
 
 Every quantized Linear first multiplies its input by ``_pre_quant_scale`` when
 ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
@@ -24,12 +27,14 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
+from edgellm_steps import nvfp4
 from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.gptq import gptq_codes
-from edgellm_steps.onnx_builder import GraphBuilder
+from edgellm_steps.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
+from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
 from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
 from edgellm_steps.precision import Precision
-from edgellm_steps.weight_streams import fp16_transposed_chunks, transposed_chunks
+from edgellm_steps.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
 
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -55,6 +60,11 @@ class QuantPlan:
             return cls(lm_head_module=lm_head_module)
         weights = None if info["weights"] == "fp16" else info["weights"]
         return cls(weights, info.get("lm_head"), info.get("kv_cache"), lm_head_module)
+
+    @property
+    def opset(self) -> int:
+        """FP4 tensors need opset 23; every other graph keeps the contract's opset 19."""
+        return FP4_OPSET if "nvfp4" in (self.weights, self.lm_head) else OPSET
 
     @property
     def precision(self) -> str:
@@ -160,6 +170,59 @@ def int4_awq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str,
     return emit_int4_gemm(g, f"{path}/Int4GroupwiseGemmPlugin", x_s, packed, scales, n=rows, k=cols)
 
 
+def _nvfp4_dequantize(g: GraphBuilder, codes: str, block_scales: str, global_scale: np.float32, path: str) -> str:
+    """Two-level dequantize: E4M3 block scales x global scale, then FP4 codes x block scale (float32)."""
+    scale = g.op(
+        "DequantizeLinear", [block_scales, g.constant(global_scale, "fp4_global_scale")], f"{path}/DequantizeLinear"
+    )
+    return g.op("DequantizeLinear", [codes, scale], f"{path}/DequantizeLinear_1", axis=-1, block_size=nvfp4.BLOCK_SIZE)
+
+
+def _nvfp4_weight_chunks(weight: torch.Tensor, amax: float, scales: list[np.ndarray]):
+    """Packed FP4 codes of ``weight`` [N, K], a slice of rows at a time; block scales go to ``scales``."""
+    step = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    gs = nvfp4.global_scale(amax)
+    for first in range(0, weight.shape[0], step):
+        blocks = nvfp4.quantize_scaled(weight[first : first + step].to(torch.float32).numpy(), gs)
+        scales.append(blocks.block_scales.view(np.uint8))
+        yield nvfp4.pack_codes(blocks.codes)
+
+
+def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
+    rows, cols = weight.shape
+    if cols % nvfp4.BLOCK_SIZE:
+        raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {nvfp4.BLOCK_SIZE}, got {cols}")
+    w_amax = float(store.get(f"{module}.weight_quantizer._amax").float().max())
+    a_amax = float(store.get(f"{module}.input_quantizer._amax").float().max())
+    scales: list[np.ndarray] = []
+    codes = g.weight_chunks(
+        f"{module}.weight",
+        np.uint8,
+        (rows, cols // 2),
+        _nvfp4_weight_chunks(weight, w_amax, scales),
+        elem_type=TensorProto.FLOAT4E2M1,
+        dims=(rows, cols),
+    )
+    block_scales = g.weight_chunks(
+        f"{module}.weight_quantizer.block_scale",
+        np.uint8,
+        (rows, cols // nvfp4.BLOCK_SIZE),
+        scales,
+        elem_type=TensorProto.FLOAT8E4M3FN,
+    )
+    w = _nvfp4_dequantize(g, codes, block_scales, nvfp4.global_scale(w_amax), f"{path}/weight_quantizer")
+    w = g.op("Transpose", [w], f"{path}/weight_quantizer/Transpose", perm=[1, 0])
+    w = g.op("Cast", [w], f"{path}/weight_quantizer/Cast", to=TensorProto.FLOAT16)
+    x_s = _pre_quant_scale(g, store, module, x, path)
+    a_scale = nvfp4.global_scale(a_amax)
+    a_codes, a_scales = emit_fp4_dynamic_quantize(
+        g, f"{path}/input_quantizer/TRT_FP4DynamicQuantize", x_s, g.constant(a_scale, "fp4_global_scale")
+    )
+    x_dq = _nvfp4_dequantize(g, a_codes, a_scales, a_scale, f"{path}/input_quantizer")
+    x_dq = g.op("Cast", [x_dq], f"{path}/input_quantizer/Cast", to=TensorProto.FLOAT16)
+    return g.op("MatMul", [x_dq, w], f"{path}/MatMul")
+
+
 def gptq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, gptq: dict) -> str:
     q, scales = gptq_codes(store, module, gptq)
     rows, cols = q.shape
@@ -178,6 +241,8 @@ def emit_linear(
         return int8_sq_linear(g, store, module, path, x, weight)
     if fmt == "int4_awq":
         return int4_awq_linear(g, store, module, path, x, weight)
+    if fmt == "nvfp4":
+        return nvfp4_linear(g, store, module, path, x, weight)
     rows, cols = weight.shape
     name = g.weight_chunks(f"{module}.weight", np.float16, (cols, rows), fp16_transposed_chunks(weight))
     return g.op("MatMul", [x, name], f"{path}/MatMul")

@@ -22,9 +22,10 @@ from edgellm_steps.checkpoint import decoder_dims
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
 from edgellm_steps.families import family_for
 from edgellm_steps.manifest import write_manifest
+from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.precision import Precision, parse_precision
 from edgellm_steps.quant_info import QUANT_INFO
-from edgellm_steps.quant_recipes import INT4_GROUP_SIZE, calibration_batch_size, modelopt_config
+from edgellm_steps.quant_recipes import BLOCK_SIZES, calibration_batch_size, modelopt_config
 from edgellm_steps.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -33,18 +34,22 @@ DEFAULT_CALIB_SIZE = 512
 DEFAULT_CALIB_MAX_TOKENS = 512
 
 
-def check_int4_dims(hf_config: dict[str, Any], *, where: str) -> None:
-    """int4 packs weights in blocks of 128 along the input dim: every GEMM input must be a multiple."""
+def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: str) -> None:
+    """Block formats quantize GEMM inputs in blocks (int4: 128, nvfp4: 16): input dims must be multiples."""
     dims = decoder_dims(hf_config)
-    for layer, size in (
+    layers = (
         ("self_attn.q_proj/k_proj/v_proj/mlp.gate_proj/up_proj (hidden_size)", dims.hidden_size),
         ("self_attn.o_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
         ("mlp.down_proj (intermediate_size)", dims.intermediate_size),
-    ):
-        if size % INT4_GROUP_SIZE:
+    )
+    checks = [(precision.weights, f"model.layers.*.{layer}", size) for layer, size in layers]
+    checks.append((precision.lm_head, "lm_head (hidden_size)", dims.hidden_size))
+    for fmt, layer, size in checks:
+        block = BLOCK_SIZES.get(fmt or "")
+        if block and size % block:
             raise PrecisionError(
-                f"{where}: int4 needs GEMM input dims that are multiples of {INT4_GROUP_SIZE}, but "
-                f"model.layers.*.{layer} has {size}; use fp8 or int8_sq for this model"
+                f"{where}: {fmt} needs GEMM input dims that are multiples of {block}, but "
+                f"{layer} has {size}; use fp8 or int8_sq for this model"
             )
 
 
@@ -55,8 +60,6 @@ def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | No
         raise PrecisionError(f"precision '{precision}' needs no quantize step: export the checkpoint directly")
     if precision.weights == "int4_gptq":
         raise PrecisionError("int4_gptq means a checkpoint already quantized with GPTQ: export it directly")
-    if "nvfp4" in precision.formats():
-        raise PrecisionError(f"precision '{precision}': nvfp4 export is not implemented in this release")
     return precision
 
 
@@ -92,8 +95,7 @@ def quantize_llm(
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     hf_config = read_hf_config(checkpoint)
     family_for(hf_config, where=str(checkpoint))
-    if precision.weights == "int4_awq":
-        check_int4_dims(hf_config, where=str(checkpoint))
+    check_block_dims(hf_config, precision, where=str(checkpoint))
 
     import modelopt
     import modelopt.torch.opt as mto
@@ -124,7 +126,8 @@ def quantize_llm(
             for ids in tqdm(batches, desc="calibration", unit="batch", file=sys.stderr, mininterval=5):
                 quant_model(ids.to(device))
 
-    mtq.quantize(model, modelopt_config(precision), forward_loop=forward_loop)
+    with cpu_fake_quantization():
+        mtq.quantize(model, modelopt_config(precision), forward_loop=forward_loop)
     info = {
         "precision": str(precision),
         "weights": precision.weights,

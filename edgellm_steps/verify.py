@@ -24,6 +24,7 @@ import numpy as np
 
 from edgellm_steps.atomic import write_if_changed
 from edgellm_steps.errors import ParityError
+from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.precision import parse_precision
 from edgellm_steps.quant_info import read_quant_info
@@ -104,12 +105,13 @@ def verify_onnx(
         return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity)
 
     ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, prefill + decode).tolist()
-    reference = _hf_logits(model, ids)
-    results = {
-        "prefill_decode": _prefill_decode(runner_for, reference, ids, prefill),
-        "chunked_prefill": _chunked_prefill(runner_for, reference, ids, prefill),
-        "ragged_batch": _ragged_batch(runner_for, model, reference, ids, prefill, decode),
-    }
+    with cpu_fake_quantization():
+        reference = _hf_logits(model, ids)
+        results = {
+            "prefill_decode": _prefill_decode(runner_for, reference, ids, prefill),
+            "chunked_prefill": _chunked_prefill(runner_for, reference, ids, prefill),
+            "ragged_batch": _ragged_batch(runner_for, model, reference, ids, prefill, decode),
+        }
     for name, result in results.items():
         log.info("%s: %s -> %s", name, result, "pass" if result.passed(tolerance) else "FAIL")
     summary = {

@@ -118,12 +118,20 @@ def test_a_source_is_checked_only_when_a_target_needs_it(workdir):
 
 def test_int4_on_dims_that_are_not_multiples_of_128(workdir):
     line = plan_error(workdir, "onnx/tiny_int4_awq/llm/model.onnx")
-    assert "int4 needs GEMM input dims that are multiples of 128" in line and "has 64" in line
+    assert "int4_awq needs GEMM input dims that are multiples of 128" in line and "has 64" in line
 
 
-def test_precision_this_release_cannot_build(workdir):
+def test_nvfp4_on_dims_that_are_not_multiples_of_16(workdir):
+    config = json.loads((workdir / "ckpt/config.json").read_text())
+    (workdir / "ckpt/config.json").write_text(json.dumps({**config, "intermediate_size": 200}))
     line = plan_error(workdir, "onnx/tiny_nvfp4/llm/model.onnx")
-    assert "cannot build weights nvfp4 yet" in line
+    assert "nvfp4 needs GEMM input dims that are multiples of 16" in line
+    assert "mlp.down_proj (intermediate_size) has 200" in line
+
+
+def test_nvfp4_lm_head_engine_below_sm100(workdir):
+    line = plan_error(workdir, "engines/sm90/tiny_fp8-lmnvfp4.engine")
+    assert "needs SM >= 100" in line and "sm90 cannot run it" in line
 
 
 def test_fp8_engine_below_sm89(workdir):

@@ -16,6 +16,7 @@ from edgellm_steps.calibration import builtin_corpus, calibration_samples, load_
 from edgellm_steps.demo import train_tokenizer
 from edgellm_steps.errors import EdgeLLMError, PrecisionError
 from edgellm_steps.export_llm import export_llm
+from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.parity import compare_logits, hf_rope_table
 from edgellm_steps.plugins.int4_gemm import pack_int4, unpack_int4
 from edgellm_steps.quantize_llm import quantize_llm
@@ -32,6 +33,8 @@ VARIANTS = {
     "fp8-lmfp8-kvfp8": ("fp8", "fp8", "fp8"),
     "fp16-kvfp8": ("fp16", None, "fp8"),
     "int4_awq-lmfp8": ("int4_awq", "fp8", None),
+    "nvfp4": ("nvfp4", None, None),
+    "nvfp4-lmnvfp4-kvfp8": ("nvfp4", "nvfp4", "fp8"),
 }
 CALIB = {"calib_size": 8, "calib_max_tokens": 32}
 LAYER = "model.layers.1.mlp.down_proj"
@@ -110,6 +113,10 @@ def dequantized_weight(model, precision: str) -> np.ndarray:
     """The graph's weight of LAYER as [N, K] float32, decoded from its initializers."""
     init = initializers(model)
     weight = init[f"{LAYER}.weight"]
+    if precision == "nvfp4":
+        block_scales = init[f"{LAYER}.weight_quantizer.block_scale"].astype(np.float32)
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == block_scales_name())
+        return weight.astype(np.float32) * np.repeat(block_scales * init[dq.input[1]], 16, axis=1)
     if precision.startswith("int4"):
         scales = init[f"{LAYER}.weight_quantizer.scale"].astype(np.float32)
         return unpack_int4(weight).astype(np.float32) * np.repeat(scales.T, 128, axis=1)
@@ -118,12 +125,20 @@ def dequantized_weight(model, precision: str) -> np.ndarray:
     return (weight.astype(np.float32) * scale).T
 
 
-@pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq"])
+def block_scales_name() -> str:
+    return f"{LAYER}.weight_quantizer.block_scale"
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq", "nvfp4"])
 def test_graph_weights_are_modelopt_fake_quantized_weights(quantized, precision):
-    """Same codes as ModelOpt; only the scale is rounded to float16 (relative error <= 2**-11)."""
+    """Same codes as ModelOpt; only the scale is rounded to float16 (relative error <= 2**-11).
+
+    nvfp4 keeps float32 scales, so its weights are equal; ModelOpt's NVFP4 quantizer runs
+    on the CPU through ``cpu_fake_quantization`` (equal to its CUDA kernel: tests/test_cuda.py).
+    """
     checkpoint, out = quantized(precision)
     _, module = fake_quant_module(checkpoint, LAYER)
-    with torch.no_grad():
+    with torch.no_grad(), cpu_fake_quantization():
         expected = module.weight_quantizer(module.weight).numpy()
     got = dequantized_weight(load_graph(out), precision)
     assert got.shape == expected.shape
@@ -143,6 +158,70 @@ def test_fp8_graph_structure(quantized):
     assert {a.name: a.i for a in plugin.attribute}["enable_fp8_kv_cache"] == 1
     scales = initializers(model)[plugin.input[5]]
     assert scales.dtype == np.float32 and scales.shape == (2,) and (scales > 0).all()
+
+
+def test_nvfp4_graph_structure(quantized):
+    model = load_graph(quantized("nvfp4-lmnvfp4-kvfp8")[1])
+    assert {o.domain: o.version for o in model.opset_import}[""] == 23  # FLOAT4E2M1 needs opset 23
+    init = {t.name: t for t in model.graph.initializer}
+    for module in (LAYER, "lm_head"):
+        assert init[f"{module}.weight"].data_type == TensorProto.FLOAT4E2M1
+        assert init[f"{module}.weight_quantizer.block_scale"].data_type == TensorProto.FLOAT8E4M3FN
+    assert list(init[f"{LAYER}.weight"].dims) == [128, 256]
+    assert list(init[f"{LAYER}.weight_quantizer.block_scale"].dims) == [128, 256 // 16]
+    quantize_nodes = [n for n in model.graph.node if n.op_type == "TRT_FP4DynamicQuantize"]
+    assert len(quantize_nodes) == 2 * 7 + 1 and all(n.domain == "trt" for n in quantize_nodes)
+    attrs = {a.name: a.i for a in quantize_nodes[0].attribute}
+    assert attrs == {"axis": -1, "block_size": 16, "scale_type": TensorProto.FLOAT8E4M3FN}
+    blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
+    assert len(blocked) == 2 * (2 * 7 + 1)  # weights and activations of every GEMM
+    assert all({a.name: a.i for a in n.attribute} == {"axis": -1, "block_size": 16} for n in blocked)
+
+
+def test_nvfp4_gemm_matches_the_modelopt_linear(quantized, tmp_path):
+    """One nvfp4 Linear as a graph against ModelOpt's fake-quantized module on the same inputs.
+
+    Codes and scales are the same on both sides, so what remains is the float16 rounding of
+    the dequantized weights and of the product: bounded by 0.5% of max |y|.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    from edgellm_steps.checkpoint import TensorStore
+    from edgellm_steps.onnx_builder import FP4_OPSET, ExternalDataWriter, GraphBuilder
+    from edgellm_steps.plugins import REFERENCE_OPS
+    from edgellm_steps.quant_linear import nvfp4_linear
+
+    checkpoint, _ = quantized("nvfp4")
+    store = TensorStore(checkpoint)
+    writer = ExternalDataWriter(tmp_path)
+    g = GraphBuilder(writer)
+    g.add_input("x", TensorProto.FLOAT16, [2, 5, 256])
+    y = nvfp4_linear(g, store, LAYER, "/layer", "x", store.get(f"{LAYER}.weight"))
+    g.add_output(y, TensorProto.FLOAT16, [2, 5, 128])
+    writer.close()
+    onnx.save_model(g.to_model("one_gemm", opset=FP4_OPSET), str(tmp_path / "gemm.onnx"))
+    onnx.checker.check_model(str(tmp_path / "gemm.onnx"), full_check=True)
+    x = (np.random.default_rng(1).standard_normal((2, 5, 256)) * 0.5).astype(np.float16)
+    got = ReferenceEvaluator(str(tmp_path / "gemm.onnx"), new_ops=list(REFERENCE_OPS)).run(None, {"x": x})[0]
+    _, module = fake_quant_module(checkpoint, LAYER)
+    with torch.no_grad(), cpu_fake_quantization():
+        expected = module(torch.from_numpy(x.astype(np.float32))).numpy()
+    assert np.abs(got.astype(np.float32) - expected).max() <= 5e-3 * np.abs(expected).max()
+
+
+def test_tied_lm_head_is_untied_for_nvfp4(checkpoint_factory, tmp_path):
+    """The runtime reads embeddings from embedding.safetensors (float16); only lm_head gets FP4."""
+    from safetensors.numpy import load_file
+
+    tied = checkpoint_factory("llama-tied", hidden_size=128, intermediate_size=256)
+    quantize_llm(tied, tmp_path / "q", quantization="fp16", lm_head_quantization="nvfp4", **CALIB)
+    export_llm(tmp_path / "q", tmp_path / "llm")
+    assert verify_onnx(tmp_path / "llm", tmp_path / "q")["passed"]
+    init = {t.name: t for t in load_graph(tmp_path / "llm").graph.initializer}
+    assert init["lm_head.weight"].data_type == TensorProto.FLOAT4E2M1
+    embedding = load_file(str(tmp_path / "llm/embedding.safetensors"))["embedding"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tied))
+    assert np.array_equal(embedding, model.get_input_embeddings().weight.detach().to(torch.float16).numpy())
 
 
 def test_int8_sq_graph_structure(quantized):
@@ -170,12 +249,24 @@ def test_int4_graph_structure_and_packing(quantized):
 
 def test_quantized_layers_shrink(quantized, fp16_export):
     """8-bit weights take half the bytes of fp16, int4 a quarter; scales add at most 1/64 of fp16 (group 128)."""
-    fp16 = initializers(load_graph(fp16_export))[f"{LAYER}.weight"].nbytes
-    for precision, ratio in (("fp8", 1 / 2), ("int8_sq", 1 / 2), ("int4_awq", 1 / 4)):
-        init = initializers(load_graph(quantized(precision)[1]))
-        assert init[f"{LAYER}.weight"].nbytes == ratio * fp16, precision
-        scales = init.get(f"{LAYER}.weight_quantizer.scale")
-        assert scales is None or scales.nbytes <= fp16 / 64, precision
+    fp16 = stored_bytes(fp16_export)[f"{LAYER}.weight"]
+    for precision, ratio, scale_ratio in (
+        ("fp8", 1 / 2, 0),
+        ("int8_sq", 1 / 2, 1 / 64),
+        ("int4_awq", 1 / 4, 1 / 64),
+        ("nvfp4", 1 / 4, 1 / 32),  # one E4M3 byte per 16 weights
+    ):
+        sizes = stored_bytes(quantized(precision)[1])
+        assert sizes[f"{LAYER}.weight"] == ratio * fp16, precision
+        scales = sizes.get(f"{LAYER}.weight_quantizer.scale", 0) + sizes.get(block_scales_name(), 0)
+        assert scales <= scale_ratio * fp16, precision
+
+
+def stored_bytes(out) -> dict[str, int]:
+    """Bytes each weight takes in onnx_model.data (FP4 codes are two per byte)."""
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    lengths = {t.name: {e.key: e.value for e in t.external_data}.get("length") for t in model.graph.initializer}
+    return {name: int(length) for name, length in lengths.items() if length is not None}
 
 
 def test_quantized_checkpoint_records_its_precision(quantized):

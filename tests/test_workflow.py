@@ -241,7 +241,16 @@ models:
       calib_size: 4
       calib_max_tokens: 32
 """
-QUANT_PRECISIONS = ("fp8", "int8_sq", "int4_awq", "fp8-lmfp8", "fp16-kvfp8", "int4_awq-lmfp8-kvfp8")
+QUANT_PRECISIONS = (
+    "fp8",
+    "int8_sq",
+    "int4_awq",
+    "nvfp4",
+    "fp8-lmfp8",
+    "fp16-kvfp8",
+    "int4_awq-lmfp8-kvfp8",
+    "int8_sq-lmnvfp4-kvfp8",
+)
 
 
 def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_path, checkpoint_factory):

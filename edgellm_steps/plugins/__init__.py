@@ -6,7 +6,8 @@ op's semantics that lets exported graphs run on the CPU (through
 """
 
 from edgellm_steps.plugins.attention import AttentionPluginOp
+from edgellm_steps.plugins.fp4_quantize import TRT_FP4DynamicQuantizeOp
 from edgellm_steps.plugins.int4_gemm import Int4GroupwiseGemmPluginOp
 
 #: ``onnx.reference`` implementations of every custom op our graphs carry.
-REFERENCE_OPS = (AttentionPluginOp, Int4GroupwiseGemmPluginOp)
+REFERENCE_OPS = (AttentionPluginOp, Int4GroupwiseGemmPluginOp, TRT_FP4DynamicQuantizeOp)
