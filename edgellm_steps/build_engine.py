@@ -1,7 +1,8 @@
 """build-engine: an exported ONNX directory -> the runtime's engine directory for one SM target.
 
-The engine directory (the ``.engine`` target) holds ``llm.engine``, ``config.json``
-(the export's config plus ``builder_config``) and the export's sidecars. The
+The engine directory (the ``.engine`` target) holds ``llm.engine`` (``visual.engine``
+for a vision encoder), ``config.json`` (the export's config plus ``builder_config``)
+and the export's sidecars. The
 build needs TensorRT, the Edge-LLM plugin library (``EDGELLM_PLUGIN_PATH``) and a
 visible GPU whose SM equals the target: an engine only runs on the SM it was
 built for. Everything that can be checked is checked before the (long) build,
@@ -22,19 +23,20 @@ from pathlib import Path
 import onnx
 
 from edgellm_steps.atomic import staged_directory
-from edgellm_steps.config import BuildLimits
-from edgellm_steps.engine_profiles import llm_profiles
+from edgellm_steps.config import LIMITS_READ, BuildLimits
+from edgellm_steps.engine_profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.manifest import MANIFEST_NAME, write_manifest
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILE = "llm.engine"
+ENGINE_FILES = {"llm": "llm.engine", "visual": "visual.engine"}
 SIDECARS = (
     "tokenizer.json",
     "tokenizer_config.json",
     "processed_chat_template.json",
     "embedding.safetensors",
+    "d2t.safetensors",
     "vocab_map.safetensors",
 )
 PLUGIN_ENV = "EDGELLM_PLUGIN_PATH"
@@ -112,6 +114,15 @@ def _serialize(onnx_path: Path, profiles: list[dict], plugin: Path) -> bytes:
     return bytes(engine)
 
 
+def builder_config_of(kind: str, limits: BuildLimits, export_config: dict) -> dict:
+    """``builder_config`` of the engine's config.json: the limits its kind reads, and EAGLE roles."""
+    config: dict = {key: getattr(limits, key) for key in LIMITS_READ[kind]}
+    if kind == "llm":
+        config["eagle_base"] = export_config.get("model_type") == "eagle3_base"
+        config["eagle_draft"] = export_config.get("model_type") == "eagle3_draft"
+    return config
+
+
 def build_engine(
     onnx_dir: str | Path,
     engine_dir: str | Path,
@@ -127,17 +138,11 @@ def build_engine(
     plugin = check_build_host(sm, plugin_path)
     export_config = json.loads((onnx_dir / "config.json").read_text())
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
-    profiles = llm_profiles(graph, limits)
+    kind = engine_kind(graph)
+    profiles = engine_profiles(graph, limits)
     with staged_directory(engine_dir, exclusive=True) as staging:
-        (staging / ENGINE_FILE).write_bytes(_serialize(onnx_dir / "model.onnx", profiles, plugin))
-        builder_config = {
-            "max_input_len": limits.max_input_len,
-            "max_batch_size": limits.max_batch_size,
-            "max_kv_cache_capacity": limits.max_kv_cache_capacity,
-            "max_lora_rank": limits.max_lora_rank,
-            "eagle_base": export_config.get("model_type") == "eagle3_base",
-            "eagle_draft": export_config.get("model_type") == "eagle3_draft",
-        }
+        (staging / ENGINE_FILES[kind]).write_bytes(_serialize(onnx_dir / "model.onnx", profiles, plugin))
+        builder_config = builder_config_of(kind, limits, export_config)
         config = {**export_config, "builder_config": builder_config}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in SIDECARS:

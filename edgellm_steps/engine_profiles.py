@@ -1,17 +1,26 @@
-"""TensorRT optimization profiles of an LLM engine (contract section 8), derived from the graph's inputs.
+"""TensorRT optimization profiles of an engine (contract section 8), derived from the graph's inputs.
 
-Every input's shape is declared once with symbolic dims (``llm_io``); a profile
-is a (min, opt, max) value per symbol, so the shapes of all inputs, LoRA inputs
-included, follow from one table per profile:
+Every input's shape is declared with symbolic dims (``llm_io`` for LLMs); a profile
+is a (min, opt, max) value per symbol, so the shapes of all inputs, LoRA and EAGLE
+inputs included, follow from one table per profile. The graph says which table
+applies: ``inputs_embeds`` makes an LLM engine, ``input`` a vision engine, and
+``attention_pos_id`` (EAGLE base and draft only) a tree-attention LLM.
 
-| symbol | prefill (profile 0) | decode (profile 1) |
-|---|---|---|
-| batch_size, rope_batch_size | 1 / BS / BS | 1 / BS / BS |
-| seq_len | 1 / IL/2 / IL | 1 / 1 / 1 |
-| num_tokens | 1 / 1 / 1 | 1 / 1 / 1 |
-| kv_cache_start_batch_size | 0 / BS / BS | 1 / BS / BS |
-| past_len, max_position_embeddings | 0 / cap / cap and cap / cap / cap | same |
-| LoRA rank dims | 0 / R/2 / R | same |
+LLM engines, with BS = max batch size, IL = max input length, cap = KV capacity,
+R = max LoRA rank, T = EAGLE tree size, pad(n) = n rounded up to a multiple of 32:
+
+| symbol | prefill (profile 0) | decode (profile 1) | decode, EAGLE |
+|---|---|---|---|
+| batch_size, rope_batch_size | 1 / BS / BS | 1 / BS / BS | same |
+| seq_len | 1 / IL/2 / IL | 1 / 1 / 1 | 1 / T/2 / T |
+| num_tokens, num_selected_tokens | 1 / 1 / 1 | 1 / 1 / 1 | 1 / T/2 / T |
+| q_len, q_len_padded (EAGLE) | 1 / 1 / 1 | - | 1 / T/2 / T and 1 / pad(T/2) / pad(T) |
+| kv_cache_start_batch_size | 0 / BS / BS | 1 / BS / BS | same |
+| past_len, max_position_embeddings | 0 / cap / cap and cap / cap / cap | same | same |
+| LoRA rank dims | 0 / R/2 / R | same | same |
+
+Vision engines (Qwen-VL) have one profile over image tokens, min / (min+max)/2 / max;
+the patch count ``hw`` is four times the image tokens (the merger joins 2 x 2 patches).
 """
 
 from __future__ import annotations
@@ -22,44 +31,103 @@ from edgellm_steps.config import BuildLimits
 from edgellm_steps.errors import EdgeLLMError
 
 Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]
+Ranges = dict[str, tuple[int, int, int]]
+
+#: The graph input that says which kind of engine a graph makes.
+KIND_INPUTS = {"inputs_embeds": "llm", "input": "visual"}
+#: Present only in EAGLE base and draft graphs, whose decode profile spans a token tree.
+TREE_INPUT = "attention_pos_id"
+#: Tree-attention masks are padded to whole 32-bit words of tree slots.
+MASK_ALIGN = 32
+#: The Qwen-VL merger turns 2 x 2 patches into one image token.
+PATCHES_PER_IMAGE_TOKEN = 4
 
 
-def symbol_ranges(limits: BuildLimits, phase: str) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of every symbolic dim in the ``prefill`` or ``decode`` profile."""
+def _pad(n: int) -> int:
+    return -(-n // MASK_ALIGN) * MASK_ALIGN
+
+
+def symbol_ranges(limits: BuildLimits, phase: str, *, tree: bool = False) -> Ranges:
+    """(min, opt, max) of every symbolic dim of an LLM graph in the ``prefill`` or ``decode`` profile."""
     bs, il, cap, rank = limits.max_batch_size, limits.max_input_len, limits.max_kv_cache_capacity, limits.max_lora_rank
+    t = limits.max_tree_size
     prefill = phase == "prefill"
-    return {
+    if prefill:
+        seq, selected = (1, max(1, il // 2), il), (1, 1, 1)
+    else:
+        seq = selected = (1, max(1, t // 2), t) if tree else (1, 1, 1)
+    ranges = {
         "batch_size": (1, bs, bs),
         "rope_batch_size": (1, bs, bs),
-        "seq_len": (1, max(1, il // 2), il) if prefill else (1, 1, 1),
-        "num_tokens": (1, 1, 1),
+        "seq_len": seq,
+        "num_tokens": selected,
         "kv_cache_start_batch_size": (0, bs, bs) if prefill else (1, bs, bs),
         "past_len": (0, cap, cap),
         "present_kv_cache_len": (0, cap, cap),
         "max_position_embeddings": (cap, cap, cap),
         "lora_rank": (0, rank // 2, rank),
     }
+    if tree:
+        ranges["num_selected_tokens"] = selected
+        ranges["q_len"] = selected
+        ranges["q_len_padded"] = (1, 1, 1) if prefill else (1, _pad(selected[1]), _pad(selected[2]))
+    return ranges
 
 
-def _dim_range(name: str, dim: onnx.TensorShapeProto.Dimension, ranges: dict) -> tuple[int, int, int]:
+def visual_symbol_ranges(limits: BuildLimits) -> Ranges:
+    """(min, opt, max) of every symbolic dim of a vision encoder graph."""
+    low, high = limits.min_image_tokens, limits.max_image_tokens
+    if not 1 <= low <= high:
+        raise EdgeLLMError(
+            f"image token limits min {low} / max {high} are not a range; set min_image_tokens <= max_image_tokens"
+        )
+    tokens = (low, (low + high) // 2, high)
+    return {"image_token_len": tokens, "hw": tuple(PATCHES_PER_IMAGE_TOKEN * n for n in tokens)}
+
+
+def engine_kind(model: onnx.ModelProto) -> str:
+    """``llm`` or ``visual``, from the graph's inputs."""
+    names = {value.name for value in model.graph.input}
+    kinds = {kind for name, kind in KIND_INPUTS.items() if name in names}
+    if len(kinds) != 1:
+        raise EdgeLLMError(
+            f"cannot tell which engine the graph makes: it needs exactly one of the inputs "
+            f"{', '.join(KIND_INPUTS)} (LLM or vision encoder), but has {', '.join(sorted(names))}"
+        )
+    return kinds.pop()
+
+
+def _dim_range(name: str, dim: onnx.TensorShapeProto.Dimension, ranges: Ranges) -> tuple[int, int, int]:
     if dim.HasField("dim_value"):
         return (dim.dim_value,) * 3
     symbol = dim.dim_param
     if symbol in ranges:
         return ranges[symbol]
-    if symbol.startswith("lora_rank") or symbol.endswith("_rank"):
+    if "lora_rank" in ranges and (symbol.startswith("lora_rank") or symbol.endswith("_rank")):
         return ranges["lora_rank"]
     raise EdgeLLMError(f"input {name} has symbolic dim '{symbol}' that no engine profile defines")
 
 
-def llm_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+def _profile(model: onnx.ModelProto, ranges: Ranges) -> Profile:
+    profile = {}
+    for value in model.graph.input:
+        dims = [_dim_range(value.name, d, ranges) for d in value.type.tensor_type.shape.dim]
+        profile[value.name] = tuple(tuple(d[i] for d in dims) for i in range(3))
+    return profile
+
+
+def llm_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:
     """[prefill, decode] profiles: {input name: (min shape, opt shape, max shape)}."""
-    profiles = []
-    for phase in ("prefill", "decode"):
-        ranges = symbol_ranges(limits, phase)
-        profile = {}
-        for value in model.graph.input:
-            dims = [_dim_range(value.name, d, ranges) for d in value.type.tensor_type.shape.dim]
-            profile[value.name] = tuple(tuple(d[i] for d in dims) for i in range(3))
-        profiles.append(profile)
-    return profiles
+    tree = any(value.name == TREE_INPUT for value in model.graph.input)
+    return [_profile(model, symbol_ranges(limits, phase, tree=tree)) for phase in ("prefill", "decode")]
+
+
+def visual_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:
+    """The one profile of a vision encoder over image tokens."""
+    return [_profile(model, visual_symbol_ranges(limits))]
+
+
+def engine_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:
+    """The optimization profiles of whichever engine the graph makes."""
+    return {"llm": llm_profiles, "visual": visual_profiles}[engine_kind(model)](model, limits)

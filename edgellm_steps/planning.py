@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from edgellm_steps import digests
-from edgellm_steps.config import ModelSettings, load_schema, model_settings, validate_config
+from edgellm_steps.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.digests import DigestCache
 from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.families import family_for
@@ -213,8 +213,10 @@ class Planner:
         check_sm_supports(self.precision(model, precision), target)
         return target
 
-    def build_limits(self, model: str) -> dict[str, int]:
-        return dict(vars(self.settings(model).build))
+    def build_limits(self, model: str, kind: str = "llm") -> dict[str, int]:
+        """The limits an engine of ``kind`` reads: changing another one leaves it up to date."""
+        limits = vars(self.settings(model).build)
+        return {key: limits[key] for key in LIMITS_READ[kind]}
 
     def _section(self, name: str) -> dict[str, Any]:
         return self.config.get(name) or {}

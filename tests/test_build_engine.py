@@ -16,7 +16,7 @@ from edgellm_steps.config import BuildLimits
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export_llm import export_llm
 
-LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32, max_lora_rank=0)
+LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32)
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,18 @@ def test_without_the_plugin_library(export_dir, tmp_path, tensorrt_present, monk
 def test_an_unfinished_export_is_refused(tmp_path):
     with pytest.raises(EdgeLLMError, match="not a finished export"):
         step.build_engine(tmp_path, tmp_path / "e.engine", sm=87, limits=LIMITS)
+
+
+def test_builder_config_holds_the_limits_of_the_engine_kind():
+    llm = step.builder_config_of("llm", LIMITS, {"model_type": "eagle3_draft"})
+    assert llm == {
+        "max_batch_size": 1,
+        "max_input_len": 16,
+        "max_kv_cache_capacity": 32,
+        "max_lora_rank": 0,
+        "max_tree_size": 60,
+        "eagle_base": False,
+        "eagle_draft": True,
+    }
+    visual = step.builder_config_of("visual", LIMITS, {"model_type": "qwen2_5_vl"})
+    assert visual == {"min_image_tokens": 4, "max_image_tokens": 1024, "max_image_tokens_per_image": 512}

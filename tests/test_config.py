@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from edgellm_steps.config import model_settings, validate_config
+from edgellm_steps.config import BuildLimits, model_settings, validate_config
 from edgellm_steps.errors import ConfigError
 from edgellm_steps.planning import load_workflow_config
 
@@ -23,7 +23,16 @@ def test_minimal_entry_gets_documented_defaults():
         "max_input_len": 1024,
         "max_kv_cache_capacity": 4096,
         "max_lora_rank": 0,
+        "max_tree_size": 60,
+        "min_image_tokens": 4,
+        "max_image_tokens": 1024,
+        "max_image_tokens_per_image": 512,
     }
+
+
+def test_build_limit_defaults_are_the_same_in_the_schema_and_the_cli():
+    """The workflow takes defaults from the schema, edgellm-build-engine from BuildLimits."""
+    assert model_settings({"models": {"m": {"source": "x"}}}, "m").build == BuildLimits()
 
 
 def test_model_overrides_defaults_which_override_the_schema():
@@ -67,3 +76,24 @@ def test_quantize_flags_follow_the_config():
         "--quantization int4_awq --lm_head_quantization fp8 --kv_cache_quantization fp8"
         " --calib_size 64 --calib_max_tokens 512 --calib_batch_size 4"
     )
+
+
+def test_an_engine_reads_only_the_limits_of_its_kind():
+    """Image-token limits are not params of LLM engine jobs, so changing them reruns no LLM engine."""
+    from edgellm_steps.planning import Planner
+
+    config = {"models": {"m": {"source": "x", "build": {"max_image_tokens": 2048, "max_tree_size": 8}}}}
+    validate_config(config)
+    planner = Planner(config)
+    assert planner.build_limits("m") == {
+        "max_batch_size": 4,
+        "max_input_len": 1024,
+        "max_kv_cache_capacity": 4096,
+        "max_lora_rank": 0,
+        "max_tree_size": 8,
+    }
+    assert planner.build_limits("m", "visual") == {
+        "min_image_tokens": 4,
+        "max_image_tokens": 2048,
+        "max_image_tokens_per_image": 512,
+    }

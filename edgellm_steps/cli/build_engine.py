@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from edgellm_steps.build_engine import PLUGIN_ENV, build_engine
 from edgellm_steps.cli import run_cli
@@ -15,12 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine_dir", required=True, help="engine directory to write")
     parser.add_argument("--sm", type=int, required=True, help="SM target, e.g. 87 for Jetson Orin")
     parser.add_argument("--plugin_path", default=None, help=f"Edge-LLM plugin library (default: ${PLUGIN_ENV})")
-    parser.add_argument("--max_batch_size", type=int, default=4)
-    parser.add_argument("--max_input_len", type=int, default=1024)
-    parser.add_argument("--max_kv_cache_capacity", type=int, default=4096)
-    parser.add_argument("--max_lora_rank", type=int, default=0)
+    for limit in fields(BuildLimits):
+        parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {limit.default})")
     args = parser.parse_args(argv)
-    limits = BuildLimits(args.max_batch_size, args.max_input_len, args.max_kv_cache_capacity, args.max_lora_rank)
+    limits = BuildLimits(**{limit.name: getattr(args, limit.name) for limit in fields(BuildLimits)})
     return run_cli(
         lambda: build_engine(args.onnx_dir, args.engine_dir, sm=args.sm, limits=limits, plugin_path=args.plugin_path)
     )
