@@ -178,10 +178,9 @@ def _nvfp4_dequantize(g: GraphBuilder, codes: str, block_scales: str, global_sca
     return g.op("DequantizeLinear", [codes, scale], f"{path}/DequantizeLinear_1", axis=-1, block_size=nvfp4.BLOCK_SIZE)
 
 
-def _nvfp4_weight_chunks(weight: torch.Tensor, amax: float, scales: list[np.ndarray]):
+def _nvfp4_weight_chunks(weight: torch.Tensor, gs: np.float32, scales: list[np.ndarray]):
     """Packed FP4 codes of ``weight`` [N, K], a slice of rows at a time; block scales go to ``scales``."""
     step = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
-    gs = nvfp4.global_scale(amax)
     for first in range(0, weight.shape[0], step):
         blocks = nvfp4.quantize_scaled(weight[first : first + step].to(torch.float32).numpy(), gs)
         scales.append(blocks.block_scales.view(np.uint8))
@@ -192,14 +191,14 @@ def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x:
     rows, cols = weight.shape
     if cols % nvfp4.BLOCK_SIZE:
         raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {nvfp4.BLOCK_SIZE}, got {cols}")
-    w_amax = float(store.get(f"{module}.weight_quantizer._amax").float().max())
-    a_amax = float(store.get(f"{module}.input_quantizer._amax").float().max())
+    w_scale = nvfp4.global_scale(float(store.get(f"{module}.weight_quantizer._amax").float().max()))
+    a_scale = nvfp4.global_scale(float(store.get(f"{module}.input_quantizer._amax").float().max()))
     scales: list[np.ndarray] = []
     codes = g.weight_chunks(
         f"{module}.weight",
         np.uint8,
         (rows, cols // 2),
-        _nvfp4_weight_chunks(weight, w_amax, scales),
+        _nvfp4_weight_chunks(weight, w_scale, scales),
         elem_type=TensorProto.FLOAT4E2M1,
         dims=(rows, cols),
     )
@@ -210,11 +209,10 @@ def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x:
         scales,
         elem_type=TensorProto.FLOAT8E4M3FN,
     )
-    w = _nvfp4_dequantize(g, codes, block_scales, nvfp4.global_scale(w_amax), f"{path}/weight_quantizer")
+    w = _nvfp4_dequantize(g, codes, block_scales, w_scale, f"{path}/weight_quantizer")
     w = g.op("Transpose", [w], f"{path}/weight_quantizer/Transpose", perm=[1, 0])
     w = g.op("Cast", [w], f"{path}/weight_quantizer/Cast", to=TensorProto.FLOAT16)
     x_s = _pre_quant_scale(g, store, module, x, path)
-    a_scale = nvfp4.global_scale(a_amax)
     a_codes, a_scales = emit_fp4_dynamic_quantize(
         g, f"{path}/input_quantizer/TRT_FP4DynamicQuantize", x_s, g.constant(a_scale, "fp4_global_scale")
     )

@@ -42,14 +42,14 @@ def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: 
         ("self_attn.o_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
         ("mlp.down_proj (intermediate_size)", dims.intermediate_size),
     )
-    checks = [(precision.weights, f"model.layers.*.{layer}", size) for layer, size in layers]
-    checks.append((precision.lm_head, "lm_head (hidden_size)", dims.hidden_size))
-    for fmt, layer, size in checks:
+    fix = "use fp8 or int8_sq weights for this model"
+    checks = [(precision.weights, f"model.layers.*.{layer}", size, fix) for layer, size in layers]
+    checks.append((precision.lm_head, "lm_head (hidden_size)", dims.hidden_size, "use -lmfp8 for this model"))
+    for fmt, layer, size, fix in checks:
         block = BLOCK_SIZES.get(fmt or "")
         if block and size % block:
             raise PrecisionError(
-                f"{where}: {fmt} needs GEMM input dims that are multiples of {block}, but "
-                f"{layer} has {size}; use fp8 or int8_sq for this model"
+                f"{where}: {fmt} needs GEMM input dims that are multiples of {block}, but {layer} has {size}; {fix}"
             )
 
 
