@@ -3,7 +3,8 @@
 HF configs spell the same facts differently across transformers releases
 (4.x: ``rope_theta`` / ``rope_scaling``; 5.x: ``rope_parameters``; ``head_dim``
 absent, null or explicit). :func:`decoder_dims` normalizes them in one place.
-:class:`TensorStore` reads safetensors shards by byte range, one tensor (or a
+:func:`weight_files` is the one rule for which files hold the weights;
+:class:`TensorStore` reads those safetensors shards by byte range, one tensor (or a
 slice of rows) at a time, so a caller never holds more than the tensor it works on.
 """
 
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from edgellm_steps.errors import SourceError
@@ -99,36 +101,117 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
         ) from err
 
 
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+#: Pickled weight files: named only to say why such a checkpoint is refused.
+PICKLED_PATTERNS = ("pytorch_model*.bin", "*.pth", "*.pt")
+
+
+def weight_files(checkpoint: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's weights, sorted: the one rule every step uses.
+
+    The rule mirrors what transformers loads, stricter where the two files could disagree:
+
+    1. ``model.safetensors.index.json`` present: its ``weight_map`` names the shards. Each
+       name must be a plain relative path inside the checkpoint (no absolute path, no ``..``);
+       only the *name* is checked, since the HF cache keeps snapshot files as symlinks into a
+       ``blobs/`` folder outside the snapshot. Every named shard must exist. If
+       ``model.safetensors`` exists too, the index must name exactly that file (transformers
+       would silently prefer ``model.safetensors``; two disagreeing weight sets are refused).
+    2. Else ``model.safetensors`` alone; other ``*.safetensors`` files beside it (an adapter,
+       a draft model) are not the model's weights.
+    3. Else refused: pickled weights (``pytorch_model*.bin``, ``*.pth``, ``*.pt``) are never
+       loaded, because unpickling can run code; the error says how to convert them.
+
+    Torch-free, so planning may call it. Paths are ``checkpoint / name``, not resolved.
+    """
+    checkpoint = Path(checkpoint)
+    index = checkpoint / INDEX_NAME
+    single = checkpoint / SINGLE_NAME
+    if index.is_file():
+        names = _index_shard_names(index)
+        if single.is_file() and names != {SINGLE_NAME}:
+            raise SourceError(
+                f"{checkpoint} has both {SINGLE_NAME} and {INDEX_NAME} naming other shards; "
+                "the two disagree about the weights: remove one"
+            )
+        for name in sorted(names):
+            if not (checkpoint / name).is_file():
+                raise SourceError(f"{checkpoint}: shard {name} listed in the index is missing; re-download it")
+        return sorted({checkpoint / name for name in names})
+    if single.is_file():
+        return [single]
+    _refuse_pickled(checkpoint)
+    raise SourceError(
+        f"{checkpoint} holds no safetensors weights (neither {SINGLE_NAME} nor {INDEX_NAME}); convert the "
+        "checkpoint with transformers' save_pretrained(safe_serialization=True)"
+    )
+
+
+def _index_shard_names(index: Path) -> set[str]:
+    """The normalized shard names of an index's ``weight_map``, each checked to stay inside the checkpoint."""
+    try:
+        text = index.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except OSError as err:
+        raise SourceError(f"{index} cannot be read ({err.strerror or err}); check its permissions") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SourceError(f"{index} is not valid JSON ({err}); re-download it") from err
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index} has no 'weight_map' object mapping tensor names to shard files; re-download it")
+    return {_shard_name(index, name, shard) for name, shard in weight_map.items()}
+
+
+def _shard_name(index: Path, tensor: Any, shard: Any) -> str:
+    """``shard`` normalized, if it is a plain relative file name that cannot leave the checkpoint directory."""
+    if not isinstance(shard, str) or not shard or "\x00" in shard:
+        raise SourceError(f"{index}: tensor {tensor!r} maps to {shard!r}, not a shard file name; re-download it")
+    normal = os.path.normpath(shard)
+    escapes = os.path.isabs(normal) or normal.split(os.sep)[0] == ".."
+    if os.path.isabs(shard) or ".." in PurePosixPath(shard).parts or normal == "." or escapes:
+        raise SourceError(
+            f"{index}: tensor {tensor!r} maps to shard {shard!r}, a path outside the checkpoint directory; "
+            "shards must be plain relative file names: re-download the checkpoint"
+        )
+    return normal
+
+
+def _refuse_pickled(checkpoint: Path) -> None:
+    """Name the pickled weights of a checkpoint without safetensors ones, and say how to convert them."""
+    pickled = sorted({p.name for pattern in PICKLED_PATTERNS for p in checkpoint.glob(pattern) if p.is_file()})
+    if pickled:
+        shown = ", ".join(pickled[:3]) + (f" and {len(pickled) - 3} more" if len(pickled) > 3 else "")
+        raise SourceError(
+            f"{checkpoint} holds only pickled PyTorch weights ({shown}), which this project does not load "
+            f"(unpickling can run code); convert them to safetensors with transformers' "
+            "save_pretrained(safe_serialization=True)"
+        )
+
+
 class TensorStore:
-    """Named tensors of a checkpoint's safetensors shards, read on demand."""
+    """Named tensors of a checkpoint's safetensors shards, read on demand.
+
+    Opening the store opens (and so validates the header of) every shard named by
+    :func:`weight_files`: a damaged checkpoint fails here, with one line, before any work.
+    """
 
     def __init__(self, checkpoint: Path) -> None:
         from edgellm_steps.safetensors_io import SafetensorsFile
 
         self.checkpoint = Path(checkpoint)
-        index = self.checkpoint / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shard_paths = sorted({self.checkpoint / shard for shard in weight_map.values()})
-        else:
-            shard_paths = sorted(self.checkpoint.glob("*.safetensors"))
-        if not shard_paths:
-            raise SourceError(
-                f"{self.checkpoint} holds no *.safetensors weights; convert the checkpoint with "
-                "transformers' save_pretrained(safe_serialization=True)"
-            )
         self._shard_of: dict[str, SafetensorsFile] = {}
-        for path in shard_paths:
-            if not path.is_file():
-                raise SourceError(
-                    f"{self.checkpoint}: shard {path.name} listed in the index is missing; re-download it"
-                )
+        for path in weight_files(self.checkpoint):
             shard = SafetensorsFile(path)
             for name in shard.names():
                 self._shard_of[name] = shard
 
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
+
+    def names(self) -> list[str]:
+        """Every tensor name of every shard, in shard order."""
+        return list(self._shard_of)
 
     def _shard(self, name: str) -> SafetensorsFile:
         shard = self._shard_of.get(name)

@@ -5,6 +5,11 @@ tensor to its dtype, shape and ``data_offsets``, then the raw data. Reading by
 range (not ``mmap``) keeps a reader's resident memory at the size of what it
 asked for: pages of a memory-mapped 16 GB checkpoint count as resident once
 touched. Writing streams chunks, so a large table is never held twice.
+
+A checkpoint is untrusted data (a download, a colleague's directory), so the
+header is validated completely when a file is opened: every later read may
+then trust an entry's dtype, shape and byte range, and a damaged file fails
+with one line naming it instead of a traceback from deep inside a step.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,27 +42,152 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NUMPY_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
 
+#: The safetensors library's own cap on the JSON header; checked before the header is read,
+#: so a corrupt length prefix (say 2**40) fails at once instead of asking for that much memory.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor's validated header entry; ``begin``/``end`` are offsets into the data section."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _invalid(path: Path, problem: str) -> SourceError:
+    return SourceError(f"{path} is not a valid safetensors file: {problem}; re-download it")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a header value, cut short: a hostile header must not produce a megabyte error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer: ``bool`` is an ``int`` subclass in Python but ``true`` is no offset."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any], int]:
+    """The header length, the parsed header object and the file size; nothing is trusted yet."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, 2)
+            handle.seek(0)
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _invalid(path, f"it is {size} bytes long, shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise _invalid(path, f"its header length {length} is above the {MAX_HEADER_BYTES}-byte limit")
+            if 8 + length > size:
+                raise _invalid(path, f"its header length {length} runs past the end of the {size}-byte file")
+            raw = handle.read(length)
+    except OSError as err:
+        raise SourceError(
+            f"{path} cannot be read ({err.strerror or err}); check that it exists and is readable"
+        ) from err
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise _invalid(path, f"its header is not UTF-8 ({err.reason} at byte {err.start})") from err
+    except ValueError as err:  # JSONDecodeError, or an integer literal past Python's digit limit
+        raise _invalid(path, f"its header is not valid JSON ({err})") from err
+    except RecursionError as err:
+        raise _invalid(path, "its header is JSON nested too deeply to be a tensor table") from err
+    if not isinstance(header, dict):
+        raise _invalid(path, f"its header is a JSON {type(header).__name__}, not an object")
+    return length, header, size
+
+
+def _check_metadata(path: Path, metadata: Any) -> None:
+    """``__metadata__`` is a string-to-string map; nothing here reads it, but a malformed one means damage."""
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _invalid(path, "its __metadata__ is not an object of strings")
+
+
+def _byte_count(shape: list[int], itemsize: int) -> int | None:
+    """``prod(shape) * itemsize``, or None past 2**64 bytes: a hostile shape must not cost a bignum."""
+    if 0 in shape:
+        return 0
+    count = itemsize
+    for dim in shape:
+        count *= dim
+        if count > 2**64:
+            return None
+    return count
+
+
+def _check_entry(path: Path, name: str, entry: Any) -> _Entry:
+    """One tensor's entry, checked so that its byte range holds exactly its dtype and shape."""
+    where = f"tensor {_short(name)}"
+    if not isinstance(entry, dict):
+        raise _invalid(path, f"{where} has a JSON {type(entry).__name__} entry, not an object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SourceError(
+            f"{path}: {where} has unsupported dtype {_short(dtype)} (supported: {', '.join(DTYPES)}); "
+            "re-save the checkpoint in one of them"
+        )
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _invalid(path, f"{where} has shape {_short(shape)}, not a list of non-negative integers")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _invalid(path, f"{where} has data_offsets {_short(offsets)}, not a list of two integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise _invalid(path, f"{where} has data_offsets [{begin}, {end}], not 0 <= begin <= end")
+    span = end - begin
+    expected = _byte_count(shape, DTYPES[dtype].itemsize)
+    if expected != span:
+        needs = "more than 2**64 bytes" if expected is None else f"{expected} bytes"
+        raise _invalid(path, f"{where} spans {span} bytes but its shape {_short(shape)} of {dtype} needs {needs}")
+    return _Entry(DTYPES[dtype], tuple(shape), begin, end)
+
+
+def _check_layout(path: Path, entries: dict[str, _Entry], data_size: int) -> None:
+    """Byte ranges ascend without overlapping and end within the file: no tensor reads another's bytes."""
+    covered_to, covered_by = 0, ""
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin < covered_to and entry.end > entry.begin:
+            raise _invalid(
+                path,
+                f"tensors {_short(covered_by)} and {_short(name)} overlap "
+                f"(data bytes {entry.begin}..{min(entry.end, covered_to)})",
+            )
+        if entry.end > covered_to:
+            covered_to, covered_by = entry.end, name
+    if covered_to > data_size:
+        raise _invalid(
+            path,
+            f"it is truncated: tensor {_short(covered_by)} ends at data byte {covered_to} "
+            f"but the file holds only {data_size} data bytes",
+        )
+
 
 class SafetensorsFile:
-    """One safetensors file; tensors are read with positioned reads on demand."""
+    """One safetensors file; the header is validated on open, tensors are read with positioned reads on demand."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        try:
-            with open(self.path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(length))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise SourceError(f"{self.path} is not a valid safetensors file ({err}); re-download it") from err
-        header.pop("__metadata__", None)
+        length, header, size = _read_header(self.path)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None:
+            _check_metadata(self.path, metadata)
+        self._entries = {name: _check_entry(self.path, name, entry) for name, entry in header.items()}
         self._data_start = 8 + length
-        self._entries = header
+        _check_layout(self.path, self._entries, size - self._data_start)
 
     def names(self) -> list[str]:
         return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name]["shape"])
+        return self._entries[name].shape
 
     def _read(self, offset: int, size: int) -> bytearray:
         buffer = bytearray(size)
@@ -70,28 +202,23 @@ class SafetensorsFile:
                 done += count
         return buffer
 
-    def _tensor(self, name: str, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
-        dtype = DTYPES[self._entries[name]["dtype"]]
+    def _tensor(self, entry: _Entry, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
         if end == begin:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._read(begin, end - begin), dtype=dtype).reshape(shape)
+            return torch.empty(shape, dtype=entry.dtype)
+        return torch.frombuffer(self._read(begin, end - begin), dtype=entry.dtype).reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        if entry["dtype"] not in DTYPES:
-            raise SourceError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        return self._tensor(name, begin, end, tuple(entry["shape"]))
+        return self._tensor(entry, entry.begin, entry.end, entry.shape)
 
     def read_row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
         entry = self._entries[name]
-        shape = tuple(entry["shape"])
-        begin, end = entry["data_offsets"]
-        row_bytes = (end - begin) // max(shape[0], 1)
+        shape = entry.shape
+        row_bytes = (entry.end - entry.begin) // max(shape[0], 1)
         for first in range(0, shape[0], rows):
             count = min(rows, shape[0] - first)
-            start = begin + first * row_bytes
-            yield self._tensor(name, start, start + count * row_bytes, (count, *shape[1:]))
+            start = entry.begin + first * row_bytes
+            yield self._tensor(entry, start, start + count * row_bytes, (count, *shape[1:]))
 
 
 def write_single_tensor(
