@@ -20,14 +20,15 @@ from edgellm_steps.chat_template import load_processed_chat_template, process_ch
 from edgellm_steps.checkpoint import DecoderDims, TensorStore, decoder_dims
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, SourceError
 from edgellm_steps.families import family_for
-from edgellm_steps.gptq import check_gptq_config, gptq_config
+from edgellm_steps.gptq import check_gptq_config
 from edgellm_steps.llm_graph import DecoderGraph
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
-from edgellm_steps.quant_info import read_quant_info
+from edgellm_steps.prequantized import held_precision
 from edgellm_steps.quant_linear import QuantPlan
-from edgellm_steps.sidecars import runtime_config, write_embedding, write_json, write_tokenizer_files
+from edgellm_steps.sidecars import runtime_config, write_embedding, write_json
 from edgellm_steps.sources import read_hf_config, resolve_source
+from edgellm_steps.tokenizer_files import check_tokenizer, copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def export_llm(
     spec = family_for(hf_config, where=str(checkpoint))
     dims = decoder_dims(hf_config)
     _check_supported(dims, spec.activation)
+    check_tokenizer(checkpoint)
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
 
     from transformers import AutoTokenizer
@@ -82,10 +84,11 @@ def export_llm(
     if processed_template is None:
         processed_template = process_chat_template(tokenizer)
     store = TensorStore(checkpoint)
-    gptq = gptq_config(hf_config)
-    if gptq is not None:
-        check_gptq_config(gptq, where=str(checkpoint))
-    quant = QuantPlan.from_info(read_quant_info(checkpoint), spec.lm_head.removesuffix(".weight"), gptq)
+    held = held_precision(checkpoint, hf_config)
+    if held is not None and held.gptq is not None:
+        check_gptq_config(held.gptq, where=str(checkpoint))
+    quant = QuantPlan.from_held(held, spec.lm_head.removesuffix(".weight"))
+    quant.check_tensors(store, str(checkpoint))
     precision = quant.precision
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
@@ -100,7 +103,7 @@ def export_llm(
         onnx.checker.check_model(str(staging / ONNX_NAME))
         write_embedding(store, spec, staging / "embedding.safetensors")
         write_json(staging / "config.json", runtime_config(dims, spec, hf_config))
-        write_tokenizer_files(checkpoint, tokenizer, staging)
+        copy_tokenizer_files(checkpoint, staging)
         write_json(staging / "processed_chat_template.json", processed_template)
         write_manifest(
             staging,

@@ -16,14 +16,17 @@ from typing import Any
 import yaml
 
 from edgellm_steps import digests
+from edgellm_steps.checkpoint import weight_files
 from edgellm_steps.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.digests import DigestCache
-from edgellm_steps.errors import ConfigError, PrecisionError
+from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
 from edgellm_steps.families import family_for
-from edgellm_steps.gptq import check_gptq_config, gptq_config
+from edgellm_steps.gptq import check_gptq_config
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.prequantized import HeldPrecision, held_precision
 from edgellm_steps.quantize_llm import check_block_dims
 from edgellm_steps.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
+from edgellm_steps.tokenizer_files import check_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,9 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "sidecars.py",
         "safetensors_io.py",
         "quant_linear.py",
-        "quant_info.py",
+        "prequantized.py",
+        "tokenizer_files.py",
+        "gptq.py",
         "weight_streams.py",
         "plugins/int4_gemm.py",
         "plugins/fp4_quantize.py",
@@ -52,11 +57,26 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
         "manifest.py",
         "atomic.py",
     ),
-    "quantize-llm": ("quantize_llm.py", "quant_recipes.py", "calibration.py", "quant_info.py", "nvfp4.py", "atomic.py"),
+    "quantize-llm": (
+        "quantize_llm.py",
+        "quant_recipes.py",
+        "calibration.py",
+        "prequantized.py",
+        "tokenizer_files.py",
+        "checkpoint.py",
+        "safetensors_io.py",
+        "nvfp4.py",
+        "atomic.py",
+    ),
     "build-engine": ("build_engine.py", "engine_profiles.py", "manifest.py", "atomic.py"),
     "verify-onnx": (
         "verify.py",
         "reference.py",
+        "reference_models.py",
+        "prequantized.py",
+        "gptq.py",
+        "checkpoint.py",
+        "safetensors_io.py",
         "parity.py",
         "plugins/attention.py",
         "plugins/int4_gemm.py",
@@ -98,7 +118,7 @@ class Planner:
         self.state_dir = state_dir
         self._schema = load_schema()
         # One DAG build asks about the same model for every job; resolve and read its source once.
-        self._sources: dict[str, tuple[Path, dict[str, Any]]] = {}
+        self._sources: dict[str, tuple[Path, dict[str, Any], HeldPrecision | None]] = {}
         self._stamps: dict[str, list[str]] = {}
         self._digests: DigestCache | None = None
 
@@ -110,14 +130,26 @@ class Planner:
         precision = parse_precision(text)
         return precision
 
-    def _source(self, model: str) -> tuple[Path, dict[str, Any]]:
-        """The model's local checkpoint and its config.json, checked to hold a supported architecture."""
+    def _source(self, model: str) -> tuple[Path, dict[str, Any], HeldPrecision | None]:
+        """The model's local checkpoint, its config.json and the precision it holds, checked.
+
+        Everything a step would only find out after loading the model is checked here: the
+        architecture, the tokenizer, which weight files the checkpoint has, and whether it is
+        already quantized.
+        """
         if model not in self._sources:
             settings = self.settings(model)
+            where = f"model '{model}' ({settings.source})"
             path = resolve_source(settings.source, model=model)
             hf_config = read_hf_config(path, model=model)
-            family_for(hf_config, where=f"model '{model}' ({settings.source})")
-            self._sources[model] = (path, hf_config)
+            family_for(hf_config, where=where)
+            try:
+                weight_files(path)
+                check_tokenizer(path)
+                held = held_precision(path, hf_config)
+            except SourceError as err:
+                raise SourceError(f"model '{model}': {err}") from err
+            self._sources[model] = (path, hf_config, held)
         return self._sources[model]
 
     def checkpoint(self, model: str) -> Path:
@@ -125,20 +157,24 @@ class Planner:
         return self._source(model)[0]
 
     def check_source_fits(self, model: str, precision: Precision) -> None:
-        """int4_gptq needs a GPTQ checkpoint, and a GPTQ checkpoint can only be exported as int4_gptq."""
-        gptq = gptq_config(self._source(model)[1])
+        """A pre-quantized source is exported as the precision it holds, and only as that one."""
+        _, hf_config, held = self._source(model)
         where = f"model '{model}'"
-        if precision.weights == "int4_gptq":
-            if gptq is None:
+        if held is None:
+            if precision.weights == "int4_gptq":
                 raise PrecisionError(
                     f"{where}: int4_gptq exports a checkpoint already quantized with GPTQ "
                     "(quantization_config.quant_method: gptq), and this one is not; use int4_awq to quantize it"
                 )
-            if precision.lm_head or precision.kv_cache:
-                raise PrecisionError(f"{where}: int4_gptq cannot be combined with -lm/-kv overrides in this release")
-            check_gptq_config(gptq, where=where)
-        elif gptq is not None:
-            raise PrecisionError(f"{where}: the source is a GPTQ checkpoint; request precision int4_gptq")
+        elif precision != held.precision:
+            raise PrecisionError(
+                f"{where}: the source is already quantized as {held.precision} ({held.origin}) and is never read as "
+                f"fp16 or quantized again; request precision {held.precision} "
+                f"(onnx/{model}_{held.precision}/llm/model.onnx)"
+            )
+        elif held.gptq is not None:
+            check_gptq_config(held.gptq, where=where)
+        check_block_dims(hf_config, precision, where=where)
 
     def source_inputs(self, model: str) -> list[str]:
         """The stamps standing for the model's source checkpoint (checked first)."""
@@ -153,9 +189,8 @@ class Planner:
         """The quantize step's manifest when ``precision`` needs that step, else None."""
         parsed = self.precision(model, precision)
         self.check_source_fits(model, parsed)
-        if not parsed.needs_quantize_step:
+        if self._source(model)[2] is not None or not parsed.needs_quantize_step:
             return None
-        check_block_dims(self._source(model)[1], parsed, where=f"model '{model}'")
         return f"quantized/{model}_{precision}/manifest.json"
 
     def quantize_inputs(self, model: str, precision: str) -> dict[str, Any]:
@@ -227,7 +262,7 @@ class Planner:
     def engine_mem_mb(self, model: str) -> int:
         """Host RAM of an engine job: a multiple of the source checkpoint's weight bytes, at least 4 GB."""
         checkpoint = self.checkpoint(model)
-        weight_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+        weight_bytes = sum(p.stat().st_size for p in weight_files(checkpoint))
         factor = float(self._section("engine").get("host_memory_factor", 4))
         return max(4096, math.ceil(factor * weight_bytes / 2**20))
 

@@ -29,11 +29,13 @@ from onnx import TensorProto
 
 from edgellm_steps import nvfp4
 from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.errors import SourceError
 from edgellm_steps.gptq import gptq_codes
 from edgellm_steps.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
 from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
 from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
 from edgellm_steps.precision import Precision
+from edgellm_steps.prequantized import HeldPrecision
 from edgellm_steps.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
 
 FP8_MAX = 448.0
@@ -53,13 +55,28 @@ class QuantPlan:
     gptq: dict | None = None
 
     @classmethod
-    def from_info(cls, info: dict | None, lm_head_module: str, gptq: dict | None = None) -> QuantPlan:
-        if gptq is not None:
-            return cls("int4_gptq", lm_head_module=lm_head_module, gptq=gptq)
-        if info is None:
+    def from_held(cls, held: HeldPrecision | None, lm_head_module: str) -> QuantPlan:
+        """The plan for a checkpoint holding ``held`` (None: a float checkpoint, exported as fp16)."""
+        if held is None:
             return cls(lm_head_module=lm_head_module)
-        weights = None if info["weights"] == "fp16" else info["weights"]
-        return cls(weights, info.get("lm_head"), info.get("kv_cache"), lm_head_module)
+        precision = held.precision
+        weights = None if precision.weights == "fp16" else precision.weights
+        return cls(weights, precision.lm_head, precision.kv_cache, lm_head_module, held.gptq)
+
+    def check_tensors(self, store: TensorStore, where: str) -> None:
+        """The checkpoint's quantizer tensors must be the ones its precision record promises."""
+        calibrated = f"{self.lm_head_module}.weight_quantizer._amax" in store
+        if calibrated != bool(self.lm_head):
+            state = "carries" if calibrated else "lacks"
+            raise SourceError(
+                f"{where}: the lm_head {state} calibrated quantizer tensors, but the precision record says "
+                f"{self.precision}; the record and the weights disagree: re-create the quantized checkpoint"
+            )
+        if any(name.endswith(".weight_scale") for name in store.names()):
+            raise SourceError(
+                f"{where} holds real low-precision weights (weight_scale tensors, a ModelOpt unified export), which "
+                "this release does not read; give the unquantized checkpoint to quantize here"
+            )
 
     @property
     def opset(self) -> int:

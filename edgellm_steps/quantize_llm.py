@@ -2,9 +2,9 @@
 
 The output directory is a normal HF checkpoint (weights, with smoothing and AWQ
 scales folded in by ModelOpt, plus every quantizer's calibrated ``_amax`` /
-``_pre_quant_scale`` as tensors), ``modelopt_state.pth`` (so transformers with
-ModelOpt's HF checkpointing restores the fake-quantized model), the tokenizer,
-and ``edgellm_quantization.json`` naming the precision for the export step.
+``_pre_quant_scale`` as tensors), ``modelopt_state.pth`` (the quantizers' configuration,
+plain data that verify reads back weights-only), the source's tokenizer files copied
+byte for byte, and ``edgellm_quantization.json`` naming the precision for the export step.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from typing import Any
 
 from edgellm_steps.atomic import staged_directory
 from edgellm_steps.calibration import BUILTIN, calibration_samples, load_corpus
-from edgellm_steps.checkpoint import decoder_dims
+from edgellm_steps.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
 from edgellm_steps.families import family_for
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.precision import Precision, parse_precision
-from edgellm_steps.quant_info import QUANT_INFO
+from edgellm_steps.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
 from edgellm_steps.quant_recipes import BLOCK_SIZES, calibration_batch_size, modelopt_config
 from edgellm_steps.sources import read_hf_config, resolve_source
+from edgellm_steps.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,15 @@ def quantize_llm(
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     hf_config = read_hf_config(checkpoint)
     family_for(hf_config, where=str(checkpoint))
+    held = held_precision(checkpoint, hf_config)
+    if held is not None:
+        raise PrecisionError(
+            f"{checkpoint} is already quantized as {held.precision} ({held.origin}); it is not quantized again: "
+            f"export it directly (precision {held.precision} in the workflow)"
+        )
     check_block_dims(hf_config, precision, where=str(checkpoint))
+    check_tokenizer(checkpoint)
+    TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
     import modelopt
     import modelopt.torch.opt as mto
@@ -118,8 +127,10 @@ def quantize_llm(
         device,
     )
 
-    mto.enable_huggingface_checkpointing()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype).to(device).eval()
+    # Plain loading, safetensors only: ModelOpt's HF checkpointing is not enabled, so nothing in the
+    # source (a modelopt_state.pth, a pickled .bin) is ever unpickled.
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+    model = model.to(device).eval()
 
     def forward_loop(quant_model) -> None:
         with torch.no_grad():
@@ -144,7 +155,8 @@ def quantize_llm(
     }
     with staged_directory(Path(output_dir), exclusive=True) as staging:
         model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
+        torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
+        copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(staging, step="quantize-llm", parameters=info)
     log.info("quantization finished in %.1f s", time.monotonic() - started)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,11 @@ import torch
 
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.checkpoint import DecoderDims, TensorStore
-from edgellm_steps.errors import SourceError
 from edgellm_steps.families import FamilySpec
 from edgellm_steps.safetensors_io import write_single_tensor
 from edgellm_steps.weight_streams import CHUNK_ELEMENTS
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def runtime_config(
@@ -57,24 +53,6 @@ def write_embedding(store: TensorStore, spec: FamilySpec, path: Path) -> None:
     rows = max(1, CHUNK_ELEMENTS // max(shape[-1], 1))
     chunks = (chunk.to(torch.float16).numpy() for chunk in store.row_chunks(spec.embed_tokens, rows))
     write_single_tensor(path, "embedding", shape, np.float16, chunks)
-
-
-def write_tokenizer_files(checkpoint: Path, tokenizer: Any, output_dir: Path) -> None:
-    """Copy the fast tokenizer files; without ``tokenizer.json`` in the checkpoint, save the loaded tokenizer."""
-    if all((checkpoint / name).is_file() for name in TOKENIZER_FILES):
-        for name in TOKENIZER_FILES:
-            shutil.copyfile(checkpoint / name, output_dir / name)
-        return
-    if not getattr(tokenizer, "is_fast", False):
-        raise SourceError(
-            f"{checkpoint} has no tokenizer.json and its tokenizer has no fast version; "
-            "the runtime needs tokenizer.json: convert the tokenizer with tokenizers and save it into the checkpoint"
-        )
-    scratch = output_dir / ".tokenizer"
-    tokenizer.save_pretrained(str(scratch))
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(scratch / name, output_dir / name)
-    shutil.rmtree(scratch)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

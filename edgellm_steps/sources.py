@@ -68,9 +68,15 @@ def read_hf_config(checkpoint: Path, *, model: str | None = None) -> dict:
             "point source at the directory that holds config.json"
         )
     try:
-        return json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SourceError(f"{owner}{config_path} is not valid JSON ({err}); repair or re-download it") from err
+    if not isinstance(config, dict):
+        raise SourceError(
+            f"{owner}{config_path} holds a JSON {type(config).__name__}, not the object of an HF config; "
+            "repair or re-download it"
+        )
+    return config
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:

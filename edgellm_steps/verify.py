@@ -23,13 +23,15 @@ from typing import Any
 import numpy as np
 
 from edgellm_steps.atomic import write_if_changed
+from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.errors import ParityError
 from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
-from edgellm_steps.precision import parse_precision
-from edgellm_steps.quant_info import read_quant_info
+from edgellm_steps.precision import Precision
+from edgellm_steps.prequantized import held_precision
 from edgellm_steps.reference import LLMRunner
-from edgellm_steps.sources import resolve_source
+from edgellm_steps.reference_models import load_reference_model
+from edgellm_steps.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +87,15 @@ def verify_onnx(
 ) -> dict[str, Any]:
     """Run the parity scenarios; write ``report`` (JSON) if given; raise :class:`ParityError` on a miss."""
     import torch
-    import transformers
 
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     checkpoint = resolve_source(str(model_dir), allow_download=True)
-    info = read_quant_info(checkpoint)
-    tolerance = tolerance_for(parse_precision(info["precision"]).formats() if info else ("fp16",))
-    if info is not None:
-        import modelopt.torch.opt as mto
-
-        # Restores ModelOpt's fake-quantized model: the reference a quantized export must match.
-        mto.enable_huggingface_checkpointing()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    held = held_precision(checkpoint, read_hf_config(checkpoint))
+    TensorStore(checkpoint)  # every shard header checked before transformers reads them
+    precision = held.precision if held else Precision("fp16")
+    tolerance = tolerance_for(precision.formats())
+    model = load_reference_model(checkpoint, held, torch.float32)
     capacity = prefill + decode + 1
     rope = hf_rope_table(model, capacity)
 
@@ -117,7 +115,7 @@ def verify_onnx(
     summary = {
         "onnx_dir": str(onnx_dir),
         "model_dir": str(model_dir),
-        "precision": info["precision"] if info else "fp16",
+        "precision": str(precision),
         "tolerances": {
             "max_abs_error_over_max_abs_logit": tolerance.rel_tol,
             "min_cosine": tolerance.min_cosine,

@@ -122,6 +122,13 @@ def test_sidecars(exported, case):
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"manifest.json"}
 
 
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_tokenizer_files_are_the_sources_bytes(exported, case):
+    checkpoint, out = exported(case)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (checkpoint / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("case", ["llama3-rope", "llama3-transformers4-config"])
 def test_llama3_rope_scaling_reaches_the_config(exported, case):
     _, out = exported(case)

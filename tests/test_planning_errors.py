@@ -142,3 +142,78 @@ def test_fp8_engine_below_sm89(workdir):
 def test_int4_gptq_needs_a_gptq_checkpoint(workdir):
     line = plan_error(workdir, "onnx/tiny_int4_gptq/llm/model.onnx")
     assert "int4_gptq exports a checkpoint already quantized with GPTQ" in line and "int4_awq" in line
+
+
+def _write(path, text: str) -> None:
+    path.write_text(text)
+
+
+def _index(workdir, weight_map) -> None:
+    _write(workdir / "ckpt/model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _move_weights_to_shard(workdir) -> dict:
+    """Rename model.safetensors to a shard and return a weight map naming it."""
+    from safetensors import safe_open
+
+    with safe_open(str(workdir / "ckpt/model.safetensors"), "np") as shard:
+        names = list(shard.keys())
+    (workdir / "ckpt/model.safetensors").rename(workdir / "ckpt/model-00001-of-00001.safetensors")
+    return dict.fromkeys(names, "model-00001-of-00001.safetensors")
+
+
+def _bad_tokenizer(workdir) -> None:
+    """A tokenizer that loads but knows two tokens: what transformers builds from nothing."""
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1}, unk_token="<unk>"))
+    tokenizer.save(str(workdir / "ckpt/tokenizer.json"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda w: (w / "ckpt/tokenizer.json").unlink(), "has no tokenizer.json, which the Edge-LLM runtime needs"),
+        (
+            lambda w: _write(w / "ckpt/tokenizer.json", "{not json"),
+            "is not a tokenizer the tokenizers library can load",
+        ),
+        (_bad_tokenizer, "encodes an English sentence to 1 distinct token(s), so it cannot tokenize text"),
+        (lambda w: _write(w / "ckpt/config.json", "[1, 2]"), "holds a JSON list, not the object of an HF config"),
+        (lambda w: _write(w / "ckpt/model.safetensors.index.json", "{oops"), "is not valid JSON"),
+        (lambda w: _write(w / "ckpt/model.safetensors.index.json", '{"metadata": {}}'), "weight_map"),
+        (lambda w: _index(w, {"a": "../outside.safetensors"}), "../outside.safetensors"),
+        (lambda w: _index(w, {"a": "/etc/passwd"}), "/etc/passwd"),
+        (lambda w: _index(w, {"a": "model-00001-of-00002.safetensors"}), "disagree"),
+        (lambda w: (w / "ckpt/model.safetensors").rename(w / "ckpt/pytorch_model.bin"), "pickled"),
+    ],
+    ids=[
+        "no-tokenizer",
+        "tokenizer-not-json",
+        "tokenizer-cannot-encode",
+        "config-not-object",
+        "index-not-json",
+        "index-without-weight-map",
+        "index-entry-outside",
+        "index-entry-absolute",
+        "index-and-single-file-disagree",
+        "bin-only",
+    ],
+)
+def test_checkpoint_validation_at_planning(workdir, damage, expected):
+    damage(workdir)
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert expected in line and "model 'tiny'" in line
+
+
+def test_a_sharded_index_alone_is_accepted(workdir):
+    _index(workdir, _move_weights_to_shard(workdir))
+    assert "export_llm" in run_snakemake(workdir, "-n", "onnx/tiny_fp16/llm/model.onnx").output
+
+
+def test_an_unsupported_quantized_source(workdir):
+    config = json.loads((workdir / "ckpt/config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (workdir / "ckpt/config.json").write_text(json.dumps(config))
+    line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
+    assert "quant_method 'bitsandbytes' is not supported" in line and "supported pre-quantized sources" in line

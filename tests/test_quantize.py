@@ -243,7 +243,7 @@ def test_int4_graph_structure_and_packing(quantized):
     init = initializers(model)
     assert init[f"{LAYER}.weight"].shape == (64, 256) and init[f"{LAYER}.weight"].dtype == np.int8
     assert init[f"{LAYER}.weight_quantizer.scale"].shape == (2, 128)
-    q = np.random.default_rng(0).integers(-8, 8, (6, 5)).astype(np.int8)
+    q = np.random.default_rng(0).integers(-8, 8, (8, 128)).astype(np.int8)
     assert np.array_equal(unpack_int4(pack_int4(q)), q)
 
 

@@ -281,8 +281,13 @@ def test_gptq_checkpoint_exports_without_a_quantize_job(tmp_path, checkpoint_fac
     )
     write_config(tmp_path, CONFIG)
     target = "onnx/tiny_int4_gptq/llm/model.onnx"
+    report = "reports/tiny_int4_gptq/verify.json"
     assert planned_jobs(run_snakemake(tmp_path, "-n", target).output) == {"export_llm": 1}
-    run_snakemake(tmp_path, target)
+    run_snakemake(tmp_path, target, report)
+    # verify's reference is the float model holding the dequantized GPTQ weights: no GPTQ kernel package.
+    summary = json.loads((tmp_path / report).read_text())
+    assert summary["passed"] and summary["precision"] == "int4_gptq"
+    assert all(case["greedy_match"] for case in summary["cases"].values())
     assert json.loads((tmp_path / "onnx/tiny_int4_gptq/llm/manifest.json").read_text())["parameters"]["precision"] == (
         "int4_gptq"
     )

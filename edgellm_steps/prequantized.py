@@ -1,0 +1,161 @@
+"""Checkpoints that arrive already quantized, and the one precision each can be exported as.
+
+A checkpoint that holds a precision of its own is never read as fp16 and never
+quantized again (contract section 2). Three layouts are accepted:
+
+- this project's quantize step output: ``edgellm_quantization.json`` names the precision;
+- ModelOpt's fake-quantized layout, as the classic quantize-llm writes it (float weights,
+  ``*_quantizer._amax`` / ``_pre_quant_scale`` tensors, ``modelopt_state.pth``):
+  ``hf_quant_config.json`` names it. It is the layout our own quantize step writes, so the
+  export reads it the same way;
+- GPTQ (``quantization_config.quant_method: gptq`` in ``config.json``): ``int4_gptq``.
+
+Everything else that announces quantization is refused with the list above: ModelOpt's
+unified export (real low-precision weights with ``weight_scale`` tensors and no
+``modelopt_state.pth``), other ``quantization_config`` methods, an unknown ``quant_algo``,
+and a ``modelopt_state.pth`` that no record explains. This module reads JSON only (planning
+imports it and must stay light); :func:`load_modelopt_state` is the one place that opens
+``modelopt_state.pth``, with a weights-only load no environment variable can turn off.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.gptq import gptq_config
+from edgellm_steps.precision import Precision, parse_precision
+
+#: The quantize step's record of the precision it wrote.
+QUANT_INFO = "edgellm_quantization.json"
+HF_QUANT_CONFIG = "hf_quant_config.json"
+MODELOPT_STATE = "modelopt_state.pth"
+
+#: ``quant_algo`` of ``hf_quant_config.json`` -> weight format of the fake-quantized layout.
+WEIGHT_ALGOS = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8_sq", "W4A16_AWQ": "int4_awq", "NVFP4": "nvfp4"}
+#: ``kv_cache_quant_algo`` -> KV-cache format.
+KV_ALGOS = {"FP8": "fp8"}
+#: LM-head formats by their ``quant_algo`` spelling (``quantized_layers.lm_head``).
+LM_HEAD_ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4"}
+LM_HEAD_MODULE = "lm_head"
+
+SUPPORTED = (
+    "supported pre-quantized sources: ModelOpt's fake-quantized checkpoint (hf_quant_config.json with quant_algo "
+    f"{'|'.join(WEIGHT_ALGOS)} and modelopt_state.pth, as quantize-llm writes it), this project's quantized "
+    "checkpoints, and GPTQ (int4_gptq)"
+)
+
+
+@dataclass(frozen=True)
+class HeldPrecision:
+    """The precision a pre-quantized checkpoint holds, and the file that says so."""
+
+    precision: Precision
+    origin: str
+    #: GPTQ's quantization config, for int4_gptq checkpoints.
+    gptq: dict[str, Any] | None = None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SourceError(f"{path} is not valid JSON ({err}); repair or re-download it") from err
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} holds a JSON {type(data).__name__}, not an object; repair or re-download it")
+    return data
+
+
+def _lm_head_format(quant: dict[str, Any], weights: str, path: Path) -> str | None:
+    """The lm_head's format: excluded -> None; stated in ``quantized_layers``; else the weights' format."""
+    excluded = quant.get("exclude_modules") or []
+    if any(fnmatch.fnmatchcase(LM_HEAD_MODULE, str(pattern)) for pattern in excluded):
+        return None
+    stated = (quant.get("quantized_layers") or {}).get(LM_HEAD_MODULE)
+    if isinstance(stated, dict) and stated.get("quant_algo") in LM_HEAD_ALGOS:
+        return LM_HEAD_ALGOS[stated["quant_algo"]]
+    if weights in LM_HEAD_ALGOS.values():
+        return weights
+    raise SourceError(
+        f"{path}: lm_head is not in exclude_modules, so it is quantized, but the file does not say in which format; "
+        "add lm_head to exclude_modules or quantized_layers.lm_head.quant_algo (FP8|NVFP4)"
+    )
+
+
+def _from_hf_quant_config(checkpoint: Path) -> HeldPrecision:
+    path = checkpoint / HF_QUANT_CONFIG
+    quant = _json_object(path).get("quantization")
+    if not isinstance(quant, dict):
+        raise SourceError(f"{path} has no 'quantization' object; repair or re-download it")
+    algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if algo not in WEIGHT_ALGOS:
+        raise SourceError(f"{path}: quant_algo {algo!r} is not supported; {SUPPORTED}")
+    if kv_algo is not None and kv_algo not in KV_ALGOS:
+        raise SourceError(f"{path}: kv_cache_quant_algo {kv_algo!r} is not supported (only FP8 or null)")
+    if not (checkpoint / MODELOPT_STATE).is_file():
+        raise SourceError(
+            f"{checkpoint} is a ModelOpt unified export (real low-precision weights, no {MODELOPT_STATE}), "
+            f"which this release does not read; {SUPPORTED}; or give the unquantized checkpoint to quantize here"
+        )
+    weights = WEIGHT_ALGOS[algo]
+    precision = Precision(weights, _lm_head_format(quant, weights, path), KV_ALGOS.get(kv_algo))
+    return HeldPrecision(precision, HF_QUANT_CONFIG)
+
+
+def held_precision(checkpoint: Path, hf_config: dict[str, Any]) -> HeldPrecision | None:
+    """The precision ``checkpoint`` already holds, None for a plain float checkpoint; refuses unknown layouts."""
+    checkpoint = Path(checkpoint)
+    gptq = gptq_config(hf_config)
+    if gptq is not None:
+        return HeldPrecision(Precision("int4_gptq"), "config.json quantization_config", gptq)
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "modelopt"):
+        raise SourceError(f"{checkpoint}: quantization_config.quant_method {method!r} is not supported; {SUPPORTED}")
+    if (checkpoint / QUANT_INFO).is_file():
+        record = _json_object(checkpoint / QUANT_INFO)
+        try:
+            return HeldPrecision(parse_precision(str(record.get("precision"))), QUANT_INFO)
+        except PrecisionError as err:
+            raise SourceError(f"{checkpoint / QUANT_INFO}: {err}; re-run the quantize step") from err
+    if (checkpoint / HF_QUANT_CONFIG).is_file():
+        return _from_hf_quant_config(checkpoint)
+    if method == "modelopt":
+        raise SourceError(
+            f"{checkpoint}: config.json says quant_method modelopt but has no {HF_QUANT_CONFIG}; {SUPPORTED}"
+        )
+    if (checkpoint / MODELOPT_STATE).is_file():
+        raise SourceError(
+            f"{checkpoint} carries {MODELOPT_STATE} but no {HF_QUANT_CONFIG} naming its precision, so its weights "
+            f"cannot be read as fp16 nor as a known precision; add {HF_QUANT_CONFIG} or use the unquantized checkpoint"
+        )
+    return None
+
+
+def load_modelopt_state(checkpoint: Path) -> dict[str, Any]:
+    """``modelopt_state.pth`` through torch's weights-only unpickler: plain data, never code.
+
+    ``weights_only=True`` is passed explicitly: torch lets ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    override only a call that leaves it unset, so no environment variable can turn this off.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(checkpoint) / MODELOPT_STATE
+    if not path.is_file():
+        raise SourceError(f"{checkpoint} has no {MODELOPT_STATE}; it is not a ModelOpt fake-quantized checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SourceError(
+            f"{path} is not a plain-data ModelOpt state (refused by the weights-only loader: {reason}); "
+            "re-create the checkpoint with ModelOpt or quantize-llm"
+        ) from err
+    if not isinstance(state, dict) or "modelopt_state_dict" not in state:
+        raise SourceError(f"{path} holds no ModelOpt state; re-create the checkpoint with ModelOpt or quantize-llm")
+    return state

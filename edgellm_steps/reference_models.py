@@ -1,0 +1,86 @@
+"""The transformers model an export is verified against, for each kind of checkpoint.
+
+- a float checkpoint: the model itself;
+- a ModelOpt fake-quantized checkpoint (ours or the classic tool's): the float model, its
+  quantizers restored from ``modelopt_state.pth`` read weights-only, and the calibrated
+  quantizer tensors loaded from the safetensors shards. ModelOpt's own HF checkpointing
+  would unpickle that file with whatever loader the environment selects; this never does;
+- a GPTQ checkpoint: the float model holding the dequantized weights, (code - 8) x scale,
+  so no GPTQ kernel package is needed.
+
+Only safetensors weights are read (``use_safetensors=True``): no pickle is ever loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.errors import SourceError
+from edgellm_steps.gptq import gptq_codes
+from edgellm_steps.plugins.int4_gemm import GROUP_SIZE
+from edgellm_steps.prequantized import HeldPrecision, load_modelopt_state
+
+log = logging.getLogger(__name__)
+
+_GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+def _float_model(checkpoint: Path, dtype):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+
+
+def _fake_quantized_model(checkpoint: Path, dtype):
+    import modelopt.torch.opt as mto
+
+    state = load_modelopt_state(checkpoint)
+    model = mto.restore_from_modelopt_state(_float_model(checkpoint, dtype), modelopt_state=state)
+    store = TensorStore(checkpoint)
+    quantizers = {name: store.get(name) for name in store.names() if "_quantizer." in name}
+    result = model.load_state_dict(quantizers, strict=False)
+    if result.unexpected_keys:
+        raise SourceError(
+            f"{checkpoint}: quantizer tensors {result.unexpected_keys[:3]} match no quantizer of {checkpoint}/"
+            "modelopt_state.pth; the state and the weights disagree: re-create the quantized checkpoint"
+        )
+    return model
+
+
+def _dequantized_gptq_model(checkpoint: Path, dtype, gptq: dict):
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    store = TensorStore(checkpoint)
+    tensors = {}
+    for name in store.names():
+        if name.endswith(".qweight"):
+            module = name.removesuffix(".qweight")
+            q, scales = gptq_codes(store, module, gptq)
+            per_input = torch.from_numpy(scales).float().repeat_interleave(GROUP_SIZE, dim=0).t()  # [N, K]
+            tensors[f"{module}.weight"] = torch.from_numpy(q).float() * per_input
+        elif not name.endswith(_GPTQ_PARTS):
+            tensors[name] = store.get(name)
+    missing = model.load_state_dict(tensors, strict=False).missing_keys
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied:
+        raise SourceError(f"{checkpoint}: GPTQ checkpoint lacks {sorted(set(missing) - tied)[:3]}; is it whole?")
+    model.tie_weights()
+    return model
+
+
+def load_reference_model(checkpoint: Path, held: HeldPrecision | None, dtype):
+    """The model an export of ``checkpoint`` must reproduce, in ``dtype``, in eval mode."""
+    if held is None:
+        model = _float_model(checkpoint, dtype)
+    elif held.gptq is not None:
+        model = _dequantized_gptq_model(checkpoint, dtype, held.gptq)
+    else:
+        model = _fake_quantized_model(checkpoint, dtype)
+    return model.eval()
