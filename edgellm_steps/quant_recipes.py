@@ -36,7 +36,9 @@ CALIBRATION_BATCH = {"int4_awq": 16}
 #: Block size of int4 weights: input dims must be multiples of it.
 INT4_GROUP_SIZE = 128
 #: Formats that quantize GEMM inputs in blocks, and the block size.
-BLOCK_SIZES = {"int4_awq": INT4_GROUP_SIZE, "nvfp4": 16}
+BLOCK_SIZES = {"int4_awq": INT4_GROUP_SIZE, "int4_gptq": INT4_GROUP_SIZE, "nvfp4": 16}
+#: Weight formats stored through ``trt::Int4GroupwiseGemmPlugin``.
+INT4_FORMATS = ("int4_awq", "int4_gptq")
 
 
 def modelopt_config(precision: Precision) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, Precision
 from edgellm_steps.families import family_for
 from edgellm_steps.manifest import write_manifest
 from edgellm_steps.nvfp4 import cpu_fake_quantization
+from edgellm_steps.plugins.int4_gemm import ROW_GROUP
 from edgellm_steps.precision import Precision, parse_precision
 from edgellm_steps.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
-from edgellm_steps.quant_recipes import BLOCK_SIZES, calibration_batch_size, modelopt_config
+from edgellm_steps.quant_recipes import BLOCK_SIZES, INT4_FORMATS, calibration_batch_size, modelopt_config
 from edgellm_steps.sources import read_hf_config, resolve_source
 from edgellm_steps.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
 
@@ -52,6 +53,19 @@ def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: 
             raise PrecisionError(
                 f"{where}: {fmt} needs GEMM input dims that are multiples of {block}, but {layer} has {size}; {fix}"
             )
+    if precision.weights in INT4_FORMATS:
+        outputs = (
+            ("self_attn.q_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
+            ("self_attn.k_proj/v_proj (num_key_value_heads x head_dim)", dims.num_kv_heads * dims.head_dim),
+            ("mlp.gate_proj/up_proj (intermediate_size)", dims.intermediate_size),
+            ("self_attn.o_proj/mlp.down_proj (hidden_size)", dims.hidden_size),
+        )
+        for layer, size in outputs:
+            if size % ROW_GROUP:
+                raise PrecisionError(
+                    f"{where}: {precision.weights} packs output rows in groups of {ROW_GROUP}, but "
+                    f"model.layers.*.{layer} has {size} rows; {fix}"
+                )
 
 
 def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | None) -> Precision:

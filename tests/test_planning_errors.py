@@ -217,3 +217,11 @@ def test_an_unsupported_quantized_source(workdir):
     (workdir / "ckpt/config.json").write_text(json.dumps(config))
     line = plan_error(workdir, "onnx/tiny_fp16/llm/model.onnx")
     assert "quant_method 'bitsandbytes' is not supported" in line and "supported pre-quantized sources" in line
+
+
+def test_int4_output_rows_in_groups_of_four(workdir):
+    config = json.loads((workdir / "ckpt/config.json").read_text())
+    shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 64, "head_dim": 2}
+    (workdir / "ckpt/config.json").write_text(json.dumps({**config, **shape, "num_key_value_heads": 1}))
+    line = plan_error(workdir, "onnx/tiny_int4_awq/llm/model.onnx")
+    assert "int4_awq packs output rows in groups of 4" in line and "k_proj/v_proj" in line and "has 2 rows" in line

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -198,22 +199,43 @@ def test_quantize_copies_tokenizer_files_byte_for_byte(checkpoint_factory, case,
         assert (tmp_path / "q" / name).read_bytes() == (source / name).read_bytes(), name
 
 
-def test_weights_only_restore_equals_modelopts_own_restore(classic):
-    """Our loader (weights-only state + quantizer tensors) builds the model ModelOpt's HF checkpointing builds."""
-    import modelopt.torch.opt as mto
-    import transformers
+MODELOPT_RESTORE = """
+import sys, numpy as np, torch, transformers, modelopt.torch.opt as mto
+from edgellm_steps.nvfp4 import cpu_fake_quantization
+mto.enable_huggingface_checkpointing()
+model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+with torch.no_grad(), cpu_fake_quantization():
+    logits = model(torch.from_numpy(np.load(sys.argv[2]))).logits
+np.save(sys.argv[3], logits.numpy())
+"""
 
+
+def test_weights_only_restore_equals_modelopts_own_restore(classic, tmp_path):
+    """Our loader (weights-only state + quantizer tensors) builds the model ModelOpt's HF checkpointing builds.
+
+    ModelOpt's restore runs in a child process: it patches transformers for the whole process.
+    """
     from edgellm_steps.nvfp4 import cpu_fake_quantization
     from edgellm_steps.reference_models import load_reference_model
 
     ours = classic.parent / "ours"  # our own output: its modelopt_state.pth is trusted here
     plain = load_reference_model(classic, None, torch.float32)  # the float weights, quantizers ignored
     mine = load_reference_model(classic, held_precision(classic, {}), torch.float32)
-    mto.enable_huggingface_checkpointing()
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(ours), dtype=torch.float32).eval()
-    ids = torch.randint(0, theirs.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, mine.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    child = [
+        str(BIN / "python"),
+        "-c",
+        MODELOPT_RESTORE,
+        str(ours),
+        str(tmp_path / "ids.npy"),
+        str(tmp_path / "out.npy"),
+    ]
+    result = subprocess.run(child, env=tool_env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = torch.from_numpy(np.load(tmp_path / "out.npy"))
     with torch.no_grad(), cpu_fake_quantization():
-        expected, got, unquantized = theirs(ids).logits, mine(ids).logits, plain(ids).logits
+        got, unquantized = mine(ids).logits, plain(ids).logits
     assert torch.equal(got, expected)
     assert not torch.allclose(unquantized, expected, rtol=0, atol=1e-4)  # the quantizers are really active
 

@@ -19,8 +19,10 @@ from edgellm_steps.export_llm import export_llm
 from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.parity import compare_logits, hf_rope_table
 from edgellm_steps.plugins.int4_gemm import pack_int4, unpack_int4
+from edgellm_steps.prequantized import held_precision
 from edgellm_steps.quantize_llm import quantize_llm
 from edgellm_steps.reference import LLMRunner
+from edgellm_steps.reference_models import load_reference_model
 from edgellm_steps.verify import verify_onnx
 
 from .conftest import BIN, tool_env
@@ -85,10 +87,7 @@ def initializers(model) -> dict[str, np.ndarray]:
 
 
 def fake_quant_module(checkpoint, name):
-    import modelopt.torch.opt as mto
-
-    mto.enable_huggingface_checkpointing()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    model = load_reference_model(checkpoint, held_precision(checkpoint, {}), torch.float32)
     return model, model.get_submodule(name)
 
 
