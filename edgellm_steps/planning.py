@@ -15,7 +15,6 @@ from typing import Any
 
 import yaml
 
-from edgellm_steps import digests
 from edgellm_steps.checkpoint import weight_files
 from edgellm_steps.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.digests import DigestCache
@@ -31,60 +30,6 @@ from edgellm_steps.tokenizer_files import check_tokenizer
 log = logging.getLogger(__name__)
 
 CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-#: Modules whose code decides each step's output: a change to any of them reruns that step's jobs.
-STEP_MODULES: dict[str, tuple[str, ...]] = {
-    "export-llm": (
-        "export_llm.py",
-        "llm_graph.py",
-        "llm_io.py",
-        "onnx_builder.py",
-        "plugins/attention.py",
-        "checkpoint.py",
-        "families.py",
-        "sidecars.py",
-        "safetensors_io.py",
-        "quant_linear.py",
-        "prequantized.py",
-        "tokenizer_files.py",
-        "gptq.py",
-        "weight_streams.py",
-        "plugins/int4_gemm.py",
-        "plugins/fp4_quantize.py",
-        "nvfp4.py",
-        "chat_template.py",
-        "manifest.py",
-        "atomic.py",
-    ),
-    "quantize-llm": (
-        "quantize_llm.py",
-        "quant_recipes.py",
-        "calibration.py",
-        "prequantized.py",
-        "tokenizer_files.py",
-        "checkpoint.py",
-        "safetensors_io.py",
-        "nvfp4.py",
-        "atomic.py",
-    ),
-    "build-engine": ("build_engine.py", "engine_profiles.py", "manifest.py", "atomic.py"),
-    "verify-onnx": (
-        "verify.py",
-        "reference.py",
-        "reference_models.py",
-        "prequantized.py",
-        "gptq.py",
-        "checkpoint.py",
-        "safetensors_io.py",
-        "parity.py",
-        "plugins/attention.py",
-        "plugins/int4_gemm.py",
-        "plugins/fp4_quantize.py",
-        "nvfp4.py",
-    ),
-}
-
 
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
     """The config Snakemake loaded, or ``config.yaml`` found in the work directory; validated."""
@@ -102,12 +47,6 @@ def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict
             )
     validate_config(config)
     return config
-
-
-def step_code_digest(step: str) -> str:
-    """A digest of the code that implements ``step``; recorded as a rule param."""
-    parts = [digests.bytes_digest((PACKAGE_DIR / module).read_bytes()) for module in STEP_MODULES[step]]
-    return digests.bytes_digest("".join(parts).encode())[:16]
 
 
 class Planner:

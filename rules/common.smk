@@ -5,7 +5,8 @@ import os
 import sys
 
 from edgellm_steps.errors import EdgeLLMError
-from edgellm_steps.planning import Planner, load_workflow_config, step_code_digest
+from edgellm_steps.planning import Planner, load_workflow_config
+from edgellm_steps.step_code import step_code_digest
 
 
 def abort(err):

@@ -1,0 +1,58 @@
+"""A step's recorded implementation digest covers exactly the project modules its command imports."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edgellm_steps.step_code import PACKAGE_DIR, STEP_ENTRY_POINTS, import_closure, step_code_digest
+
+
+def names(step: str) -> set[str]:
+    return {p.relative_to(PACKAGE_DIR).as_posix() for p in import_closure(STEP_ENTRY_POINTS[step])}
+
+
+def test_closures_follow_the_imports():
+    export, quantize, verify, engine = (names(s) for s in ("export-llm", "quantize-llm", "verify-onnx", "build-engine"))
+    # reached only through other modules (llm_graph -> plugins/attention; quant_linear -> nvfp4) or lazily
+    assert {"cli/export_llm.py", "llm_graph.py", "plugins/attention.py", "nvfp4.py", "safetensors_io.py"} <= export
+    assert {"__init__.py", "cli/__init__.py", "plugins/__init__.py", "tokenizer_files.py"} <= export
+    assert {"calibration.py", "quant_recipes.py"} <= quantize and not {"calibration.py", "quant_recipes.py"} & export
+    assert "llm_graph.py" not in quantize
+    assert {"reference.py", "reference_models.py", "parity.py"} <= verify
+    assert {"engine_profiles.py", "config.py"} <= engine and "llm_graph.py" not in engine
+    assert all("planning.py" not in closure for closure in (export, quantize, verify, engine))
+
+
+@pytest.fixture
+def package_copy(tmp_path):
+    return shutil.copytree(PACKAGE_DIR, tmp_path / "edgellm_steps", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def digests(package_dir) -> dict[str, str]:
+    step_code_digest.cache_clear()
+    try:
+        return {step: step_code_digest(step, package_dir) for step in STEP_ENTRY_POINTS}
+    finally:
+        step_code_digest.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("module", "changed"),
+    [
+        ("llm_graph.py", {"export-llm"}),  # export only
+        ("calibration.py", {"quantize-llm"}),  # quantize only
+        ("engine_profiles.py", {"build-engine"}),
+        ("reference.py", {"verify-onnx"}),
+        ("sidecars.py", {"export-llm"}),
+        ("nvfp4.py", {"export-llm", "quantize-llm", "verify-onnx"}),
+    ],
+)
+def test_editing_a_module_changes_exactly_the_steps_that_import_it(package_copy, module, changed):
+    before = digests(package_copy)
+    assert before == digests(PACKAGE_DIR)
+    with open(package_copy / module, "a", encoding="utf-8") as handle:
+        handle.write("\n# an edit\n")
+    after = digests(package_copy)
+    assert {step for step in STEP_ENTRY_POINTS if after[step] != before[step]} == changed
