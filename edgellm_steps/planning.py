@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
 
+
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
     """The config Snakemake loaded, or ``config.yaml`` found in the work directory; validated."""
     if not config.get("models") and "defaults" not in config:
