@@ -43,19 +43,34 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     return True
 
 
-def remove_stale_staging(directory: Path) -> None:
-    """Delete staging directories that a killed run left in ``directory``."""
-    if not directory.is_dir():
+def staging_prefix(destination: Path) -> str:
+    """The name prefix of ``destination``'s staging directories, unique to that destination.
+
+    The name's length comes first, so no destination's prefix is a prefix of another's
+    (``.staging-3-fp8-`` cannot match the staging of ``fp8-kvfp8``): several jobs that
+    write into one parent directory at once never take each other's staging for a leftover.
+    """
+    name = Path(destination).name
+    return f"{STAGING_PREFIX}{len(name)}-{name}-"
+
+
+def remove_stale_staging(destination: Path) -> None:
+    """Delete the staging directories that an interrupted run for ``destination`` left beside it.
+
+    Only ``destination``'s own: a sibling job writing into the same parent keeps its staging.
+    """
+    parent, prefix = Path(destination).parent, staging_prefix(destination)
+    if not parent.is_dir():
         return
-    for entry in directory.iterdir():
-        if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
+    for entry in parent.iterdir():
+        if entry.name.startswith(prefix) and entry.is_dir():
             log.info("removing leftover staging directory %s from an interrupted run", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
 
 def _replace_directory(staging: Path, destination: Path) -> None:
     if destination.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{destination.name}-old-", dir=destination.parent))
+        retired = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(destination)}old-", dir=destination.parent))
         os.replace(destination, retired / destination.name)
         os.replace(staging, destination)
         shutil.rmtree(retired, ignore_errors=True)
@@ -77,8 +92,8 @@ def staged_directory(destination: Path, *, exclusive: bool = False) -> Iterator[
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(destination.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{destination.name}-", dir=destination.parent))
+    remove_stale_staging(destination)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(destination), dir=destination.parent))
     try:
         yield staging
         if exclusive:
