@@ -2,11 +2,12 @@
 # The logic lives in edgellm_steps.planning; these wrappers only turn a user error
 # into one line on stderr and stop the plan before any job runs.
 import os
+import shlex
 import sys
 
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.planning import Planner, load_workflow_config
-from edgellm_steps.step_code import step_code_digest
+from edgellm_steps.step_code import STEP_ENTRY_POINTS, step_code_digest
 
 
 def abort(err):
@@ -45,6 +46,15 @@ def step_code(step):
     """A recorded param: editing a step's implementation reruns its jobs."""
     version = f"{step} implementation {step_code_digest(step)}"
     return lambda wildcards: version
+
+
+def step_command(step):
+    """The step's command run by the interpreter that runs Snakemake: no activated venv or PATH needed.
+
+    A function of `input`, so not recorded: where the venv lives does not change what is built.
+    """
+    command = f"{shlex.quote(sys.executable)} -m {STEP_ENTRY_POINTS[step]}"
+    return lambda wildcards, input: command
 
 
 def export_llm_inputs(wildcards):

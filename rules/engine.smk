@@ -24,13 +24,14 @@ rule build_engine:
         slurm_partition=engine_partition,
     params:
         code=step_code("build-engine"),
+        command=step_command("build-engine"),
         sm=engine_sm,
         limits=engine_limits,
         plugin=engine_plugin,
     shell:
         # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
         # (profiles/local runs one GPU job at a time).
-        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} edgellm-build-engine --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
+        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
         " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
 
 

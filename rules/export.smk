@@ -21,8 +21,9 @@ rule export_llm:
         "../envs/export.yaml"
     params:
         code=step_code("export-llm"),
+        command=step_command("export-llm"),
         checkpoint=export_checkpoint,
         options=export_options,
     shell:
-        "edgellm-export-llm --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
         " {params.options} > {log:q} 2>&1"

@@ -14,9 +14,10 @@ rule quantize_llm:
         "../envs/export.yaml"
     params:
         code=step_code("quantize-llm"),
+        command=step_command("quantize-llm"),
         checkpoint=source_checkpoint,
         options=quantize_options,
         device=quantize_device,
     shell:
-        "edgellm-quantize-llm --model_dir {params.checkpoint:q} --output_dir $(dirname {output.manifest:q})"
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.manifest:q})"
         " {params.options} --device {params.device} > {log:q} 2>&1"

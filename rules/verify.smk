@@ -14,7 +14,8 @@ rule verify_onnx:
         "../envs/export.yaml"
     params:
         code=step_code("verify-onnx"),
+        command=step_command("verify-onnx"),
         checkpoint=export_checkpoint,
     shell:
-        "edgellm-verify-onnx --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
+        "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
         " --report {output.report:q} > {log:q} 2>&1"

@@ -91,7 +91,9 @@ def tool_env() -> dict[str, str]:
     return env
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True, snakefile: Path | None = None):
+def run_snakemake(
+    workdir: Path, *args: str, check: bool = True, snakefile: Path | None = None, env: dict[str, str] | None = None
+):
     """Run the real workflow in ``workdir``; returns the CompletedProcess (stdout+stderr merged)."""
     command = [
         str(BIN / "snakemake"),
@@ -103,7 +105,7 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True, snakefile: Path
         "2",
         *args,
     ]
-    result = subprocess.run(command, env=tool_env(), capture_output=True, text=True)
+    result = subprocess.run(command, env=env or tool_env(), capture_output=True, text=True)
     result.output = result.stdout + result.stderr
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({result.returncode}):\n{result.output[-4000:]}")

@@ -12,6 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from edgellm_steps.atomic import staging_prefix
+
 from .conftest import BIN, REPO, copy_checkpoint, run_snakemake, tool_env, write_config
 
 pytestmark = pytest.mark.workflow
@@ -115,7 +117,9 @@ def test_engine_only_config_keeps_the_onnx_and_export_config_does_not(built):
 def _wait_for_staging_data(workdir: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if list((workdir / "onnx/tiny_fp16").glob(".staging-llm-*/onnx_model.data")):
+        if list(
+            (workdir / "onnx/tiny_fp16").glob(f"{staging_prefix(workdir / 'onnx/tiny_fp16/llm')}*/onnx_model.data")
+        ):
             return
         if process.poll() is not None:
             raise AssertionError("the export finished before it could be interrupted")
@@ -155,7 +159,7 @@ def test_sigkill_of_the_export_step_leaves_nothing_complete(big_workdir):
     steps = [
         p
         for p in psutil.Process(process.pid).children(recursive=True)
-        if any("edgellm-export-llm" in part for part in p.cmdline())
+        if any("edgellm_steps.cli.export_llm" in part for part in p.cmdline())
     ]
     assert steps, "no export process found"
     for step in steps:
@@ -202,7 +206,12 @@ def test_runs_from_any_workdir_and_writes_nothing_into_the_checkout(tmp_path, sh
     work.mkdir()
     copy_checkpoint(sharded_checkpoint, work / "ckpt")
     config = write_config(work, CONFIG)
-    run_snakemake(work, ONNX, "--configfile", str(config))
+    # `<checkout>/.venv/bin/snakemake` with an untouched PATH: the venv is neither activated nor on PATH.
+    untouched = {
+        **os.environ,
+        "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(BIN)),
+    }
+    run_snakemake(work, ONNX, "--configfile", str(config), env=untouched)
     assert (work / ONNX).is_file() and (work / ".edgellm").is_dir() and (work / "logs").is_dir()
     assert snapshot() == before
 
