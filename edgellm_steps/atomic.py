@@ -1,18 +1,24 @@
 """Writing files and directories so that a killed writer leaves nothing that looks finished.
 
 Everything is written under a temporary name beside its destination and renamed
-into place only when complete; ``rename`` within one directory is atomic.
+into place only when complete; ``rename`` within one directory is atomic. Step
+outputs are also claimed (:mod:`edgellm_steps.claims`), so only the newest run of
+a destination ever commits it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from edgellm_steps.claims import Claim, take_claim
 
 log = logging.getLogger(__name__)
 
@@ -68,42 +74,63 @@ def remove_stale_staging(destination: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (``renameat2`` with ``RENAME_EXCHANGE``); False where unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False  # a kernel or file system without it
+    raise OSError(err, os.strerror(err), str(second))
+
+
 def _replace_directory(staging: Path, destination: Path) -> None:
-    if destination.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(destination)}old-", dir=destination.parent))
-        os.replace(destination, retired / destination.name)
-        os.replace(staging, destination)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, destination)
+    """Put ``staging`` in ``destination``'s place with one rename; what was there is deleted after.
+
+    A reader sees the old directory or the new one, never a mix. Where the file system
+    cannot exchange two paths, the old directory is first renamed aside: a reader may
+    then briefly find no directory, still never files of two runs.
+    """
+    if not destination.exists() and not destination.is_symlink():
+        os.rename(staging, destination)
+        return
+    if _exchange(staging, destination):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous content
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f"{staging_prefix(destination)}old-", dir=destination.parent))
+    os.replace(destination, retired / destination.name)
+    os.rename(staging, destination)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def staged_directory(destination: Path, *, exclusive: bool = False) -> Iterator[Path]:
-    """Yield an empty staging directory; on success move its files into ``destination``.
+def staged_directory(destination: Path) -> Iterator[Path]:
+    """Yield an empty staging directory; on success it becomes ``destination``, whole, in one rename.
 
-    By default files are moved one by one (``destination`` may already hold files
-    of other steps, such as a LoRA graph beside the base graph), in sorted order
-    except that ``model.onnx`` and ``manifest.json`` come last: a reader that finds
-    the manifest finds everything it lists. With ``exclusive`` the step owns the
-    whole directory: the staging directory replaces it, so no file of an earlier
-    run (a shard of another name) survives. On failure the staging directory is
-    removed and ``destination`` is left as it was.
+    The step owns ``destination``: no file of an earlier run (a shard of another name,
+    half an interrupted export) survives. The run first claims the destination
+    (:mod:`edgellm_steps.claims`) and commits only if no later-started run has claimed
+    it since, so an orphan of a killed workflow never replaces a newer result. On
+    failure the staging directory is removed and ``destination`` is left as it was.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    claim = take_claim(destination)
     remove_stale_staging(destination)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(destination), dir=destination.parent))
     try:
         yield staging
-        if exclusive:
+        with claim.committing():
             _replace_directory(staging, destination)
-            return
-        destination.mkdir(parents=True, exist_ok=True)
-        last = ("model.onnx", "manifest.json")
-        names = sorted(p.name for p in staging.iterdir())
-        ordered = [n for n in names if n not in last] + [n for n in last if n in names]
-        for name in ordered:
-            os.replace(staging / name, destination / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_claimed(claim: Claim, data: bytes) -> bool:
+    """Write ``data`` to the claimed file unless a later-started run claimed it since; see :func:`write_if_changed`."""
+    with claim.committing():
+        return write_if_changed(claim.destination, data)

@@ -26,7 +26,7 @@ from edgellm_steps.atomic import staged_directory
 from edgellm_steps.config import LIMITS_READ, BuildLimits
 from edgellm_steps.engine_profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
-from edgellm_steps.manifest import MANIFEST_NAME, write_manifest
+from edgellm_steps.manifest import check_step_output, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,13 @@ def build_engine(
 ) -> Path:
     """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``."""
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
-    if not (onnx_dir / MANIFEST_NAME).is_file():
-        raise EdgeLLMError(f"{onnx_dir} is not a finished export (no {MANIFEST_NAME}); run the export first")
+    check_step_output(onnx_dir, "export-llm")
     plugin = check_build_host(sm, plugin_path)
     export_config = json.loads((onnx_dir / "config.json").read_text())
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
     kind = engine_kind(graph)
     profiles = engine_profiles(graph, limits)
-    with staged_directory(engine_dir, exclusive=True) as staging:
+    with staged_directory(engine_dir) as staging:
         (staging / ENGINE_FILES[kind]).write_bytes(_serialize(onnx_dir / "model.onnx", profiles, plugin))
         builder_config = builder_config_of(kind, limits, export_config)
         config = {**export_config, "builder_config": builder_config}

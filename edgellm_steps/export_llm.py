@@ -3,8 +3,8 @@
 Output (contract sections 3-4): ``model.onnx`` + ``onnx_model.data``,
 ``config.json``, ``embedding.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json``, ``processed_chat_template.json`` and our
-``manifest.json``. Everything is written into a staging directory and moved
-into ``output_dir`` only when complete.
+``manifest.json``. Everything is written into a staging directory that replaces
+``output_dir`` whole, in one rename, only when complete.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import onnx
 from edgellm_steps.atomic import staged_directory
 from edgellm_steps.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.checkpoint import DecoderDims, TensorStore, decoder_dims
-from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, SourceError
+from edgellm_steps.errors import SourceError
 from edgellm_steps.families import family_for
 from edgellm_steps.gptq import check_gptq_config
 from edgellm_steps.llm_graph import DecoderGraph
-from edgellm_steps.manifest import write_manifest
+from edgellm_steps.manifest import check_if_step_output, write_manifest
 from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
 from edgellm_steps.prequantized import held_precision
 from edgellm_steps.quant_linear import QuantPlan
@@ -33,16 +33,6 @@ from edgellm_steps.tokenizer_files import check_tokenizer, copy_tokenizer_files
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
-
-
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise EdgeLLMError(f"unknown device '{device}': use cpu or cuda")
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MissingDependencyError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
 
 
 def _check_supported(dims: DecoderDims, activation: str) -> None:
@@ -60,17 +50,16 @@ def export_llm(
     model_dir: str | Path,
     output_dir: str | Path,
     *,
-    device: str = "cpu",
     chat_template: str | Path | None = None,
 ) -> Path:
     """Export ``model_dir`` (local directory or hub id) into ``output_dir``; returns the ONNX path.
 
-    ``device`` is accepted for the quantized exports that run the model; the fp16
-    export reads weights straight from the memory-mapped shards and runs nothing.
+    Runs no model: weights are read tensor by tensor from the shards (by byte range)
+    and written straight into the graph's external data.
     """
     started = time.monotonic()
-    _check_device(device)
     checkpoint = resolve_source(str(model_dir), allow_download=True)
+    check_if_step_output(checkpoint, "quantize-llm")
     hf_config = read_hf_config(checkpoint)
     spec = family_for(hf_config, where=str(checkpoint))
     dims = decoder_dims(hf_config)

@@ -2,7 +2,8 @@
 
 Each step ends by writing ``manifest.json`` beside its artifacts: every file it
 wrote with its size and xxh3-128 digest, plus the step's parameters. Consumers
-depend on the manifest, not on the bulky files' timestamps.
+depend on the manifest, not on the bulky files' timestamps, and before reading a
+directory they check that its files are exactly the ones the manifest lists.
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.digests import file_digest
+from edgellm_steps.errors import EdgeLLMError
 
 MANIFEST_NAME = "manifest.json"
+
+
+class ManifestMismatchError(EdgeLLMError):
+    """A step's output directory no longer holds what its manifest lists."""
 
 
 def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) -> Path:
@@ -27,3 +33,46 @@ def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) ->
     path = Path(directory) / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def check_step_output(directory: Path, step: str) -> dict[str, Any]:
+    """Return ``directory``'s manifest after proving the directory is exactly what ``step`` wrote.
+
+    Every listed file must be there with its size and digest, and no other file may be:
+    a consumer never reads a file that was edited, truncated or added after the step
+    finished. Raises :class:`ManifestMismatchError` naming the first difference.
+    """
+    directory = Path(directory)
+    rerun = f"rebuild it (rerun {step}, e.g. snakemake --forcerun {step.replace('-', '_')} <target>)"
+    try:
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        raise ManifestMismatchError(
+            f"{directory} is not a finished {step} output (no {MANIFEST_NAME}); {rerun}"
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not valid JSON ({err}); {rerun}") from None
+    if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
+        raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not a manifest written by {step}; {rerun}")
+    listed: dict[str, dict] = manifest["files"]
+    present = {p.name for p in directory.iterdir() if p.name != MANIFEST_NAME}
+    if extra := sorted(present - set(listed)):
+        raise ManifestMismatchError(f"{directory} holds {extra[0]}, which its manifest does not list; {rerun}")
+    for name, entry in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ManifestMismatchError(f"{path} is listed in its manifest but missing; {rerun}")
+        if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("xxh3_128"):
+            raise ManifestMismatchError(f"{path} changed after {step} wrote it (size or digest differs); {rerun}")
+    return manifest
+
+
+def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
+    """:func:`check_step_output` for a directory that may instead be a user's own (no manifest of ``step``)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST_NAME).read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("step") != step:
+        return None
+    return check_step_output(directory, step)

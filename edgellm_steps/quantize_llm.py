@@ -167,7 +167,7 @@ def quantize_llm(
         },
         "modelopt_version": modelopt.__version__,
     }
-    with staged_directory(Path(output_dir), exclusive=True) as staging:
+    with staged_directory(Path(output_dir)) as staging:
         model.save_pretrained(str(staging))
         torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
         copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)

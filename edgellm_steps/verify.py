@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.atomic import write_if_changed
+from edgellm_steps.atomic import write_claimed
 from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.claims import take_claim
 from edgellm_steps.errors import ParityError
+from edgellm_steps.manifest import check_if_step_output, check_step_output
 from edgellm_steps.nvfp4 import cpu_fake_quantization
 from edgellm_steps.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.precision import Precision
@@ -90,7 +92,10 @@ def verify_onnx(
 
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
+    claim = take_claim(Path(report)) if report is not None else None
+    check_step_output(Path(onnx_dir), "export-llm")
     checkpoint = resolve_source(str(model_dir), allow_download=True)
+    check_if_step_output(checkpoint, "quantize-llm")
     held = held_precision(checkpoint, read_hf_config(checkpoint))
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
     precision = held.precision if held else Precision("fp16")
@@ -137,8 +142,8 @@ def verify_onnx(
         },
         "passed": all(r.passed(tolerance) for r in results.values()),
     }
-    if report is not None:
-        write_if_changed(Path(report), (json.dumps(summary, indent=2) + "\n").encode())
+    if claim is not None:
+        write_claimed(claim, (json.dumps(summary, indent=2) + "\n").encode())
     if not summary["passed"]:
         failed = [f"{name} ({r})" for name, r in results.items() if not r.passed(tolerance)]
         raise ParityError(f"{onnx_dir} does not match {model_dir}: {'; '.join(failed)}")

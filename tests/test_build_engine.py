@@ -1,4 +1,6 @@
-"""build-engine's host checks: each missing piece is one line, before any work, and no engine appears.
+"""build-engine's checks: the export matches its manifest, the host has what the build needs.
+
+Each problem is one line, before any work, and no engine appears.
 
 TensorRT and GPUs are absent from CI; where a check needs them present, their
 probes (the module lookup, nvidia-smi's answer) are replaced, and the real
@@ -8,6 +10,7 @@ check code runs.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 
@@ -15,6 +18,7 @@ from edgellm_steps import build_engine as step
 from edgellm_steps.config import BuildLimits
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export_llm import export_llm
+from edgellm_steps.manifest import ManifestMismatchError
 
 LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32)
 
@@ -61,8 +65,44 @@ def test_without_the_plugin_library(export_dir, tmp_path, tensorrt_present, monk
 
 
 def test_an_unfinished_export_is_refused(tmp_path):
-    with pytest.raises(EdgeLLMError, match="not a finished export"):
+    with pytest.raises(EdgeLLMError, match="not a finished export-llm output"):
         step.build_engine(tmp_path, tmp_path / "e.engine", sm=87, limits=LIMITS)
+
+
+@pytest.fixture
+def edited_export(export_dir, tmp_path):
+    copy = tmp_path / "llm"
+    shutil.copytree(export_dir, copy)
+    return copy
+
+
+def test_an_export_changed_after_its_manifest_is_refused(edited_export, tmp_path):
+    """Same size, one flipped byte deep in the weights: only the digest can tell."""
+    data = edited_export / "onnx_model.data"
+    with open(data, "r+b") as handle:
+        handle.seek(data.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(ManifestMismatchError, match=r"onnx_model\.data changed after export-llm wrote it"):
+        step.build_engine(edited_export, tmp_path / "e.engine", sm=87, limits=LIMITS)
+    assert not (tmp_path / "e.engine").exists()
+
+
+@pytest.mark.parametrize("edit", ["extra", "missing", "manifest of another step"])
+def test_an_export_that_is_not_what_its_manifest_lists_is_refused(edited_export, tmp_path, edit):
+    if edit == "extra":
+        (edited_export / "onnx_model.data.part2").write_bytes(b"left by another run")
+        expected = "holds onnx_model.data.part2, which its manifest does not list"
+    elif edit == "missing":
+        (edited_export / "embedding.safetensors").unlink()
+        expected = "embedding.safetensors is listed in its manifest but missing"
+    else:
+        manifest = edited_export / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"export-llm"', '"quantize-llm"'))
+        expected = "is not a manifest written by export-llm"
+    with pytest.raises(ManifestMismatchError, match=expected):
+        step.build_engine(edited_export, tmp_path / "e.engine", sm=87, limits=LIMITS)
 
 
 def test_builder_config_holds_the_limits_of_the_engine_kind():

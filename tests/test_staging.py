@@ -1,21 +1,27 @@
-"""Staging is per destination: jobs writing into one parent directory never disturb each other."""
+"""Staging and commit: per destination, whole directories in one rename, only the newest run commits."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
-from edgellm_steps.atomic import staged_directory, staging_prefix
+from edgellm_steps.atomic import staged_directory, staging_prefix, write_claimed
+from edgellm_steps.claims import SupersededError, claim_path, process_start_ns, take_claim
 
 
-@pytest.mark.parametrize("exclusive", [False, True])
-def test_a_job_started_while_another_is_midway_does_not_disturb_it(tmp_path, exclusive):
+def test_a_job_started_while_another_is_midway_does_not_disturb_it(tmp_path):
     """The second job's cleanup runs while the first one is staging; both finish."""
     first, second = tmp_path / "fp8", tmp_path / "fp8-kvfp8"  # one name a prefix of the other
-    with staged_directory(first, exclusive=exclusive) as staging_one:
+    with staged_directory(first) as staging_one:
         (staging_one / "a.bin").write_text("first")
-        with staged_directory(second, exclusive=exclusive) as staging_two:
+        with staged_directory(second) as staging_two:
             (staging_two / "b.bin").write_text("second")
         assert staging_one.is_dir(), "the sibling job removed a live staging directory"
         (staging_one / "manifest.json").write_text("{}")
@@ -57,3 +63,120 @@ def test_only_the_destinations_own_leftovers_are_removed(tmp_path):
     with staged_directory(tmp_path / "llm") as staging:
         (staging / "manifest.json").write_text("{}")
     assert not own.exists() and sibling.is_dir()
+
+
+def test_the_destination_is_replaced_whole(tmp_path):
+    """No file of the earlier run survives, and the new content arrives as one directory."""
+    destination = tmp_path / "llm"
+    destination.mkdir()
+    (destination / "old-shard.bin").write_text("old")
+    (destination / "model.onnx").write_text("old")
+    with staged_directory(destination) as staging:
+        (staging / "model.onnx").write_text("new")
+        (staging / "manifest.json").write_text("{}")
+        assert (destination / "old-shard.bin").is_file(), "the destination changed before the commit"
+    assert sorted(p.name for p in destination.iterdir()) == ["manifest.json", "model.onnx"]
+    assert (destination / "model.onnx").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [claim_path(destination).name, "llm"]
+
+
+def test_a_failed_run_leaves_the_destination_as_it_was(tmp_path):
+    destination = tmp_path / "llm"
+    destination.mkdir()
+    (destination / "model.onnx").write_text("old")
+    with pytest.raises(RuntimeError), staged_directory(destination) as staging:
+        (staging / "model.onnx").write_text("half")
+        raise RuntimeError("killed midway")
+    assert [p.name for p in destination.iterdir()] == ["model.onnx"]
+    assert (destination / "model.onnx").read_text() == "old"
+
+
+def test_process_start_time_is_the_kernels_not_the_clock_now():
+    started = process_start_ns()
+    time.sleep(0.05)
+    assert process_start_ns() == started
+    assert abs(started / 1e9 - _python_start_time()) < 2.0
+
+
+def _python_start_time() -> float:
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+RUN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from edgellm_steps.atomic import staged_directory
+    from edgellm_steps.claims import SupersededError
+    destination, label, gate = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    stage_first = sys.argv[4] == "stage-first"
+
+    def wait():
+        while not gate.exists():
+            time.sleep(0.01)
+
+    try:
+        if not stage_first:
+            wait()
+        with staged_directory(destination) as staging:
+            (staging / "result").write_text(label)
+            if stage_first:
+                (destination.parent / f"{label}.staged").write_text("")
+                wait()
+    except SupersededError as err:
+        print(err)
+        sys.exit(3)
+    """
+)
+
+
+def _start(destination: Path, label: str, gate: Path, mode: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", RUN, str(destination), label, str(gate), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+@pytest.mark.parametrize("mode", ["stage-first", "claim-late"])
+def test_an_orphan_never_replaces_a_newer_runs_result(tmp_path, mode):
+    """The older run is held (mid-staging, or before it even claimed) while a newer run commits.
+
+    Released, it finds the newer claim and exits without touching the destination.
+    """
+    destination, gate = tmp_path / "quantized", tmp_path / "go"
+    orphan = _start(destination, "old-settings", gate, mode)
+    if mode == "stage-first":
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "old-settings.staged").exists():
+            assert orphan.poll() is None and time.monotonic() < deadline, orphan.communicate()[0]
+            time.sleep(0.01)
+    else:
+        time.sleep(0.05)  # the orphan process has started; it claims only once released
+    newer = _start(destination, "new-settings", tmp_path / "newer-needs-no-gate", "claim-late")
+    (tmp_path / "newer-needs-no-gate").write_text("")
+    assert newer.wait(timeout=60) == 0, newer.communicate()[0]
+    assert (destination / "result").read_text() == "new-settings"
+    gate.write_text("")
+    output = orphan.communicate(timeout=60)[0]
+    assert orphan.returncode == 3, output
+    assert "now belongs to a run started later" in output
+    assert (destination / "result").read_text() == "new-settings"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+def test_a_claimed_file_is_not_written_by_a_superseded_run(tmp_path):
+    report = tmp_path / "verify.json"
+    claim = take_claim(report)
+    assert write_claimed(claim, b"first")
+    claim_path(report).write_text(f"{claim.started_ns + 1} elsewhere 1")  # a run that started later
+    with pytest.raises(SupersededError):
+        write_claimed(claim, b"stale")
+    assert report.read_bytes() == b"first"
+    with pytest.raises(SupersededError):
+        take_claim(report)
+    os.unlink(claim_path(report))
+    assert write_claimed(take_claim(report), b"again")

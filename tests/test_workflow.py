@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -174,6 +175,46 @@ def test_sigkill_of_the_whole_workflow_leaves_nothing_complete(big_workdir):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     _assert_interrupted_and_recoverable(big_workdir, unlock=True)
+
+
+def _export_step(process: subprocess.Popen, timeout: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "edgellm_steps.cli.export_llm" in child.cmdline():  # python itself, not its shell
+                    return child
+        assert process.poll() is None, "the workflow ended before its export step was seen"
+        time.sleep(0.002)
+    raise AssertionError("no export step started")
+
+
+def test_an_orphan_of_a_killed_workflow_never_replaces_the_rerun_result(big_workdir):
+    """README's recovery after Snakemake is killed: unlock, change the config, rerun.
+
+    The killed run's export step lives on as an orphan; it is held (SIGSTOP) until the
+    rerun has finished with the new settings, then released to finish last. It must not
+    replace the new export, and the plan must agree with what is on disk.
+    """
+    process = _start_build(big_workdir)
+    orphan = _export_step(process)
+    orphan.suspend()
+    try:
+        process.kill()  # Snakemake only: its export step runs on
+        process.wait(timeout=60)
+        roles = {r: {"prefix": f"<{r}>", "suffix": "\n"} for r in ("system", "user", "assistant")}
+        (big_workdir / "template.json").write_text(json.dumps({"roles": roles}))
+        write_config(big_workdir, CONFIG + "    chat_template: template.json\n")
+        run_snakemake(big_workdir, "--unlock")
+        run_snakemake(big_workdir, ONNX)
+    finally:
+        orphan.resume()
+    orphan.wait(timeout=120)
+    written = json.loads((big_workdir / "onnx/tiny_fp16/llm/processed_chat_template.json").read_text())
+    assert written["roles"] == roles
+    assert json.loads((big_workdir / MANIFEST).read_text())["parameters"]["chat_template"] == "template.json"
+    assert NOTHING in run_snakemake(big_workdir, "-n", ONNX).output
+    assert not list((big_workdir / "onnx/tiny_fp16").glob(".staging-*"))
 
 
 def test_engine_targets_plan_with_gpu_resources(built):

@@ -11,17 +11,14 @@ from edgellm_steps.export_llm import export_llm
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="edgellm-export-llm", description=__doc__)
     parser.add_argument("--model_dir", required=True, help="HF checkpoint directory or hub id")
-    parser.add_argument("--output_dir", required=True, help="export directory (created; files replaced atomically)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for steps that run the model")
+    parser.add_argument("--output_dir", required=True, help="export directory (replaced whole when complete)")
     parser.add_argument("--chat_template", default=None, help="processed chat template JSON replacing the derived one")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(
-        lambda: export_llm(args.model_dir, args.output_dir, device=args.device, chat_template=args.chat_template)
-    )
+    return run_cli(lambda: export_llm(args.model_dir, args.output_dir, chat_template=args.chat_template))
 
 
 if __name__ == "__main__":
