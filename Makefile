@@ -27,9 +27,9 @@ demo: setup
 	$(SNAKEMAKE) --cores 2 onnx/$(DEMO_MODEL)_fp16/llm/model.onnx --configfile $(DEMO_DIR)/config.yaml
 	$(SNAKEMAKE) --dry-run engines/$(DEMO_MODEL)_fp16.engine --configfile $(DEMO_DIR)/config.yaml
 	@echo
-	@echo "Demo artifacts (ONNX export and sidecars): $(CURDIR)/$(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/"
+	@echo "Demo artifacts (ONNX export and sidecars): $(abspath $(DEMO_DIR))/onnx/$(DEMO_MODEL)_fp16/llm/"
 	@ls -l $(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/
-	@echo "Logs: $(CURDIR)/$(DEMO_DIR)/logs/   Config: $(CURDIR)/$(DEMO_DIR)/config.yaml"
+	@echo "Logs: $(abspath $(DEMO_DIR))/logs/   Config: $(abspath $(DEMO_DIR))/config.yaml"
 
 test: setup cluster-deps
 	$(BIN)/python -m pytest -q

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import sysconfig
 from pathlib import Path
 
 from edgellm_steps.errors import EdgeLLMError
-
-log = logging.getLogger(__name__)
 
 BUILTIN = "builtin"
 _MIN_WORDS = 12

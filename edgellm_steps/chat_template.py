@@ -14,13 +14,10 @@ conversations and cutting the renders apart at the placeholders:
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import ChatTemplateError
-
-log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 FIX = "pass --chat_template with a processed template JSON"

@@ -11,7 +11,6 @@ slice of rows) at a time, so a caller never holds more than the tensor it works 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ if TYPE_CHECKING:  # planning imports this module and must not pay for importing
     import torch
 
     from edgellm_steps.safetensors_io import SafetensorsFile
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

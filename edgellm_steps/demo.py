@@ -135,7 +135,13 @@ def make_checkpoint(
     dtype: str = "float16",
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random-weight checkpoint of ``family`` with tokenizer and chat template."""
+    """Write a tiny random-weight checkpoint of ``family`` with tokenizer and chat template.
+
+    ``dtype`` is what the weights are saved in and ``config.json`` records: ``float16``,
+    ``bfloat16`` (what most HF checkpoints ship) or ``float32``.
+    """
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
     import torch
     import transformers
 

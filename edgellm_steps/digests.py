@@ -1,9 +1,11 @@
 """Content digests of files, cached by file identity.
 
 A digest is xxh3-128 of the file's bytes. The cache maps a file's identity
-(device, inode, size, mtime_ns) to its digest, so re-planning an unchanged
+(device, inode, size, mtime_ns, ctime_ns) to its digest, so re-planning an unchanged
 multi-GB checkpoint reads no weights, while a touched file is re-read once and
-found unchanged.
+found unchanged. The inode change time is part of the identity because a program
+can put mtime back (``os.utime``, ``touch -r``, ``rsync -t``, ``tar`` extraction)
+after changing bytes in place; nothing but the kernel sets ctime, and any write moves it.
 """
 
 from __future__ import annotations
@@ -35,24 +37,39 @@ def bytes_digest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+def file_identity(stat: os.stat_result) -> list[int]:
+    """What must be unchanged for a cached digest to stand: ``[dev, ino, size, mtime_ns, ctime_ns]``."""
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
 class DigestCache:
-    """A JSON file of ``{abs path: [dev, ino, size, mtime_ns, digest]}``."""
+    """A JSON file of ``{abs path: [dev, ino, size, mtime_ns, ctime_ns, digest]}``.
+
+    An entry of any other shape (an older cache's 4-field identity, a hand-edited file) is
+    not trusted: its file is hashed again and the entry rewritten.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._entries: dict[str, list] = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            self._entries = {}
+            entries = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            entries = {}
+        self._entries: dict[str, list] = entries if isinstance(entries, dict) else {}
         self._dirty = False
 
     def digest(self, path: Path) -> str:
         path = Path(path).resolve()
         stat = os.stat(path)
-        identity = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns]
+        identity = file_identity(stat)
         entry = self._entries.get(str(path))
-        if entry is not None and entry[:4] == identity:
-            return entry[4]
+        if (
+            isinstance(entry, list)
+            and len(entry) == len(identity) + 1
+            and entry[:-1] == identity
+            and isinstance(entry[-1], str)
+        ):
+            return entry[-1]
         log.debug("hashing %s (%d bytes)", path, stat.st_size)
         digest = file_digest(path)
         self._entries[str(path)] = [*identity, digest]

@@ -1,9 +1,9 @@
 """TensorRT optimization profiles of an engine (contract section 8), derived from the graph's inputs.
 
-Every input's shape is declared with symbolic dims (``llm_io`` for LLMs); a profile
-is a (min, opt, max) value per symbol, so the shapes of all inputs, LoRA and EAGLE
-inputs included, follow from one table per profile. The graph says which table
-applies: ``inputs_embeds`` makes an LLM engine, ``input`` a vision engine, and
+Every input's shape is declared with symbolic dims (LLM names and dims come from
+``llm_io``); a profile is a (min, opt, max) value per symbol, so the shapes of all inputs,
+LoRA and EAGLE inputs included, follow from one table per profile. The graph says which
+table applies: ``inputs_embeds`` makes an LLM engine, ``input`` a vision engine, and
 ``attention_pos_id`` (EAGLE base and draft only) a tree-attention LLM.
 
 LLM engines, with BS = max batch size, IL = max input length, cap = KV capacity,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import onnx
 
+from edgellm_steps import llm_io
 from edgellm_steps.config import BuildLimits
 from edgellm_steps.errors import EdgeLLMError
 
@@ -34,10 +35,12 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 Ranges = dict[str, tuple[int, int, int]]
 
+#: The input of a vision encoder graph (contract section 7).
+VISUAL_INPUT = "input"
 #: The graph input that says which kind of engine a graph makes.
-KIND_INPUTS = {"inputs_embeds": "llm", "input": "visual"}
+KIND_INPUTS = {llm_io.INPUTS_EMBEDS: "llm", VISUAL_INPUT: "visual"}
 #: Present only in EAGLE base and draft graphs, whose decode profile spans a token tree.
-TREE_INPUT = "attention_pos_id"
+TREE_INPUT = llm_io.ATTENTION_POS_ID
 #: Tree-attention masks are padded to whole 32-bit words of tree slots.
 MASK_ALIGN = 32
 #: The Qwen-VL merger turns 2 x 2 patches into one image token.
@@ -58,20 +61,20 @@ def symbol_ranges(limits: BuildLimits, phase: str, *, tree: bool = False) -> Ran
     else:
         seq = selected = (1, max(1, t // 2), t) if tree else (1, 1, 1)
     ranges = {
-        "batch_size": (1, bs, bs),
-        "rope_batch_size": (1, bs, bs),
-        "seq_len": seq,
-        "num_tokens": selected,
-        "kv_cache_start_batch_size": (0, bs, bs) if prefill else (1, bs, bs),
-        "past_len": (0, cap, cap),
-        "present_kv_cache_len": (0, cap, cap),
-        "max_position_embeddings": (cap, cap, cap),
-        "lora_rank": (0, rank // 2, rank),
+        llm_io.BATCH_SIZE: (1, bs, bs),
+        llm_io.ROPE_BATCH_SIZE: (1, bs, bs),
+        llm_io.SEQ_LEN: seq,
+        llm_io.NUM_TOKENS: selected,
+        llm_io.KV_START_BATCH_SIZE: (0, bs, bs) if prefill else (1, bs, bs),
+        llm_io.PAST_LEN: (0, cap, cap),
+        llm_io.PRESENT_LEN: (0, cap, cap),
+        llm_io.MAX_POSITIONS: (cap, cap, cap),
+        llm_io.LORA_RANK: (0, rank // 2, rank),
     }
     if tree:
-        ranges["num_selected_tokens"] = selected
-        ranges["q_len"] = selected
-        ranges["q_len_padded"] = (1, 1, 1) if prefill else (1, _pad(selected[1]), _pad(selected[2]))
+        ranges[llm_io.NUM_SELECTED_TOKENS] = selected
+        ranges[llm_io.Q_LEN] = selected
+        ranges[llm_io.Q_LEN_PADDED] = (1, 1, 1) if prefill else (1, _pad(selected[1]), _pad(selected[2]))
     return ranges
 
 
@@ -104,8 +107,8 @@ def _dim_range(name: str, dim: onnx.TensorShapeProto.Dimension, ranges: Ranges) 
     symbol = dim.dim_param
     if symbol in ranges:
         return ranges[symbol]
-    if "lora_rank" in ranges and (symbol.startswith("lora_rank") or symbol.endswith("_rank")):
-        return ranges["lora_rank"]
+    if llm_io.LORA_RANK in ranges and llm_io.is_lora_rank(symbol):
+        return ranges[llm_io.LORA_RANK]
     raise EdgeLLMError(f"input {name} has symbolic dim '{symbol}' that no engine profile defines")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, ZERO_POINT
+from edgellm_steps.precision import INT4_GROUP_SIZE, INT4_ZERO_POINT
 
 
 def gptq_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -30,8 +30,8 @@ def check_gptq_config(quant: dict[str, Any], *, where: str) -> None:
     problems = []
     if quant.get("bits", 4) != 4:
         problems.append(f"bits {quant.get('bits')} (needs 4)")
-    if quant.get("group_size", GROUP_SIZE) != GROUP_SIZE:
-        problems.append(f"group_size {quant.get('group_size')} (needs {GROUP_SIZE})")
+    if quant.get("group_size", INT4_GROUP_SIZE) != INT4_GROUP_SIZE:
+        problems.append(f"group_size {quant.get('group_size')} (needs {INT4_GROUP_SIZE})")
     if quant.get("desc_act", False):
         problems.append("desc_act true (act-order is not supported)")
     if not quant.get("sym", True):
@@ -40,21 +40,25 @@ def check_gptq_config(quant: dict[str, Any], *, where: str) -> None:
         raise SourceError(f"{where}: GPTQ checkpoint with {', '.join(problems)}; re-quantize it or use int4_awq")
 
 
+#: 4-bit codes per int32 word of ``qweight`` and ``qzeros``.
+_CODES_PER_WORD = 8
+
+
 def _unpack_rows(words: np.ndarray) -> np.ndarray:
     """int32 [R, C] holding 8 codes each along rows -> uint8 [8R, C]."""
     raw = words.view(np.uint32)
-    codes = np.empty((raw.shape[0] * 8, raw.shape[1]), dtype=np.uint8)
-    for i in range(8):
-        codes[i::8] = (raw >> (4 * i)) & 0xF
+    codes = np.empty((raw.shape[0] * _CODES_PER_WORD, raw.shape[1]), dtype=np.uint8)
+    for i in range(_CODES_PER_WORD):
+        codes[i::_CODES_PER_WORD] = (raw >> (4 * i)) & 0xF
     return codes
 
 
 def _unpack_cols(words: np.ndarray) -> np.ndarray:
     """int32 [R, C] holding 8 codes each along columns -> uint8 [R, 8C]."""
     raw = words.view(np.uint32)
-    codes = np.empty((raw.shape[0], raw.shape[1] * 8), dtype=np.uint8)
-    for i in range(8):
-        codes[:, i::8] = (raw >> (4 * i)) & 0xF
+    codes = np.empty((raw.shape[0], raw.shape[1] * _CODES_PER_WORD), dtype=np.uint8)
+    for i in range(_CODES_PER_WORD):
+        codes[:, i::_CODES_PER_WORD] = (raw >> (4 * i)) & 0xF
     return codes
 
 
@@ -69,8 +73,12 @@ def gptq_codes(store: TensorStore, module: str, quant: dict[str, Any]) -> tuple[
     k = codes.shape[0]
     if f"{module}.g_idx" in store:
         g_idx = store.get(f"{module}.g_idx").numpy()
-        if not np.array_equal(g_idx, np.arange(k) // GROUP_SIZE):
-            raise SourceError(f"{module}: g_idx is not k // {GROUP_SIZE} (act-order); re-quantize without desc_act")
-    if not (zeros == ZERO_POINT).all():
-        raise SourceError(f"{module}: GPTQ zero points are not all {ZERO_POINT} (asymmetric); use int4_awq instead")
-    return (codes.astype(np.int16) - ZERO_POINT).astype(np.int8).T.copy(), scales
+        if not np.array_equal(g_idx, np.arange(k) // INT4_GROUP_SIZE):
+            raise SourceError(
+                f"{module}: g_idx is not k // {INT4_GROUP_SIZE} (act-order); re-quantize without desc_act"
+            )
+    if not (zeros == INT4_ZERO_POINT).all():
+        raise SourceError(
+            f"{module}: GPTQ zero points are not all {INT4_ZERO_POINT} (asymmetric); use int4_awq instead"
+        )
+    return (codes.astype(np.int16) - INT4_ZERO_POINT).astype(np.int8).T.copy(), scales

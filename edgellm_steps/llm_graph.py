@@ -1,9 +1,9 @@
 """The Edge-LLM decoder graph (contract section 3), built node by node from a family spec.
 
 The graph is written directly rather than traced: every weight is read from the
-memory-mapped checkpoint, converted, streamed to ``onnx_model.data`` and
-released, so the export never holds the model twice (nor once). RoPE and the
-KV-cache update live inside ``trt::AttentionPlugin``.
+checkpoint by byte range (:class:`~edgellm_steps.checkpoint.TensorStore`), converted,
+streamed to ``onnx_model.data`` and released, so the export never holds the model
+twice (nor once). RoPE and the KV-cache update live inside ``trt::AttentionPlugin``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import onnx
 import torch
 from onnx import TensorProto
 
+from edgellm_steps import llm_io
 from edgellm_steps.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.families import FamilySpec
-from edgellm_steps.llm_io import llm_inputs, llm_outputs, past_name, present_name
 from edgellm_steps.onnx_builder import GraphBuilder
 from edgellm_steps.plugins.attention import emit_attention_plugin
 from edgellm_steps.quant_linear import QuantPlan, emit_linear, gptq_linear
@@ -51,13 +51,13 @@ class DecoderGraph:
         store: TensorStore,
         spec: FamilySpec,
         dims: DecoderDims,
-        quant: QuantPlan | None = None,
+        quant: QuantPlan,
     ) -> None:
         self.g = builder
         self.store = store
         self.spec = spec
         self.dims = dims
-        self.quant = quant or QuantPlan(lm_head_module=spec.lm_head.removesuffix(".weight"))
+        self.quant = quant
 
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
         """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
@@ -121,11 +121,11 @@ class DecoderGraph:
             self.g,
             f"{path}/AttentionPlugin",
             qkv=qkv,
-            past_key_value=past_name(layer),
-            context_lengths="context_lengths",
-            rope_rotary_cos_sin="rope_rotary_cos_sin",
-            kvcache_start_index="kvcache_start_index",
-            present_key_value=present_name(layer),
+            past_key_value=llm_io.past_name(layer),
+            context_lengths=llm_io.CONTEXT_LENGTHS,
+            rope_rotary_cos_sin=llm_io.ROPE_COS_SIN,
+            kvcache_start_index=llm_io.KVCACHE_START_INDEX,
+            present_key_value=llm_io.present_name(layer),
             num_q_heads=d.num_heads,
             num_kv_heads=d.num_kv_heads,
             head_size=d.head_dim,
@@ -168,19 +168,19 @@ class DecoderGraph:
     def build(self) -> onnx.ModelProto:
         d, g = self.dims, self.g
         kv_type = TensorProto.FLOAT8E4M3FN if self.quant.kv_cache == "fp8" else TensorProto.FLOAT16
-        for spec in llm_inputs(d, kv_type):
+        for spec in llm_io.llm_inputs(d, kv_type):
             g.add_input(spec.name, spec.elem_type, list(spec.dims))
-        x = "inputs_embeds"
+        x = llm_io.INPUTS_EMBEDS
         for layer in range(d.num_layers):
             log.info("layer %d/%d", layer + 1, d.num_layers)
             x = self.decoder_layer(layer, x)
         h = self.rms_norm(self.spec.final_norm, x, "/model/norm")
         axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
-        indices = g.op("Unsqueeze", ["last_token_ids", axes], "/model/Unsqueeze_last_token_ids")
+        indices = g.op("Unsqueeze", [llm_io.LAST_TOKEN_IDS, axes], "/model/Unsqueeze_last_token_ids")
         selected = g.op("GatherND", [h, indices], "/model/GatherND", batch_dims=1)
         lm_head_module = self.spec.lm_head.removesuffix(".weight")
         logits16 = self.linear(lm_head_module, selected, weight=self.lm_head_weight())
-        g.node("Cast", [logits16], "/lm_head/Cast", outputs=["logits"], to=TensorProto.FLOAT)
-        for spec in llm_outputs(d, kv_type):
+        g.node("Cast", [logits16], "/lm_head/Cast", outputs=[llm_io.LOGITS], to=TensorProto.FLOAT)
+        for spec in llm_io.llm_outputs(d, kv_type):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
         return g.to_model("edgellm_llm", opset=self.quant.opset)

@@ -1,17 +1,80 @@
 """The LLM graph's inputs and outputs, declared once (contract sections 3.1-3.2).
 
-Names, element types and symbolic dims come from :func:`llm_inputs` and
-:func:`llm_outputs`; the graph builder, the CPU reference runner and the
-engine's optimization profiles all read them from here, so they cannot drift.
+Tensor names and symbolic dim names are the constants and name builders below;
+:func:`llm_inputs` and :func:`llm_outputs` put them together, with element types
+and shapes, in contract order. The graph builder, the CPU reference runner and
+the engine's optimization profiles all read them from here, so they cannot drift.
+
+This module imports nothing else from the project: the engine step reads it, and
+must not depend on how checkpoints are read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from onnx import TensorProto
 
-from edgellm_steps.checkpoint import DecoderDims
+# Symbolic dims of the standard LLM graph.
+BATCH_SIZE = "batch_size"
+SEQ_LEN = "seq_len"
+NUM_TOKENS = "num_tokens"
+PAST_LEN = "past_len"
+PRESENT_LEN = "present_kv_cache_len"
+ROPE_BATCH_SIZE = "rope_batch_size"
+MAX_POSITIONS = "max_position_embeddings"
+KV_START_BATCH_SIZE = "kv_cache_start_batch_size"
+
+# Symbolic dims only EAGLE graphs have (contract 3.1 and 5); export-llm does not write them,
+# but the engine profiles cover them.
+NUM_SELECTED_TOKENS = "num_selected_tokens"
+Q_LEN = "q_len"
+Q_LEN_PADDED = "q_len_padded"
+#: The rank dim of LoRA inputs (contract 6); any dim named ``lora_rank*`` or ``*_rank`` is one.
+LORA_RANK = "lora_rank"
+
+# Input names, then output names.
+INPUTS_EMBEDS = "inputs_embeds"
+ROPE_COS_SIN = "rope_rotary_cos_sin"
+CONTEXT_LENGTHS = "context_lengths"
+LAST_TOKEN_IDS = "last_token_ids"
+KVCACHE_START_INDEX = "kvcache_start_index"
+#: Input of EAGLE base and draft graphs only: each tree token's position.
+ATTENTION_POS_ID = "attention_pos_id"
+LOGITS = "logits"
+
+
+def past_name(layer: int) -> str:
+    """The KV-cache input of decoder layer ``layer``."""
+    return f"past_key_values_{layer}"
+
+
+def present_name(layer: int) -> str:
+    """The KV-cache output of decoder layer ``layer``."""
+    return f"present_key_values_{layer}"
+
+
+def is_lora_rank(dim: str) -> bool:
+    """Whether a symbolic dim is the rank of a LoRA input."""
+    return dim.startswith(LORA_RANK) or dim.endswith("_rank")
+
+
+class GraphDims(Protocol):
+    """The model sizes the I/O shapes need; :class:`edgellm_steps.checkpoint.DecoderDims` has them."""
+
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def rotary_dim(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -21,34 +84,23 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
 
-def past_name(layer: int) -> str:
-    return f"past_key_values_{layer}"
-
-
-def present_name(layer: int) -> str:
-    return f"present_key_values_{layer}"
-
-
-def llm_inputs(dims: DecoderDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
+def llm_inputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
     """Graph inputs in contract order; ``kv_type`` is FLOAT8E4M3FN for an fp8 KV cache."""
-    kv_dims = ("batch_size", 2, dims.num_kv_heads, "past_len", dims.head_dim)
+    kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PAST_LEN, dims.head_dim)
     return [
-        TensorSpec("inputs_embeds", TensorProto.FLOAT16, ("batch_size", "seq_len", dims.hidden_size)),
+        TensorSpec(INPUTS_EMBEDS, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, dims.hidden_size)),
         *(TensorSpec(past_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
-        TensorSpec(
-            "rope_rotary_cos_sin",
-            TensorProto.FLOAT,
-            ("rope_batch_size", "max_position_embeddings", dims.rotary_dim),
-        ),
-        TensorSpec("context_lengths", TensorProto.INT32, ("batch_size",)),
-        TensorSpec("last_token_ids", TensorProto.INT64, ("batch_size", "num_tokens")),
-        TensorSpec("kvcache_start_index", TensorProto.INT32, ("kv_cache_start_batch_size",)),
+        TensorSpec(ROPE_COS_SIN, TensorProto.FLOAT, (ROPE_BATCH_SIZE, MAX_POSITIONS, dims.rotary_dim)),
+        TensorSpec(CONTEXT_LENGTHS, TensorProto.INT32, (BATCH_SIZE,)),
+        TensorSpec(LAST_TOKEN_IDS, TensorProto.INT64, (BATCH_SIZE, NUM_TOKENS)),
+        TensorSpec(KVCACHE_START_INDEX, TensorProto.INT32, (KV_START_BATCH_SIZE,)),
     ]
 
 
-def llm_outputs(dims: DecoderDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
-    kv_dims = ("batch_size", 2, dims.num_kv_heads, "present_kv_cache_len", dims.head_dim)
+def llm_outputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
+    """Graph outputs in contract order; ``kv_type`` as for :func:`llm_inputs`."""
+    kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PRESENT_LEN, dims.head_dim)
     return [
-        TensorSpec("logits", TensorProto.FLOAT, ("batch_size", "num_tokens", dims.vocab_size)),
+        TensorSpec(LOGITS, TensorProto.FLOAT, (BATCH_SIZE, NUM_TOKENS, dims.vocab_size)),
         *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
     ]

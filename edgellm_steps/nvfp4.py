@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-BLOCK_SIZE = 16
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
+from edgellm_steps.precision import FP4_E2M1_MAX, FP8_E4M3_MAX, NVFP4_BLOCK_SIZE
+
 #: ModelOpt's guard: a dequantized block scale below this is replaced by 1.
 MIN_BLOCK_SCALE = 1e-5
 
@@ -35,7 +34,7 @@ MIN_BLOCK_SCALE = 1e-5
 def global_scale(amax: float) -> np.float32:
     """The per-tensor second-level scale, ``amax / (6 * 448)`` (1 for an all-zero tensor)."""
     amax = np.float32(amax)
-    return np.float32(amax / np.float32(E2M1_MAX * E4M3_MAX)) if amax > 0 else np.float32(1.0)
+    return np.float32(amax / np.float32(FP4_E2M1_MAX * FP8_E4M3_MAX)) if amax > 0 else np.float32(1.0)
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class Nvfp4Blocks:
 
     def dequantize(self) -> np.ndarray:
         scale = self.block_scales.astype(np.float32) * self.global_scale
-        return self.codes.astype(np.float32) * np.repeat(scale, BLOCK_SIZE, axis=-1)
+        return self.codes.astype(np.float32) * np.repeat(scale, NVFP4_BLOCK_SIZE, axis=-1)
 
 
 def quantize(x: np.ndarray, amax: float) -> Nvfp4Blocks:
@@ -59,16 +58,16 @@ def quantize(x: np.ndarray, amax: float) -> Nvfp4Blocks:
 def quantize_scaled(x: np.ndarray, gs: np.float32) -> Nvfp4Blocks:
     """Quantize ``x`` [..., K] with the second-level scale ``gs`` (what the graph stores)."""
     x = np.asarray(x, dtype=np.float32)
-    if x.shape[-1] % BLOCK_SIZE:
-        raise ValueError(f"NVFP4 needs a last dimension that is a multiple of {BLOCK_SIZE}, got {x.shape[-1]}")
+    if x.shape[-1] % NVFP4_BLOCK_SIZE:
+        raise ValueError(f"NVFP4 needs a last dimension that is a multiple of {NVFP4_BLOCK_SIZE}, got {x.shape[-1]}")
     gs = np.float32(gs)
-    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    blocks = x.reshape(*x.shape[:-1], x.shape[-1] // NVFP4_BLOCK_SIZE, NVFP4_BLOCK_SIZE)
     block_amax = np.abs(blocks).max(axis=-1)
-    in_range = np.minimum(block_amax / (np.float32(E2M1_MAX) * gs), np.float32(E4M3_MAX))
+    in_range = np.minimum(block_amax / (np.float32(FP4_E2M1_MAX) * gs), np.float32(FP8_E4M3_MAX))
     block_scales = in_range.astype(ml_dtypes.float8_e4m3fn)
     scale = block_scales.astype(np.float32) * gs
     scale = np.where(scale >= np.float32(MIN_BLOCK_SCALE), scale, np.float32(1.0))[..., None]
-    magnitude = np.minimum(np.abs(blocks) / scale, np.float32(E2M1_MAX))
+    magnitude = np.minimum(np.abs(blocks) / scale, np.float32(FP4_E2M1_MAX))
     codes = (np.sign(blocks) * magnitude.astype(ml_dtypes.float4_e2m1fn).astype(np.float32)).reshape(x.shape)
     return Nvfp4Blocks(codes.astype(ml_dtypes.float4_e2m1fn), block_scales, gs)
 
@@ -103,7 +102,7 @@ def cpu_fake_quantization() -> Iterator[None]:
 
     def routed(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
         nvfp4 = _is_nvfp4(num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
-        if inputs.is_cuda or not nvfp4 or block_size != BLOCK_SIZE or amax is None:
+        if inputs.is_cuda or not nvfp4 or block_size != NVFP4_BLOCK_SIZE or amax is None:
             return original(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits)
         values = fake_quantize(inputs.detach().float().numpy(), float(amax.float().max()))
         return torch.from_numpy(values).to(inputs.dtype)

@@ -8,7 +8,6 @@ and peak memory is one tensor, not the model.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-log = logging.getLogger(__name__)
 
 OPSET = 19
 #: FP4 tensors (NVFP4) first exist in opset 23; graphs that carry them import it instead.
@@ -43,9 +40,9 @@ NP_TO_ONNX = {
 class ExternalDataWriter:
     """Appends raw tensors to one data file and returns initializers that reference them."""
 
-    def __init__(self, directory: Path, location: str = EXTERNAL_DATA_FILE) -> None:
-        self.location = location
-        self._handle = open(Path(directory) / location, "wb")  # noqa: SIM115 - closed by close()
+    def __init__(self, directory: Path) -> None:
+        self.location = EXTERNAL_DATA_FILE
+        self._handle = open(Path(directory) / self.location, "wb")  # noqa: SIM115 - closed by close()
         self._offset = 0
         self.bytes_written = 0
 
@@ -149,12 +146,12 @@ class GraphBuilder:
             self._constants[key] = name
         return self._constants[key]
 
-    def typed_constant(self, elem_type: int, values: list, dims: tuple[int, ...] = (), hint: str = "const") -> str:
-        """A small constant of an ONNX type NumPy lacks (float8 zero points)."""
-        key = (elem_type, tuple(dims), tuple(values))
+    def typed_constant(self, elem_type: int, value: float, hint: str = "const") -> str:
+        """A scalar constant of an ONNX type NumPy lacks (float8 zero points)."""
+        key = (elem_type, (), (value,))
         if key not in self._constants:
             name = self._unique(f"/constants/{hint}")
-            self.initializers.append(helper.make_tensor(name, elem_type, list(dims), values))
+            self.initializers.append(helper.make_tensor(name, elem_type, [], [value]))
             self._constants[key] = name
         return self._constants[key]
 
@@ -179,11 +176,10 @@ class GraphBuilder:
         """A single-output node; returns its output name."""
         return self.node(op_type, inputs, name, **attrs)[0]
 
-    def to_model(
-        self, graph_name: str, *, opset: int = OPSET, custom_domains: tuple[str, ...] = (PLUGIN_DOMAIN,)
-    ) -> onnx.ModelProto:
+    def to_model(self, graph_name: str, *, opset: int = OPSET) -> onnx.ModelProto:
+        """The model, importing ``opset`` and version 1 of the plugin domain."""
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        opsets = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, 1) for d in custom_domains]
+        opsets = [helper.make_opsetid("", opset), helper.make_opsetid(PLUGIN_DOMAIN, 1)]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgellm_steps")
         model.ir_version = IR_VERSION[opset]
         return model

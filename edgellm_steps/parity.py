@@ -3,7 +3,8 @@
 Pass criterion (per scenario): max |logit error| <= ``rel_tol`` x max |logit|,
 cosine similarity of every logit row >= ``min_cosine``, and, where required,
 identical greedy tokens. The reference of a quantized export is ModelOpt's
-fake-quantized model; :func:`tolerance_for` gives the criterion per precision.
+fake-quantized model (for GPTQ, the float model holding the dequantized weights);
+:func:`tolerance_for` gives the criterion per precision.
 """
 
 from __future__ import annotations

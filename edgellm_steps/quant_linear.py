@@ -33,19 +33,15 @@ from edgellm_steps.errors import SourceError
 from edgellm_steps.gptq import gptq_codes
 from edgellm_steps.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
 from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
-from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, emit_int4_gemm, pack_int4
-from edgellm_steps.precision import Precision
+from edgellm_steps.plugins.int4_gemm import emit_int4_gemm, pack_int4
+from edgellm_steps.precision import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE, Precision
 from edgellm_steps.prequantized import HeldPrecision
 from edgellm_steps.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
-
-FP8_MAX = 448.0
-INT8_MAX = 127.0
-INT4_MAX = 7.0
 
 
 @dataclass(frozen=True)
 class QuantPlan:
-    """Which format each Linear and the KV cache get, from the quantize step's record."""
+    """Which format each Linear and the KV cache get, from the precision the checkpoint holds."""
 
     weights: str | None = None
     lm_head: str | None = None
@@ -100,7 +96,7 @@ class QuantPlan:
         if self.kv_cache != "fp8":
             return None
         amax = [float(store.get(f"{attention_module}.{kv}_bmm_quantizer._amax").float()) for kv in ("k", "v")]
-        return amax[0] / FP8_MAX, amax[1] / FP8_MAX
+        return amax[0] / FP8_E4M3_MAX, amax[1] / FP8_E4M3_MAX
 
 
 def _fp16(value: torch.Tensor) -> np.ndarray:
@@ -118,7 +114,7 @@ def _codes(part: torch.Tensor, multiplier: torch.Tensor, bound: float) -> torch.
 
 
 def _fp8_bytes(part: torch.Tensor, multiplier: torch.Tensor) -> np.ndarray:
-    scaled = (part.to(torch.float32) * multiplier).clamp(-FP8_MAX, FP8_MAX)
+    scaled = (part.to(torch.float32) * multiplier).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX)
     return scaled.to(torch.float8_e4m3fn).contiguous().view(torch.uint8).numpy()
 
 
@@ -144,14 +140,14 @@ def fp8_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: s
         f"{module}.weight",
         np.uint8,
         (cols, rows),
-        transposed_chunks(weight, lambda part, _: _fp8_bytes(part, FP8_MAX / w_amax)),
+        transposed_chunks(weight, lambda part: _fp8_bytes(part, FP8_E4M3_MAX / w_amax)),
         elem_type=TensorProto.FLOAT8E4M3FN,
     )
-    fp8_zero = g.typed_constant(TensorProto.FLOAT8E4M3FN, [0.0], hint="fp8_zero")
-    w_scale_name = g.constant(_fp16(w_amax / FP8_MAX), "weight_scale")
+    fp8_zero = g.typed_constant(TensorProto.FLOAT8E4M3FN, 0.0, hint="fp8_zero")
+    w_scale_name = g.constant(_fp16(w_amax / FP8_E4M3_MAX), "weight_scale")
     w_dq = g.op("DequantizeLinear", [w_q, w_scale_name, fp8_zero], f"{path}/weight_quantizer/DequantizeLinear")
     x_s = _pre_quant_scale(g, store, module, x, path)
-    x_dq = _activation_qdq(g, x_s, path, _fp16(a_amax / FP8_MAX), fp8_zero)
+    x_dq = _activation_qdq(g, x_s, path, _fp16(a_amax / FP8_E4M3_MAX), fp8_zero)
     return g.op("MatMul", [x_dq, w_dq], f"{path}/MatMul")
 
 
@@ -161,7 +157,7 @@ def int8_sq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, 
     rows, cols = weight.shape
     multiplier = (INT8_MAX / w_amax)[None, :]
 
-    def quantize(part: torch.Tensor, _: int) -> np.ndarray:
+    def quantize(part: torch.Tensor) -> np.ndarray:
         return _codes(part, multiplier, INT8_MAX).to(torch.int8).contiguous().numpy()
 
     w_q = g.weight_chunks(f"{module}.weight", np.int8, (cols, rows), transposed_chunks(weight, quantize))
@@ -178,8 +174,8 @@ def int8_sq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, 
 
 def int4_awq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
     rows, cols = weight.shape
-    amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(rows, cols // GROUP_SIZE)
-    multiplier = (INT4_MAX / amax).repeat_interleave(GROUP_SIZE, dim=1)
+    amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(rows, cols // INT4_GROUP_SIZE)
+    multiplier = (INT4_MAX / amax).repeat_interleave(INT4_GROUP_SIZE, dim=1)
     q = _codes(weight, multiplier, INT4_MAX).to(torch.int8)
     packed = g.weight(f"{module}.weight", pack_int4(q.numpy()))
     scales = g.weight(f"{module}.weight_quantizer.scale", _fp16((amax / INT4_MAX).t().contiguous()))
@@ -192,7 +188,7 @@ def _nvfp4_dequantize(g: GraphBuilder, codes: str, block_scales: str, global_sca
     scale = g.op(
         "DequantizeLinear", [block_scales, g.constant(global_scale, "fp4_global_scale")], f"{path}/DequantizeLinear"
     )
-    return g.op("DequantizeLinear", [codes, scale], f"{path}/DequantizeLinear_1", axis=-1, block_size=nvfp4.BLOCK_SIZE)
+    return g.op("DequantizeLinear", [codes, scale], f"{path}/DequantizeLinear_1", axis=-1, block_size=NVFP4_BLOCK_SIZE)
 
 
 def _nvfp4_weight_chunks(weight: torch.Tensor, gs: np.float32, scales: list[np.ndarray]):
@@ -206,8 +202,8 @@ def _nvfp4_weight_chunks(weight: torch.Tensor, gs: np.float32, scales: list[np.n
 
 def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
     rows, cols = weight.shape
-    if cols % nvfp4.BLOCK_SIZE:
-        raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {nvfp4.BLOCK_SIZE}, got {cols}")
+    if cols % NVFP4_BLOCK_SIZE:
+        raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {NVFP4_BLOCK_SIZE}, got {cols}")
     w_scale = nvfp4.global_scale(float(store.get(f"{module}.weight_quantizer._amax").float().max()))
     a_scale = nvfp4.global_scale(float(store.get(f"{module}.input_quantizer._amax").float().max()))
     scales: list[np.ndarray] = []
@@ -222,7 +218,7 @@ def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x:
     block_scales = g.weight_chunks(
         f"{module}.weight_quantizer.block_scale",
         np.uint8,
-        (rows, cols // nvfp4.BLOCK_SIZE),
+        (rows, cols // NVFP4_BLOCK_SIZE),
         scales,
         elem_type=TensorProto.FLOAT8E4M3FN,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgellm_steps.precision import Precision
+from edgellm_steps.precision import INT4_GROUP_SIZE, NVFP4_BLOCK_SIZE, Precision
 
 WEIGHT_RECIPES = {
     "fp8": "FP8_DEFAULT_CFG",
@@ -20,8 +20,10 @@ WEIGHT_RECIPES = {
     "nvfp4": "NVFP4_DEFAULT_CFG",
 }
 
-_FP8 = {"num_bits": (4, 3), "axis": None}
-_NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}}
+#: ModelOpt spells a float format as (exponent bits, mantissa bits).
+_E4M3, _E2M1 = (4, 3), (2, 1)
+_FP8 = {"num_bits": _E4M3, "axis": None}
+_NVFP4 = {"num_bits": _E2M1, "block_sizes": {-1: NVFP4_BLOCK_SIZE, "type": "dynamic", "scale_bits": _E4M3}}
 LM_HEAD_RECIPES: dict[str, list[dict[str, Any]]] = {
     fmt: [
         {"quantizer_name": "*lm_head*weight_quantizer", "cfg": cfg},
@@ -33,10 +35,8 @@ LM_HEAD_RECIPES: dict[str, list[dict[str, Any]]] = {
 #: Calibration batch size per weight format (the classic tool's defaults).
 CALIBRATION_BATCH = {"int4_awq": 16}
 
-#: Block size of int4 weights: input dims must be multiples of it.
-INT4_GROUP_SIZE = 128
-#: Formats that quantize GEMM inputs in blocks, and the block size.
-BLOCK_SIZES = {"int4_awq": INT4_GROUP_SIZE, "int4_gptq": INT4_GROUP_SIZE, "nvfp4": 16}
+#: Formats that quantize GEMM inputs in blocks, and the block size: input dims must be multiples of it.
+BLOCK_SIZES = {"int4_awq": INT4_GROUP_SIZE, "int4_gptq": INT4_GROUP_SIZE, "nvfp4": NVFP4_BLOCK_SIZE}
 #: Weight formats stored through ``trt::Int4GroupwiseGemmPlugin``.
 INT4_FORMATS = ("int4_awq", "int4_gptq")
 

@@ -15,7 +15,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
-from edgellm_steps.llm_io import past_name, present_name
+from edgellm_steps import llm_io
 from edgellm_steps.plugins import REFERENCE_OPS
 
 
@@ -29,7 +29,7 @@ class LLMRunner:
         self.session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
         self.rope = rope_table.astype(np.float32)
         layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
-        past = next(i for i in self.session.proto_.graph.input if i.name == past_name(0))
+        past = next(i for i in self.session.proto_.graph.input if i.name == llm_io.past_name(0))
         cache_dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
         self.caches = [np.zeros((batch, 2, hkv, capacity, d), cache_dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, np.int32)
@@ -52,18 +52,18 @@ class LLMRunner:
         else:
             last = (counts - 1).astype(np.int64)[:, None]
         feeds = {
-            "inputs_embeds": self.embedding[ids].astype(np.float16),
-            "rope_rotary_cos_sin": self.rope,
-            "context_lengths": (start + counts).astype(np.int32),
-            "last_token_ids": last,
+            llm_io.INPUTS_EMBEDS: self.embedding[ids].astype(np.float16),
+            llm_io.ROPE_COS_SIN: self.rope,
+            llm_io.CONTEXT_LENGTHS: (start + counts).astype(np.int32),
+            llm_io.LAST_TOKEN_IDS: last,
             # An empty start index means a plain prefill into an empty cache.
-            "kvcache_start_index": start if start.any() else np.zeros(0, np.int32),
+            llm_io.KVCACHE_START_INDEX: start if start.any() else np.zeros(0, np.int32),
         }
         for i, cache in enumerate(self.caches):
-            feeds[past_name(i)] = cache
+            feeds[llm_io.past_name(i)] = cache
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.proto_.graph.output]
         result = dict(zip(names, outputs, strict=True))
-        self.caches = [result[present_name(i)] for i in range(len(self.caches))]
+        self.caches = [result[llm_io.present_name(i)] for i in range(len(self.caches))]
         self.lengths = start + counts
-        return result["logits"]
+        return result[llm_io.LOGITS]

@@ -13,16 +13,13 @@ Only safetensors weights are read (``use_safetensors=True``): no pickle is ever 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from edgellm_steps.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.gptq import gptq_codes
-from edgellm_steps.plugins.int4_gemm import GROUP_SIZE
+from edgellm_steps.precision import INT4_GROUP_SIZE
 from edgellm_steps.prequantized import HeldPrecision, load_modelopt_state
-
-log = logging.getLogger(__name__)
 
 _GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
@@ -63,7 +60,7 @@ def _dequantized_gptq_model(checkpoint: Path, dtype, gptq: dict):
         if name.endswith(".qweight"):
             module = name.removesuffix(".qweight")
             q, scales = gptq_codes(store, module, gptq)
-            per_input = torch.from_numpy(scales).float().repeat_interleave(GROUP_SIZE, dim=0).t()  # [N, K]
+            per_input = torch.from_numpy(scales).float().repeat_interleave(INT4_GROUP_SIZE, dim=0).t()  # [N, K]
             tensors[f"{module}.weight"] = torch.from_numpy(q).float() * per_input
         elif not name.endswith(_GPTQ_PARTS):
             tensors[name] = store.get(name)

@@ -1,10 +1,11 @@
 """Reading and writing safetensors files by byte range.
 
 The format is an 8-byte little-endian header length, a JSON header mapping each
-tensor to its dtype, shape and ``data_offsets``, then the raw data. Reading by
-range (not ``mmap``) keeps a reader's resident memory at the size of what it
-asked for: pages of a memory-mapped 16 GB checkpoint count as resident once
-touched. Writing streams chunks, so a large table is never held twice.
+tensor to its dtype, shape and ``data_offsets``, then the raw data. Tensors are
+read with positioned reads of their byte range into a fresh buffer, so a reader's
+resident memory is the size of what it asked for (the file is never mapped: every
+touched page of a mapped 16 GB checkpoint would count as resident). Writing streams
+chunks, so a large table is never held twice.
 
 A checkpoint is untrusted data (a download, a colleague's directory), so the
 header is validated completely when a file is opened: every later read may

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,8 @@ from edgellm_steps.families import FamilySpec
 from edgellm_steps.safetensors_io import write_single_tensor
 from edgellm_steps.weight_streams import CHUNK_ELEMENTS
 
-log = logging.getLogger(__name__)
 
-
-def runtime_config(
-    dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any], *, model_type: str = "llm"
-) -> dict[str, Any]:
+def runtime_config(dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` the runtime reads."""
     config: dict[str, Any] = {
         "vocab_size": dims.vocab_size,
@@ -36,7 +31,7 @@ def runtime_config(
         "head_dim": dims.head_dim,
         "partial_rotary_factor": dims.partial_rotary_factor,
         "rms_norm_eps": dims.rms_norm_eps,
-        "model_type": model_type,
+        "model_type": "llm",
         "model": spec.family,
         "edgellm_version": EDGELLM_VERSION,
     }

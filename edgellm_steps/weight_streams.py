@@ -1,8 +1,8 @@
 """Weights as streams of converted slices, so no full-size copy of a tensor is made.
 
-An HF Linear weight is [N, K]; graph initializers are [K, N] (MatMul layout) or,
-for int4, packed [N/2, K]. Each generator yields row-major slices of the
-target layout, converting a slice of the source at a time.
+An HF Linear weight is [N, K]; the float, fp8 and int8 graph initializers are its
+transpose [K, N] (MatMul layout). :func:`transposed_chunks` yields row-major slices
+of that layout, converting a slice of the source at a time.
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ import torch
 CHUNK_ELEMENTS = 1 << 24
 
 
-def transposed_chunks(weight: torch.Tensor, convert: Callable[[torch.Tensor, int], np.ndarray]) -> Iterator[np.ndarray]:
+def transposed_chunks(weight: torch.Tensor, convert: Callable[[torch.Tensor], np.ndarray]) -> Iterator[np.ndarray]:
     """Rows of ``convert(weight.T)``, a slice of input columns at a time.
 
-    ``convert(part, first)`` receives a [k, N] view of the transposed weight whose
-    rows are input columns ``first .. first + k - 1``.
+    ``convert(part)`` receives a [k, N] view of the transposed weight: k consecutive input columns.
     """
     step = max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
     for first in range(0, weight.shape[1], step):
-        yield convert(weight[:, first : first + step].t(), first)
+        yield convert(weight[:, first : first + step].t())
 
 
 def fp16_transposed_chunks(weight: torch.Tensor) -> Iterator[np.ndarray]:
     """Rows of ``weight.T`` in float16."""
-    return transposed_chunks(weight, lambda part, _: part.to(torch.float16).contiguous().numpy())
+    return transposed_chunks(weight, lambda part: part.to(torch.float16).contiguous().numpy())

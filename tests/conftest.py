@@ -46,6 +46,8 @@ TINY_CASES = {
         "family": "phi3",
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
     },
+    # Saved in bfloat16, as most HF checkpoints are; the export converts to float16.
+    "qwen2-bf16": {"family": "qwen2", "dtype": "bfloat16"},
 }
 
 

@@ -1,10 +1,12 @@
 """Normalizing HF configs written by transformers 4.x and 5.x."""
 
+import re
+
 import pytest
 
 from edgellm_steps.checkpoint import decoder_dims
 from edgellm_steps.errors import UnsupportedArchitectureError
-from edgellm_steps.families import family_for
+from edgellm_steps.families import FAMILIES, family_for
 
 BASE = {
     "hidden_size": 64,
@@ -39,10 +41,14 @@ def test_explicit_head_dim_and_partial_rotary():
     assert dims.head_dim == 32 and dims.rotary_dim == 16 and dims.num_kv_heads == 1
 
 
-def test_registry_finds_families_and_lists_supported():
-    assert family_for({"architectures": ["Qwen2ForCausalLM"]}).family == "qwen2"
+@pytest.mark.parametrize("spec", FAMILIES, ids=lambda spec: spec.family)
+def test_registry_finds_every_family_by_each_architecture(spec):
+    for arch in spec.architectures:
+        assert family_for({"architectures": ["SomethingElse", arch]}) is spec
+
+
+def test_registry_lists_every_supported_architecture():
     assert family_for({"architectures": ["Qwen3ForCausalLM"]}).qk_norm
-    with pytest.raises(
-        UnsupportedArchitectureError, match="supported: LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM"
-    ):
+    supported = ", ".join(sorted(arch for spec in FAMILIES for arch in spec.architectures))
+    with pytest.raises(UnsupportedArchitectureError, match=re.escape(f"supported: {supported}") + "$"):
         family_for({"architectures": ["GPT2LMHeadModel"]})

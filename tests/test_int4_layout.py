@@ -10,7 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgellm_steps.plugins.int4_gemm import GROUP_SIZE, ZERO_POINT, int4_gemm_reference, pack_int4, unpack_int4
+from edgellm_steps.plugins.int4_gemm import int4_gemm_reference, pack_int4, unpack_int4
+
+#: Contract 3.5: stored codes are u = q + 8 (zero point 8), one scale per 128 consecutive inputs.
+ZERO_POINT = 8
+GROUP_SIZE = 128
 
 #: Within each block of 32 columns, position f holds original column PERMUTATION[f]: the contract's
 #: shuffle a*8+b*2+c <- b*8+a*2+c followed by e*4+d <- d*2+e inside each group of 8.

@@ -20,19 +20,32 @@ def test_grammar_round_trips(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["", "FP16", "fp16-", "fp16-lm", "fp16-kvfp8-lmfp8", "int4", "fp16-lmint8", "fp16-kvint8"]
+    ("text", "error"),
+    [
+        # An empty part is malformed, not an unknown format '': without the expected error these two
+        # cases could not fail, since the table of formats refuses '' as well as the pattern does.
+        ("", "malformed precision ''"),
+        ("fp16-lm", "malformed precision 'fp16-lm'"),
+        ("FP16", "malformed precision 'FP16'"),
+        ("fp16-", "malformed precision 'fp16-'"),
+        ("fp16-kvfp8-lmfp8", "malformed precision 'fp16-kvfp8-lmfp8'"),
+        ("int4", "unknown weight precision 'int4' in 'int4'"),
+        ("fp16-lmint8", "unknown lm_head precision 'int8' in 'fp16-lmint8'"),
+        ("fp16-kvint8", "unknown kv_cache precision 'int8' in 'fp16-kvint8'"),
+    ],
 )
-def test_bad_strings_quote_the_grammar(text):
-    with pytest.raises(PrecisionError, match=r"<weights>\[-lm<lm_head>\]\[-kv<kv_cache>\]"):
+def test_bad_strings_quote_the_grammar(text, error):
+    with pytest.raises(PrecisionError, match=r"<weights>\[-lm<lm_head>\]\[-kv<kv_cache>\]") as raised:
         parse_precision(text)
+    assert str(raised.value).startswith(f"{error}: expected <weights>"), str(raised.value)
 
 
 def test_quantize_step_and_floors():
     assert not parse_precision("fp16").needs_quantize_step
     assert not parse_precision("int4_gptq").needs_quantize_step
     assert parse_precision("int4_gptq-kvfp8").needs_quantize_step
-    assert parse_precision("int4_awq-lmnvfp4").sm_floor() == 100
-    assert parse_precision("fp8").sm_floor() == 89
+    check_sm_supports(parse_precision("int4_awq-lmnvfp4"), 100)
+    check_sm_supports(parse_precision("fp8"), 89)
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,15 @@ VARIANTS = {
     "nvfp4-lmnvfp4-kvfp8": ("nvfp4", "nvfp4", "fp8"),
 }
 CALIB = {"calib_size": 8, "calib_max_tokens": 32}
+
+#: Lower bound, per weight format, on the fraction of 4 x 32 positions whose greedy token in the quantized
+#: export equals the fp16 export's. Random-weight tiny models have nearly flat logits, so quantization noise
+#: flips many top-1 ties; measured on this base (seed 0) and on seeds 1 and 2 of the same config:
+#: fp16-kvfp8 94-96%; fp8 (with or without fp8 lm_head and KV) 84-88%; int8_sq 84-91%; int4_awq (with or
+#: without fp8 lm_head) 62-71%; nvfp4 (with or without nvfp4 lm_head and fp8 KV) 62-70%. Chance is 1/vocab
+#: (< 0.3%) and the fp16 exports of two differently seeded models agree on 0%, so a broken graph or scale
+#: lands far below. The bounds keep ~15 points of margin under the lowest measured value.
+MIN_GREEDY_AGREEMENT = {"fp16": 0.80, "fp8": 0.70, "int8_sq": 0.70, "int4_awq": 0.45, "nvfp4": 0.45}
 LAYER = "model.layers.1.mlp.down_proj"
 
 
@@ -98,14 +107,16 @@ def test_quantized_export_matches_the_fake_quantized_model(base, quantized, fp16
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     summary = verify_onnx(out, checkpoint)
     assert summary["passed"] and summary["precision"] == precision, summary
-    # Greedy tokens against the fp16 export are reported, not asserted: quantization may change them.
-    table = hf_rope_table(transformers.AutoModelForCausalLM.from_pretrained(str(base)), 16)
-    ids = np.random.default_rng(5).integers(0, 300, 12).tolist()
-    quant_logits = LLMRunner(out, table, batch=1, capacity=16).step([ids], all_logits=True)
-    fp16_logits = LLMRunner(fp16_export, table, batch=1, capacity=16).step([ids], all_logits=True)
+    # Quantization may change some greedy tokens against the fp16 export, but not most of them.
+    table = hf_rope_table(transformers.AutoModelForCausalLM.from_pretrained(str(base)), 32)
+    ids = np.random.default_rng(5).integers(0, 300, (4, 32)).tolist()
+    quant_logits = LLMRunner(out, table, batch=4, capacity=32).step(ids, all_logits=True)
+    fp16_logits = LLMRunner(fp16_export, table, batch=4, capacity=32).step(ids, all_logits=True)
     agreement = compare_logits(quant_logits, fp16_logits).greedy_agreement
     record_property("greedy_agreement_with_fp16_export", agreement)
     print(f"{precision}: greedy agreement with the fp16 export {agreement:.0%}")
+    bound = MIN_GREEDY_AGREEMENT[VARIANTS[precision][0]]
+    assert agreement >= bound, f"{precision}: greedy agreement with the fp16 export {agreement:.0%} < {bound:.0%}"
 
 
 def dequantized_weight(model, precision: str) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from .conftest import REPO, copy_checkpoint, run_snakemake, write_config
-from .slurm_cluster import ClusterUnavailable, local_slurm
+from .slurm_cluster import FEATURE, ClusterUnavailable, local_slurm
 
 pytestmark = pytest.mark.workflow
 
@@ -61,6 +61,18 @@ def test_engine_jobs_get_a_gpu_and_their_sm_constraint(cluster, workdir):
 
 
 def test_a_target_no_node_can_run_is_refused(cluster, workdir):
+    """The sm110 job asks for constraint sm110, which no node has (FEATURE): sbatch itself refuses it."""
+    assert "sm110" not in FEATURE.split(",")
     result = slurm(workdir, "engines/sm110/tiny_fp16.engine", check=False)
     assert result.returncode != 0
-    assert "Invalid feature specification" in result.output or "sm110" in result.output
+    # The executor quotes sbatch's own refusal and the call that got it.
+    refusal = "SLURM sbatch failed. The error message was 'sbatch: error: Batch job submission failed: "
+    assert refusal + "Invalid feature specification'" in result.output, result.output[-4000:]
+    assert "-C sm110" in result.output
+    # Refused at submission: only the export job got a job id; the engine job never ran, so it has no
+    # Slurm job log and its step wrote nothing (Snakemake may leave the log file empty).
+    assert result.output.count("has been submitted with SLURM jobid") == 1
+    assert not list((workdir / ".snakemake/slurm_logs/rule_build_engine").rglob("*.log"))
+    build_log = workdir / "logs/build_engine/sm110/tiny_fp16.log"
+    assert not build_log.exists() or build_log.read_text() == ""
+    assert not (workdir / "engines/sm110/tiny_fp16.engine").exists()

@@ -17,9 +17,9 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.precision import FP8_E4M3_MAX
 
 OP_TYPE = "AttentionPlugin"
-FP8_MAX = 448.0
 
 
 def emit_attention_plugin(
@@ -98,7 +98,7 @@ def attention_reference(
     def store(values: np.ndarray, which: int) -> np.ndarray:
         if kv_scales is None:
             return values.astype(present.dtype)
-        return np.clip(values / scale[which], -FP8_MAX, FP8_MAX).astype(present.dtype)
+        return np.clip(values / scale[which], -FP8_E4M3_MAX, FP8_E4M3_MAX).astype(present.dtype)
 
     def load(which: int, total: int) -> np.ndarray:
         return present[b, which, :, :total].astype(np.float32) * scale[which]

@@ -16,6 +16,7 @@ from onnx.reference.op_run import OpRun
 
 from edgellm_steps import nvfp4
 from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.precision import NVFP4_BLOCK_SIZE
 
 OP_TYPE = "TRT_FP4DynamicQuantize"
 
@@ -29,7 +30,7 @@ def emit_fp4_dynamic_quantize(g: GraphBuilder, name: str, x: str, scale: str) ->
         outputs=2,
         domain=PLUGIN_DOMAIN,
         axis=-1,
-        block_size=nvfp4.BLOCK_SIZE,
+        block_size=NVFP4_BLOCK_SIZE,
         scale_type=TensorProto.FLOAT8E4M3FN,
     )
     return codes, block_scales
@@ -41,8 +42,8 @@ class TRT_FP4DynamicQuantizeOp(OpRun):
     op_domain = PLUGIN_DOMAIN
 
     def _run(self, x, scale, axis=None, block_size=None, scale_type=None):
-        if axis not in (-1, x.ndim - 1) or block_size != nvfp4.BLOCK_SIZE or scale_type != TensorProto.FLOAT8E4M3FN:
-            raise ValueError(f"{OP_TYPE}: only axis=-1, block_size=16, E4M3 scales are implemented")
+        if axis not in (-1, x.ndim - 1) or block_size != NVFP4_BLOCK_SIZE or scale_type != TensorProto.FLOAT8E4M3FN:
+            raise ValueError(f"{OP_TYPE}: only axis=-1, block_size={NVFP4_BLOCK_SIZE}, E4M3 scales are implemented")
         blocks = nvfp4.quantize_scaled(x.astype(np.float32), np.float32(np.asarray(scale).reshape(())))
         return blocks.codes, blocks.block_scales
 

@@ -28,10 +28,9 @@ import numpy as np
 from onnx.reference.op_run import OpRun
 
 from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.precision import INT4_GROUP_SIZE, INT4_ZERO_POINT
 
 OP_TYPE = "Int4GroupwiseGemmPlugin"
-GROUP_SIZE = 128
-ZERO_POINT = 8
 
 #: Rows per packed 16-bit word and columns per packing block (contract 3.5).
 ROW_GROUP = 4
@@ -72,7 +71,7 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
         raise ValueError(f"int4 packing needs a 2-D [N, K] weight, got shape {q.shape}")
     n, k = q.shape
     _check_shape(n, k)
-    codes = (np.asarray(q).astype(np.int16) + ZERO_POINT).astype(np.uint16)
+    codes = (np.asarray(q).astype(np.int16) + INT4_ZERO_POINT).astype(np.uint16)
     shuffled = codes.reshape(n, k // 32, 32)[:, :, COLUMN_PERMUTATION]
     # [g, r, j, c] -> [g, j, r, c]: each (g, j) tile read row by row, four codes per word.
     tiles = shuffled.reshape(n // ROW_GROUP, ROW_GROUP, k // COLUMN_BLOCK, COLUMN_BLOCK).transpose(0, 2, 1, 3)
@@ -94,11 +93,13 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     tiles = quads.reshape(n // ROW_GROUP, k // COLUMN_BLOCK, ROW_GROUP, COLUMN_BLOCK).transpose(0, 2, 1, 3)
     shuffled = tiles.reshape(n, k // 32, 32)
     codes = shuffled[:, :, _INVERSE_COLUMN_PERMUTATION].reshape(n, k)
-    return codes.astype(np.int8) - ZERO_POINT
+    return codes.astype(np.int8) - INT4_ZERO_POINT
 
 
 def emit_int4_gemm(g: GraphBuilder, name: str, x: str, weight: str, scales: str, *, n: int, k: int) -> str:
-    return g.op(OP_TYPE, [x, weight, scales], name, domain=PLUGIN_DOMAIN, gemm_n=n, gemm_k=k, group_size=GROUP_SIZE)
+    return g.op(
+        OP_TYPE, [x, weight, scales], name, domain=PLUGIN_DOMAIN, gemm_n=n, gemm_k=k, group_size=INT4_GROUP_SIZE
+    )
 
 
 def int4_gemm_reference(x: np.ndarray, weight: np.ndarray, scales: np.ndarray, *, group_size: int) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""The README's first command, `make demo`, run as written but into a temporary work directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from .conftest import REPO, tool_env
+
+pytestmark = pytest.mark.workflow
+
+EXPORT = "onnx/demo-qwen2_fp16/llm"
+#: What the workflow writes into a work directory; none of it may appear in the checkout.
+WORK_DIR_ENTRIES = (".demo", ".snakemake", ".edgellm", "logs", "benchmarks", "onnx", "engines")
+
+
+def snapshot(root):
+    """(relative path, size, mtime_ns) of every file under ``root``; None when it does not exist."""
+    if not root.exists():
+        return None
+    return sorted((str(p.relative_to(root)), p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def test_make_demo_builds_the_export_in_the_given_directory(tmp_path):
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("make is not installed")
+    # `make demo` first runs `make setup`, which reinstalls the venv when the pins are newer than its stamp.
+    if subprocess.run([make, "-q", "-C", str(REPO), "setup"], capture_output=True).returncode != 0:
+        pytest.skip("the venv is older than pyproject.toml/constraints.txt: run `make setup` first")
+    before = {name: snapshot(REPO / name) for name in WORK_DIR_ENTRIES}
+    demo = tmp_path / "demo"
+
+    result = subprocess.run(
+        [make, "-C", str(REPO), "demo", f"DEMO_DIR={demo}"], env=tool_env(), capture_output=True, text=True
+    )
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    export = demo / EXPORT
+    assert (export / "model.onnx").is_file() and (export / "onnx_model.data").is_file()
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["step"] == "export-llm"
+    assert set(manifest["files"]) == {p.name for p in export.iterdir()} - {"manifest.json"}
+    assert (demo / "checkpoints/demo-qwen2/config.json").is_file() and (demo / "config.yaml").is_file()
+    # The engine target is dry-run only, and the printed paths are the work directory's.
+    assert "build_engine" in output and not (demo / "engines").exists()
+    assert f"Demo artifacts (ONNX export and sidecars): {export}/" in output
+    assert {name: snapshot(REPO / name) for name in WORK_DIR_ENTRIES} == before, "make demo wrote into the checkout"
