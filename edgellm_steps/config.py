@@ -52,6 +52,16 @@ class QuantizationSettings:
     batch_size: int | None
     dataset: str | None
     device: str
+    #: CPU threads of a quantize job (Snakemake's ``threads``; not part of what is built).
+    threads: int
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """How verify-onnx jobs run (not part of what they check)."""
+
+    #: CPU threads of a verify job (Snakemake's ``threads``).
+    threads: int
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class ModelSettings:
     chat_template: str | None
     build: BuildLimits
     quantization: QuantizationSettings
+    verify: VerifySettings
 
     @property
     def default_sm(self) -> int:
@@ -97,7 +108,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
 
 
 def _schema_default_settings(schema: dict[str, Any]) -> dict[str, Any]:
-    """Defaults of every setting; nested objects (``build``, ``quantization``) get their members' defaults."""
+    """Defaults of every setting; nested objects (``build``, ``quantization``, ...) get their members' defaults."""
     defaults = {}
     for key, spec in schema["$defs"]["settings"]["properties"].items():
         if "$ref" in spec:
@@ -138,4 +149,5 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         chat_template=merged["chat_template"],
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
+        verify=VerifySettings(**merged["verify"]),
     )

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from edgellm_steps.checkpoint import weight_files
+from edgellm_steps import resources
+from edgellm_steps.checkpoint import decoder_dims, weight_files
 from edgellm_steps.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.digests import DigestCache
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
@@ -23,6 +24,7 @@ from edgellm_steps.families import family_for
 from edgellm_steps.gptq import check_gptq_config
 from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
 from edgellm_steps.prequantized import HeldPrecision, held_precision
+from edgellm_steps.quant_recipes import calibration_batch_size
 from edgellm_steps.quantize_llm import check_block_dims
 from edgellm_steps.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 from edgellm_steps.tokenizer_files import check_tokenizer
@@ -205,6 +207,42 @@ class Planner:
         weight_bytes = sum(p.stat().st_size for p in weight_files(checkpoint))
         factor = float(self._section("engine").get("host_memory_factor", 4))
         return max(4096, math.ceil(factor * weight_bytes / 2**20))
+
+    def weight_bytes(self, model: str) -> int:
+        """Bytes of the source checkpoint's weight files."""
+        return sum(p.stat().st_size for p in weight_files(self.checkpoint(model)))
+
+    def quantize_mem_mb(self, model: str, precision: str) -> int:
+        """Host RAM of a quantize job: measured peaks per weight format and calibration batch (resources.py)."""
+        parsed = self.precision(model, precision)
+        quant = self.settings(model).quantization
+        batch = min(quant.batch_size or calibration_batch_size(parsed), quant.calib_size)
+        return resources.quantize_mem_mb(
+            self.weight_bytes(model),
+            parsed.weights,
+            batch=batch,
+            tokens=quant.calib_max_tokens,
+            vocab_size=decoder_dims(self._source(model)[1]).vocab_size,
+        )
+
+    def quantize_threads(self, model: str) -> int:
+        return self.settings(model).quantization.threads
+
+    def quantize_gpus(self, model: str) -> int:
+        """1 when calibration runs on a GPU (any GPU: the quantized checkpoint is not SM-specific)."""
+        return int(self.settings(model).quantization.device == "cuda")
+
+    def verify_mem_mb(self, model: str, precision: str) -> int:
+        """Host RAM of a verify job: a measured multiple of the source's bytes (resources.py)."""
+        self.precision(model, precision)
+        weight_bytes = self.weight_bytes(model)
+        held = self._source(model)[2]
+        if held is not None and held.precision.weights == "int4_gptq":
+            weight_bytes *= resources.GPTQ_EXPANSION
+        return resources.verify_mem_mb(weight_bytes)
+
+    def verify_threads(self, model: str) -> int:
+        return self.settings(model).verify.threads
 
     def engine_constraint(self, sm: int | str) -> str:
         return str(self._section("cluster").get("constraints", {}).get(str(sm), f"sm{sm}"))

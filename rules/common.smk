@@ -5,6 +5,8 @@ import os
 import shlex
 import sys
 
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
+
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.planning import Planner, load_workflow_config
 from edgellm_steps.step_code import STEP_ENTRY_POINTS, step_code_digest
@@ -48,12 +50,21 @@ def step_code(step):
     return lambda wildcards: version
 
 
+# Under --software-deployment-method conda the step runs in the rule's env, whose pip section
+# installs this checkout: envs/*.yaml read its path from EDGELLM_STEPS_ROOT when conda creates them.
+USES_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+if USES_CONDA:
+    os.environ.update(EDGELLM_STEPS_ROOT=workflow.basedir)
+
+
 def step_command(step):
-    """The step's command run by the interpreter that runs Snakemake: no activated venv or PATH needed.
+    """The step's command: run by the interpreter that runs Snakemake (no activated venv or PATH
+    needed), or by the conda env's python when Snakemake deploys the rules' conda envs.
 
     A function of `input`, so not recorded: where the venv lives does not change what is built.
     """
-    command = f"{shlex.quote(sys.executable)} -m {STEP_ENTRY_POINTS[step]}"
+    python = "python" if USES_CONDA else shlex.quote(sys.executable)
+    command = f"{python} -m {STEP_ENTRY_POINTS[step]}"
     return lambda wildcards, input: command
 
 
@@ -117,6 +128,27 @@ def engine_plugin(wildcards, input):
 
 def engine_mem_mb(wildcards):
     return ask(PLAN.engine_mem_mb, wildcards.model)
+
+
+def quantize_mem_mb(wildcards):
+    return ask(PLAN.quantize_mem_mb, wildcards.model, wildcards.precision)
+
+
+def quantize_threads(wildcards):
+    return ask(PLAN.quantize_threads, wildcards.model)
+
+
+def quantize_gpus(wildcards):
+    # Any GPU (no SM constraint): calibration on `quantization.device: cuda`.
+    return ask(PLAN.quantize_gpus, wildcards.model)
+
+
+def verify_mem_mb(wildcards):
+    return ask(PLAN.verify_mem_mb, wildcards.model, wildcards.precision)
+
+
+def verify_threads(wildcards):
+    return ask(PLAN.verify_threads, wildcards.model)
 
 
 def engine_constraint(wildcards):

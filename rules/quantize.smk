@@ -12,6 +12,10 @@ rule quantize_llm:
         "benchmarks/quantize_llm/{model}_{precision}.tsv"
     conda:
         "../envs/export.yaml"
+    threads: quantize_threads
+    resources:
+        mem_mb=quantize_mem_mb,
+        gpu=quantize_gpus,
     params:
         code=step_code("quantize-llm"),
         command=step_command("quantize-llm"),
@@ -20,4 +24,4 @@ rule quantize_llm:
         device=quantize_device,
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.manifest:q})"
-        " {params.options} --device {params.device} > {log:q} 2>&1"
+        " {params.options} --device {params.device} --threads {threads} > {log:q} 2>&1"

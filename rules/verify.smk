@@ -12,10 +12,13 @@ rule verify_onnx:
         "benchmarks/verify_onnx/{model}_{precision}.tsv"
     conda:
         "../envs/export.yaml"
+    threads: verify_threads
+    resources:
+        mem_mb=verify_mem_mb,
     params:
         code=step_code("verify-onnx"),
         command=step_command("verify-onnx"),
         checkpoint=export_checkpoint,
     shell:
         "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
-        " --report {output.report:q} > {log:q} 2>&1"
+        " --report {output.report:q} --threads {threads} > {log:q} 2>&1"

@@ -97,3 +97,15 @@ def test_an_engine_reads_only_the_limits_of_its_kind():
         "max_image_tokens": 2048,
         "max_image_tokens_per_image": 512,
     }
+
+
+def test_job_threads_have_defaults_and_are_validated():
+    settings = model_settings({"models": {"m": {"source": "x"}}}, "m")
+    assert settings.quantization.threads == 8 and settings.verify.threads == 4
+    config = {"defaults": {"verify": {"threads": 2}}, "models": {"m": {"source": "x", "quantization": {"threads": 1}}}}
+    validate_config(config)
+    settings = model_settings(config, "m")
+    assert settings.quantization.threads == 1 and settings.verify.threads == 2
+    for bad in ({"quantization": {"threads": 0}}, {"verify": {"threads": "many"}}, {"verify": {"cores": 2}}):
+        with pytest.raises(ConfigError, match=r"invalid config at models\.m\.(quantization|verify)"):
+            validate_config({"models": {"m": {"source": "x", **bad}}})

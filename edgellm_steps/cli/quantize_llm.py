@@ -29,7 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calib_batch_size", type=int, default=None, help="calibration batch (default: 1, or 16 for int4_awq)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     return run_cli(
         lambda: quantize_llm(
             args.model_dir,

@@ -16,7 +16,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=3, help="decode steps after the prompt (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     parser.add_argument("--report", default=None, help="write the JSON report here")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
     return run_cli(
         lambda: verify_onnx(
             args.onnx_dir, args.model_dir, prefill=args.prefill, decode=args.decode, seed=args.seed, report=args.report

@@ -1,0 +1,122 @@
+"""Host memory (Snakemake ``mem_mb``) of quantize-llm and verify-onnx jobs, from measured peaks.
+
+A job's peak RSS is modelled as
+
+    peak = factor x (source checkpoint weight bytes) + logit_bytes x batch x tokens x vocab_size
+
+and the job requests ``max(FLOOR_MB, ceil(MARGIN x peak / MiB))`` (MiB, like the engine
+rule's mem_mb: the unit of Slurm's ``--mem``). ``factor`` folds in the model held in float32
+(calibration and verification run float32 on the CPU: twice a bf16 checkpoint's bytes), the
+memory-mapped checkpoint, the step's own copies and the fixed cost of Python, torch and
+ModelOpt, so a model much larger than the measured one is over-requested rather than under.
+The second term grows with the calibration batch (``batch`` samples of ``tokens`` tokens in one
+forward pass); the float32 logits, ``batch x tokens x vocab_size`` of them, are most of it.
+
+Measured with ``bench/quantize_bench.py`` (``--batch``, ``--verify``; about 26 minutes of runs) on
+this project's 2-core, 23 GB CPU machine, torch 2.13 CPU and the pinned ModelOpt: the
+Qwen2.5-0.5B-shaped random checkpoint (494M parameters, bf16, tied embeddings, vocab 151936,
+hidden 896, 24 layers), **988,097,824 weight bytes** (942 MiB), calibration samples of 512
+tokens, built-in corpus, ``--device cpu``. Peak RSS is the step process's ``ru_maxrss``;
+:data:`MEASURED` lists every run in MiB. What the runs showed:
+
+- fp8, int8_sq, nvfp4 and fp16 with LM-head/KV overrides, batch 1: 3.3 GiB whatever the number
+  of samples (fp8: 2, 32 and 512 samples; nvfp4 32 and 512). fp8 at batch 8: 4.9 GiB, about
+  one float32 logit (4 bytes) more per sample token: ``logit_bytes`` 4, ``factor`` 3.3.
+- int4_awq: batch 1: 5.7 GiB (1 and 4 samples alike); batch 4 (one batch): 3.7 GiB; batch 16:
+  8.9 GiB with one batch (16 samples), 10.2 GiB with two or more (32 samples; 512 samples
+  gave the same in an earlier run). So its peak does not grow with the number of samples
+  beyond the second batch, and is not monotonic in the batch at small batches (batch 1 peaks
+  above batch 4: allocator behaviour, reproducible). The linear model goes through the
+  highest points: ``factor`` 5.9 (batch 1) and ``logit_bytes`` 4.5 (batch 16 with two batches);
+  it over-requests batch 4.
+- verify-onnx (transformers in float32 plus the ONNX reference run, a 10-token prompt): fp16
+  export 8.2 GiB (two runs), fp8 export 6.9 GiB: ``factor`` 8.9 for every precision.
+
+The logit term is fitted on one shape: a model whose activations (hidden and intermediate
+sizes) outweigh its vocabulary has a larger per-token cost, but its weight term dominates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MIB = 2**20
+
+#: Requests are the modelled peak times this margin (allocator slack, other corpora, other shapes).
+MARGIN = 1.25
+#: No job requests less: Python, torch and a tokenizer alone take about 1 GB (and the Slurm
+#: profile's default-resources give 4000 MB to every other job).
+FLOOR_MB = 4096
+
+
+@dataclass(frozen=True)
+class PeakModel:
+    """Peak RSS = ``factor`` x checkpoint weight bytes + ``logit_bytes`` x batch x tokens x vocab_size."""
+
+    factor: float
+    logit_bytes: float = 0.0
+
+
+#: Job kind -> measured peak model (see the module docstring). Keys: quantize-llm's weight
+#: format (a job with an LM-head or KV-cache override uses its weights' row: the overrides add
+#: a few quantizers to the same calibration; fp16 weights with overrides only calibrate like
+#: fp8, measured: fp16-lmfp8-kvfp8 3.3 GiB), and "verify" for verify-onnx (any precision).
+PEAKS: dict[str, PeakModel] = {
+    "fp8": PeakModel(factor=3.3, logit_bytes=4),
+    "int8_sq": PeakModel(factor=3.3, logit_bytes=4),
+    "nvfp4": PeakModel(factor=3.3, logit_bytes=4),
+    "fp16": PeakModel(factor=3.3, logit_bytes=4),
+    "int4_awq": PeakModel(factor=5.9, logit_bytes=4.5),
+    "verify": PeakModel(factor=8.9),
+}
+
+#: A GPTQ source holds int4 codes, but verify runs the float model holding the dequantized
+#: weights: its bytes count this many times (int4 -> 16 bits; an upper bound, since its
+#: embeddings and norms are 16-bit already). Derived, not measured.
+GPTQ_EXPANSION = 4
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One bench run on the 0.5B checkpoint: peak RSS in MiB (ru_maxrss / 1024)."""
+
+    kind: str
+    batch: int
+    samples: int
+    peak_mib: int
+
+
+#: Every measured run (bench/quantize_bench.py prints ru_maxrss / 1e6 as "GB": 3.40 -> 3320 MiB).
+MEASURED = (
+    Measured("fp8", batch=1, samples=2, peak_mib=3359),
+    Measured("fp8", batch=1, samples=32, peak_mib=3320),
+    Measured("fp8", batch=1, samples=512, peak_mib=3320),
+    Measured("fp8", batch=8, samples=8, peak_mib=5049),
+    Measured("int8_sq", batch=1, samples=32, peak_mib=3320),
+    Measured("nvfp4", batch=1, samples=512, peak_mib=3320),
+    Measured("fp16", batch=1, samples=2, peak_mib=3362),  # fp16-lmfp8-kvfp8
+    Measured("int4_awq", batch=1, samples=1, peak_mib=5869),
+    Measured("int4_awq", batch=1, samples=4, peak_mib=5850),
+    Measured("int4_awq", batch=4, samples=4, peak_mib=3779),
+    Measured("int4_awq", batch=16, samples=16, peak_mib=9141),
+    Measured("int4_awq", batch=16, samples=32, peak_mib=10449),
+    Measured("verify", batch=0, samples=0, peak_mib=8350),  # fp16 export
+    Measured("verify", batch=0, samples=0, peak_mib=7070),  # fp8 export
+)
+
+
+def request_mb(peak_bytes: float) -> int:
+    """The mem_mb a job with this modelled peak requests: with the margin, at least the floor."""
+    return max(FLOOR_MB, math.ceil(MARGIN * peak_bytes / MIB))
+
+
+def quantize_mem_mb(weight_bytes: int, weights: str, *, batch: int, tokens: int, vocab_size: int) -> int:
+    """mem_mb of a quantize-llm job; ``weights`` is the weight format (fp8, int8_sq, int4_awq, nvfp4, fp16)."""
+    peak = PEAKS[weights]
+    return request_mb(peak.factor * weight_bytes + peak.logit_bytes * batch * tokens * vocab_size)
+
+
+def verify_mem_mb(weight_bytes: int) -> int:
+    """mem_mb of a verify-onnx job (a prompt of a few tokens: no batch term)."""
+    return request_mb(PEAKS["verify"].factor * weight_bytes)

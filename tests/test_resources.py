@@ -1,0 +1,236 @@
+"""Resources of quantize and verify jobs: the measured memory model, and what a dry run requests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from edgellm_steps import resources
+from edgellm_steps.config import validate_config
+from edgellm_steps.planning import Planner
+from edgellm_steps.resources import FLOOR_MB, MARGIN, MIB, PEAKS, quantize_mem_mb, verify_mem_mb
+
+from .conftest import copy_checkpoint, run_snakemake, write_config
+
+#: The bench checkpoint (Qwen2.5-0.5B shape): weight bytes, vocabulary, calibration tokens.
+QWEN_05B = {"weight_bytes": 988_097_824, "vocab_size": 151_936, "tokens": 512}
+
+
+def awq_0_5b(batch: int) -> int:
+    return quantize_mem_mb(
+        QWEN_05B["weight_bytes"],
+        "int4_awq",
+        batch=batch,
+        tokens=QWEN_05B["tokens"],
+        vocab_size=QWEN_05B["vocab_size"],
+    )
+
+
+def test_awq_request_grows_with_the_calibration_batch():
+    requests = [awq_0_5b(batch) for batch in (1, 2, 4, 8, 16, 32)]
+    assert requests == sorted(set(requests)), requests
+    # The batch term is the calibration logits: 15 more samples of 512 tokens x 151936 floats.
+    assert awq_0_5b(16) - awq_0_5b(1) >= 15 * 512 * 151_936 * 4 / MIB
+
+
+def test_every_quantized_weight_format_has_a_row():
+    from edgellm_steps.precision import WEIGHT_PRECISIONS
+
+    # int4_gptq is exported directly (no quantize job); fp16 has one only with an LM-head or KV override.
+    assert set(PEAKS) == {*WEIGHT_PRECISIONS} - {"int4_gptq"} | {"verify"}
+
+
+def test_small_jobs_request_the_floor():
+    assert quantize_mem_mb(10_000_000, "fp8", batch=1, tokens=512, vocab_size=32_000) == FLOOR_MB
+    assert quantize_mem_mb(10_000_000, "int4_awq", batch=16, tokens=512, vocab_size=32_000) == FLOOR_MB
+    assert verify_mem_mb(10_000_000) == FLOOR_MB
+    assert resources.request_mb(0) == FLOOR_MB
+
+
+def test_requests_are_the_modelled_peak_with_the_margin():
+    weight_bytes = 16 * 10**9  # an 8B bf16 checkpoint: far above the floor
+    fp8 = PEAKS["fp8"]
+    peak = fp8.factor * weight_bytes + fp8.logit_bytes * 1 * 512 * 128_256
+    assert quantize_mem_mb(weight_bytes, "fp8", batch=1, tokens=512, vocab_size=128_256) == math.ceil(
+        MARGIN * peak / MIB
+    )
+    assert verify_mem_mb(weight_bytes) == math.ceil(MARGIN * PEAKS["verify"].factor * weight_bytes / MIB)
+
+
+def test_int4_awq_requests_more_than_fp8():
+    shape = {"tokens": 512, "vocab_size": QWEN_05B["vocab_size"]}
+    fp8 = quantize_mem_mb(QWEN_05B["weight_bytes"], "fp8", batch=1, **shape)
+    assert awq_0_5b(16) > 2 * fp8  # at the recipes' batches (1 and 16)
+    assert awq_0_5b(1) > fp8  # and at the same batch: AWQ's search holds more than max calibration
+    big = 16 * 10**9
+    assert quantize_mem_mb(big, "int4_awq", batch=1, **shape) > quantize_mem_mb(big, "fp8", batch=1, **shape)
+
+
+@pytest.mark.parametrize("measured", resources.MEASURED, ids=lambda m: f"{m.kind}-b{m.batch}-s{m.samples}")
+def test_requests_cover_every_measured_peak_with_the_margin_and_not_much_more(measured):
+    """The 0.5B bench runs (bench/quantize_bench.py): each request is 1.25x to 2.5x its measured peak.
+
+    (2.5x: int4_awq at batch 4 peaks below batch 1, and the model is linear in the batch.)
+    """
+    if measured.kind == "verify":
+        request = verify_mem_mb(QWEN_05B["weight_bytes"])
+    else:
+        request = quantize_mem_mb(
+            QWEN_05B["weight_bytes"],
+            measured.kind,
+            batch=measured.batch,
+            tokens=QWEN_05B["tokens"],
+            vocab_size=QWEN_05B["vocab_size"],
+        )
+    assert MARGIN * measured.peak_mib <= request + 1 <= 2.5 * measured.peak_mib
+
+
+# Planner: what the rules ask for one model.
+
+
+def planner(source: Path, **settings) -> Planner:
+    config = {"models": {"m": {"source": str(source), **settings}}}
+    validate_config(config)
+    return Planner(config, state_dir=source.parent / "state")
+
+
+def test_planner_uses_the_recipe_batch_capped_at_the_calibration_samples(checkpoint_factory, tmp_path):
+    ckpt = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    weight_bytes = (ckpt / "model.safetensors").stat().st_size
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    tokens = 10**6  # far above the floor, so that the batch shows
+
+    def expected(weights: str, batch: int) -> int:
+        return quantize_mem_mb(weight_bytes, weights, batch=batch, tokens=tokens, vocab_size=vocab)
+
+    default = planner(ckpt, quantization={"calib_max_tokens": tokens})
+    assert default.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 16) > FLOOR_MB
+    assert default.quantize_mem_mb("m", "fp8-kvfp8") == expected("fp8", 1)
+    assert default.quantize_mem_mb("m", "fp16-lmfp8") == expected("fp16", 1)
+    few = planner(ckpt, quantization={"calib_max_tokens": tokens, "calib_size": 4})
+    assert few.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 4)
+    chosen = planner(ckpt, quantization={"calib_max_tokens": tokens, "batch_size": 2})
+    assert chosen.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 2)
+    assert chosen.quantize_mem_mb("m", "nvfp4") == expected("nvfp4", 2)
+
+
+def test_planner_threads_and_gpus_follow_the_config(checkpoint_factory):
+    ckpt = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    default = planner(ckpt)
+    assert (default.quantize_threads("m"), default.verify_threads("m"), default.quantize_gpus("m")) == (8, 4, 0)
+    cuda = planner(ckpt, quantization={"device": "cuda", "threads": 3}, verify={"threads": 5})
+    assert (cuda.quantize_threads("m"), cuda.verify_threads("m"), cuda.quantize_gpus("m")) == (3, 5, 1)
+
+
+def test_gptq_source_counts_as_its_dequantized_weights(checkpoint_factory, tmp_path):
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    gptq = tmp_path / "gptq"
+    write_gptq_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), gptq, tmp_path / "f")
+    os.truncate(gptq / "model.safetensors", 2 * 10**9)  # sparse: a size above the floor, no disk used
+    assert planner(gptq).verify_mem_mb("m", "int4_gptq") == verify_mem_mb(2 * 10**9 * resources.GPTQ_EXPANSION)
+
+
+# A real dry run: the resources Snakemake shows (and a cluster executor gets) per job.
+
+DRY_RUN_CONFIG = """\
+models:
+  cpu:
+    source: ckpt
+    quantization: {calib_max_tokens: 2048, threads: 1}
+    verify: {threads: 1}
+  gpu:
+    source: ckpt
+    quantization: {calib_max_tokens: 2048, device: cuda}
+"""
+SPARSE_BYTES = 2 * 10**9
+
+
+def dry_run_jobs(output: str) -> dict[tuple[str, str], dict[str, str]]:
+    """(rule, 'model=..., precision=...') -> {'threads': .., 'mem_mb': .., 'gpu': ..} of a dry run's job blocks."""
+    jobs = {}
+    for block in re.split(r"\n(?=\[[^\]]+\]\nrule )", output):
+        rule = re.search(r"^rule (\w+):", block, re.M)
+        wildcards = re.search(r"^\s+wildcards: (.+)$", block, re.M)
+        if not rule or not wildcards:
+            continue
+        fields = {}
+        threads = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        fields["threads"] = threads.group(1) if threads else "1"
+        resources_line = re.search(r"^\s+resources: (.+)$", block, re.M)
+        for item in resources_line.group(1).split(", ") if resources_line else []:
+            key, _, value = item.partition("=")
+            fields[key] = value
+        jobs[(rule.group(1), wildcards.group(1))] = fields
+    return jobs
+
+
+@pytest.mark.workflow
+def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_path, checkpoint_factory):
+    ckpt = copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
+    # Sparse bytes past the weights: a 2 GB "checkpoint" for planning (steps would refuse it; none runs).
+    os.truncate(ckpt / "model.safetensors", SPARSE_BYTES)
+    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    write_config(tmp_path, DRY_RUN_CONFIG)
+    targets = [
+        "quantized/cpu_fp8/manifest.json",
+        "quantized/cpu_int4_awq/manifest.json",
+        "quantized/gpu_int4_awq/manifest.json",
+        "reports/cpu_fp16/verify.json",
+        "reports/gpu_int4_awq/verify.json",
+    ]
+    plan = run_snakemake(tmp_path, "-n", "-p", *targets).output
+    jobs = dry_run_jobs(plan)
+
+    def quantize(weights: str, batch: int) -> str:
+        return str(quantize_mem_mb(SPARSE_BYTES, weights, batch=batch, tokens=2048, vocab_size=vocab))
+
+    cpu_fp8 = jobs[("quantize_llm", "model=cpu, precision=fp8")]
+    cpu_awq = jobs[("quantize_llm", "model=cpu, precision=int4_awq")]
+    gpu_awq = jobs[("quantize_llm", "model=gpu, precision=int4_awq")]
+    assert cpu_fp8["mem_mb"] == quantize("fp8", 1)
+    assert cpu_awq["mem_mb"] == gpu_awq["mem_mb"] == quantize("int4_awq", 16)
+    assert int(quantize("fp8", 1)) > FLOOR_MB and int(quantize("int4_awq", 16)) > int(quantize("fp8", 1))
+    # device cpu: no GPU; device cuda: one GPU (any SM).
+    assert cpu_fp8["gpu"] == cpu_awq["gpu"] == "0" and gpu_awq["gpu"] == "1"
+    assert "constraint" not in gpu_awq
+    # threads: the config's, capped at --cores 2 (the default of 8 shows as 2).
+    assert cpu_fp8["threads"] == cpu_awq["threads"] == "1" and gpu_awq["threads"] == "2"
+
+    verify_mb = str(verify_mem_mb(SPARSE_BYTES))
+    cpu_verify = jobs[("verify_onnx", "model=cpu, precision=fp16")]
+    gpu_verify = jobs[("verify_onnx", "model=gpu, precision=int4_awq")]
+    assert cpu_verify["mem_mb"] == gpu_verify["mem_mb"] == verify_mb and int(verify_mb) > FLOOR_MB
+    assert cpu_verify["threads"] == "1" and gpu_verify["threads"] == "2"
+    assert "gpu" not in cpu_verify
+    # The step commands get the threads (torch.set_num_threads).
+    assert "--device cpu --threads 1 >" in plan and "--device cuda --threads 2 >" in plan
+    assert "--report reports/cpu_fp16/verify.json --threads 1 >" in plan
+
+
+QUANT_RUN_CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    quantization:
+      calib_size: 2
+      calib_max_tokens: 16
+"""
+
+
+@pytest.mark.workflow
+def test_threads_and_device_rerun_nothing(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
+    write_config(tmp_path, QUANT_RUN_CONFIG)
+    target = "quantized/tiny_fp8/manifest.json"
+    run_snakemake(tmp_path, target)
+    log = (tmp_path / "logs/quantize_llm/tiny_fp8.log").read_text()
+    assert (tmp_path / target).is_file(), log
+    write_config(tmp_path, QUANT_RUN_CONFIG + "      threads: 1\n      device: cuda\n")
+    plan = run_snakemake(tmp_path, "-n", target)
+    assert "Nothing to be done" in plan.output, plan.output
