@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from edgellm_steps.demo import train_tokenizer
+from edgellm_steps.models.demo import train_tokenizer
 
 log = logging.getLogger("export_bench")
 

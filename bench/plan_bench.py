@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edgellm_steps.demo import make_checkpoint
+from edgellm_steps.models.demo import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = """\

@@ -5,7 +5,7 @@ separate process). For each precision, calibration size and calibration batch: q
 the CPU with the built-in corpus, export, and report wall time, peak RSS and the size of
 onnx_model.data. ``--verify`` also measures ``edgellm-verify-onnx`` (wall, peak RSS) on the
 fp16 export and on each quantized export. These peaks are what the factors of
-``edgellm_steps/resources.py`` (the workflow's mem_mb requests) come from.
+``edgellm_steps/workflow/resources.py`` (the workflow's mem_mb requests) come from.
 
     .venv/bin/python bench/quantize_bench.py --precisions fp8 int8_sq int4_awq --calib 32 [512]
     .venv/bin/python bench/quantize_bench.py --precisions int4_awq --calib 16 --batch 1 4 16 --no-export
@@ -61,7 +61,7 @@ def main() -> int:
     if not (checkpoint / "config.json").is_file():
         generate = [sys.executable, str(Path(__file__).with_name("export_bench.py")), "0.5b", "--generate-only"]
         subprocess.run([*generate, "--workdir", str(args.workdir)], check=True)
-    from edgellm_steps.checkpoint import weight_files
+    from edgellm_steps.artifacts.checkpoint import weight_files
 
     weight_bytes = sum(p.stat().st_size for p in weight_files(checkpoint))
     print(f"checkpoint weight bytes: {weight_bytes} ({weight_bytes / 2**20:.0f} MiB)")

@@ -1,5 +1,5 @@
 # Config validation, wildcard constraints and the input/params functions of all rules.
-# The logic lives in edgellm_steps.planning; these wrappers only turn a user error
+# The logic lives in edgellm_steps.workflow.planning; these wrappers only turn a user error
 # into one line on stderr and stop the plan before any job runs.
 import os
 import shlex
@@ -8,8 +8,8 @@ import sys
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 from edgellm_steps.errors import EdgeLLMError
-from edgellm_steps.planning import Planner, load_workflow_config
-from edgellm_steps.step_code import STEP_ENTRY_POINTS, step_code_digest
+from edgellm_steps.workflow.planning import Planner, load_workflow_config
+from edgellm_steps.workflow.step_code import STEP_ENTRY_POINTS, step_code_digest
 
 
 def abort(err):

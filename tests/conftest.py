@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_steps.demo import make_checkpoint
+from edgellm_steps.models.demo import make_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -1,8 +1,8 @@
 import pytest
 
-from edgellm_steps.chat_template import process_chat_template
-from edgellm_steps.demo import train_tokenizer
 from edgellm_steps.errors import ChatTemplateError
+from edgellm_steps.export.chat_template import process_chat_template
+from edgellm_steps.models.demo import train_tokenizer
 
 
 def test_chatml_with_default_system_prompt():

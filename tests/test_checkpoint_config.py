@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from edgellm_steps.checkpoint import decoder_dims
+from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.errors import UnsupportedArchitectureError
-from edgellm_steps.families import FAMILIES, family_for
+from edgellm_steps.models.families import FAMILIES, family_for
 
 BASE = {
     "hidden_size": 64,

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from edgellm_steps.checkpoint import TensorStore, weight_files
+from edgellm_steps.artifacts.checkpoint import TensorStore, weight_files
+from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 from edgellm_steps.errors import SourceError
-from edgellm_steps.safetensors_io import SafetensorsFile
 
 
 @contextmanager
@@ -367,7 +367,7 @@ def test_tensor_store_validates_every_shard_on_open(tmp_path):
 
 def test_weight_files_does_not_import_torch():
     """Planning calls weight_files; importing checkpoint.py must stay torch-free."""
-    code = "import sys, edgellm_steps.checkpoint; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, edgellm_steps.artifacts.checkpoint; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -396,7 +396,7 @@ def test_every_step_reports_a_bad_shard_in_one_line(checkpoint_factory, tmp_path
         (checkpoint / item.name).write_bytes(item.read_bytes())
     _overlapping_shard(checkpoint)
     if tool == "edgellm-verify-onnx":  # verify checks its export first, so it needs a finished one
-        from edgellm_steps.export_llm import export_llm
+        from edgellm_steps.export.export_llm import export_llm
 
         export_llm(checkpoint_factory("qwen2"), tmp_path / "export")
     args = {

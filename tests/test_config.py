@@ -1,9 +1,9 @@
 import pytest
 import yaml
 
-from edgellm_steps.config import BuildLimits, model_settings, validate_config
 from edgellm_steps.errors import ConfigError
-from edgellm_steps.planning import load_workflow_config
+from edgellm_steps.workflow.config import BuildLimits, model_settings, validate_config
+from edgellm_steps.workflow.planning import load_workflow_config
 
 from .conftest import REPO
 
@@ -61,13 +61,13 @@ def test_planning_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, edgellm_steps.planning; print('torch' in sys.modules)"
+    code = "import sys, edgellm_steps.workflow.planning; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
 
 
 def test_quantize_flags_follow_the_config():
-    from edgellm_steps.planning import Planner
+    from edgellm_steps.workflow.planning import Planner
 
     config = {"models": {"m": {"source": "x", "quantization": {"calib_size": 64, "batch_size": 4}}}}
     validate_config(config)
@@ -80,7 +80,7 @@ def test_quantize_flags_follow_the_config():
 
 def test_an_engine_reads_only_the_limits_of_its_kind():
     """Image-token limits are not params of LLM engine jobs, so changing them reruns no LLM engine."""
-    from edgellm_steps.planning import Planner
+    from edgellm_steps.workflow.planning import Planner
 
     config = {"models": {"m": {"source": "x", "build": {"max_image_tokens": 2048, "max_tree_size": 8}}}}
     validate_config(config)

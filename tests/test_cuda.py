@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from edgellm_steps import nvfp4
-from edgellm_steps.export_llm import export_llm
-from edgellm_steps.quantize_llm import quantize_llm
-from edgellm_steps.verify import verify_onnx
+from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.quant import nvfp4
+from edgellm_steps.quant.quantize_llm import quantize_llm
+from edgellm_steps.verify.verify_onnx import verify_onnx
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (ModelOpt's NVFP4 kernel, --device cuda)"

@@ -14,12 +14,12 @@ import torch
 from onnx import TensorProto, numpy_helper
 from safetensors.numpy import load_file, save_file
 
-from edgellm_steps.demo import TINY_FAMILIES
+from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.errors import ChatTemplateError, ParityError, UnsupportedArchitectureError
-from edgellm_steps.export_llm import export_llm
-from edgellm_steps.families import FAMILIES
-from edgellm_steps.manifest import write_manifest
-from edgellm_steps.verify import verify_onnx
+from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.models.demo import TINY_FAMILIES
+from edgellm_steps.models.families import FAMILIES
+from edgellm_steps.verify.verify_onnx import verify_onnx
 
 from .conftest import BIN, TINY_CASES, tool_env
 
@@ -30,7 +30,7 @@ SUPPORTED = sorted(arch for spec in FAMILIES for arch in spec.architectures)
 def test_every_family_has_a_tiny_case(checkpoint_factory):
     """The parity cases (TINY_CASES) cover every registry family and every architecture class it names."""
     registry = {spec.family for spec in FAMILIES}
-    assert not registry - set(TINY_FAMILIES), "families edgellm_steps.demo cannot make a tiny checkpoint of"
+    assert not registry - set(TINY_FAMILIES), "families edgellm_steps.models.demo cannot make a tiny checkpoint of"
     families = {case["family"] for case in TINY_CASES.values()}
     assert families <= registry, f"tiny cases of families the registry lacks: {sorted(families - registry)}"
     assert not registry - families, f"families without a parity case: {sorted(registry - families)}"
@@ -166,7 +166,7 @@ def test_partial_rotary_factor_sizes_the_rope_table(exported):
 
 @pytest.mark.parametrize("case", sorted(TINY_CASES))
 def test_export_matches_transformers(exported, case, tmp_path):
-    """Prefill then decode, chunked prefill, and a ragged batch of two (see edgellm_steps.verify)."""
+    """Prefill then decode, chunked prefill, and a ragged batch of two (see edgellm_steps.verify.verify_onnx)."""
     checkpoint, out = exported(case)
     summary = verify_onnx(out, checkpoint, report=tmp_path / "report.json")
     assert summary["passed"] and set(summary["cases"]) == {"prefill_decode", "chunked_prefill", "ragged_batch"}

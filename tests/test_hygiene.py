@@ -29,3 +29,23 @@ def test_snakemake_lint(tmp_path):
     result = run_snakemake(tmp_path, "--lint", check=False)
     assert result.returncode == 0, result.output
     assert "Congratulations" in result.output
+
+
+def test_planning_imports_no_heavy_stack():
+    """The workflow package runs at every plan: it must not pull in torch, transformers, onnx or ModelOpt."""
+    probe = (
+        "import sys, edgellm_steps.workflow.planning, edgellm_steps.workflow.step_code;"
+        "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'modelopt') if m in sys.modules))"
+    )
+    result = run(str(BIN / "python"), "-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_rules_reach_their_step_in_one_hop():
+    """Each rule's command names a module in edgellm_steps/cli/, which calls one step module."""
+    from edgellm_steps.workflow.step_code import PACKAGE_DIR, STEP_ENTRY_POINTS
+
+    for step, module in STEP_ENTRY_POINTS.items():
+        cli = PACKAGE_DIR.joinpath(*module.split(".")[1:]).with_suffix(".py")
+        assert cli.parent.name == "cli" and cli.is_file(), step

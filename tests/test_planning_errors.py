@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from edgellm_steps.families import FAMILIES
+from edgellm_steps.models.families import FAMILIES
 
 from .conftest import run_snakemake, write_config
 

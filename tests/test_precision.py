@@ -1,7 +1,7 @@
 import pytest
 
 from edgellm_steps.errors import PrecisionError
-from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.quant.precision import Precision, check_sm_supports, parse_precision
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS
 from edgellm_steps.errors import PrecisionError, SourceError
-from edgellm_steps.planning import Planner
-from edgellm_steps.precision import parse_precision
-from edgellm_steps.prequantized import HF_QUANT_CONFIG, MODELOPT_STATE, QUANT_INFO, held_precision
-from edgellm_steps.quantize_llm import quantize_llm
-from edgellm_steps.tokenizer_files import TOKENIZER_ASSETS
+from edgellm_steps.quant.precision import parse_precision
+from edgellm_steps.quant.prequantized import HF_QUANT_CONFIG, MODELOPT_STATE, QUANT_INFO, held_precision
+from edgellm_steps.quant.quantize_llm import quantize_llm
+from edgellm_steps.workflow.planning import Planner
 
 from .conftest import BIN, TINY_CASES, run_snakemake, tool_env, write_config
 
@@ -201,7 +201,7 @@ def test_quantize_copies_tokenizer_files_byte_for_byte(checkpoint_factory, case,
 
 MODELOPT_RESTORE = """
 import sys, numpy as np, torch, transformers, modelopt.torch.opt as mto
-from edgellm_steps.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 mto.enable_huggingface_checkpointing()
 model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
 with torch.no_grad(), cpu_fake_quantization():
@@ -215,8 +215,8 @@ def test_weights_only_restore_equals_modelopts_own_restore(classic, tmp_path):
 
     ModelOpt's restore runs in a child process: it patches transformers for the whole process.
     """
-    from edgellm_steps.nvfp4 import cpu_fake_quantization
-    from edgellm_steps.reference_models import load_reference_model
+    from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+    from edgellm_steps.verify.reference_models import load_reference_model
 
     ours = classic.parent / "ours"  # our own output: its modelopt_state.pth is trusted here
     plain = load_reference_model(classic, None, torch.float32)  # the float weights, quantizers ignored
@@ -242,7 +242,7 @@ def test_weights_only_restore_equals_modelopts_own_restore(classic, tmp_path):
 
 def test_export_refuses_a_record_the_weights_contradict(classic, tmp_path):
     """hf_quant_config.json claims a quantized lm_head; the checkpoint has no lm_head quantizer tensors."""
-    from edgellm_steps.export_llm import export_llm
+    from edgellm_steps.export.export_llm import export_llm
 
     lying = as_classic_checkpoint(
         classic.parent / "ours", tmp_path / "lying", hf_quant_config("FP8", "FP8", exclude_modules=[])

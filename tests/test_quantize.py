@@ -12,18 +12,18 @@ import torch
 import transformers
 from onnx import TensorProto, numpy_helper
 
-from edgellm_steps.calibration import builtin_corpus, calibration_samples, load_corpus
-from edgellm_steps.demo import train_tokenizer
 from edgellm_steps.errors import EdgeLLMError, PrecisionError
-from edgellm_steps.export_llm import export_llm
-from edgellm_steps.nvfp4 import cpu_fake_quantization
-from edgellm_steps.parity import compare_logits, hf_rope_table
+from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.models.demo import train_tokenizer
 from edgellm_steps.plugins.int4_gemm import pack_int4, unpack_int4
-from edgellm_steps.prequantized import held_precision
-from edgellm_steps.quantize_llm import quantize_llm
-from edgellm_steps.reference import LLMRunner
-from edgellm_steps.reference_models import load_reference_model
-from edgellm_steps.verify import verify_onnx
+from edgellm_steps.quant.calibration import builtin_corpus, calibration_samples, load_corpus
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.quant.quantize_llm import quantize_llm
+from edgellm_steps.verify.parity import compare_logits, hf_rope_table
+from edgellm_steps.verify.reference import LLMRunner
+from edgellm_steps.verify.reference_models import load_reference_model
+from edgellm_steps.verify.verify_onnx import verify_onnx
 
 from .conftest import BIN, tool_env
 
@@ -102,7 +102,7 @@ def fake_quant_module(checkpoint, name):
 
 @pytest.mark.parametrize("precision", sorted(VARIANTS))
 def test_quantized_export_matches_the_fake_quantized_model(base, quantized, fp16_export, precision, record_property):
-    """Tolerances per format are stated and justified in edgellm_steps.parity.TOLERANCES."""
+    """Tolerances per format are stated and justified in edgellm_steps.verify.parity.TOLERANCES."""
     checkpoint, out = quantized(precision)
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     summary = verify_onnx(out, checkpoint)
@@ -196,10 +196,10 @@ def test_nvfp4_gemm_matches_the_modelopt_linear(quantized, tmp_path):
     """
     from onnx.reference import ReferenceEvaluator
 
-    from edgellm_steps.checkpoint import TensorStore
-    from edgellm_steps.onnx_builder import FP4_OPSET, ExternalDataWriter, GraphBuilder
+    from edgellm_steps.artifacts.checkpoint import TensorStore
+    from edgellm_steps.export.onnx_builder import FP4_OPSET, ExternalDataWriter, GraphBuilder
     from edgellm_steps.plugins import REFERENCE_OPS
-    from edgellm_steps.quant_linear import nvfp4_linear
+    from edgellm_steps.quant.linear import nvfp4_linear
 
     checkpoint, _ = quantized("nvfp4")
     store = TensorStore(checkpoint)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_steps import resources
-from edgellm_steps.config import validate_config
-from edgellm_steps.planning import Planner
-from edgellm_steps.resources import FLOOR_MB, MARGIN, MIB, PEAKS, quantize_mem_mb, verify_mem_mb
+from edgellm_steps.workflow import resources
+from edgellm_steps.workflow.config import validate_config
+from edgellm_steps.workflow.planning import Planner
+from edgellm_steps.workflow.resources import FLOOR_MB, MARGIN, MIB, PEAKS, quantize_mem_mb, verify_mem_mb
 
 from .conftest import copy_checkpoint, run_snakemake, write_config
 
@@ -39,7 +39,7 @@ def test_awq_request_grows_with_the_calibration_batch():
 
 
 def test_every_quantized_weight_format_has_a_row():
-    from edgellm_steps.precision import WEIGHT_PRECISIONS
+    from edgellm_steps.quant.precision import WEIGHT_PRECISIONS
 
     # int4_gptq is exported directly (no quantize job); fp16 has one only with an LM-head or KV override.
     assert set(PEAKS) == {*WEIGHT_PRECISIONS} - {"int4_gptq"} | {"verify"}

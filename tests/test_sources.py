@@ -9,12 +9,12 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
-from edgellm_steps import digests
-from edgellm_steps.atomic import staged_directory
-from edgellm_steps.claims import claim_path
-from edgellm_steps.digests import DigestCache, file_digest
-from edgellm_steps.planning import Planner, load_workflow_config
-from edgellm_steps.sources import STAMP_SUFFIX, refresh_stamps
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.claims import claim_path
+from edgellm_steps.workflow import digests
+from edgellm_steps.workflow.digests import DigestCache, file_digest
+from edgellm_steps.workflow.planning import Planner, load_workflow_config
+from edgellm_steps.workflow.sources import STAMP_SUFFIX, refresh_stamps
 
 
 def make_tree(root):
@@ -76,7 +76,7 @@ def test_failed_step_leaves_destination_untouched(tmp_path):
     except RuntimeError:
         pass
     assert sorted(p.name for p in destination.iterdir()) == ["lora_model.onnx"]
-    # Nothing but the destination and its claim file (edgellm_steps.claims) is left beside it.
+    # Nothing but the destination and its claim file (edgellm_steps.artifacts.claims) is left beside it.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([claim_path(destination).name, "llm"])
     with staged_directory(destination) as staging:
         (staging / "model.onnx").write_text("whole")

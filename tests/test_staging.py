@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_steps.atomic import staged_directory, staging_prefix, write_claimed
-from edgellm_steps.claims import SupersededError, claim_path, process_start_ns, take_claim
+from edgellm_steps.artifacts.atomic import staged_directory, staging_prefix, write_claimed
+from edgellm_steps.artifacts.claims import SupersededError, claim_path, process_start_ns, take_claim
 
 
 def test_a_job_started_while_another_is_midway_does_not_disturb_it(tmp_path):
@@ -108,8 +108,8 @@ RUN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from edgellm_steps.atomic import staged_directory
-    from edgellm_steps.claims import SupersededError
+    from edgellm_steps.artifacts.atomic import staged_directory
+    from edgellm_steps.artifacts.claims import SupersededError
     destination, label, gate = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     stage_first = sys.argv[4] == "stage-first"
 

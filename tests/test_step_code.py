@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from edgellm_steps.step_code import PACKAGE_DIR, STEP_ENTRY_POINTS, import_closure, step_code_digest
+from edgellm_steps.workflow.step_code import PACKAGE_DIR, STEP_ENTRY_POINTS, import_closure, step_code_digest
 
 
 def names(step: str) -> set[str]:
@@ -15,14 +15,29 @@ def names(step: str) -> set[str]:
 
 def test_closures_follow_the_imports():
     export, quantize, verify, engine = (names(s) for s in ("export-llm", "quantize-llm", "verify-onnx", "build-engine"))
-    # reached only through other modules (llm_graph -> plugins/attention; quant_linear -> nvfp4) or lazily
-    assert {"cli/export_llm.py", "llm_graph.py", "plugins/attention.py", "nvfp4.py", "safetensors_io.py"} <= export
-    assert {"__init__.py", "cli/__init__.py", "plugins/__init__.py", "tokenizer_files.py"} <= export
-    assert {"calibration.py", "quant_recipes.py"} <= quantize and not {"calibration.py", "quant_recipes.py"} & export
-    assert "llm_graph.py" not in quantize
-    assert {"reference.py", "reference_models.py", "parity.py"} <= verify
-    assert {"engine_profiles.py", "config.py"} <= engine and "llm_graph.py" not in engine
-    assert all("planning.py" not in closure for closure in (export, quantize, verify, engine))
+    # reached only through other modules (llm_graph -> plugins/attention; quant/linear -> nvfp4) or lazily
+    assert {
+        "cli/export_llm.py",
+        "export/llm_graph.py",
+        "plugins/attention.py",
+        "quant/nvfp4.py",
+        "artifacts/safetensors_io.py",
+    } <= export
+    assert {
+        "__init__.py",
+        "cli/__init__.py",
+        "plugins/__init__.py",
+        "export/__init__.py",
+        "artifacts/tokenizer_files.py",
+    } <= export
+    assert {"quant/calibration.py", "quant/recipes.py"} <= quantize and not {
+        "quant/calibration.py",
+        "quant/recipes.py",
+    } & export
+    assert "export/llm_graph.py" not in quantize
+    assert {"verify/reference.py", "verify/reference_models.py", "verify/parity.py"} <= verify
+    assert {"engine/profiles.py", "workflow/config.py"} <= engine and "export/llm_graph.py" not in engine
+    assert all("workflow/planning.py" not in closure for closure in (export, quantize, verify, engine))
 
 
 @pytest.fixture
@@ -41,12 +56,12 @@ def digests(package_dir) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("module", "changed"),
     [
-        ("llm_graph.py", {"export-llm"}),  # export only
-        ("calibration.py", {"quantize-llm"}),  # quantize only
-        ("engine_profiles.py", {"build-engine"}),
-        ("reference.py", {"verify-onnx"}),
-        ("sidecars.py", {"export-llm"}),
-        ("nvfp4.py", {"export-llm", "quantize-llm", "verify-onnx"}),
+        ("export/llm_graph.py", {"export-llm"}),  # export only
+        ("quant/calibration.py", {"quantize-llm"}),  # quantize only
+        ("engine/profiles.py", {"build-engine"}),
+        ("verify/reference.py", {"verify-onnx"}),
+        ("export/sidecars.py", {"export-llm"}),
+        ("quant/nvfp4.py", {"export-llm", "quantize-llm", "verify-onnx"}),
     ],
 )
 def test_editing_a_module_changes_exactly_the_steps_that_import_it(package_copy, module, changed):

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgellm_steps.atomic import staging_prefix
+from edgellm_steps.artifacts.atomic import staging_prefix
 
 from .conftest import BIN, REPO, copy_checkpoint, run_snakemake, tool_env, write_config
 

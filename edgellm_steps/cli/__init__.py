@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 from edgellm_steps.errors import EdgeLLMError
 
-log = logging.getLogger("edgellm")
-
 
 def run_cli(body: Callable[[], object]) -> int:
     """Run ``body`` with logging set up; a user error becomes one line and exit code 2."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from edgellm_steps.build_engine import PLUGIN_ENV, build_engine
 from edgellm_steps.cli import run_cli
-from edgellm_steps.config import BuildLimits
+from edgellm_steps.engine.build_engine import PLUGIN_ENV, build_engine
+from edgellm_steps.workflow.config import BuildLimits
 
 
 def main(argv: list[str] | None = None) -> int:

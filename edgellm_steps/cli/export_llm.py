@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm_steps.cli import run_cli
-from edgellm_steps.export_llm import export_llm
+from edgellm_steps.export.export_llm import export_llm
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,9 +11,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from edgellm_steps.atomic import write_if_changed
+from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.cli import run_cli
-from edgellm_steps.demo import make_checkpoint
+from edgellm_steps.models.demo import make_checkpoint
 
 log = logging.getLogger(__name__)
 

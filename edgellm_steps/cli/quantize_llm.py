@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from edgellm_steps.cli import run_cli
-from edgellm_steps.precision import KV_CACHE_PRECISIONS, LM_HEAD_PRECISIONS, WEIGHT_PRECISIONS
-from edgellm_steps.quantize_llm import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE, quantize_llm
+from edgellm_steps.quant.precision import KV_CACHE_PRECISIONS, LM_HEAD_PRECISIONS, WEIGHT_PRECISIONS
+from edgellm_steps.quant.quantize_llm import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE, quantize_llm
 
 
 def main(argv: list[str] | None = None) -> int:

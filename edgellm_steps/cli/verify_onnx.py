@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgellm_steps.cli import run_cli
-from edgellm_steps.verify import verify_onnx
+from edgellm_steps.verify.verify_onnx import verify_onnx
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
-from edgellm_steps.precision import FP8_E4M3_MAX
+from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.quant.precision import FP8_E4M3_MAX
 
 OP_TYPE = "AttentionPlugin"
 

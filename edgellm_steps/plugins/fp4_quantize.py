@@ -5,7 +5,7 @@ Inputs: ``x`` float16 [..., K] and the float32 second-level scale ``global_scale
 ``scale_type`` = FLOAT8E4M3FN. Outputs: codes FLOAT4E2M1 [..., K] and block scales
 FLOAT8E4M3FN [..., K/16]. The graph dequantizes them with two standard
 ``DequantizeLinear`` nodes (scales, then blocked codes), the form TensorRT fuses
-into an FP4 GEMM. The arithmetic is :mod:`edgellm_steps.nvfp4`'s.
+into an FP4 GEMM. The arithmetic is :mod:`edgellm_steps.quant.nvfp4`'s.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import numpy as np
 from onnx import TensorProto
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps import nvfp4
-from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
-from edgellm_steps.precision import NVFP4_BLOCK_SIZE
+from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.quant import nvfp4
+from edgellm_steps.quant.precision import NVFP4_BLOCK_SIZE
 
 OP_TYPE = "TRT_FP4DynamicQuantize"
 
@@ -37,7 +37,7 @@ def emit_fp4_dynamic_quantize(g: GraphBuilder, name: str, x: str, scale: str) ->
 
 
 class TRT_FP4DynamicQuantizeOp(OpRun):
-    """``onnx.reference`` binding of :func:`edgellm_steps.nvfp4.quantize_scaled`."""
+    """``onnx.reference`` binding of :func:`edgellm_steps.quant.nvfp4.quantize_scaled`."""
 
     op_domain = PLUGIN_DOMAIN
 

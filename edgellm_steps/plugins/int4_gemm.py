@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
-from edgellm_steps.precision import INT4_GROUP_SIZE, INT4_ZERO_POINT
+from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.quant.precision import INT4_GROUP_SIZE, INT4_ROW_GROUP, INT4_ZERO_POINT
 
 OP_TYPE = "Int4GroupwiseGemmPlugin"
 
 #: Rows per packed 16-bit word and columns per packing block (contract 3.5).
-ROW_GROUP = 4
+ROW_GROUP = INT4_ROW_GROUP
 COLUMN_BLOCK = 64
 
 

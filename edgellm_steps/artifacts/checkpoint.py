@@ -22,7 +22,7 @@ from edgellm_steps.errors import SourceError
 if TYPE_CHECKING:  # planning imports this module and must not pay for importing torch
     import torch
 
-    from edgellm_steps.safetensors_io import SafetensorsFile
+    from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class TensorStore:
     """
 
     def __init__(self, checkpoint: Path) -> None:
-        from edgellm_steps.safetensors_io import SafetensorsFile
+        from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 
         self.checkpoint = Path(checkpoint)
         self._shard_of: dict[str, SafetensorsFile] = {}

@@ -2,7 +2,7 @@
 
 Everything is written under a temporary name beside its destination and renamed
 into place only when complete; ``rename`` within one directory is atomic. Step
-outputs are also claimed (:mod:`edgellm_steps.claims`), so only the newest run of
+outputs are also claimed (:mod:`edgellm_steps.artifacts.claims`), so only the newest run of
 a destination ever commits it.
 """
 
@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgellm_steps.claims import Claim, take_claim
+from edgellm_steps.artifacts.claims import Claim, take_claim
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def staged_directory(destination: Path) -> Iterator[Path]:
 
     The step owns ``destination``: no file of an earlier run (a shard of another name,
     half an interrupted export) survives. The run first claims the destination
-    (:mod:`edgellm_steps.claims`) and commits only if no later-started run has claimed
+    (:mod:`edgellm_steps.artifacts.claims`) and commits only if no later-started run has claimed
     it since, so an orphan of a killed workflow never replaces a newer result. On
     failure the staging directory is removed and ``destination`` is left as it was.
     """

@@ -15,10 +15,10 @@ import ast
 from functools import cache
 from pathlib import Path
 
-from edgellm_steps import digests
+from edgellm_steps.workflow import digests
 
 PACKAGE = "edgellm_steps"
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 #: The command module of each step that the workflow runs.
 STEP_ENTRY_POINTS = {

@@ -22,18 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.atomic import write_claimed
-from edgellm_steps.checkpoint import TensorStore
-from edgellm_steps.claims import take_claim
+from edgellm_steps.artifacts.atomic import write_claimed
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.claims import take_claim
+from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.errors import ParityError
-from edgellm_steps.manifest import check_if_step_output, check_step_output
-from edgellm_steps.nvfp4 import cpu_fake_quantization
-from edgellm_steps.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
-from edgellm_steps.precision import Precision
-from edgellm_steps.prequantized import held_precision
-from edgellm_steps.reference import LLMRunner
-from edgellm_steps.reference_models import load_reference_model
-from edgellm_steps.sources import read_hf_config, resolve_source
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.precision import Precision
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
+from edgellm_steps.verify.reference import LLMRunner
+from edgellm_steps.verify.reference_models import load_reference_model
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -15,20 +15,20 @@ from pathlib import Path
 
 import onnx
 
-from edgellm_steps.atomic import staged_directory
-from edgellm_steps.chat_template import load_processed_chat_template, process_chat_template
-from edgellm_steps.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
+from edgellm_steps.artifacts.tokenizer_files import check_tokenizer, copy_tokenizer_files
 from edgellm_steps.errors import SourceError
-from edgellm_steps.families import family_for
-from edgellm_steps.gptq import check_gptq_config
-from edgellm_steps.llm_graph import DecoderGraph
-from edgellm_steps.manifest import check_if_step_output, write_manifest
-from edgellm_steps.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
-from edgellm_steps.prequantized import held_precision
-from edgellm_steps.quant_linear import QuantPlan
-from edgellm_steps.sidecars import runtime_config, write_embedding, write_json
-from edgellm_steps.sources import read_hf_config, resolve_source
-from edgellm_steps.tokenizer_files import check_tokenizer, copy_tokenizer_files
+from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
+from edgellm_steps.export.llm_graph import DecoderGraph
+from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
+from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.gptq import check_gptq_config
+from edgellm_steps.quant.linear import QuantPlan
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import logging
 import re
 from pathlib import Path
 
-from edgellm_steps.atomic import write_if_changed
-from edgellm_steps.digests import DigestCache
+from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.errors import SourceError
+from edgellm_steps.workflow.digests import DigestCache
 
 log = logging.getLogger(__name__)
 

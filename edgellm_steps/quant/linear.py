@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from edgellm_steps import nvfp4
-from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.gptq import gptq_codes
-from edgellm_steps.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
+from edgellm_steps.export.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
+from edgellm_steps.export.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
 from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
 from edgellm_steps.plugins.int4_gemm import emit_int4_gemm, pack_int4
-from edgellm_steps.precision import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE, Precision
-from edgellm_steps.prequantized import HeldPrecision
-from edgellm_steps.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
+from edgellm_steps.quant import nvfp4
+from edgellm_steps.quant.gptq import gptq_codes
+from edgellm_steps.quant.precision import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE, Precision
+from edgellm_steps.quant.prequantized import HeldPrecision
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import xxhash
 
-from edgellm_steps.atomic import write_if_changed
+from edgellm_steps.artifacts.atomic import write_if_changed
 
 log = logging.getLogger(__name__)
 

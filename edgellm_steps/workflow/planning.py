@@ -7,7 +7,6 @@ the workflow turns that into one line and stops before any job runs.
 
 from __future__ import annotations
 
-import logging
 import math
 import shlex
 from pathlib import Path
@@ -15,21 +14,19 @@ from typing import Any
 
 import yaml
 
-from edgellm_steps import resources
-from edgellm_steps.checkpoint import decoder_dims, weight_files
-from edgellm_steps.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
-from edgellm_steps.digests import DigestCache
+from edgellm_steps.artifacts.checkpoint import decoder_dims, weight_files
+from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
-from edgellm_steps.families import family_for
-from edgellm_steps.gptq import check_gptq_config
-from edgellm_steps.precision import Precision, check_sm_supports, parse_precision
-from edgellm_steps.prequantized import HeldPrecision, held_precision
-from edgellm_steps.quant_recipes import calibration_batch_size
-from edgellm_steps.quantize_llm import check_block_dims
-from edgellm_steps.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
-from edgellm_steps.tokenizer_files import check_tokenizer
-
-log = logging.getLogger(__name__)
+from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.gptq import check_gptq_config
+from edgellm_steps.quant.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
+from edgellm_steps.quant.recipes import calibration_batch_size
+from edgellm_steps.quant.shape_checks import check_block_dims
+from edgellm_steps.workflow import resources
+from edgellm_steps.workflow.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
+from edgellm_steps.workflow.digests import DigestCache
+from edgellm_steps.workflow.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 
 CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
 

@@ -15,7 +15,7 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
-from edgellm_steps import llm_io
+from edgellm_steps.export import llm_io
 from edgellm_steps.plugins import REFERENCE_OPS
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import PrecisionError, SourceError
-from edgellm_steps.gptq import gptq_config
-from edgellm_steps.precision import Precision, parse_precision
+from edgellm_steps.quant.gptq import gptq_config
+from edgellm_steps.quant.precision import Precision, parse_precision
 
 #: The quantize step's record of the precision it wrote.
 QUANT_INFO = "edgellm_quantization.json"

@@ -61,7 +61,7 @@ def is_lora_rank(dim: str) -> bool:
 
 
 class GraphDims(Protocol):
-    """The model sizes the I/O shapes need; :class:`edgellm_steps.checkpoint.DecoderDims` has them."""
+    """The model sizes the I/O shapes need; :class:`edgellm_steps.artifacts.checkpoint.DecoderDims` has them."""
 
     @property
     def num_layers(self) -> int: ...

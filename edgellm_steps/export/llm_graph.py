@@ -1,7 +1,7 @@
 """The Edge-LLM decoder graph (contract section 3), built node by node from a family spec.
 
 The graph is written directly rather than traced: every weight is read from the
-checkpoint by byte range (:class:`~edgellm_steps.checkpoint.TensorStore`), converted,
+checkpoint by byte range (:class:`~edgellm_steps.artifacts.checkpoint.TensorStore`), converted,
 streamed to ``onnx_model.data`` and released, so the export never holds the model
 twice (nor once). RoPE and the KV-cache update live inside ``trt::AttentionPlugin``.
 """
@@ -15,13 +15,13 @@ import onnx
 import torch
 from onnx import TensorProto
 
-from edgellm_steps import llm_io
-from edgellm_steps.checkpoint import DecoderDims, TensorStore
+from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.families import FamilySpec
-from edgellm_steps.onnx_builder import GraphBuilder
+from edgellm_steps.export import llm_io
+from edgellm_steps.export.onnx_builder import GraphBuilder
+from edgellm_steps.models.families import FamilySpec
 from edgellm_steps.plugins.attention import emit_attention_plugin
-from edgellm_steps.quant_linear import QuantPlan, emit_linear, gptq_linear
+from edgellm_steps.quant.linear import QuantPlan, emit_linear, gptq_linear
 
 log = logging.getLogger(__name__)
 

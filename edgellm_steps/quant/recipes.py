@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from edgellm_steps.precision import INT4_GROUP_SIZE, NVFP4_BLOCK_SIZE, Precision
+from edgellm_steps.quant.precision import INT4_GROUP_SIZE, NVFP4_BLOCK_SIZE, Precision
 
 WEIGHT_RECIPES = {
     "fp8": "FP8_DEFAULT_CFG",

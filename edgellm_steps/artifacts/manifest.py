@@ -12,8 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.digests import file_digest
 from edgellm_steps.errors import EdgeLLMError
+from edgellm_steps.workflow.digests import file_digest
 
 MANIFEST_NAME = "manifest.json"
 

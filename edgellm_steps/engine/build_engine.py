@@ -22,11 +22,11 @@ from pathlib import Path
 
 import onnx
 
-from edgellm_steps.atomic import staged_directory
-from edgellm_steps.config import LIMITS_READ, BuildLimits
-from edgellm_steps.engine_profiles import engine_kind, engine_profiles
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.manifest import check_step_output, write_manifest
+from edgellm_steps.engine.profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
-from edgellm_steps.manifest import check_step_output, write_manifest
+from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgellm_steps.checkpoint import TensorStore
+from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.gptq import gptq_codes
-from edgellm_steps.precision import INT4_GROUP_SIZE
-from edgellm_steps.prequantized import HeldPrecision, load_modelopt_state
+from edgellm_steps.quant.gptq import gptq_codes
+from edgellm_steps.quant.precision import INT4_GROUP_SIZE
+from edgellm_steps.quant.prequantized import HeldPrecision, load_modelopt_state
 
 _GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 

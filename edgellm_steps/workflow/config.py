@@ -17,7 +17,7 @@ import yaml
 
 from edgellm_steps.errors import ConfigError
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "config.schema.yaml"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ INT4_MAX = 7.0
 INT4_ZERO_POINT = 8
 #: int4 weights carry one scale per group of this many consecutive inputs.
 INT4_GROUP_SIZE = 128
+#: The int4 plugin packs output rows in groups of this many, one group per 16-bit word (contract 3.5).
+INT4_ROW_GROUP = 4
 
 GRAMMAR = "<weights>[-lm<lm_head>][-kv<kv_cache>] with weights in {}, lm_head in {}, kv_cache in {}".format(
     "|".join(WEIGHT_PRECISIONS), "|".join(LM_HEAD_PRECISIONS), "|".join(KV_CACHE_PRECISIONS)

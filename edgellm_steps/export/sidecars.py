@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from edgellm_steps import EDGELLM_VERSION
-from edgellm_steps.checkpoint import DecoderDims, TensorStore
-from edgellm_steps.families import FamilySpec
-from edgellm_steps.safetensors_io import write_single_tensor
-from edgellm_steps.weight_streams import CHUNK_ELEMENTS
+from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
+from edgellm_steps.artifacts.safetensors_io import write_single_tensor
+from edgellm_steps.export.weight_streams import CHUNK_ELEMENTS
+from edgellm_steps.models.families import FamilySpec
 
 
 def runtime_config(dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any]) -> dict[str, Any]:

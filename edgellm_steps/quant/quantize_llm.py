@@ -14,58 +14,25 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from edgellm_steps.atomic import staged_directory
-from edgellm_steps.calibration import BUILTIN, calibration_samples, load_corpus
-from edgellm_steps.checkpoint import TensorStore, decoder_dims
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
-from edgellm_steps.families import family_for
-from edgellm_steps.manifest import write_manifest
-from edgellm_steps.nvfp4 import cpu_fake_quantization
-from edgellm_steps.plugins.int4_gemm import ROW_GROUP
-from edgellm_steps.precision import Precision, parse_precision
-from edgellm_steps.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
-from edgellm_steps.quant_recipes import BLOCK_SIZES, INT4_FORMATS, calibration_batch_size, modelopt_config
-from edgellm_steps.sources import read_hf_config, resolve_source
-from edgellm_steps.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.calibration import BUILTIN, calibration_samples, load_corpus
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.precision import Precision, parse_precision
+from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
+from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
+from edgellm_steps.quant.shape_checks import check_block_dims
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CALIB_SIZE = 512
 DEFAULT_CALIB_MAX_TOKENS = 512
-
-
-def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: str) -> None:
-    """Block formats quantize GEMM inputs in blocks (int4: 128, nvfp4: 16): input dims must be multiples."""
-    dims = decoder_dims(hf_config)
-    layers = (
-        ("self_attn.q_proj/k_proj/v_proj/mlp.gate_proj/up_proj (hidden_size)", dims.hidden_size),
-        ("self_attn.o_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
-        ("mlp.down_proj (intermediate_size)", dims.intermediate_size),
-    )
-    fix = "use fp8 or int8_sq weights for this model"
-    checks = [(precision.weights, f"model.layers.*.{layer}", size, fix) for layer, size in layers]
-    checks.append((precision.lm_head, "lm_head (hidden_size)", dims.hidden_size, "use -lmfp8 for this model"))
-    for fmt, layer, size, fix in checks:
-        block = BLOCK_SIZES.get(fmt or "")
-        if block and size % block:
-            raise PrecisionError(
-                f"{where}: {fmt} needs GEMM input dims that are multiples of {block}, but {layer} has {size}; {fix}"
-            )
-    if precision.weights in INT4_FORMATS:
-        outputs = (
-            ("self_attn.q_proj (num_attention_heads x head_dim)", dims.num_heads * dims.head_dim),
-            ("self_attn.k_proj/v_proj (num_key_value_heads x head_dim)", dims.num_kv_heads * dims.head_dim),
-            ("mlp.gate_proj/up_proj (intermediate_size)", dims.intermediate_size),
-            ("self_attn.o_proj/mlp.down_proj (hidden_size)", dims.hidden_size),
-        )
-        for layer, size in outputs:
-            if size % ROW_GROUP:
-                raise PrecisionError(
-                    f"{where}: {precision.weights} packs output rows in groups of {ROW_GROUP}, but "
-                    f"model.layers.*.{layer} has {size} rows; {fix}"
-                )
 
 
 def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | None) -> Precision:

@@ -1,0 +1,1 @@
+"""Files on disk: atomic staged writes, claims, manifests, safetensors and checkpoint reading."""

@@ -1,0 +1,1 @@
+"""TensorRT engines: optimization profiles and the build step."""

@@ -1,0 +1,1 @@
+"""Per-architecture knowledge: one spec per family, and tiny real checkpoints made locally."""

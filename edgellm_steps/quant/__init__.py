@@ -1,0 +1,1 @@
+"""Quantization: the precision grammar, per-format facts and recipes, calibration, the quantize step."""

@@ -1,0 +1,1 @@
+"""Verification: running exports on the CPU and comparing them with transformers."""

@@ -1,0 +1,1 @@
+"""Plan time: configuration, sources, content digests, step code and resources. Imports no torch."""
