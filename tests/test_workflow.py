@@ -290,6 +290,7 @@ models:
     quantization:
       calib_size: 4
       calib_max_tokens: 32
+      threads: 1  # tiny models: two one-thread jobs at once beat one two-thread job
 """
 QUANT_PRECISIONS = (
     "fp8",
