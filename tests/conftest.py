@@ -48,6 +48,9 @@ TINY_CASES = {
     },
     # Saved in bfloat16, as most HF checkpoints are; the export converts to float16.
     "qwen2-bf16": {"family": "qwen2", "dtype": "bfloat16"},
+    # Vision-language models: export-llm exports the language model (MRoPE decoder), text-only parity.
+    "qwen2_vl": {"family": "qwen2_vl"},
+    "qwen2_5_vl": {"family": "qwen2_5_vl"},
 }
 
 

@@ -61,6 +61,10 @@ def _rope_facts(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, floa
         partial = cfg.get("partial_rotary_factor", 1.0)
     if scaling is not None:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if scaling.get("mrope_section") is not None and rope_type in ("default", "mrope"):
+            # MRoPE (Qwen2-VL / Qwen2.5-VL; hub configs spell it "mrope", transformers "default"):
+            # the spelling the runtime parses as MRoPE (contract section 4).
+            return theta, _mrope_scaling(scaling["mrope_section"]), float(partial if partial is not None else 1.0)
         scaling["rope_type"] = rope_type
         scaling.pop("type", None)
         if rope_type == "default":
@@ -68,10 +72,19 @@ def _rope_facts(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, floa
     return theta, scaling, float(partial if partial is not None else 1.0)
 
 
+def _mrope_scaling(section: Any) -> dict[str, Any]:
+    return {"type": "default", "rope_type": "default", "mrope_section": [int(n) for n in section]}
+
+
 def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
     """Normalize an HF decoder ``config.json`` (text part) into :class:`DecoderDims`."""
     if "text_config" in cfg and "hidden_size" not in cfg:
-        cfg = {**cfg["text_config"], "tie_word_embeddings": cfg.get("tie_word_embeddings", False)}
+        # A VLM (or other composite) config of transformers 5: the decoder's facts live in text_config.
+        # Tied embeddings: the top-level flag, or (saves before transformers 5) text_config's, as
+        # transformers 5 itself reads them.
+        text = cfg["text_config"]
+        tied = bool(cfg.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
+        cfg = {**text, "tie_word_embeddings": tied}
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])

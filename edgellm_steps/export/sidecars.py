@@ -39,6 +39,10 @@ def runtime_config(dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any
     original = scaling.get("original_max_position_embeddings", hf_config.get("original_max_position_embeddings"))
     if original is not None:
         config["original_max_position_embeddings"] = original
+    if spec.vision_language:
+        for key, value in hf_config.items():
+            if key.endswith(("_token_id", "_token_ids")):
+                config[key] = value
     return config
 
 

@@ -8,6 +8,7 @@ style of chat template. Nothing is downloaded.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ PHI3_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
 )
 
-#: family -> (transformers config class name, chat template, special tokens, tiny config overrides)
+#: family -> (transformers config class name, chat template, special tokens, tiny config overrides);
+#: vision-language families add model_class, processor_class, vision (vision_config) and token_ids.
 TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {
         "config_class": "Qwen2Config",
@@ -90,6 +92,65 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         "config": {},
     },
 }
+
+#: Special tokens of the Qwen-VL tokenizers; the tiny VLM configs point their ``*_token_id`` keys at them.
+QWEN_VL_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+#: Top-level config key -> the special token it names (Qwen2-VL and Qwen2.5-VL configs).
+QWEN_VL_TOKEN_IDS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+}
+#: MRoPE of the tiny VLMs: head_dim 16, so the (temporal, height, width) sections sum to 8.
+TINY_MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+
+TINY_FAMILIES.update(
+    {
+        "qwen2_vl": {
+            "config_class": "Qwen2VLConfig",
+            "model_class": "Qwen2VLForConditionalGeneration",
+            "processor_class": "Qwen2VLProcessor",
+            "template": CHATML_TEMPLATE,
+            "special": QWEN_VL_SPECIAL,
+            "bos": None,
+            "eos": "<|im_end|>",
+            "config": {"rope_parameters": TINY_MROPE},
+            # Qwen2-VL's vision tower: embed_dim wide blocks, a merger out to the decoder's hidden size.
+            "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 64},
+            "token_ids": QWEN_VL_TOKEN_IDS,
+        },
+        "qwen2_5_vl": {
+            "config_class": "Qwen2_5_VLConfig",
+            "model_class": "Qwen2_5_VLForConditionalGeneration",
+            "processor_class": "Qwen2_5_VLProcessor",
+            "template": CHATML_TEMPLATE,
+            "special": QWEN_VL_SPECIAL,
+            "bos": None,
+            "eos": "<|im_end|>",
+            "config": {"rope_parameters": TINY_MROPE},
+            # Block 1 full attention, block 0 windowed, as Qwen2.5-VL alternates them.
+            "vision": {
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "fullatt_block_indexes": [1],
+                "window_size": 56,
+            },
+            "token_ids": QWEN_VL_TOKEN_IDS,
+        },
+    }
+)
 
 TINY_SIZES = {
     "hidden_size": 64,
@@ -139,6 +200,14 @@ def make_checkpoint(
 
     ``dtype`` is what the weights are saved in and ``config.json`` records: ``float16``,
     ``bfloat16`` (what most HF checkpoints ship) or ``float32``.
+
+    A vision-language family (``qwen2_vl``, ``qwen2_5_vl``) gets a transformers 5 config
+    (``text_config`` with the tiny decoder sizes and ``overrides``, ``vision_config`` with a
+    2-block vision tower whose merger outputs the decoder's width), top-level
+    ``image_token_id`` / ``video_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id``
+    pointing at the tokenizer's own special tokens, and a ``preprocessor_config.json``.
+    transformers 5 saves its weights as ``model.embed_tokens`` / ``model.layers.*`` /
+    ``model.norm``, ``visual.*`` and ``lm_head``.
     """
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
@@ -147,20 +216,62 @@ def make_checkpoint(
 
     spec = TINY_FAMILIES[family]
     tokenizer = train_tokenizer(family)
-    sizes = {**TINY_SIZES, **spec["config"], **overrides}
+    sizes = copy.deepcopy({**TINY_SIZES, **spec["config"], **overrides})
     sizes.setdefault("vocab_size", len(tokenizer))
-    config = getattr(transformers, spec["config_class"])(
-        **sizes,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    token_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config_class = getattr(transformers, spec["config_class"])
+    if "vision" in spec:
+        # A VLM: the decoder sizes go to text_config, the tiny vision tower to vision_config, and
+        # the image / video / vision start-end ids to the tokenizer's special tokens.
+        vision_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in spec["token_ids"].items()}
+        config = config_class(text_config={**sizes, **token_ids}, vision_config=spec["vision"], **vision_ids)
+    else:
+        config = config_class(**sizes, **token_ids)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    if "model_class" in spec:
+        model = getattr(transformers, spec["model_class"])._from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
     model = model.to(getattr(torch, dtype))
     output_dir = Path(output_dir)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(output_dir), **save_kwargs)
     tokenizer.save_pretrained(str(output_dir))
+    if "vision" in spec:
+        _save_image_processor(output_dir, config, spec["processor_class"])
     log.info("wrote a tiny %s checkpoint (%d parameters) to %s", family, model.num_parameters(), output_dir)
     return output_dir
+
+
+def _save_image_processor(output_dir: Path, config: Any, processor_class: str) -> None:
+    """``preprocessor_config.json`` of the Qwen-VL image processor, sized to the tiny vision tower.
+
+    Written as the hub's Qwen2-VL / Qwen2.5-VL checkpoints hold it (CLIP mean and std). It is
+    written directly: transformers' ``Qwen2VLImageProcessor`` needs torchvision and Pillow,
+    which this project does not install.
+    """
+    import json
+
+    vision = config.vision_config
+    processor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": processor_class,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        # Small images: 4 to 64 merged tokens, each covering (patch_size * merge_size)^2 pixels.
+        "min_pixels": 4 * (vision.patch_size * vision.spatial_merge_size) ** 2,
+        "max_pixels": 64 * (vision.patch_size * vision.spatial_merge_size) ** 2,
+    }
+    (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")

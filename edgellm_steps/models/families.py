@@ -9,9 +9,10 @@ Adding a family is adding one entry to :data:`FAMILIES`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
-from edgellm_steps.errors import UnsupportedArchitectureError
+from edgellm_steps.errors import SourceError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,44 @@ class FamilySpec:
     layer_prefix: str = "model.layers.{i}"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    #: Where the decoder's weights may live: the leading ``model.`` of :attr:`embed_tokens`,
+    #: :attr:`layer_prefix` and :attr:`final_norm` is replaced by the first of these whose
+    #: embedding table the checkpoint holds (:meth:`resolved`). Other tensors (a vision tower)
+    #: are never read by export-llm.
+    text_prefixes: tuple[str, ...] = ("model.",)
+    #: Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): the runtime fills a rope table per sequence
+    #: (``rope_rotary_cos_sin`` batch dim B) and ``config.json`` carries ``mrope_section``.
+    mrope: bool = False
+    #: A vision-language model: ``config.json`` carries every top-level ``*_token_id(s)`` key of
+    #: the HF config (image, video and vision start/end tokens), contract section 4.
+    vision_language: bool = False
+    #: The transformers auto class that loads the whole checkpoint (quantize-llm, the parity reference).
+    hf_auto_class: str = "AutoModelForCausalLM"
+    #: ModelOpt quantizer name patterns quantize-llm leaves disabled: modules that are not the
+    #: decoder's (a VLM's vision tower stays float; export-visual handles it).
+    quant_exclude: tuple[str, ...] = ()
+    #: (stored prefix, module prefix) pairs: how transformers renames the checkpoint's tensors onto
+    #: its modules when it loads them (a VLM's ``model.layers.*`` become ``model.language_model.layers.*``).
+    #: The parity reference loads ModelOpt's quantizer tensors through the same renaming.
+    hf_renames: tuple[tuple[str, str], ...] = ()
+
+    def resolved(self, names: Iterable[str]) -> FamilySpec:
+        """This spec with its decoder weight names matched to a checkpoint holding tensors ``names``."""
+        if self.text_prefixes == ("model.",):
+            return self
+        present = set(names)
+        suffix = self.embed_tokens.removeprefix("model.")
+        for prefix in self.text_prefixes:
+            if prefix + suffix in present:
+                return replace(
+                    self,
+                    embed_tokens=prefix + suffix,
+                    layer_prefix=prefix + self.layer_prefix.removeprefix("model."),
+                    final_norm=prefix + self.final_norm.removeprefix("model."),
+                    text_prefixes=(prefix,),
+                )
+        tried = ", ".join(prefix + suffix for prefix in self.text_prefixes)
+        raise SourceError(f"checkpoint holds no decoder embedding table (looked for {tried}); is it complete?")
 
 
 FAMILIES: tuple[FamilySpec, ...] = (
@@ -44,6 +83,30 @@ FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(family="qwen3", architectures=("Qwen3ForCausalLM",), qk_norm=True),
     # Phi-3 and Phi-4-mini: fused projections and partial rotary embeddings.
     FamilySpec(family="phi3", architectures=("Phi3ForCausalLM",), fused_qkv=True, fused_gate_up=True),
+    # Vision-language models: export-llm exports their language model (a Qwen2 decoder with
+    # MRoPE); the vision tower (``visual.*`` / ``model.visual.*``) is left to export-visual.
+    # transformers 4.x and 5.x save the decoder as ``model.layers.*``; checkpoints saved from the
+    # 4.5x in-memory layout hold ``model.language_model.layers.*``.
+    FamilySpec(
+        family="qwen2_vl",
+        architectures=("Qwen2VLForConditionalGeneration",),
+        text_prefixes=("model.", "model.language_model."),
+        mrope=True,
+        vision_language=True,
+        hf_auto_class="AutoModelForImageTextToText",
+        quant_exclude=("*visual*",),
+        hf_renames=(("model.", "model.language_model."), ("visual.", "model.visual.")),
+    ),
+    FamilySpec(
+        family="qwen2_5_vl",
+        architectures=("Qwen2_5_VLForConditionalGeneration",),
+        text_prefixes=("model.", "model.language_model."),
+        mrope=True,
+        vision_language=True,
+        hf_auto_class="AutoModelForImageTextToText",
+        quant_exclude=("*visual*",),
+        hf_renames=(("model.", "model.language_model."), ("visual.", "model.visual.")),
+    ),
 )
 
 _BY_ARCHITECTURE = {arch: spec for spec in FAMILIES for arch in spec.architectures}

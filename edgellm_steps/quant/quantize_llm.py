@@ -76,7 +76,7 @@ def quantize_llm(
     device, dtype = _device_and_dtype(device)
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     hf_config = read_hf_config(checkpoint)
-    family_for(hf_config, where=str(checkpoint))
+    spec = family_for(hf_config, where=str(checkpoint))
     held = held_precision(checkpoint, hf_config)
     if held is not None:
         raise PrecisionError(
@@ -110,7 +110,8 @@ def quantize_llm(
 
     # Plain loading, safetensors only: ModelOpt's HF checkpointing is not enabled, so nothing in the
     # source (a modelopt_state.pth, a pickled .bin) is ever unpickled.
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+    auto_class = getattr(transformers, spec.hf_auto_class)
+    model = auto_class.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
     model = model.to(device).eval()
 
     def forward_loop(quant_model) -> None:
@@ -119,7 +120,7 @@ def quantize_llm(
                 quant_model(ids.to(device))
 
     with cpu_fake_quantization():
-        mtq.quantize(model, modelopt_config(precision), forward_loop=forward_loop)
+        mtq.quantize(model, modelopt_config(precision, spec.quant_exclude), forward_loop=forward_loop)
     info = {
         "precision": str(precision),
         "weights": precision.weights,

@@ -41,8 +41,11 @@ BLOCK_SIZES = {"int4_awq": INT4_GROUP_SIZE, "int4_gptq": INT4_GROUP_SIZE, "nvfp4
 INT4_FORMATS = ("int4_awq", "int4_gptq")
 
 
-def modelopt_config(precision: Precision) -> dict[str, Any]:
-    """The ModelOpt quantization config for ``precision`` (fp16 weights quantize nothing but the overrides)."""
+def modelopt_config(precision: Precision, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ModelOpt quantization config for ``precision`` (fp16 weights quantize nothing but the overrides).
+
+    ``exclude``: quantizer name patterns disabled last, so no recipe entry re-enables them.
+    """
     import modelopt.torch.quantization as mtq
 
     if precision.weights in WEIGHT_RECIPES:
@@ -53,6 +56,7 @@ def modelopt_config(precision: Precision) -> dict[str, Any]:
         config["quant_cfg"] += copy.deepcopy(LM_HEAD_RECIPES[precision.lm_head])
     if precision.kv_cache:
         config["quant_cfg"] += copy.deepcopy(mtq.FP8_KV_CFG["quant_cfg"])
+    config["quant_cfg"] += [{"quantizer_name": pattern, "enable": False} for pattern in exclude]
     return config
 
 

@@ -100,10 +100,14 @@ def hf_rope_table(model, length: int) -> np.ndarray:
 
     Using transformers' module (not our config reading) keeps the reference independent
     of the exporter: scaled RoPE variants (llama3, yarn) come out exactly as HF computes them.
+    For a VLM the rotary module is its language model's; with text-only positions MRoPE's
+    three components are equal, so row p is the ordinary RoPE of position p, which is what
+    the runtime fills for a text-only sequence.
     """
     import torch
 
-    rotary = model.model.rotary_emb
+    base = model.model
+    rotary = getattr(base, "rotary_emb", None) or base.language_model.rotary_emb
     positions = torch.arange(length)[None]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)

@@ -17,17 +17,34 @@ from pathlib import Path
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
+from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import gptq_codes
 from edgellm_steps.quant.precision import INT4_GROUP_SIZE
 from edgellm_steps.quant.prequantized import HeldPrecision, load_modelopt_state
+from edgellm_steps.workflow.sources import read_hf_config
 
 _GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
 
-def _float_model(checkpoint: Path, dtype):
+def _auto_class(checkpoint: Path):
+    """The transformers auto class of the checkpoint's family (a VLM loads whole, vision tower included)."""
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+    return getattr(transformers, family_for(read_hf_config(checkpoint), where=str(checkpoint)).hf_auto_class)
+
+
+def _float_model(checkpoint: Path, dtype):
+    return _auto_class(checkpoint).from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+
+
+def _module_name(name: str, keys: set[str], renames: tuple[tuple[str, str], ...]) -> str:
+    """The model's name for stored tensor ``name``, through the family's load-time renaming."""
+    if name in keys:
+        return name
+    for stored, module in renames:
+        if name.startswith(stored) and module + name.removeprefix(stored) in keys:
+            return module + name.removeprefix(stored)
+    return name
 
 
 def _fake_quantized_model(checkpoint: Path, dtype):
@@ -36,7 +53,9 @@ def _fake_quantized_model(checkpoint: Path, dtype):
     state = load_modelopt_state(checkpoint)
     model = mto.restore_from_modelopt_state(_float_model(checkpoint, dtype), modelopt_state=state)
     store = TensorStore(checkpoint)
-    quantizers = {name: store.get(name) for name in store.names() if "_quantizer." in name}
+    renames = family_for(read_hf_config(checkpoint), where=str(checkpoint)).hf_renames
+    keys = set(model.state_dict())
+    quantizers = {_module_name(name, keys, renames): store.get(name) for name in store.names() if "_quantizer." in name}
     result = model.load_state_dict(quantizers, strict=False)
     if result.unexpected_keys:
         raise SourceError(
@@ -53,7 +72,7 @@ def _dequantized_gptq_model(checkpoint: Path, dtype, gptq: dict):
     config = transformers.AutoConfig.from_pretrained(str(checkpoint))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _auto_class(checkpoint).from_config(config, dtype=dtype)
     store = TensorStore(checkpoint)
     tensors = {}
     for name in store.names():

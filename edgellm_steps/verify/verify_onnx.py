@@ -27,6 +27,7 @@ from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.errors import ParityError
+from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import held_precision
@@ -78,6 +79,16 @@ def _ragged_batch(runner_for, model, reference: np.ndarray, ids: list[int], pref
     return compare_logits(np.stack(got), np.stack(want))
 
 
+def _text_token_ids(hf_config: dict[str, Any], vocab_size: int, count: int, seed: int) -> list[int]:
+    """Random token ids; for a VLM none of the image / video / vision markers (the parity is text-only)."""
+    rng = np.random.default_rng(seed)
+    if not family_for(hf_config).vision_language:
+        return rng.integers(0, vocab_size, count).tolist()
+    markers = [v for k, v in hf_config.items() if k.endswith("_token_id") and isinstance(v, int)]
+    allowed = np.setdiff1d(np.arange(vocab_size), markers)
+    return allowed[rng.integers(0, len(allowed), count)].tolist()
+
+
 def verify_onnx(
     onnx_dir: str | Path,
     model_dir: str | Path,
@@ -96,7 +107,8 @@ def verify_onnx(
     check_step_output(Path(onnx_dir), "export-llm")
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     check_if_step_output(checkpoint, "quantize-llm")
-    held = held_precision(checkpoint, read_hf_config(checkpoint))
+    hf_config = read_hf_config(checkpoint)
+    held = held_precision(checkpoint, hf_config)
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
     precision = held.precision if held else Precision("fp16")
     tolerance = tolerance_for(precision.formats())
@@ -107,7 +119,7 @@ def verify_onnx(
     def runner_for(batch: int) -> LLMRunner:
         return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity)
 
-    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, prefill + decode).tolist()
+    ids = _text_token_ids(hf_config, model.config.get_text_config().vocab_size, prefill + decode, seed)
     with cpu_fake_quantization():
         reference = _hf_logits(model, ids)
         results = {
