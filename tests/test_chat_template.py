@@ -35,3 +35,26 @@ def test_missing_template_is_refused():
     tokenizer.chat_template = None
     with pytest.raises(ChatTemplateError, match="no chat template"):
         process_chat_template(tokenizer)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vlm_content_types_from_rendering_media_parts(family):
+    """The tiny VLM's Qwen2-VL template renders an image part as its pad token between the vision markers."""
+    processed = process_chat_template(train_tokenizer(family), vision_language=True)
+    assert processed["content_types"] == {
+        "image": {"format": "<|vision_start|><|image_pad|><|vision_end|>"},
+        "video": {"format": "<|vision_start|><|video_pad|><|vision_end|>"},
+    }
+    # The text roles are those of ChatML, as for the text-only Qwen2.
+    assert processed["roles"] == process_chat_template(train_tokenizer("qwen2"))["roles"]
+
+
+def test_llm_templates_have_no_content_types():
+    assert process_chat_template(train_tokenizer("qwen2"))["content_types"] == {}
+    # A text-only template renders no media part even when asked for content types.
+    assert process_chat_template(train_tokenizer("qwen2"), vision_language=True)["content_types"] == {}
+    assert process_chat_template(train_tokenizer("llama"), vision_language=True)["content_types"] == {}
+    # One that prints the content as is renders the parts list's repr, which is no media format.
+    tokenizer = train_tokenizer("qwen2")
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    assert process_chat_template(tokenizer, vision_language=True)["content_types"] == {}

@@ -20,13 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES
 from edgellm_steps.errors import ParityError, SourceError
 from edgellm_steps.export.export_llm import export_llm
-from edgellm_steps.models.demo import QWEN_VL_TOKEN_IDS, TINY_MROPE
+from edgellm_steps.models.demo import QWEN_VL_TEMPLATE, QWEN_VL_TOKEN_IDS, TINY_MROPE
 from edgellm_steps.models.families import FAMILIES, family_for
 from edgellm_steps.verify.parity import hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_onnx import verify_onnx
+
+from .conftest import copy_checkpoint, run_snakemake, write_config
 
 VLM_CASES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
@@ -78,6 +81,20 @@ def test_tiny_vlm_checkpoint(checkpoint_factory, case):
     assert [tuple(f.shape) for f in features] == [(4, config["text_config"]["hidden_size"])]
 
 
+def with_all_processor_files(checkpoint, destination):
+    """A copy of a tiny VLM that also has the processor files the fixture does not write."""
+    shutil.copytree(checkpoint, destination)
+    extra = {
+        "video_preprocessor_config.json": {"video_processor_type": "Qwen2VLVideoProcessor", "fps": 2.0},
+        "processor_config.json": {"processor_class": "Qwen2_5_VLProcessor"},
+        "chat_template.json": {"chat_template": QWEN_VL_TEMPLATE},
+    }
+    for name, data in extra.items():
+        (destination / name).write_text(json.dumps(data, indent=2) + "\n")
+    assert all((destination / name).is_file() for name in PROCESSOR_FILES)
+    return destination
+
+
 @pytest.fixture(scope="module")
 def vlm_exported(checkpoint_factory, tmp_path_factory):
     done = {}
@@ -91,6 +108,19 @@ def vlm_exported(checkpoint_factory, tmp_path_factory):
         return done[case]
 
     return export
+
+
+@pytest.mark.parametrize("case", sorted(VLM_CASES))
+def test_vlm_export_carries_processor_files_and_content_types(vlm_exported, case):
+    checkpoint, out = vlm_exported(case)
+    assert (out / "preprocessor_config.json").read_bytes() == (checkpoint / "preprocessor_config.json").read_bytes()
+    for name in set(PROCESSOR_FILES) - {"preprocessor_config.json"}:
+        assert not (out / name).exists(), f"{name}: the fixture has none, so the export has none"
+    template = json.loads((out / "processed_chat_template.json").read_text())
+    assert template["content_types"] == {
+        "image": {"format": "<|vision_start|><|image_pad|><|vision_end|>"},
+        "video": {"format": "<|vision_start|><|video_pad|><|vision_end|>"},
+    }
 
 
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
@@ -264,9 +294,8 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     ModelOpt's fake-quantized VLM (measured 0.8% of max |logit|, cosine 0.99996) within the int8_sq bound."""
     from edgellm_steps.quant.quantize_llm import quantize_llm
 
-    quantized = quantize_llm(
-        checkpoint_factory("qwen2_5_vl"), tmp_path / "q", quantization="int8_sq", calib_size=8, calib_max_tokens=32
-    )
+    source = with_all_processor_files(checkpoint_factory("qwen2_5_vl"), tmp_path / "src")
+    quantized = quantize_llm(source, tmp_path / "q", quantization="int8_sq", calib_size=8, calib_max_tokens=32)
     names = tensor_names(quantized)
     quantizers = [n for n in names if "_quantizer." in n]
     assert any(n.startswith("model.layers.0.mlp.down_proj.weight_quantizer") for n in quantizers)
@@ -275,6 +304,9 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     state = torch.load(quantized / "modelopt_state.pth", weights_only=True)
     assert "visual" in json.dumps(state, default=str)  # the exclusion is recorded in the state's config
     export_llm(quantized, tmp_path / "out")
+    for name in PROCESSOR_FILES:  # byte for byte through quantize and export
+        assert (quantized / name).read_bytes() == (source / name).read_bytes(), name
+        assert (tmp_path / "out" / name).read_bytes() == (source / name).read_bytes(), name
     summary = verify_onnx(tmp_path / "out", quantized)
     assert summary["precision"] == "int8_sq" and summary["passed"], summary
     for result in summary["cases"].values():
@@ -282,3 +314,35 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     # The quantization is real: against the float VLM the same export misses (measured 16% of max |logit|).
     with pytest.raises(ParityError, match="does not match"):
         verify_onnx(tmp_path / "out", checkpoint_factory("qwen2_5_vl"))
+
+
+VLM_WORKFLOW_CONFIG = """\
+models:
+  vlm:
+    source: ckpt
+    quantization:
+      calib_size: 4
+      calib_max_tokens: 32
+      threads: 1
+"""
+
+
+@pytest.mark.workflow
+def test_vlm_workflow_builds_fp16_with_verify_and_fp8_then_plans_nothing(checkpoint_factory, tmp_path):
+    """The real workflow on a tiny Qwen2.5-VL source: fp16 export + verify, fp8 through quantize-llm."""
+    source = checkpoint_factory("qwen2_5_vl")
+    copy_checkpoint(source, tmp_path / "ckpt")
+    write_config(tmp_path, VLM_WORKFLOW_CONFIG)
+    targets = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm_fp16/verify.json")
+    run_snakemake(tmp_path, *targets)
+    report = json.loads((tmp_path / "reports/vlm_fp16/verify.json").read_text())
+    assert report["precision"] == "fp16" and report["passed"], report
+    fp8 = "onnx/vlm_fp8/llm/model.onnx"
+    run_snakemake(tmp_path, fp8)
+    for llm in (tmp_path / "onnx/vlm_fp16/llm", tmp_path / "onnx/vlm_fp8/llm"):
+        assert (llm / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+        content_types = json.loads((llm / "processed_chat_template.json").read_text())["content_types"]
+        assert set(content_types) == {"image", "video"}
+        assert json.loads((llm / "config.json").read_text())["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert json.loads((tmp_path / "onnx/vlm_fp8/llm/manifest.json").read_text())["parameters"]["precision"] == "fp8"
+    assert "Nothing to be done" in run_snakemake(tmp_path, "-n", *targets, fp8).output

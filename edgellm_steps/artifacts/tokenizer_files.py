@@ -17,7 +17,17 @@ from edgellm_steps.errors import SourceError
 
 #: The files the runtime reads, required in every source (contract section 4).
 RUNTIME_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-#: Every tokenizer asset a quantized checkpoint carries over from its source, when present.
+#: A vision-language model's processor files: the LLM export of a VLM carries those the
+#: checkpoint has (contract section 4), so a quantized checkpoint keeps them too.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+)
+#: What export-llm copies into the LLM export, when present.
+EXPORT_TOKENIZER_FILES = (*RUNTIME_TOKENIZER_FILES, *PROCESSOR_FILES)
+#: Every tokenizer and processor asset a quantized checkpoint carries over from its source, when present.
 TOKENIZER_ASSETS = (
     *RUNTIME_TOKENIZER_FILES,
     "special_tokens_map.json",
@@ -26,7 +36,7 @@ TOKENIZER_ASSETS = (
     "merges.txt",
     "tokenizer.model",
     "chat_template.jinja",
-    "chat_template.json",
+    *PROCESSOR_FILES,
 )
 _SAMPLE = "The quick brown fox jumps over the lazy dog; 12 cats, 3 owls."
 

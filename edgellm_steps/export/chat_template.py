@@ -8,7 +8,10 @@ conversations and cutting the renders apart at the placeholders:
   assistant segment, [.., user U2] adds one more user segment;
 - the system segment is what precedes the user segment in the first render;
 - the generation prompt is what ``add_generation_prompt`` appends;
-- a default system prompt is what the template inserts when none is given.
+- a default system prompt is what the template inserts when none is given;
+- for a vision-language model, ``content_types.{image,video}.format`` is what the
+  template renders for an image (video) content part between two text parts of one
+  user message (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from edgellm_steps.errors import ChatTemplateError
 ROLES = ("system", "user", "assistant")
 FIX = "pass --chat_template with a processed template JSON"
 _SYS, _USER, _ASSISTANT, _USER2 = "<<SYSTEM_9f1c>>", "<<USER_9f1c>>", "<<ASSISTANT_9f1c>>", "<<USER2_9f1c>>"
+_BEFORE, _AFTER = "<<BEFORE_9f1c>>", "<<AFTER_9f1c>>"
+#: The media content parts a vision-language template may render.
+CONTENT_TYPES = ("image", "video")
 
 
 def _split(segment: str, placeholder: str, what: str) -> dict[str, str]:
@@ -40,8 +46,26 @@ def _after(longer: str, shorter: str, what: str) -> str:
     return longer[len(shorter) :]
 
 
-def process_chat_template(tokenizer: Any) -> dict[str, Any]:
-    """Derive the processed template from a HF tokenizer with a ``chat_template``."""
+def _content_format(render: Any, kind: str) -> str | None:
+    """What the template renders for one ``kind`` content part, or None when it renders none."""
+    parts = [{"type": "text", "text": _BEFORE}, {"type": kind}, {"type": "text", "text": _AFTER}]
+    try:
+        rendered = render([{"role": "user", "content": parts}])
+    except ChatTemplateError:
+        return None
+    if rendered.count(_BEFORE) != 1 or rendered.count(_AFTER) != 1:
+        return None
+    between = rendered.split(_BEFORE)[1].split(_AFTER)[0]
+    # A text-only template that prints the content as is renders the parts list's repr.
+    return between if between and "'type'" not in between else None
+
+
+def process_chat_template(tokenizer: Any, *, vision_language: bool = False) -> dict[str, Any]:
+    """Derive the processed template from a HF tokenizer with a ``chat_template``.
+
+    ``vision_language`` adds ``content_types`` for the media parts the template renders
+    (none when it renders neither, as a text-only template does).
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             "the checkpoint has no chat template (tokenizer_config.json or chat_template.jinja); " + FIX
@@ -82,6 +106,9 @@ def process_chat_template(tokenizer: Any) -> dict[str, Any]:
     body = without_system[: len(without_system) - len(user_segment)]
     if body.startswith(prefix) and body.endswith(suffix) and len(body) > len(prefix) + len(suffix):
         processed["default_system_prompt"] = body[len(prefix) : len(body) - len(suffix)]
+    if vision_language:
+        formats = {kind: _content_format(render, kind) for kind in CONTENT_TYPES}
+        processed["content_types"] = {kind: {"format": fmt} for kind, fmt in formats.items() if fmt}
     return processed
 
 

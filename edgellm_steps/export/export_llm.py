@@ -18,7 +18,7 @@ import onnx
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
-from edgellm_steps.artifacts.tokenizer_files import check_tokenizer, copy_tokenizer_files
+from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
@@ -78,7 +78,7 @@ def export_llm(
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     if processed_template is None:
-        processed_template = process_chat_template(tokenizer)
+        processed_template = process_chat_template(tokenizer, vision_language=spec.vision_language)
     store = TensorStore(checkpoint)
     spec = spec.resolved(store.names())
     held = held_precision(checkpoint, hf_config)
@@ -100,7 +100,7 @@ def export_llm(
         onnx.checker.check_model(str(staging / ONNX_NAME))
         write_embedding(store, spec, staging / "embedding.safetensors")
         write_json(staging / "config.json", runtime_config(dims, spec, hf_config))
-        copy_tokenizer_files(checkpoint, staging)
+        copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)
         write_json(staging / "processed_chat_template.json", processed_template)
         write_manifest(
             staging,

@@ -41,6 +41,33 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+#: Qwen2-VL's ChatML: a message's content is a string or a list of parts; an image (video)
+#: part renders as its pad token between the vision start and end tokens.
+QWEN_VL_TEMPLATE = (
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + render(messages[0]['content']) + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
@@ -119,7 +146,7 @@ TINY_FAMILIES.update(
             "config_class": "Qwen2VLConfig",
             "model_class": "Qwen2VLForConditionalGeneration",
             "processor_class": "Qwen2VLProcessor",
-            "template": CHATML_TEMPLATE,
+            "template": QWEN_VL_TEMPLATE,
             "special": QWEN_VL_SPECIAL,
             "bos": None,
             "eos": "<|im_end|>",
@@ -132,7 +159,7 @@ TINY_FAMILIES.update(
             "config_class": "Qwen2_5_VLConfig",
             "model_class": "Qwen2_5_VLForConditionalGeneration",
             "processor_class": "Qwen2_5_VLProcessor",
-            "template": CHATML_TEMPLATE,
+            "template": QWEN_VL_TEMPLATE,
             "special": QWEN_VL_SPECIAL,
             "bos": None,
             "eos": "<|im_end|>",
