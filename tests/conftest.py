@@ -73,6 +73,24 @@ def checkpoint_factory(tmp_path_factory):
     return factory
 
 
+@pytest.fixture(scope="session")
+def exported(checkpoint_factory, tmp_path_factory):
+    """``exported(case)`` -> (checkpoint, export dir) of a tiny case, exported once per session."""
+    from edgellm_steps.export.export_llm import export_llm
+
+    done = {}
+
+    def export(case: str):
+        if case not in done:
+            checkpoint = checkpoint_factory(case)
+            out = tmp_path_factory.mktemp(f"export-{case}") / "llm"
+            export_llm(checkpoint, out)
+            done[case] = (checkpoint, out)
+        return done[case]
+
+    return export
+
+
 def as_transformers4_config(path: Path) -> None:
     """Rewrite a transformers 5 config.json the way transformers 4.x spelled it."""
     config = json.loads(path.read_text())

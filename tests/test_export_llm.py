@@ -42,22 +42,6 @@ def test_every_family_has_a_tiny_case(checkpoint_factory):
     assert sorted(made) == SUPPORTED, f"architectures without a parity case: {sorted(set(SUPPORTED) - made)}"
 
 
-@pytest.fixture(scope="module")
-def exported(checkpoint_factory, tmp_path_factory):
-    """``exported(case)`` -> (checkpoint, export dir), exported once per module."""
-    done = {}
-
-    def export(case: str):
-        if case not in done:
-            checkpoint = checkpoint_factory(case)
-            out = tmp_path_factory.mktemp(f"export-{case}") / "llm"
-            export_llm(checkpoint, out)
-            done[case] = (checkpoint, out)
-        return done[case]
-
-    return export
-
-
 def value_info(graph_values):
     result = {}
     for value in graph_values:

@@ -95,24 +95,9 @@ def with_all_processor_files(checkpoint, destination):
     return destination
 
 
-@pytest.fixture(scope="module")
-def vlm_exported(checkpoint_factory, tmp_path_factory):
-    done = {}
-
-    def export(case: str):
-        if case not in done:
-            checkpoint = checkpoint_factory(case)
-            out = tmp_path_factory.mktemp(f"export-{case}") / "llm"
-            export_llm(checkpoint, out)
-            done[case] = (checkpoint, out)
-        return done[case]
-
-    return export
-
-
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
-def test_vlm_export_carries_processor_files_and_content_types(vlm_exported, case):
-    checkpoint, out = vlm_exported(case)
+def test_vlm_export_carries_processor_files_and_content_types(exported, case):
+    checkpoint, out = exported(case)
     assert (out / "preprocessor_config.json").read_bytes() == (checkpoint / "preprocessor_config.json").read_bytes()
     for name in set(PROCESSOR_FILES) - {"preprocessor_config.json"}:
         assert not (out / name).exists(), f"{name}: the fixture has none, so the export has none"
@@ -124,8 +109,8 @@ def test_vlm_export_carries_processor_files_and_content_types(vlm_exported, case
 
 
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
-def test_vlm_graph_is_the_llm_graph_without_the_vision_tower(vlm_exported, case):
-    checkpoint, out = vlm_exported(case)
+def test_vlm_graph_is_the_llm_graph_without_the_vision_tower(exported, case):
+    checkpoint, out = exported(case)
     text = json.loads((checkpoint / "config.json").read_text())["text_config"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     inputs = {v.name: v.type.tensor_type for v in model.graph.input}
@@ -147,8 +132,8 @@ def test_vlm_graph_is_the_llm_graph_without_the_vision_tower(vlm_exported, case)
 
 
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
-def test_vlm_runtime_config(vlm_exported, case):
-    checkpoint, out = vlm_exported(case)
+def test_vlm_runtime_config(exported, case):
+    checkpoint, out = exported(case)
     hf = json.loads((checkpoint / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == case and config["model_type"] == "llm"
@@ -182,20 +167,20 @@ def test_vlm_rope_table_is_plain_rope_for_text(checkpoint_factory):
 
 
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
-def test_vlm_parity_with_transformers(vlm_exported, case, tmp_path):
+def test_vlm_parity_with_transformers(exported, case, tmp_path):
     """fp16 export vs the HF VLM on text-only input_ids: 3 scenarios, each within 1% of max |logit|."""
-    checkpoint, out = vlm_exported(case)
+    checkpoint, out = exported(case)
     summary = verify_onnx(out, checkpoint, report=tmp_path / "report.json")
     assert summary["passed"]
     for name, result in summary["cases"].items():
         assert result["relative_error"] <= 1e-2 and result["min_cosine"] >= 0.999 and result["greedy_match"], name
 
 
-def test_per_sequence_rope_tables(vlm_exported, checkpoint_factory):
+def test_per_sequence_rope_tables(exported, checkpoint_factory):
     """The runtime feeds an MRoPE graph one table per sequence ([B, L, rot]); equal text tables, equal logits."""
     import transformers
 
-    checkpoint, out = vlm_exported("qwen2_vl")
+    checkpoint, out = exported("qwen2_vl")
     model = transformers.AutoModelForImageTextToText.from_pretrained(str(checkpoint), dtype=torch.float32)
     table = hf_rope_table(model, 12)
     prompts = [[10, 20, 30, 40, 50], [60, 70, 80]]

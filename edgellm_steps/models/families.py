@@ -76,6 +76,16 @@ class FamilySpec:
         raise SourceError(f"checkpoint holds no decoder embedding table (looked for {tried}); is it complete?")
 
 
+#: What Qwen2-VL and Qwen2.5-VL share: their language models differ only in the vision tower.
+_QWEN_VL = {
+    "text_prefixes": ("model.", "model.language_model."),
+    "mrope": True,
+    "vision_language": True,
+    "hf_auto_class": "AutoModelForImageTextToText",
+    "quant_exclude": ("*visual*",),
+    "hf_renames": (("model.", "model.language_model."), ("visual.", "model.visual.")),
+}
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(family="llama", architectures=("LlamaForCausalLM",)),
     # Qwen2 and Qwen2.5 share the class; DeepSeek-R1-Distill-Qwen ships as Qwen2ForCausalLM.
@@ -87,26 +97,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # MRoPE); the vision tower (``visual.*`` / ``model.visual.*``) is left to export-visual.
     # transformers 4.x and 5.x save the decoder as ``model.layers.*``; checkpoints saved from the
     # 4.5x in-memory layout hold ``model.language_model.layers.*``.
-    FamilySpec(
-        family="qwen2_vl",
-        architectures=("Qwen2VLForConditionalGeneration",),
-        text_prefixes=("model.", "model.language_model."),
-        mrope=True,
-        vision_language=True,
-        hf_auto_class="AutoModelForImageTextToText",
-        quant_exclude=("*visual*",),
-        hf_renames=(("model.", "model.language_model."), ("visual.", "model.visual.")),
-    ),
-    FamilySpec(
-        family="qwen2_5_vl",
-        architectures=("Qwen2_5_VLForConditionalGeneration",),
-        text_prefixes=("model.", "model.language_model."),
-        mrope=True,
-        vision_language=True,
-        hf_auto_class="AutoModelForImageTextToText",
-        quant_exclude=("*visual*",),
-        hf_renames=(("model.", "model.language_model."), ("visual.", "model.visual.")),
-    ),
+    FamilySpec(family="qwen2_vl", architectures=("Qwen2VLForConditionalGeneration",), **_QWEN_VL),
+    FamilySpec(family="qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",), **_QWEN_VL),
 )
 
 _BY_ARCHITECTURE = {arch: spec for spec in FAMILIES for arch in spec.architectures}
