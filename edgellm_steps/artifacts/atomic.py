@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from edgellm_steps.artifacts.claims import Claim, take_claim
+from edgellm_steps.artifacts.claims import Claim, destination_tag, take_claim
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,11 @@ def write_if_changed(path: Path, data: bytes) -> bool:
 def staging_prefix(destination: Path) -> str:
     """The name prefix of ``destination``'s staging directories, unique to that destination.
 
-    The name's length comes first, so no destination's prefix is a prefix of another's
-    (``.staging-3-fp8-`` cannot match the staging of ``fp8-kvfp8``): several jobs that
-    write into one parent directory at once never take each other's staging for a leftover.
+    Built on :func:`destination_tag` (``.staging-3-fp8-`` cannot match the staging of
+    ``fp8-kvfp8``): several jobs that write into one parent directory at once never take
+    each other's staging for a leftover.
     """
-    name = Path(destination).name
-    return f"{STAGING_PREFIX}{len(name)}-{name}-"
+    return f"{STAGING_PREFIX}{destination_tag(destination)}-"
 
 
 def remove_stale_staging(destination: Path) -> None:

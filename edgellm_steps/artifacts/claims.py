@@ -42,10 +42,19 @@ class SupersededError(EdgeLLMError):
     """A newer run for the same destination started after this one; this run must not commit."""
 
 
+def destination_tag(destination: Path) -> str:
+    """``<len(name)>-<name>`` of ``destination``: no destination's tag is a prefix of another's.
+
+    The length comes first, so ``3-fp8`` cannot begin ``9-fp8-kvfp8``; the names of claim files
+    and staging directories built on it never match a sibling destination's.
+    """
+    name = Path(destination).name
+    return f"{len(name)}-{name}"
+
+
 def claim_path(destination: Path) -> Path:
     """The claim file of ``destination``: hidden, beside it, its name unique to that destination."""
-    destination = Path(destination)
-    return destination.parent / f"{CLAIM_PREFIX}{len(destination.name)}-{destination.name}"
+    return Path(destination).parent / f"{CLAIM_PREFIX}{destination_tag(destination)}"
 
 
 def process_start_ns(pid: int | None = None) -> int:

@@ -43,15 +43,28 @@ def check_step_output(directory: Path, step: str) -> dict[str, Any]:
     finished. Raises :class:`ManifestMismatchError` naming the first difference.
     """
     directory = Path(directory)
-    rerun = f"rebuild it (rerun {step}, e.g. snakemake --forcerun {step.replace('-', '_')} <target>)"
+    rerun = _rerun_hint(step)
     try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        manifest = _read_manifest(directory)
     except FileNotFoundError:
         raise ManifestMismatchError(
             f"{directory} is not a finished {step} output (no {MANIFEST_NAME}); {rerun}"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not valid JSON ({err}); {rerun}") from None
+    return _check_against(directory, manifest, step)
+
+
+def _rerun_hint(step: str) -> str:
+    return f"rebuild it (rerun {step}, e.g. snakemake --forcerun {step.replace('-', '_')} <target>)"
+
+
+def _read_manifest(directory: Path) -> Any:
+    return json.loads((directory / MANIFEST_NAME).read_text())
+
+
+def _check_against(directory: Path, manifest: Any, step: str) -> dict[str, Any]:
+    rerun = _rerun_hint(step)
     if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
         raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not a manifest written by {step}; {rerun}")
     listed: dict[str, dict] = manifest["files"]
@@ -69,10 +82,11 @@ def check_step_output(directory: Path, step: str) -> dict[str, Any]:
 
 def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
     """:func:`check_step_output` for a directory that may instead be a user's own (no manifest of ``step``)."""
+    directory = Path(directory)
     try:
-        manifest = json.loads((Path(directory) / MANIFEST_NAME).read_text())
+        manifest = _read_manifest(directory)
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if not isinstance(manifest, dict) or manifest.get("step") != step:
         return None
-    return check_step_output(directory, step)
+    return _check_against(directory, manifest, step)

@@ -200,10 +200,8 @@ class Planner:
 
     def engine_mem_mb(self, model: str) -> int:
         """Host RAM of an engine job: a multiple of the source checkpoint's weight bytes, at least 4 GB."""
-        checkpoint = self.checkpoint(model)
-        weight_bytes = sum(p.stat().st_size for p in weight_files(checkpoint))
         factor = float(self._section("engine").get("host_memory_factor", 4))
-        return max(4096, math.ceil(factor * weight_bytes / 2**20))
+        return max(4096, math.ceil(factor * self.weight_bytes(model) / 2**20))
 
     def weight_bytes(self, model: str) -> int:
         """Bytes of the source checkpoint's weight files."""

@@ -8,7 +8,8 @@ and the job requests ``max(FLOOR_MB, ceil(MARGIN x peak / MiB))`` (MiB, like the
 rule's mem_mb: the unit of Slurm's ``--mem``). ``factor`` folds in the model held in float32
 (calibration and verification run float32 on the CPU: twice a bf16 checkpoint's bytes), the
 checkpoint pages transformers maps in while loading, the step's own copies and the fixed cost
-of Python, torch and ModelOpt, so a model much larger than the measured one is over-requested rather than under.
+of Python, torch and ModelOpt, so a model much larger than the measured one is over-requested
+rather than under.
 The second term grows with the calibration batch (``batch`` samples of ``tokens`` tokens in one
 forward pass); the float32 logits, ``batch x tokens x vocab_size`` of them, are most of it.
 
