@@ -31,8 +31,11 @@ demo: setup
 	@ls -l $(DEMO_DIR)/onnx/$(DEMO_MODEL)_fp16/llm/
 	@echo "Logs: $(abspath $(DEMO_DIR))/logs/   Config: $(abspath $(DEMO_DIR))/config.yaml"
 
+# Test files run side by side (one file per worker at a time: module fixtures such as the Slurm cluster
+# are set up once); `make test PYTEST_WORKERS=0` runs them one after another.
+PYTEST_WORKERS ?= auto
 test: setup cluster-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --numprocesses $(PYTEST_WORKERS) --dist loadfile
 
 # The Slurm test starts a throwaway single-node cluster; as root, install its Debian packages.
 cluster-deps:

@@ -144,3 +144,29 @@ def write_config(workdir: Path, text: str) -> Path:
 def copy_checkpoint(source: Path, destination: Path) -> Path:
     shutil.copytree(source, destination)
     return destination
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The job-count table of a dry run, e.g. {'export_llm': 1}."""
+    jobs, in_table = {}, False
+    for line in output.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            jobs[parts[0]] = int(parts[1])
+        elif in_table and parts[:1] == ["total"]:
+            break
+    return jobs
+
+
+#: The one-model workflow most workflow tests build.
+ONNX = "onnx/tiny_fp16/llm/model.onnx"
+MANIFEST = "onnx/tiny_fp16/llm/manifest.json"
+NOTHING = "Nothing to be done"
+
+CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+"""

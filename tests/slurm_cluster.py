@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 MARKER = "# written by the edgellm-steps test suite"
@@ -67,14 +67,27 @@ PartitionName=main Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _stop_daemons() -> None:
-    for name, pid_file in PID_FILES.items():
-        try:
+DAEMONS = ("slurmd", "slurmctld", "munged")
+
+
+def _stop_daemons(timeout: float = 15) -> None:
+    """Stop every daemon and wait until none is left: a restart must not race the old ones' sockets."""
+    for pid_file in PID_FILES.values():
+        with suppress(FileNotFoundError, ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
-        except (FileNotFoundError, ValueError, ProcessLookupError):
-            subprocess.run(["pkill", "-x", name], check=False)
-    subprocess.run(["pkill", "-x", "munged"], check=False)
-    time.sleep(1)
+    for name in DAEMONS:
+        subprocess.run(["pkill", "-x", name], check=False)
+    deadline = time.monotonic() + timeout
+    while any(_running(name) for name in DAEMONS):
+        if time.monotonic() > deadline:
+            for name in DAEMONS:
+                subprocess.run(["pkill", "-KILL", "-x", name], check=False)
+            break
+        time.sleep(0.2)
+
+
+def _running(name: str) -> bool:
+    return subprocess.run(["pgrep", "-x", name], capture_output=True, check=False).returncode == 0
 
 
 def _wait_idle(timeout: float = 60) -> None:

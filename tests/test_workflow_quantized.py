@@ -1,0 +1,85 @@
+"""Quantized, verified and pre-quantized (GPTQ) targets through real Snakemake runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import CONFIG, NOTHING, ONNX, copy_checkpoint, planned_jobs, run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+
+def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, CONFIG)
+    plan = run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json")
+    assert planned_jobs(plan.output) == {"export_llm": 1, "verify_onnx": 1}
+    run_snakemake(tmp_path, "reports/tiny_fp16/verify.json")
+    report = json.loads((tmp_path / "reports/tiny_fp16/verify.json").read_text())
+    assert report["passed"] and report["cases"]["prefill_decode"]["greedy_match"]
+    assert NOTHING in run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json").output
+
+
+QUANT_CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    quantization:
+      calib_size: 4
+      calib_max_tokens: 32
+      threads: 1  # tiny models: two one-thread jobs at once beat one two-thread job
+"""
+QUANT_PRECISIONS = (
+    "fp8",
+    "int8_sq",
+    "int4_awq",
+    "nvfp4",
+    "fp8-lmfp8",
+    "fp16-kvfp8",
+    "int4_awq-lmfp8-kvfp8",
+    "int8_sq-lmnvfp4-kvfp8",
+)
+
+
+def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
+    write_config(tmp_path, QUANT_CONFIG)
+    targets = [f"onnx/tiny_{p}/llm/model.onnx" for p in (*QUANT_PRECISIONS, "fp16")]
+    plan = run_snakemake(tmp_path, "-n", *targets)
+    assert planned_jobs(plan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(targets)}
+    run_snakemake(tmp_path, *targets)
+    for precision in QUANT_PRECISIONS:
+        info = json.loads((tmp_path / f"quantized/tiny_{precision}/edgellm_quantization.json").read_text())
+        assert info["precision"] == precision and info["calibration"]["samples"] == 4
+    assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+    write_config(tmp_path, QUANT_CONFIG.replace("calib_size: 4", "calib_size: 6") + "      device: cpu\n")
+    replan = run_snakemake(tmp_path, "-n", *targets)
+    assert planned_jobs(replan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(QUANT_PRECISIONS)}
+    assert "--calib_size 6" in replan.output
+    write_config(tmp_path, QUANT_CONFIG + "      device: cuda\n")
+    assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+
+def test_gptq_checkpoint_exports_without_a_quantize_job(tmp_path, checkpoint_factory):
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    write_gptq_checkpoint(
+        checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt", tmp_path / "float"
+    )
+    write_config(tmp_path, CONFIG)
+    target = "onnx/tiny_int4_gptq/llm/model.onnx"
+    report = "reports/tiny_int4_gptq/verify.json"
+    assert planned_jobs(run_snakemake(tmp_path, "-n", target).output) == {"export_llm": 1}
+    run_snakemake(tmp_path, target, report)
+    # verify's reference is the float model holding the dequantized GPTQ weights: no GPTQ kernel package.
+    summary = json.loads((tmp_path / report).read_text())
+    assert summary["passed"] and summary["precision"] == "int4_gptq"
+    assert all(case["greedy_match"] for case in summary["cases"].values())
+    assert json.loads((tmp_path / "onnx/tiny_int4_gptq/llm/manifest.json").read_text())["parameters"]["precision"] == (
+        "int4_gptq"
+    )
+    refused = run_snakemake(tmp_path, "-n", ONNX, check=False)
+    assert refused.returncode != 0 and "request precision int4_gptq" in refused.output
