@@ -16,6 +16,27 @@ from edgellm_steps.errors import SourceError, UnsupportedArchitectureError
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """How a VLM family's vision tower becomes the vision-encoder graph (contract section 7).
+
+    Sizes come from the checkpoint's ``vision_config``; this says which structure they fill.
+    """
+
+    #: Norms of the blocks and the merger's ``ln_q``: ``rms`` (RMSNorm) or ``layer`` (LayerNorm with bias).
+    norm: str
+    #: The block MLP: ``gate_proj`` / ``up_proj`` / ``down_proj`` with biases, or ``fc1`` / ``fc2``.
+    gated_mlp: bool
+    #: Blocks not in ``fullatt_block_indexes`` attend within windows: the graph takes the window inputs.
+    window_attention: bool
+    #: ``vision_config`` keys of the blocks' width and of the merger's output width (the decoder's).
+    width_key: str
+    out_width_key: str
+    #: Where the tower's tensors may live: transformers 4.x and 5 save ``visual.*``; checkpoints
+    #: saved from the 4.5x in-memory layout hold ``model.visual.*``.
+    prefixes: tuple[str, ...] = ("visual.", "model.visual.")
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     """How one HF decoder family is exported."""
 
@@ -56,6 +77,8 @@ class FamilySpec:
     #: its modules when it loads them (a VLM's ``model.layers.*`` become ``model.language_model.layers.*``).
     #: The parity reference loads ModelOpt's quantizer tensors through the same renaming.
     hf_renames: tuple[tuple[str, str], ...] = ()
+    #: The vision tower export-visual exports (vision-language families only).
+    vision: VisionSpec | None = None
 
     def resolved(self, names: Iterable[str]) -> FamilySpec:
         """This spec with its decoder weight names matched to a checkpoint holding tensors ``names``."""
@@ -97,8 +120,24 @@ FAMILIES: tuple[FamilySpec, ...] = (
     # MRoPE); the vision tower (``visual.*`` / ``model.visual.*``) is left to export-visual.
     # transformers 4.x and 5.x save the decoder as ``model.layers.*``; checkpoints saved from the
     # 4.5x in-memory layout hold ``model.language_model.layers.*``.
-    FamilySpec(family="qwen2_vl", architectures=("Qwen2VLForConditionalGeneration",), **_QWEN_VL),
-    FamilySpec(family="qwen2_5_vl", architectures=("Qwen2_5_VLForConditionalGeneration",), **_QWEN_VL),
+    # Qwen2-VL's tower: LayerNorm, fc1 / fc2 MLP, full attention everywhere; its merger outputs
+    # vision_config.hidden_size. Qwen2.5-VL's: RMSNorm, gated MLP, windowed attention.
+    FamilySpec(
+        family="qwen2_vl",
+        architectures=("Qwen2VLForConditionalGeneration",),
+        vision=VisionSpec(
+            norm="layer", gated_mlp=False, window_attention=False, width_key="embed_dim", out_width_key="hidden_size"
+        ),
+        **_QWEN_VL,
+    ),
+    FamilySpec(
+        family="qwen2_5_vl",
+        architectures=("Qwen2_5_VLForConditionalGeneration",),
+        vision=VisionSpec(
+            norm="rms", gated_mlp=True, window_attention=True, width_key="hidden_size", out_width_key="out_hidden_size"
+        ),
+        **_QWEN_VL,
+    ),
 )
 
 _BY_ARCHITECTURE = {arch: spec for spec in FAMILIES for arch in spec.architectures}

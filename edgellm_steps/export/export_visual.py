@@ -1,0 +1,125 @@
+"""export-visual: the vision tower of an HF vision-language checkpoint -> the Edge-LLM vision ONNX directory.
+
+Output (contract section 7): ``model.onnx`` + ``onnx_model.data``, ``config.json`` (the
+checkpoint's whole HF config plus ``edgellm_version``), the processor files the runtime
+reads (``preprocessor_config.json``: patch and merge sizes, mean and std) and our
+``manifest.json``. With ``quantization="fp8"`` every Linear of the tower is fp8, calibrated
+on generated images (:mod:`edgellm_steps.quant.visual_calibration`); the patch embedding
+(a Conv3d) stays fp16. The directory replaces ``output_dir`` whole, only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from edgellm_steps import EDGELLM_VERSION
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokenizer_files
+from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.sidecars import write_json
+from edgellm_steps.export.visual_graph import VisionDims, VisualGraph, tower_prefix, vision_dims
+from edgellm_steps.models.families import FamilySpec, VisionSpec, family_for
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+#: Weight precisions of a vision encoder export.
+VISUAL_PRECISIONS = ("fp16", "fp8")
+#: The runtime reads the preprocessor config beside the vision engine (patch, merge, mean, std).
+REQUIRED_PROCESSOR_FILE = "preprocessor_config.json"
+
+
+def vision_spec(hf_config: dict, where: str) -> tuple[FamilySpec, VisionSpec]:
+    """The family and vision spec of a VLM checkpoint, or a one-line refusal for a text-only model."""
+    family = family_for(hf_config, where=where)
+    if family.vision is None:
+        vlms = ", ".join(arch for arch in _vision_architectures())
+        raise SourceError(
+            f"{where} is a {family.family} language model with no vision tower; export-visual takes {vlms}"
+        )
+    return family, family.vision
+
+
+def _vision_architectures() -> list[str]:
+    from edgellm_steps.models.families import FAMILIES
+
+    return sorted(arch for spec in FAMILIES if spec.vision is not None for arch in spec.architectures)
+
+
+def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:
+    """``config.json`` of the vision export: the whole HF config plus what the runtime reads at top level.
+
+    The runtime's Qwen-VL vision runner reads ``vocab_size`` and ``rope_theta`` at the top level
+    (the transformers 4.x layout); a transformers 5 config keeps them in ``text_config``, so they
+    are copied up when absent.
+    """
+    config = dict(hf_config)
+    text = hf_config.get("text_config") or {}
+    if "vocab_size" not in config and "vocab_size" in text:
+        config["vocab_size"] = text["vocab_size"]
+    if "rope_theta" not in config:
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        theta = text.get("rope_theta", rope.get("rope_theta"))
+        if theta is not None:
+            config["rope_theta"] = theta
+    config["edgellm_version"] = EDGELLM_VERSION
+    config["edgellm_visual_precision"] = precision
+    return config
+
+
+def load_vision_dims(checkpoint: Path, spec: VisionSpec) -> VisionDims:
+    """The tower's sizes, through transformers' config class (which fills its defaults)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    return vision_dims(config.vision_config, spec)
+
+
+def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16") -> Path:
+    """Export the vision tower of ``model_dir`` (local directory or hub id) into ``output_dir``."""
+    started = time.monotonic()
+    if quantization not in VISUAL_PRECISIONS:
+        raise PrecisionError(
+            f"vision encoder precision {quantization!r} is not supported; use one of {', '.join(VISUAL_PRECISIONS)}"
+        )
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    hf_config = read_hf_config(checkpoint)
+    _, spec = vision_spec(hf_config, str(checkpoint))
+    if not (checkpoint / REQUIRED_PROCESSOR_FILE).is_file():
+        raise SourceError(
+            f"{checkpoint} has no {REQUIRED_PROCESSOR_FILE}, which the runtime reads beside the vision engine "
+            "(patch size, merge size, mean and std); add the model's processor files to the checkpoint"
+        )
+    dims = load_vision_dims(checkpoint, spec)
+    store = TensorStore(checkpoint)
+    prefix = tower_prefix(store, spec)
+    fp8_modules: frozenset[str] = frozenset()
+    if quantization == "fp8":
+        from edgellm_steps.quant.visual_calibration import calibrate_fp8_tower
+
+        store, fp8_modules = calibrate_fp8_tower(checkpoint, store, prefix)
+    output_dir = Path(output_dir)
+    log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
+    with staged_directory(output_dir) as staging:
+        writer = ExternalDataWriter(staging)
+        try:
+            model = VisualGraph(GraphBuilder(writer), store, spec, dims, prefix, fp8_modules=fp8_modules).build()
+        finally:
+            writer.close()
+        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
+        onnx.save_model(model, str(staging / ONNX_NAME))
+        onnx.checker.check_model(str(staging / ONNX_NAME))
+        write_json(staging / "config.json", visual_config(hf_config, quantization))
+        copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
+        write_manifest(staging, step="export-visual", parameters={"precision": quantization})
+    log.info("vision export finished in %.1f s", time.monotonic() - started)
+    return output_dir / ONNX_NAME

@@ -1,0 +1,303 @@
+"""The Edge-LLM vision-encoder graph (contract section 7), built node by node from a vision spec.
+
+Inputs are what the runtime computes for a batch of images packed along one axis of
+``hw`` patches (patches of one image are consecutive, in the processor's 2 x 2
+merge-block order):
+
+- ``input`` float16 [hw, C*T*P*P]: the flattened, normalized patches;
+- ``rotary_pos_emb`` float32 [hw, D/2]: each patch's (row, column) angles, row angles
+  first, in patch order;
+- ``attention_mask`` float16 [1, hw, hw]: additive, 0 within an image and a large negative
+  across images;
+- Qwen2.5-VL only: ``window_attention_mask`` (the same within a window), ``window_index``
+  and ``reverse_window_index`` int64 [hw/4]: the merge units in window order and back.
+
+The output ``output`` float16 [hw/4, out] holds one embedding per image token, in the
+images' original token order. As with the decoder graph, weights stream from the
+checkpoint into ``onnx_model.data`` one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.errors import SourceError
+from edgellm_steps.export.onnx_builder import GraphBuilder
+from edgellm_steps.export.weight_streams import fp16_transposed_chunks
+from edgellm_steps.models.families import VisionSpec
+from edgellm_steps.quant.linear import emit_linear
+
+log = logging.getLogger(__name__)
+
+# Graph I/O names and symbolic dims (contract section 7).
+INPUT = "input"
+ROTARY_POS_EMB = "rotary_pos_emb"
+ATTENTION_MASK = "attention_mask"
+WINDOW_ATTENTION_MASK = "window_attention_mask"
+WINDOW_INDEX = "window_index"
+REVERSE_WINDOW_INDEX = "reverse_window_index"
+OUTPUT = "output"
+HW = "hw"
+IMAGE_TOKENS = "image_token_len"
+#: The runtime computes the vision rotary angles with this base (it does not read the config).
+RUNTIME_VISION_ROPE_THETA = 10000.0
+#: The activations the vision MLPs use (HF ``hidden_act``).
+ACTIVATIONS = ("silu", "quick_gelu", "gelu")
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """Sizes of a vision tower, from the checkpoint's ``vision_config``."""
+
+    width: int
+    out_width: int
+    depth: int
+    num_heads: int
+    mlp_width: int
+    hidden_act: str
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    window_size: int | None
+    fullatt_blocks: tuple[int, ...]
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """C * T * P * P: the length of one flattened patch."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per image token (2 x 2)."""
+        return self.merge_size**2
+
+
+def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
+    """Sizes of the tower described by a transformers vision config object (defaults filled in)."""
+    width = getattr(vision_config, spec.width_key)
+    mlp_width = getattr(vision_config, "intermediate_size", None) if spec.gated_mlp else None
+    if mlp_width is None:
+        mlp_width = int(width * vision_config.mlp_ratio)
+    rope = getattr(vision_config, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", RUNTIME_VISION_ROPE_THETA))
+    if theta != RUNTIME_VISION_ROPE_THETA:
+        raise SourceError(
+            f"vision rope_theta is {theta}, but the Edge-LLM runtime computes the vision rotary angles with "
+            f"{RUNTIME_VISION_ROPE_THETA:g}; this checkpoint cannot run there"
+        )
+    dims = VisionDims(
+        width=width,
+        out_width=getattr(vision_config, spec.out_width_key),
+        depth=vision_config.depth,
+        num_heads=vision_config.num_heads,
+        mlp_width=mlp_width,
+        hidden_act=vision_config.hidden_act,
+        in_channels=vision_config.in_channels,
+        patch_size=vision_config.patch_size,
+        temporal_patch_size=vision_config.temporal_patch_size,
+        merge_size=vision_config.spatial_merge_size,
+        window_size=getattr(vision_config, "window_size", None) if spec.window_attention else None,
+        fullatt_blocks=tuple(getattr(vision_config, "fullatt_block_indexes", None) or ()),
+    )
+    if dims.hidden_act not in ACTIVATIONS:
+        raise SourceError(f"vision hidden_act {dims.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+    if dims.width % dims.num_heads or dims.head_dim % 4:
+        raise SourceError(
+            f"vision width {dims.width} over {dims.num_heads} heads must give a head dim divisible by 4 "
+            "(two rotary axes of cos|sin halves)"
+        )
+    return dims
+
+
+def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
+    """Which of the spec's prefixes the checkpoint stores the vision tower under."""
+    for prefix in spec.prefixes:
+        if f"{prefix}patch_embed.proj.weight" in store:
+            return prefix
+    tried = ", ".join(f"{prefix}patch_embed.proj.weight" for prefix in spec.prefixes)
+    raise SourceError(f"checkpoint holds no vision tower (looked for {tried}); is it complete?")
+
+
+def _fp16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.to(torch.float16).contiguous().numpy()
+
+
+def _node_path(module: str) -> str:
+    return "/" + module.replace(".", "/")
+
+
+class VisualGraph:
+    """Builds one vision-encoder graph; ``quantized`` names the Linear modules emitted in fp8."""
+
+    def __init__(
+        self,
+        builder: GraphBuilder,
+        store: TensorStore,
+        spec: VisionSpec,
+        dims: VisionDims,
+        prefix: str,
+        *,
+        fp8_modules: frozenset[str] = frozenset(),
+    ) -> None:
+        self.g = builder
+        self.store = store
+        self.spec = spec
+        self.dims = dims
+        self.prefix = prefix
+        self.fp8_modules = fp8_modules
+
+    def const(self, values: list[int] | np.ndarray, hint: str, dtype: Any = np.int64) -> str:
+        return self.g.constant(np.asarray(values, dtype=dtype), hint)
+
+    def linear(self, module: str, x: str) -> str:
+        path = _node_path(module)
+        fmt = "fp8" if module in self.fp8_modules else None
+        y = emit_linear(self.g, self.store, module, path, x, self.store.get(f"{module}.weight"), fmt)
+        if f"{module}.bias" in self.store:
+            bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
+            y = self.g.op("Add", [y, bias], f"{path}/Add")
+        return y
+
+    def norm(self, module: str, x: str) -> str:
+        """The tower's RMSNorm or LayerNorm, statistics in float32."""
+        g, path = self.g, _node_path(module)
+        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        eps = np.float32(self.dims.norm_eps)
+        if self.spec.norm == "layer":
+            weight = g.weight(f"{module}.weight", self.store.get(f"{module}.weight").float().numpy())
+            bias = g.weight(f"{module}.bias", self.store.get(f"{module}.bias").float().numpy())
+            normed = g.op("LayerNormalization", [xf, weight, bias], f"{path}/LayerNormalization", axis=-1, epsilon=eps)
+            return g.op("Cast", [normed], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+        weight = g.weight(f"{module}.weight", _fp16(self.store.get(f"{module}.weight")))
+        mean = g.op("ReduceMean", [g.op("Mul", [xf, xf], f"{path}/Pow"), self.const([-1], "axes_last")], f"{path}/Mean")
+        shifted = g.op("Add", [mean, g.constant(np.array(eps), "vision_norm_eps")], f"{path}/Add")
+        root = g.op("Sqrt", [shifted], f"{path}/Sqrt")
+        normed = g.op("Div", [xf, root], f"{path}/Div")
+        return g.op("Mul", [g.op("Cast", [normed], f"{path}/Cast_1", to=TensorProto.FLOAT16), weight], f"{path}/Mul")
+
+    def activation(self, x: str, path: str) -> str:
+        g, act = self.g, self.dims.hidden_act
+        if act == "gelu":
+            return self.gelu(x, path)
+        gate = x if act == "silu" else g.op("Mul", [x, self.const(1.702, "quick_gelu", np.float16)], f"{path}/Mul")
+        return g.op("Mul", [x, g.op("Sigmoid", [gate], f"{path}/Sigmoid")], f"{path}/Mul_1")
+
+    def gelu(self, x: str, path: str) -> str:
+        """Exact (erf) GELU, computed in float32."""
+        g = self.g
+        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        scaled = g.op("Mul", [xf, self.const(1 / math.sqrt(2), "inv_sqrt2", np.float32)], f"{path}/Mul")
+        erf = g.op("Erf", [scaled], f"{path}/Erf")
+        one_plus = g.op("Add", [erf, self.const(1.0, "one_f32", np.float32)], f"{path}/Add")
+        half_x = g.op("Mul", [xf, self.const(0.5, "half_f32", np.float32)], f"{path}/Mul_1")
+        out = g.op("Mul", [half_x, one_plus], f"{path}/Mul_2")
+        return g.op("Cast", [out], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+
+    def rope(self, x: str, cos: str, sin: str, path: str) -> str:
+        """x * cos + rotate_half(x) * sin over the whole head, in float32 (as transformers applies it)."""
+        g, half = self.g, self.dims.head_dim // 2
+        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        halves = self.const([half, half], "split_halves")
+        first, second = g.node("Split", [xf, halves], f"{path}/Split", outputs=2, axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [second], f"{path}/Neg"), first], f"{path}/Concat", axis=-1)
+        terms = [g.op("Mul", [xf, cos], f"{path}/Mul"), g.op("Mul", [rotated, sin], f"{path}/Mul_1")]
+        out = g.op("Add", terms, f"{path}/Add")
+        return g.op("Cast", [out], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+
+    def attention(self, module: str, x: str, cos: str, sin: str, mask: str) -> str:
+        g, d = self.g, self.dims
+        path = _node_path(module)
+        heads = self.const([0, 3, d.num_heads, d.head_dim], "qkv")
+        qkv = g.op("Reshape", [self.linear(f"{module}.qkv", x), heads], f"{path}/Reshape")
+        parts = g.node("Split", [qkv, self.const([1, 1, 1], "split_qkv")], f"{path}/Split", outputs=3, axis=1)
+        q, k, v = (g.op("Squeeze", [p, self.const([1], "axis_1")], f"{path}/Squeeze") for p in parts)
+        q = self.rope(q, cos, sin, f"{path}/rope_q")
+        k = self.rope(k, cos, sin, f"{path}/rope_k")
+        q = g.op("Mul", [q, self.const(d.head_dim**-0.5, "attn_scale", np.float16)], f"{path}/Mul")
+        q = g.op("Transpose", [q], f"{path}/Transpose", perm=[1, 0, 2])  # [heads, hw, D]
+        k = g.op("Transpose", [k], f"{path}/Transpose_1", perm=[1, 2, 0])  # [heads, D, hw]
+        v = g.op("Transpose", [v], f"{path}/Transpose_2", perm=[1, 0, 2])
+        scores = g.op("Cast", [g.op("MatMul", [q, k], f"{path}/MatMul")], f"{path}/Cast", to=TensorProto.FLOAT)
+        probs = g.op("Softmax", [g.op("Add", [scores, mask], f"{path}/Add")], f"{path}/Softmax", axis=-1)
+        probs = g.op("Cast", [probs], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+        out = g.op("Transpose", [g.op("MatMul", [probs, v], f"{path}/MatMul_1")], f"{path}/Transpose_3", perm=[1, 0, 2])
+        out = g.op("Reshape", [out, self.const([0, d.width], "merge_heads")], f"{path}/Reshape_1")
+        return self.linear(f"{module}.proj", out)
+
+    def mlp(self, module: str, x: str) -> str:
+        path = _node_path(module)
+        if self.spec.gated_mlp:
+            gate = self.activation(self.linear(f"{module}.gate_proj", x), f"{path}/act_fn")
+            gated = self.g.op("Mul", [gate, self.linear(f"{module}.up_proj", x)], f"{path}/Mul")
+            return self.linear(f"{module}.down_proj", gated)
+        return self.linear(f"{module}.fc2", self.activation(self.linear(f"{module}.fc1", x), f"{path}/act"))
+
+    def by_window(self, x: str, width: int, index: str, path: str) -> str:
+        """Rows of ``x`` [hw, width] regrouped by merge unit in the order of ``index`` [hw/4]."""
+        g, unit = self.g, self.dims.merge_unit
+        units = g.op("Reshape", [x, self.const([-1, unit * width], f"units_{width}")], f"{path}/Reshape")
+        gathered = g.op("Gather", [units, index], f"{path}/Gather", axis=0)
+        return g.op("Reshape", [gathered, self.const([-1, width], f"rows_{width}")], f"{path}/Reshape_1")
+
+    def declare_io(self) -> None:
+        g, d = self.g, self.dims
+        g.add_input(INPUT, TensorProto.FLOAT16, [HW, d.patch_dim])
+        g.add_input(ROTARY_POS_EMB, TensorProto.FLOAT, [HW, d.head_dim // 2])
+        g.add_input(ATTENTION_MASK, TensorProto.FLOAT16, [1, HW, HW])
+        if self.spec.window_attention:
+            g.add_input(WINDOW_ATTENTION_MASK, TensorProto.FLOAT16, [1, HW, HW])
+            g.add_input(WINDOW_INDEX, TensorProto.INT64, [IMAGE_TOKENS])
+            g.add_input(REVERSE_WINDOW_INDEX, TensorProto.INT64, [IMAGE_TOKENS])
+        g.add_output(OUTPUT, TensorProto.FLOAT16, [IMAGE_TOKENS, d.out_width])
+
+    def build(self) -> onnx.ModelProto:
+        g, d, p = self.g, self.dims, self.prefix
+        self.declare_io()
+        window = self.spec.window_attention
+        # Patch embedding: a Conv3d whose stride equals its kernel is one MatMul over flattened patches.
+        patch = f"{p}patch_embed.proj"
+        kernel = self.store.get(f"{patch}.weight").reshape(d.width, d.patch_dim)
+        w = g.weight_chunks(f"{patch}.weight", np.float16, (d.patch_dim, d.width), fp16_transposed_chunks(kernel))
+        x = g.op("MatMul", [INPUT, w], f"{_node_path(patch)}/MatMul")
+        angles = ROTARY_POS_EMB
+        if window:
+            x = self.by_window(x, d.width, WINDOW_INDEX, "/window/hidden")
+            angles = self.by_window(angles, d.head_dim // 2, WINDOW_INDEX, "/window/rotary")
+        emb = g.op("Concat", [angles, angles], "/rotary/Concat", axis=-1)
+        emb = g.op("Unsqueeze", [emb, self.const([1], "axis_1")], "/rotary/Unsqueeze")  # [hw, 1, D]
+        cos, sin = g.op("Cos", [emb], "/rotary/Cos"), g.op("Sin", [emb], "/rotary/Sin")
+        masks = {
+            name: g.op("Cast", [name], f"/{name}/Cast", to=TensorProto.FLOAT)
+            for name in ((ATTENTION_MASK, WINDOW_ATTENTION_MASK) if window else (ATTENTION_MASK,))
+        }
+        for i in range(d.depth):
+            block = f"{p}blocks.{i}"
+            full = not window or i in d.fullatt_blocks
+            mask = masks[ATTENTION_MASK if full else WINDOW_ATTENTION_MASK]
+            h = self.attention(f"{block}.attn", self.norm(f"{block}.norm1", x), cos, sin, mask)
+            x = g.op("Add", [x, h], f"{_node_path(block)}/Add")
+            x = g.op("Add", [x, self.mlp(f"{block}.mlp", self.norm(f"{block}.norm2", x))], f"{_node_path(block)}/Add_1")
+        merger = f"{p}merger"
+        h = self.norm(f"{merger}.ln_q", x)
+        h = g.op("Reshape", [h, self.const([-1, d.merge_unit * d.width], "merge_units")], "/merger/Reshape")
+        h = self.linear(f"{merger}.mlp.2", self.gelu(self.linear(f"{merger}.mlp.0", h), "/merger/mlp/gelu"))
+        if window:
+            g.node("Gather", [h, REVERSE_WINDOW_INDEX], "/window/reverse/Gather", outputs=[OUTPUT], axis=0)
+        else:
+            g.node("Identity", [h], "/output/Identity", outputs=[OUTPUT])
+        return g.to_model("edgellm_visual")
