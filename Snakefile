@@ -17,6 +17,7 @@ rule all:
         all_engine_targets(),
 
 
+# A function, so the sources are read only when export_all is the target.
 rule export_all:
     input:
-        all_export_targets(),
+        lambda wildcards: all_export_targets(),

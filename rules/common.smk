@@ -72,6 +72,40 @@ def export_llm_inputs(wildcards):
     return ask(PLAN.export_inputs, wildcards.model, wildcards.precision)
 
 
+def export_visual_inputs(wildcards):
+    return ask(PLAN.visual_inputs, wildcards.model)
+
+
+def export_visual_options(wildcards):
+    return ask(PLAN.visual_options, wildcards.model)
+
+
+def engine_inputs(wildcards):
+    return ask(PLAN.engine_inputs, wildcards.model, wildcards.precision, wildcards.sm)
+
+
+def visual_engine_sm(wildcards):
+    return ask(PLAN.visual_engine_sm, wildcards.model, wildcards.sm)
+
+
+def visual_engine_limits(wildcards):
+    limits = ask(PLAN.build_limits, wildcards.model, "visual")
+    return " ".join(f"--{key} {value}" for key, value in sorted(limits.items()))
+
+
+def engine_visual_option(wildcards, input):
+    # A function of `input`: the vision engine directory is an input, so its changes already rerun the job.
+    return f"--visual_engine_dir {input.visual}" if "visual" in input.keys() else ""
+
+
+def verify_visual_inputs(wildcards):
+    return ask(PLAN.verify_visual_inputs, wildcards.model)
+
+
+def verify_visual_mem_mb(wildcards):
+    return ask(PLAN.verify_visual_mem_mb, wildcards.model)
+
+
 def verify_onnx_inputs(wildcards):
     return ask(PLAN.verify_inputs, wildcards.model, wildcards.precision)
 

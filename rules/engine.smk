@@ -1,5 +1,7 @@
 # TensorRT engines: one per (model, precision, SM target), built on a GPU of that SM.
-# The `.engine` target is the runtime's engine directory (llm.engine, config.json, sidecars).
+# The `.engine` target is the runtime's engine directory (llm.engine, config.json, sidecars);
+# a vision-language model's also holds visual/, its vision engine (built once per model and SM,
+# whatever the language model's precision, and linked in).
 
 
 localrules:
@@ -8,7 +10,7 @@ localrules:
 
 rule build_engine:
     input:
-        manifest="onnx/{model}_{precision}/llm/manifest.json",
+        unpack(engine_inputs),
     output:
         engine=directory("engines/sm{sm}/{model}_{precision}.engine"),
     log:
@@ -28,9 +30,37 @@ rule build_engine:
         sm=engine_sm,
         limits=engine_limits,
         plugin=engine_plugin,
+        visual=engine_visual_option,
     shell:
         # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
         # (profiles/local runs one GPU job at a time).
+        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
+        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} > {log:q} 2>&1"
+
+
+rule build_visual_engine:
+    input:
+        manifest="onnx/{model}/visual/manifest.json",
+    output:
+        engine=directory("engines/sm{sm}/visual/{model}.engine"),
+    log:
+        "logs/build_visual_engine/sm{sm}/{model}.log",
+    benchmark:
+        "benchmarks/build_visual_engine/sm{sm}/{model}.tsv"
+    conda:
+        "../envs/engine.yaml"
+    resources:
+        gpu=1,
+        mem_mb=engine_mem_mb,
+        constraint=engine_constraint,
+        slurm_partition=engine_partition,
+    params:
+        code=step_code("build-engine"),
+        command=step_command("build-engine"),
+        sm=visual_engine_sm,
+        limits=visual_engine_limits,
+        plugin=engine_plugin,
+    shell:
         "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
         " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
 

@@ -1,4 +1,5 @@
 # export-llm: HF checkpoint -> Edge-LLM ONNX directory (contract sections 3-4).
+# export-visual: a VLM's vision tower -> the vision encoder ONNX directory (contract section 7).
 
 
 rule export_llm:
@@ -24,6 +25,31 @@ rule export_llm:
         command=step_command("export-llm"),
         checkpoint=export_checkpoint,
         options=export_options,
+    shell:
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
+        " {params.options} > {log:q} 2>&1"
+
+
+rule export_visual:
+    input:
+        unpack(export_visual_inputs),
+    output:
+        onnx="onnx/{model}/visual/model.onnx",
+        data="onnx/{model}/visual/onnx_model.data",
+        config="onnx/{model}/visual/config.json",
+        preprocessor="onnx/{model}/visual/preprocessor_config.json",
+        manifest="onnx/{model}/visual/manifest.json",
+    log:
+        "logs/export_visual/{model}.log",
+    benchmark:
+        "benchmarks/export_visual/{model}.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("export-visual"),
+        command=step_command("export-visual"),
+        checkpoint=source_checkpoint,
+        options=export_visual_options,
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
         " {params.options} > {log:q} 2>&1"

@@ -1,4 +1,5 @@
-# verify-onnx: an export's logits against transformers', on the CPU (optional target).
+# verify-onnx: an export's logits against transformers', on the CPU (optional target);
+# a vision encoder export against the transformers vision tower.
 
 
 rule verify_onnx:
@@ -19,6 +20,29 @@ rule verify_onnx:
         code=step_code("verify-onnx"),
         command=step_command("verify-onnx"),
         checkpoint=export_checkpoint,
+    shell:
+        "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
+        " --report {output.report:q} --threads {threads} > {log:q} 2>&1"
+
+
+rule verify_visual:
+    input:
+        unpack(verify_visual_inputs),
+    output:
+        report="reports/{model}/visual/verify.json",
+    log:
+        "logs/verify_visual/{model}.log",
+    benchmark:
+        "benchmarks/verify_visual/{model}.tsv"
+    conda:
+        "../envs/export.yaml"
+    threads: verify_threads
+    resources:
+        mem_mb=verify_visual_mem_mb,
+    params:
+        code=step_code("verify-onnx"),
+        command=step_command("verify-onnx"),
+        checkpoint=source_checkpoint,
     shell:
         "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
         " --report {output.report:q} --threads {threads} > {log:q} 2>&1"

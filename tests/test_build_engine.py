@@ -10,6 +10,7 @@ check code runs.
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import pytest
@@ -118,3 +119,61 @@ def test_builder_config_holds_the_limits_of_the_engine_kind():
     }
     visual = step.builder_config_of("visual", LIMITS, {"model_type": "qwen2_5_vl"})
     assert visual == {"min_image_tokens": 4, "max_image_tokens": 1024, "max_image_tokens_per_image": 512}
+
+
+def test_an_export_visual_output_makes_a_vision_engine(checkpoint_factory, tmp_path):
+    from edgellm_steps.export.export_visual import export_visual
+
+    visual = export_visual(checkpoint_factory("qwen2_5_vl"), tmp_path / "visual").parent
+    assert step.check_export(visual) == "visual"
+    with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
+        step.build_engine(visual, tmp_path / "v.engine", sm=87, limits=LIMITS)
+
+
+def test_a_vlm_engine_directory_holds_the_vision_engine(checkpoint_factory, tmp_path):
+    """The layout the runtime loads: the LLM engine directory, and its vision engine directory in visual/.
+
+    The engine bytes stand in for TensorRT's output (not available here); everything around them is real.
+    """
+    from edgellm_steps.artifacts.manifest import check_step_output
+    from edgellm_steps.export.export_visual import export_visual
+
+    checkpoint = checkpoint_factory("qwen2_5_vl")
+    visual_onnx = export_visual(checkpoint, tmp_path / "onnx/visual").parent
+    llm_onnx = tmp_path / "onnx/llm"
+    export_llm(checkpoint, llm_onnx)
+    visual_engine = step.write_engine_dir(
+        tmp_path / "engines/sm87/visual/vl.engine", visual_onnx, "visual", b"vision engine", sm=87, limits=LIMITS
+    )
+    # A vision engine for another SM, or a directory that is not a finished build, is refused.
+    with pytest.raises(EdgeLLMError, match="not a vision engine for sm110"):
+        step.check_visual_engine(visual_engine, 110)
+    engine = step.write_engine_dir(
+        tmp_path / "engines/sm87/vl_fp16.engine",
+        llm_onnx,
+        "llm",
+        b"llm engine",
+        sm=87,
+        limits=LIMITS,
+        visual_engine_dir=step.check_visual_engine(visual_engine, 87),
+    )
+    top = {p.name for p in engine.iterdir()}
+    assert {"llm.engine", "config.json", "tokenizer.json", "embedding.safetensors", "visual", "manifest.json"} <= top
+    assert (engine / "visual/visual.engine").read_bytes() == b"vision engine"
+    visual_config = json.loads((engine / "visual/config.json").read_text())
+    # What the runtime's vision runner reads: model_type, token ids, builder limits, the preprocessor beside it.
+    assert visual_config["model_type"] == "qwen2_5_vl" and "image_token_id" in visual_config
+    assert visual_config["builder_config"] == {
+        "min_image_tokens": 4,
+        "max_image_tokens": 1024,
+        "max_image_tokens_per_image": 512,
+    }
+    assert (engine / "visual/preprocessor_config.json").is_file()
+    assert json.loads((engine / "config.json").read_text())["builder_config"]["max_batch_size"] == 1
+    # The engine directory's manifest covers visual/ too: a changed vision engine file is caught.
+    manifest = check_step_output(engine, "build-engine")
+    assert "visual/visual.engine" in manifest["files"]
+    (engine / "visual/visual.engine").unlink()
+    (engine / "visual/visual.engine").write_bytes(b"vision engine, rebuilt elsewhere")
+    with pytest.raises(ManifestMismatchError, match=r"visual/visual\.engine changed after build-engine"):
+        check_step_output(engine, "build-engine")

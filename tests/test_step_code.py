@@ -60,8 +60,9 @@ def digests(package_dir) -> dict[str, str]:
         ("quant/calibration.py", {"quantize-llm"}),  # quantize only
         ("engine/profiles.py", {"build-engine"}),
         ("verify/reference.py", {"verify-onnx"}),
-        ("export/sidecars.py", {"export-llm"}),
-        ("quant/nvfp4.py", {"export-llm", "quantize-llm", "verify-onnx"}),
+        ("export/sidecars.py", {"export-llm", "export-visual", "verify-onnx"}),
+        ("export/visual_graph.py", {"export-visual", "verify-onnx"}),
+        ("quant/nvfp4.py", {"export-llm", "export-visual", "quantize-llm", "verify-onnx"}),
     ],
 )
 def test_editing_a_module_changes_exactly_the_steps_that_import_it(package_copy, module, changed):

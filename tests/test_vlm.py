@@ -29,8 +29,6 @@ from edgellm_steps.verify.parity import hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .conftest import copy_checkpoint, run_snakemake, write_config
-
 VLM_CASES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 
@@ -299,35 +297,3 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     # The quantization is real: against the float VLM the same export misses (measured 16% of max |logit|).
     with pytest.raises(ParityError, match="does not match"):
         verify_onnx(tmp_path / "out", checkpoint_factory("qwen2_5_vl"))
-
-
-VLM_WORKFLOW_CONFIG = """\
-models:
-  vlm:
-    source: ckpt
-    quantization:
-      calib_size: 4
-      calib_max_tokens: 32
-      threads: 1
-"""
-
-
-@pytest.mark.workflow
-def test_vlm_workflow_builds_fp16_with_verify_and_fp8_then_plans_nothing(checkpoint_factory, tmp_path):
-    """The real workflow on a tiny Qwen2.5-VL source: fp16 export + verify, fp8 through quantize-llm."""
-    source = checkpoint_factory("qwen2_5_vl")
-    copy_checkpoint(source, tmp_path / "ckpt")
-    write_config(tmp_path, VLM_WORKFLOW_CONFIG)
-    targets = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm_fp16/verify.json")
-    run_snakemake(tmp_path, *targets)
-    report = json.loads((tmp_path / "reports/vlm_fp16/verify.json").read_text())
-    assert report["precision"] == "fp16" and report["passed"], report
-    fp8 = "onnx/vlm_fp8/llm/model.onnx"
-    run_snakemake(tmp_path, fp8)
-    for llm in (tmp_path / "onnx/vlm_fp16/llm", tmp_path / "onnx/vlm_fp8/llm"):
-        assert (llm / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
-        content_types = json.loads((llm / "processed_chat_template.json").read_text())["content_types"]
-        assert set(content_types) == {"image", "video"}
-        assert json.loads((llm / "config.json").read_text())["rope_scaling"]["mrope_section"] == [2, 3, 3]
-    assert json.loads((tmp_path / "onnx/vlm_fp8/llm/manifest.json").read_text())["parameters"]["precision"] == "fp8"
-    assert "Nothing to be done" in run_snakemake(tmp_path, "-n", *targets, fp8).output

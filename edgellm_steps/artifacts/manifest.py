@@ -24,15 +24,24 @@ class ManifestMismatchError(EdgeLLMError):
 
 def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) -> Path:
     """Digest every file in ``directory`` and write the manifest there."""
+    directory = Path(directory)
     files = {
-        p.name: {"bytes": p.stat().st_size, "xxh3_128": file_digest(p)}
-        for p in sorted(Path(directory).iterdir())
-        if p.is_file() and p.name != MANIFEST_NAME
+        name: {"bytes": (directory / name).stat().st_size, "xxh3_128": file_digest(directory / name)}
+        for name in _file_names(directory)
     }
     manifest = {"step": step, "parameters": parameters, "files": files}
-    path = Path(directory) / MANIFEST_NAME
+    path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _file_names(directory: Path) -> list[str]:
+    """Every file under ``directory`` but the manifest itself, as sorted relative POSIX paths.
+
+    Subdirectories count (an engine directory holds its vision engine in ``visual/``).
+    """
+    names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(name for name in names if name != MANIFEST_NAME)
 
 
 def check_step_output(directory: Path, step: str) -> dict[str, Any]:
@@ -68,7 +77,7 @@ def _check_against(directory: Path, manifest: Any, step: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
         raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not a manifest written by {step}; {rerun}")
     listed: dict[str, dict] = manifest["files"]
-    present = {p.name for p in directory.iterdir() if p.name != MANIFEST_NAME}
+    present = set(_file_names(directory))
     if extra := sorted(present - set(listed)):
         raise ManifestMismatchError(f"{directory} holds {extra[0]}, which its manifest does not list; {rerun}")
     for name, entry in sorted(listed.items()):

@@ -16,12 +16,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine_dir", required=True, help="engine directory to write")
     parser.add_argument("--sm", type=int, required=True, help="SM target, e.g. 87 for Jetson Orin")
     parser.add_argument("--plugin_path", default=None, help=f"Edge-LLM plugin library (default: ${PLUGIN_ENV})")
+    parser.add_argument(
+        "--visual_engine_dir", default=None, help="a VLM's vision engine directory (same SM), placed in visual/"
+    )
     for limit in fields(BuildLimits):
         parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {limit.default})")
     args = parser.parse_args(argv)
     limits = BuildLimits(**{limit.name: getattr(args, limit.name) for limit in fields(BuildLimits)})
     return run_cli(
-        lambda: build_engine(args.onnx_dir, args.engine_dir, sm=args.sm, limits=limits, plugin_path=args.plugin_path)
+        lambda: build_engine(
+            args.onnx_dir,
+            args.engine_dir,
+            sm=args.sm,
+            limits=limits,
+            plugin_path=args.plugin_path,
+            visual_engine_dir=args.visual_engine_dir,
+        )
     )
 
 

@@ -1,4 +1,4 @@
-"""``edgellm-verify-onnx``: check an LLM export against its checkpoint, on the CPU."""
+"""``edgellm-verify-onnx``: check an LLM or vision encoder export against its checkpoint, on the CPU."""
 
 from __future__ import annotations
 

@@ -2,7 +2,9 @@
 
 The engine directory (the ``.engine`` target) holds ``llm.engine`` (``visual.engine``
 for a vision encoder), ``config.json`` (the export's config plus ``builder_config``)
-and the export's sidecars. The
+and the export's sidecars. A vision-language model's LLM engine directory also holds
+``visual/``: its vision engine directory for the same SM, so the runtime finds both engines
+in one place (``--engineDir <dir> --multimodalEngineDir <dir>/visual``). The
 build needs TensorRT, the Edge-LLM plugin library (``EDGELLM_PLUGIN_PATH``) and a
 visible GPU whose SM equals the target: an engine only runs on the SM it was
 built for. Everything that can be checked is checked before the (long) build,
@@ -23,7 +25,7 @@ from pathlib import Path
 import onnx
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.manifest import check_step_output, write_manifest
+from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output, write_manifest
 from edgellm_steps.engine.profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
@@ -31,7 +33,12 @@ from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
 log = logging.getLogger(__name__)
 
 ENGINE_FILES = {"llm": "llm.engine", "visual": "visual.engine"}
+#: The export step whose output builds each kind of engine.
+EXPORT_STEPS = {"export-llm": "llm", "export-visual": "visual"}
+#: Where a vision-language model's engine directory holds its vision engine directory.
+VISUAL_SUBDIR = "visual"
 SIDECARS = (
+    "preprocessor_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "processed_chat_template.json",
@@ -123,6 +130,64 @@ def builder_config_of(kind: str, limits: BuildLimits, export_config: dict) -> di
     return config
 
 
+def check_export(onnx_dir: Path) -> str:
+    """The kind of engine a finished export directory makes (``llm`` or ``visual``), its files checked."""
+    for step, kind in EXPORT_STEPS.items():
+        if check_if_step_output(onnx_dir, step) is not None:
+            return kind
+    check_step_output(onnx_dir, "export-llm")  # raises, naming what is wrong
+    raise AssertionError("unreachable: check_step_output accepted what check_if_step_output refused")
+
+
+def check_visual_engine(engine_dir: Path, sm: int) -> Path:
+    """A finished vision engine directory built for ``sm``, to be placed into an LLM engine directory."""
+    manifest = check_step_output(engine_dir, "build-engine")
+    built_for = manifest.get("parameters", {}).get("sm")
+    if not (engine_dir / ENGINE_FILES["visual"]).is_file() or built_for != sm:
+        raise EdgeLLMError(
+            f"{engine_dir} is not a vision engine for sm{sm} (it holds {sorted(p.name for p in engine_dir.iterdir())}, "
+            f"built for sm{built_for}); build engines/sm{sm}/visual/<model>.engine first"
+        )
+    return engine_dir
+
+
+def _place(source: Path, destination: Path) -> None:
+    """A hard link where the file system allows one (an engine is large), else a copy."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copyfile(source, destination)
+
+
+def write_engine_dir(
+    engine_dir: Path,
+    onnx_dir: Path,
+    kind: str,
+    engine: bytes,
+    *,
+    sm: int,
+    limits: BuildLimits,
+    visual_engine_dir: Path | None = None,
+) -> Path:
+    """Write the runtime's engine directory: the engine, its config, the export's sidecars, ``visual/``."""
+    export_config = json.loads((onnx_dir / "config.json").read_text())
+    builder_config = builder_config_of(kind, limits, export_config)
+    with staged_directory(engine_dir) as staging:
+        (staging / ENGINE_FILES[kind]).write_bytes(engine)
+        config = {**export_config, "builder_config": builder_config}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in SIDECARS:
+            if (onnx_dir / name).is_file():
+                shutil.copyfile(onnx_dir / name, staging / name)
+        parameters: dict = {"sm": sm, **builder_config}
+        if visual_engine_dir is not None:
+            (staging / VISUAL_SUBDIR).mkdir()
+            for source in sorted(visual_engine_dir.iterdir()):
+                _place(source, staging / VISUAL_SUBDIR / source.name)
+        write_manifest(staging, step="build-engine", parameters=parameters)
+    return engine_dir
+
+
 def build_engine(
     onnx_dir: str | Path,
     engine_dir: str | Path,
@@ -130,22 +195,20 @@ def build_engine(
     sm: int,
     limits: BuildLimits,
     plugin_path: str | None = None,
+    visual_engine_dir: str | Path | None = None,
 ) -> Path:
-    """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``."""
+    """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``.
+
+    ``visual_engine_dir`` (an LLM engine of a vision-language model) is placed in ``visual/``.
+    """
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
-    check_step_output(onnx_dir, "export-llm")
+    kind = check_export(onnx_dir)
+    visual = check_visual_engine(Path(visual_engine_dir), sm) if visual_engine_dir else None
+    if visual is not None and kind != "llm":
+        raise EdgeLLMError(f"{onnx_dir} is a vision encoder export; only an LLM engine holds a vision engine")
     plugin = check_build_host(sm, plugin_path)
-    export_config = json.loads((onnx_dir / "config.json").read_text())
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
-    kind = engine_kind(graph)
-    profiles = engine_profiles(graph, limits)
-    with staged_directory(engine_dir) as staging:
-        (staging / ENGINE_FILES[kind]).write_bytes(_serialize(onnx_dir / "model.onnx", profiles, plugin))
-        builder_config = builder_config_of(kind, limits, export_config)
-        config = {**export_config, "builder_config": builder_config}
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in SIDECARS:
-            if (onnx_dir / name).is_file():
-                shutil.copyfile(onnx_dir / name, staging / name)
-        write_manifest(staging, step="build-engine", parameters={"sm": sm, **builder_config})
-    return engine_dir
+    if engine_kind(graph) != kind:
+        raise EdgeLLMError(f"{onnx_dir}: its manifest says a {kind} export but the graph makes a {engine_kind(graph)}")
+    engine = _serialize(onnx_dir / "model.onnx", engine_profiles(graph, limits), plugin)
+    return write_engine_dir(engine_dir, onnx_dir, kind, engine, sm=sm, limits=limits, visual_engine_dir=visual)

@@ -31,6 +31,9 @@ class VisionSpec:
     #: ``vision_config`` keys of the blocks' width and of the merger's output width (the decoder's).
     width_key: str
     out_width_key: str
+    #: The transformers class of the tower alone (module path and class name): calibration and the
+    #: reference load just the tower, never the language model.
+    hf_tower_class: str
     #: Where the tower's tensors may live: transformers 4.x and 5 save ``visual.*``; checkpoints
     #: saved from the 4.5x in-memory layout hold ``model.visual.*``.
     prefixes: tuple[str, ...] = ("visual.", "model.visual.")
@@ -126,7 +129,12 @@ FAMILIES: tuple[FamilySpec, ...] = (
         family="qwen2_vl",
         architectures=("Qwen2VLForConditionalGeneration",),
         vision=VisionSpec(
-            norm="layer", gated_mlp=False, window_attention=False, width_key="embed_dim", out_width_key="hidden_size"
+            norm="layer",
+            gated_mlp=False,
+            window_attention=False,
+            width_key="embed_dim",
+            out_width_key="hidden_size",
+            hf_tower_class="transformers.models.qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
         ),
         **_QWEN_VL,
     ),
@@ -134,7 +142,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         family="qwen2_5_vl",
         architectures=("Qwen2_5_VLForConditionalGeneration",),
         vision=VisionSpec(
-            norm="rms", gated_mlp=True, window_attention=True, width_key="hidden_size", out_width_key="out_hidden_size"
+            norm="rms",
+            gated_mlp=True,
+            window_attention=True,
+            width_key="hidden_size",
+            out_width_key="out_hidden_size",
+            hf_tower_class=(
+                "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel"
+            ),
         ),
         **_QWEN_VL,
     ),

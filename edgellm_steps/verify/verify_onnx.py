@@ -1,5 +1,7 @@
 """verify-onnx: prove an LLM export computes what its checkpoint computes.
 
+(A vision encoder export is handed to :mod:`edgellm_steps.verify.verify_visual`.)
+
 Runs the exported graph on the CPU (``onnx.reference`` plus our plugin
 implementations) the way the runtime drives it, and transformers on the same
 random tokens, over three scenarios:
@@ -34,6 +36,7 @@ from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
+from edgellm_steps.verify.verify_visual import verify_visual
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,8 @@ def verify_onnx(
     """Run the parity scenarios; write ``report`` (JSON) if given; raise :class:`ParityError` on a miss."""
     import torch
 
+    if check_if_step_output(Path(onnx_dir), "export-visual") is not None:
+        return verify_visual(onnx_dir, model_dir, seed=seed, report=report)
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None

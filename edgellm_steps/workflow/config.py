@@ -73,6 +73,8 @@ class ModelSettings:
     precisions: tuple[str, ...]
     sm_targets: tuple[int, ...]
     chat_template: str | None
+    #: Vision-language models: the vision encoder's precision (fp16 or fp8), not the LLM's.
+    visual_precision: str
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
@@ -147,6 +149,7 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         precisions=tuple(merged["precisions"]),
         sm_targets=tuple(merged["sm_targets"]),
         chat_template=merged["chat_template"],
+        visual_precision=merged["visual_precision"],
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),

@@ -19,7 +19,7 @@ from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
-from edgellm_steps.quant.precision import Precision, check_sm_supports, parse_precision
+from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
 from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.quant.shape_checks import check_block_dims
@@ -174,6 +174,50 @@ class Planner:
             inputs["chat_template"] = str(template)
         return inputs
 
+    def vision_language(self, model: str) -> bool:
+        """Whether the model's family has a vision tower (its engines hold a vision engine too)."""
+        return family_for(self._source(model)[1]).vision is not None
+
+    def _require_vision_language(self, model: str) -> None:
+        if not self.vision_language(model):
+            family = family_for(self._source(model)[1]).family
+            raise SourceError(
+                f"model '{model}' is a text-only {family} model with no vision encoder, so onnx/{model}/visual/ "
+                f"cannot be built; request its LLM targets (onnx/{model}_<precision>/llm/model.onnx) instead"
+            )
+
+    def visual_inputs(self, model: str) -> dict[str, Any]:
+        """Inputs of export_visual: the source stamps of a vision-language model (any LLM precision shares it)."""
+        self._require_vision_language(model)
+        return {"source": self.source_inputs(model)}
+
+    def visual_options(self, model: str) -> str:
+        """The export_visual flags that decide its output (recorded: a new visual_precision reruns it)."""
+        return f"--quantization {self.settings(model).visual_precision}"
+
+    def visual_engine_sm(self, model: str, sm: str | int) -> int:
+        """The SM of a vision engine, checked against the model's visual_precision."""
+        self._require_vision_language(model)
+        target = int(sm)
+        visual = self.settings(model).visual_precision
+        check_sm_supports(parse_precision("fp16"), target)  # a known target at all
+        floor = SM_FLOOR.get(visual, 0)
+        if target < floor:
+            raise PrecisionError(
+                f"model '{model}': visual_precision {visual} needs SM >= {floor}, but this engine is for sm{target}; "
+                f"set visual_precision: fp16 or target sm{floor} or newer"
+            )
+        return target
+
+    def engine_inputs(self, model: str, precision: str, sm: str | int | None) -> dict[str, str]:
+        """Inputs of build_engine: the LLM export, and for a VLM the vision engine of the same SM."""
+        target = self.engine_sm(model, precision, sm)
+        inputs = {"manifest": f"onnx/{model}_{precision}/llm/manifest.json"}
+        if self.vision_language(model):
+            self.visual_engine_sm(model, target)
+            inputs["visual"] = f"engines/sm{target}/visual/{model}.engine"
+        return inputs
+
     def verify_inputs(self, model: str, precision: str) -> dict[str, Any]:
         """Inputs of verify_onnx: the export's manifest and the source it must match."""
         inputs = self.export_inputs(model, precision)
@@ -236,6 +280,14 @@ class Planner:
             weight_bytes *= resources.GPTQ_EXPANSION
         return resources.verify_mem_mb(weight_bytes)
 
+    def verify_visual_inputs(self, model: str) -> dict[str, Any]:
+        """Inputs of verify_visual: the vision export's manifest and the source it must match."""
+        return {"manifest": f"onnx/{model}/visual/manifest.json", **self.visual_inputs(model)}
+
+    def verify_visual_mem_mb(self, model: str) -> int:
+        """Host RAM of a vision verify job: bounded by the verify of the whole model (the tower is a part)."""
+        return resources.verify_mem_mb(self.weight_bytes(model))
+
     def verify_threads(self, model: str) -> int:
         return self.settings(model).verify.threads
 
@@ -255,8 +307,9 @@ class Planner:
         return targets
 
     def all_exports(self) -> list[str]:
-        return [
-            f"onnx/{model}_{precision}/llm/model.onnx"
-            for model in self.config["models"]
-            for precision in self.settings(model).precisions
-        ]
+        targets = []
+        for model in self.config["models"]:
+            targets += [f"onnx/{model}_{precision}/llm/model.onnx" for precision in self.settings(model).precisions]
+            if self.vision_language(model):
+                targets.append(f"onnx/{model}/visual/model.onnx")
+        return targets

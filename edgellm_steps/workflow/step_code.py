@@ -23,6 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 #: The command module of each step that the workflow runs.
 STEP_ENTRY_POINTS = {
     "export-llm": f"{PACKAGE}.cli.export_llm",
+    "export-visual": f"{PACKAGE}.cli.export_visual",
     "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",

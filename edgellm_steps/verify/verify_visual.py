@@ -1,0 +1,103 @@
+"""verify-onnx for a vision encoder export: the graph against the checkpoint's transformers vision tower.
+
+The graph runs on the CPU (``onnx.reference``, as for LLM exports), fed as the runtime feeds it
+(:func:`~edgellm_steps.verify.visual_inputs.visual_feeds`); the reference is the tower
+alone, in float32, on the same random patches. Two scenarios: one image, and two images
+of different sizes packed together (block-diagonal attention, windows that do not tile
+the second image evenly).
+
+Pass: max |error| <= ``rel_tol`` x max |reference| and every output row's cosine >=
+``min_cosine``: the fp16 criterion of LLM exports for an fp16 tower, the fp8 one (against
+the float tower, so it includes the quantization noise) for an fp8 tower.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm_steps.artifacts.atomic import write_claimed
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.claims import take_claim
+from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.errors import ParityError
+from edgellm_steps.export.export_visual import load_vision_dims, vision_spec
+from edgellm_steps.export.visual_graph import OUTPUT, tower_prefix
+from edgellm_steps.models.vision_tower import load_vision_tower
+from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
+from edgellm_steps.verify.visual_inputs import visual_feeds
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+#: (t, h, w) patch grids per scenario, in patches (multiples of the 2 x 2 merge).
+SCENARIOS = {"one_image": [(1, 16, 16)], "two_images": [(1, 8, 12), (1, 12, 20)]}
+
+
+def _tolerance(precision: str) -> Tolerance:
+    base = TOLERANCES["fp8" if precision == "fp8" else "fp16"]
+    return Tolerance(base.rel_tol, base.min_cosine, False, base.why)
+
+
+def verify_visual(
+    onnx_dir: str | Path, model_dir: str | Path, *, seed: int = 0, report: str | Path | None = None
+) -> dict[str, Any]:
+    """Compare the vision export with the tower; write ``report`` (JSON) if given; raise ParityError on a miss."""
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    claim = take_claim(Path(report)) if report is not None else None
+    onnx_dir = Path(onnx_dir)
+    manifest = check_step_output(onnx_dir, "export-visual")
+    precision = manifest["parameters"]["precision"]
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    _, spec = vision_spec(read_hf_config(checkpoint), str(checkpoint))
+    dims = load_vision_dims(checkpoint, spec)
+    store = TensorStore(checkpoint)
+    tower = load_vision_tower(checkpoint, spec, store, tower_prefix(store, spec))
+    session = ReferenceEvaluator(str(onnx_dir / "model.onnx"))
+    tolerance = _tolerance(precision)
+    rng = np.random.default_rng(seed)
+    results: dict[str, ParityResult] = {}
+    for name, grids in SCENARIOS.items():
+        patches = rng.standard_normal((sum(t * h * w for t, h, w in grids), dims.patch_dim)).astype(np.float32)
+        with torch.no_grad():
+            expected = tower(torch.from_numpy(patches), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+        feeds = visual_feeds(patches, grids, dims, windowed=spec.window_attention)
+        got = session.run([OUTPUT], feeds)[0].astype(np.float32)
+        results[name] = compare_logits(got, expected)
+        log.info("%s: %s -> %s", name, results[name], "pass" if results[name].passed(tolerance) else "FAIL")
+    summary = {
+        "onnx_dir": str(onnx_dir),
+        "model_dir": str(model_dir),
+        "kind": "visual",
+        "precision": precision,
+        "tolerances": {
+            "max_abs_error_over_max_abs_output": tolerance.rel_tol,
+            "min_cosine": tolerance.min_cosine,
+            "why": tolerance.why,
+        },
+        "seed": seed,
+        "cases": {
+            name: {
+                "grids": SCENARIOS[name],
+                "max_abs_error": r.max_abs_error,
+                "max_abs_output": r.max_abs_logit,
+                "relative_error": r.relative_error,
+                "min_cosine": r.min_cosine,
+                "passed": r.passed(tolerance),
+            }
+            for name, r in results.items()
+        },
+        "passed": all(r.passed(tolerance) for r in results.values()),
+    }
+    if claim is not None:
+        write_claimed(claim, (json.dumps(summary, indent=2) + "\n").encode())
+    if not summary["passed"]:
+        failed = [f"{name} ({r})" for name, r in results.items() if not r.passed(tolerance)]
+        raise ParityError(f"{onnx_dir} does not match the vision tower of {model_dir}: {'; '.join(failed)}")
+    return summary

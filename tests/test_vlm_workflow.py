@@ -1,0 +1,99 @@
+"""A vision-language model through the real workflow: both exports, their reports, and the engine plan.
+
+The vision encoder export (``onnx/<model>/visual/``) belongs to the model, not to a language-model
+precision: every LLM precision's engine shares it, and its own precision is the model's
+``visual_precision``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+CONFIG = """\
+models:
+  vlm:
+    source: ckpt
+    quantization:
+      calib_size: 4
+      calib_max_tokens: 32
+      threads: 1
+"""
+VISUAL = "onnx/vlm/visual/model.onnx"
+
+
+@pytest.fixture
+def workdir(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2_5_vl"), tmp_path / "ckpt")
+    write_config(tmp_path, CONFIG)
+    return tmp_path
+
+
+def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkpoint_factory):
+    """fp16 language model and vision encoder, each verified; fp8 language model through quantize-llm."""
+    source = checkpoint_factory("qwen2_5_vl")
+    targets = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm_fp16/verify.json", VISUAL, "reports/vlm/visual/verify.json")
+    run_snakemake(workdir, *targets)
+    report = json.loads((workdir / "reports/vlm_fp16/verify.json").read_text())
+    assert report["precision"] == "fp16" and report["passed"], report
+    visual_report = json.loads((workdir / "reports/vlm/visual/verify.json").read_text())
+    assert visual_report["precision"] == "fp16" and visual_report["passed"], visual_report
+    visual = workdir / "onnx/vlm/visual"
+    assert json.loads((visual / "manifest.json").read_text())["step"] == "export-visual"
+    assert (visual / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+    fp8 = "onnx/vlm_fp8/llm/model.onnx"
+    run_snakemake(workdir, fp8)
+    for llm in (workdir / "onnx/vlm_fp16/llm", workdir / "onnx/vlm_fp8/llm"):
+        assert (llm / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+        content_types = json.loads((llm / "processed_chat_template.json").read_text())["content_types"]
+        assert set(content_types) == {"image", "video"}
+        assert json.loads((llm / "config.json").read_text())["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert json.loads((workdir / "onnx/vlm_fp8/llm/manifest.json").read_text())["parameters"]["precision"] == "fp8"
+    assert NOTHING in run_snakemake(workdir, "-n", *targets, fp8).output
+    # The vision encoder's own precision reruns its export (and report), nothing of the language model.
+    write_config(workdir, CONFIG + "    visual_precision: fp8\n")
+    replan = run_snakemake(workdir, "-n", *targets, fp8)
+    assert planned_jobs(replan.output) == {"export_visual": 1, "verify_visual": 1}
+    assert "--quantization fp8" in replan.output
+
+
+def test_vlm_engine_targets_plan_both_engines_and_share_the_vision_engine(workdir):
+    plan = run_snakemake(workdir, "-n", "engines/vlm_fp16.engine", "engines/vlm_int8_sq.engine")
+    assert planned_jobs(plan.output) == {
+        "quantize_llm": 1,
+        "export_llm": 2,
+        "export_visual": 1,
+        "build_visual_engine": 1,
+        "build_engine": 2,
+        "link_default_engine": 2,
+    }
+    jobs = plan.output.split("rule ")
+    for rule in ("build_engine", "build_visual_engine"):
+        for job in (j for j in jobs if j.startswith(f"{rule}:")):
+            assert "gpu=1" in job and "constraint=sm87" in job, job
+    engine_job = next(j for j in jobs if j.startswith("build_engine:"))
+    assert "engines/sm87/visual/vlm.engine" in engine_job  # the vision engine is an input of the LLM engine
+
+
+def test_fp8_vision_encoder_below_sm89_fails_at_planning(workdir):
+    write_config(workdir, CONFIG + "    visual_precision: fp8\n")
+    refused = run_snakemake(workdir, "-n", "engines/vlm_fp16.engine", check=False)
+    assert refused.returncode != 0
+    assert "model 'vlm': visual_precision fp8 needs SM >= 89, but this engine is for sm87" in refused.output
+    # The export alone is not SM-specific; an SM89 engine plans.
+    assert planned_jobs(run_snakemake(workdir, "-n", "engines/sm89/vlm_fp16.engine").output)["build_visual_engine"] == 1
+
+
+def test_a_text_only_model_has_no_visual_target(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, CONFIG)
+    refused = run_snakemake(tmp_path, "-n", VISUAL, check=False)
+    assert refused.returncode != 0
+    assert "model 'vlm' is a text-only qwen2 model with no vision encoder" in refused.output
+    # Its engine plan has no vision engine.
+    assert "build_visual_engine" not in planned_jobs(run_snakemake(tmp_path, "-n", "engines/vlm_fp16.engine").output)
