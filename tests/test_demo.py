@@ -12,7 +12,8 @@ from .conftest import REPO, tool_env
 
 pytestmark = pytest.mark.workflow
 
-EXPORT = "onnx/demo-qwen2_fp16/llm"
+EXPORT = "onnx/demo-qwen2.5-vl_fp8/llm"
+VISUAL = "onnx/demo-qwen2.5-vl/visual"
 #: What the workflow writes into a work directory; none of it may appear in the checkout.
 WORK_DIR_ENTRIES = (".demo", ".snakemake", ".edgellm", "logs", "benchmarks", "onnx", "engines")
 
@@ -45,8 +46,15 @@ def test_make_demo_builds_the_export_in_the_given_directory(tmp_path):
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["step"] == "export-llm"
     assert set(manifest["files"]) == {p.name for p in export.iterdir()} - {"manifest.json"}
-    assert (demo / "checkpoints/demo-qwen2/config.json").is_file() and (demo / "config.yaml").is_file()
-    # The engine target is dry-run only, and the printed paths are the work directory's.
-    assert "build_engine" in output and not (demo / "engines").exists()
-    assert f"Demo artifacts (ONNX export and sidecars): {export}/" in output
+    assert manifest["parameters"]["precision"] == "fp8"
+    assert json.loads((demo / VISUAL / "manifest.json").read_text())["step"] == "export-visual"
+    assert (demo / "checkpoints/demo-qwen2.5-vl/config.json").is_file() and (demo / "config.yaml").is_file()
+    for report in ("reports/demo-qwen2.5-vl_fp8/verify.json", "reports/demo-qwen2.5-vl/visual/verify.json"):
+        assert json.loads((demo / report).read_text())["passed"], report
+    # The engine target is dry-run only: both engines are planned, none is built.
+    assert "build_engine" in output and "build_visual_engine" in output and not (demo / "engines").exists()
+    # The summary names the work directory's artifacts and the measured parity.
+    assert f"language model ONNX export             {export}/" in output
+    assert f"vision encoder ONNX export             {demo / VISUAL}/" in output
+    assert "vision encoder vs the transformers tower         fp16: passed; one_image" in output
     assert {name: snapshot(REPO / name) for name in WORK_DIR_ENTRIES} == before, "make demo wrote into the checkout"

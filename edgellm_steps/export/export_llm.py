@@ -16,15 +16,14 @@ from pathlib import Path
 import onnx
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
-from edgellm_steps.errors import SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
 from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
-from edgellm_steps.models.families import FamilySpec, family_for
+from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.linear import QuantPlan
 from edgellm_steps.quant.prequantized import held_precision
@@ -33,24 +32,6 @@ from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
-
-
-def _check_supported(dims: DecoderDims, spec: FamilySpec) -> None:
-    if dims.hidden_act != spec.activation:
-        raise SourceError(f"hidden_act {dims.hidden_act!r} is not supported (the family uses {spec.activation!r})")
-    if spec.mrope:
-        section = (dims.rope_scaling or {}).get("mrope_section")
-        if not section or sum(section) * 2 != dims.rotary_dim:
-            raise SourceError(
-                f"{spec.family} uses MRoPE: its rope config needs an mrope_section summing to half the rotary dim "
-                f"{dims.rotary_dim}, got {section!r}"
-            )
-    if dims.num_heads % dims.num_kv_heads:
-        raise SourceError(
-            f"num_attention_heads {dims.num_heads} is not a multiple of num_key_value_heads {dims.num_kv_heads}"
-        )
-    if dims.rotary_dim % 2:
-        raise SourceError(f"rotary dim {dims.rotary_dim} (head_dim x partial_rotary_factor) must be even")
 
 
 def export_llm(
@@ -70,7 +51,7 @@ def export_llm(
     hf_config = read_hf_config(checkpoint)
     spec = family_for(hf_config, where=str(checkpoint))
     dims = decoder_dims(hf_config)
-    _check_supported(dims, spec)
+    spec.check_dims(dims)
     check_tokenizer(checkpoint)
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
 

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from edgellm_steps.errors import SourceError, UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from edgellm_steps.artifacts.checkpoint import DecoderDims
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,24 @@ class FamilySpec:
     hf_renames: tuple[tuple[str, str], ...] = ()
     #: The vision tower export-visual exports (vision-language families only).
     vision: VisionSpec | None = None
+
+    def check_dims(self, dims: DecoderDims) -> None:
+        """Refuse, in one line, a decoder config this family's graph cannot express (checked at planning too)."""
+        if dims.hidden_act != self.activation:
+            raise SourceError(f"hidden_act {dims.hidden_act!r} is not supported (the family uses {self.activation!r})")
+        if self.mrope:
+            section = (dims.rope_scaling or {}).get("mrope_section")
+            if not section or sum(section) * 2 != dims.rotary_dim:
+                raise SourceError(
+                    f"{self.family} uses MRoPE: its rope config needs an mrope_section summing to half the rotary dim "
+                    f"{dims.rotary_dim}, got {section!r}"
+                )
+        if dims.num_heads % dims.num_kv_heads:
+            raise SourceError(
+                f"num_attention_heads {dims.num_heads} is not a multiple of num_key_value_heads {dims.num_kv_heads}"
+            )
+        if dims.rotary_dim % 2:
+            raise SourceError(f"rotary dim {dims.rotary_dim} (head_dim x partial_rotary_factor) must be even")
 
     def resolved(self, names: Iterable[str]) -> FamilySpec:
         """This spec with its decoder weight names matched to a checkpoint holding tensors ``names``."""

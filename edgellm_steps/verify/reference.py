@@ -34,11 +34,15 @@ class LLMRunner:
         self.caches = [np.zeros((batch, 2, hkv, capacity, d), cache_dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, np.int32)
 
-    def step(self, token_ids: list[list[int]], *, all_logits: bool = False) -> np.ndarray:
+    def step(
+        self, token_ids: list[list[int]], *, all_logits: bool = False, embeds: np.ndarray | None = None
+    ) -> np.ndarray:
         """Append ``token_ids[b]`` to sequence b (ragged lists are right-padded); returns float32 logits.
 
         With ``all_logits`` the logits of every new token are returned ([B, S, V]),
         otherwise those of each sequence's last new token ([B, 1, V]).
+        ``embeds`` ([B, S, H], cast to float16) replaces the embedding lookup of the
+        padded ids, as the runtime feeds a VLM: image embeddings spliced into the text's.
         """
         batch = len(token_ids)
         seq = max(len(t) for t in token_ids)
@@ -51,8 +55,14 @@ class LLMRunner:
             last = np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
         else:
             last = (counts - 1).astype(np.int64)[:, None]
+        if embeds is None:
+            inputs = self.embedding[ids].astype(np.float16)
+        else:
+            inputs = np.asarray(embeds).astype(np.float16)
+            if inputs.shape != (batch, seq, self.embedding.shape[-1]):
+                raise ValueError(f"embeds {inputs.shape} do not match the tokens: ({batch}, {seq}, hidden)")
         feeds = {
-            llm_io.INPUTS_EMBEDS: self.embedding[ids].astype(np.float16),
+            llm_io.INPUTS_EMBEDS: inputs,
             llm_io.ROPE_COS_SIN: self.rope,
             llm_io.CONTEXT_LENGTHS: (start + counts).astype(np.int32),
             llm_io.LAST_TOKEN_IDS: last,

@@ -81,8 +81,9 @@ class Planner:
             where = f"model '{model}' ({settings.source})"
             path = resolve_source(settings.source, model=model)
             hf_config = read_hf_config(path, model=model)
-            family_for(hf_config, where=where)
+            spec = family_for(hf_config, where=where)
             try:
+                spec.check_dims(decoder_dims(hf_config))
                 weight_files(path)
                 check_tokenizer(path)
                 held = held_precision(path, hf_config)
