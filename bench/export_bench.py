@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -101,16 +102,12 @@ def layer_tensors(case: dict, layer: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def write_checkpoint(case: dict, directory: Path, shard_bytes: int = 2 << 30) -> int:
-    """Write a random bf16 checkpoint shard by shard; only one shard is ever in memory."""
+def write_shards(groups: list[dict[str, tuple[int, ...]]], directory: Path, shard_bytes: int = 2 << 30) -> int:
+    """Write random bf16 tensors of these shapes shard by shard, plus the index; only one shard is ever in memory.
+
+    A group (e.g. one layer's tensors) is never split across shards. Returns the parameter count.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    h, v = case["hidden_size"], case["vocab_size"]
-    groups = [{"model.embed_tokens.weight": (v, h)}]
-    groups += [layer_tensors(case, layer) for layer in range(case["num_hidden_layers"])]
-    tail = {"model.norm.weight": (h,)}
-    if not case["tie_word_embeddings"]:
-        tail["lm_head.weight"] = (v, h)
-    groups.append(tail)
     shards, current, size = [], {}, 0
     for group in groups:
         group_bytes = sum(2 * torch.Size(s).numel() for s in group.values())
@@ -133,11 +130,34 @@ def write_checkpoint(case: dict, directory: Path, shard_bytes: int = 2 << 30) ->
     (directory / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 2 * total}, "weight_map": weight_map}, indent=2)
     )
+    return total
+
+
+def write_checkpoint(case: dict, directory: Path, shard_bytes: int = 2 << 30) -> int:
+    """Write a random bf16 checkpoint shard by shard; only one shard is ever in memory."""
+    h, v = case["hidden_size"], case["vocab_size"]
+    groups = [{"model.embed_tokens.weight": (v, h)}]
+    groups += [layer_tensors(case, layer) for layer in range(case["num_hidden_layers"])]
+    tail = {"model.norm.weight": (h,)}
+    if not case["tie_word_embeddings"]:
+        tail["lm_head.weight"] = (v, h)
+    groups.append(tail)
+    total = write_shards(groups, directory, shard_bytes)
     config = {k: v for k, v in case.items() if k not in ("targets", "qkv_bias")}
     config.update({"dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     train_tokenizer("qwen2" if case["model_type"] == "qwen2" else "llama").save_pretrained(str(directory))
     return total
+
+
+def measure_command(command: list[str], stderr: Any = subprocess.DEVNULL) -> tuple[int, dict[str, float]]:
+    """Run ``command`` alone and return its exit code, wall seconds and peak RSS (its own ru_maxrss)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would also count the generator.
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.monotonic() - started
+    return os.waitstatus_to_exitcode(status), {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
 
 
 def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
@@ -148,14 +168,10 @@ def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
         "--output_dir",
         str(output),
     ]
-    started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would also count the generator.
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    if os.waitstatus_to_exitcode(status) != 0:
+    code, result = measure_command(command)
+    if code != 0:
         raise SystemExit(f"export failed: {' '.join(command)}")
-    return {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
+    return result
 
 
 def main() -> int:

@@ -17,14 +17,12 @@ quantized activations and KV caches get the bounds of ``parity.TOLERANCES``.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.atomic import write_claimed
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
@@ -36,6 +34,7 @@ from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
+from edgellm_steps.verify.report import conclude
 from edgellm_steps.verify.verify_visual import verify_visual
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
@@ -157,11 +156,5 @@ def verify_onnx(
             }
             for name, r in results.items()
         },
-        "passed": all(r.passed(tolerance) for r in results.values()),
     }
-    if claim is not None:
-        write_claimed(claim, (json.dumps(summary, indent=2) + "\n").encode())
-    if not summary["passed"]:
-        failed = [f"{name} ({r})" for name, r in results.items() if not r.passed(tolerance)]
-        raise ParityError(f"{onnx_dir} does not match {model_dir}: {'; '.join(failed)}")
-    return summary
+    return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match {model_dir}")

@@ -13,22 +13,20 @@ the float tower, so it includes the quantization noise) for an fp8 tower.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.atomic import write_claimed
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_step_output
-from edgellm_steps.errors import ParityError
 from edgellm_steps.export.export_visual import load_vision_dims, vision_spec
 from edgellm_steps.export.visual_graph import OUTPUT, tower_prefix
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
+from edgellm_steps.verify.report import conclude
 from edgellm_steps.verify.visual_inputs import visual_feeds
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
@@ -93,11 +91,5 @@ def verify_visual(
             }
             for name, r in results.items()
         },
-        "passed": all(r.passed(tolerance) for r in results.values()),
     }
-    if claim is not None:
-        write_claimed(claim, (json.dumps(summary, indent=2) + "\n").encode())
-    if not summary["passed"]:
-        failed = [f"{name} ({r})" for name, r in results.items() if not r.passed(tolerance)]
-        raise ParityError(f"{onnx_dir} does not match the vision tower of {model_dir}: {'; '.join(failed)}")
-    return summary
+    return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the vision tower of {model_dir}")

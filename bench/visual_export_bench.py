@@ -1,0 +1,248 @@
+"""Wall time and peak RSS of exporting a Qwen2.5-VL-3B-shaped checkpoint, vision encoder and LLM (run by hand).
+
+The case: Qwen/Qwen2.5-VL-3B-Instruct's public config in the transformers 5 layout, random bf16 weights
+(3.75B parameters, 7.5 GB in 2 GB shards), a locally trained tokenizer and the hub's processor config.
+Each export runs alone in its own process, one after the other:
+
+    python -m edgellm_steps.cli.export_visual --model_dir CKPT --output_dir OUT/visual
+    python -m edgellm_steps.cli.export_llm --model_dir CKPT --output_dir OUT/llm
+
+    .venv/bin/python bench/visual_export_bench.py [--workdir DIR] [--keep]
+
+Reference figures (2 cores, 23 GB RAM, checkpoint still in the page cache after generation; generating
+it took 54 s and 5.0 GB peak RSS):
+  visual  32-block tower, 669M parameters -> 1.34 GB onnx_model.data: 5.7 s, 0.46 GB peak RSS.
+  llm     36-layer decoder, 3.09B parameters -> 6.17 GB onnx_model.data: 36 s, 1.16 GB peak RSS
+          (0.45 GB while streaming layers; the peak is the tied lm_head, the whole 151936 x 2048 embedding).
+Targets: visual <= 8 s, <= 0.6 GB; llm <= 45 s, <= 1.4 GB. The exports stream weights, so peak RSS must
+stay far below the 1.3 GB tower and the 6.2 GB decoder they write.
+
+Peak RSS is each export process's own ru_maxrss (``os.wait4``); the checkpoint is generated in a
+separate process, as in ``export_bench.py``, so neither export inherits the generator's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+# export_bench.py is a sibling script, not a package module: import its helpers from this directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_bench import layer_tensors, measure_command, write_shards
+
+from edgellm_steps.models.demo import QWEN_VL_TEMPLATE, make_checkpoint, train_tokenizer
+
+log = logging.getLogger("visual_export_bench")
+
+FAMILY = "qwen2_5_vl"
+#: Qwen2.5-VL-3B-Instruct's decoder (text_config of the transformers 5 layout).
+TEXT_CONFIG: dict[str, Any] = {
+    "model_type": "qwen2_5_vl_text",
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 128000,
+    "rms_norm_eps": 1e-06,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+}
+#: Qwen2.5-VL-3B-Instruct's vision tower.
+VISION_CONFIG: dict[str, Any] = {
+    "model_type": "qwen2_5_vl_vision",
+    "depth": 32,
+    "hidden_size": 1280,
+    "intermediate_size": 3420,
+    "num_heads": 16,
+    "out_hidden_size": 2048,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "in_channels": 3,
+    "window_size": 112,
+    "fullatt_block_indexes": [7, 15, 23, 31],
+    "hidden_act": "silu",
+    "tokens_per_second": 2,
+}
+CONFIG: dict[str, Any] = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "model_type": "qwen2_5_vl",
+    "dtype": "bfloat16",
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "tie_word_embeddings": True,
+    "text_config": TEXT_CONFIG,
+    "vision_config": VISION_CONFIG,
+}
+#: The hub processor's sizes (the tiny checkpoint's preprocessor_config.json caps max_pixels for tiny images).
+PROCESSOR_SIZES = {
+    "patch_size": 14,
+    "merge_size": 2,
+    "temporal_patch_size": 2,
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+}
+#: Reference limits per export (see the module docstring).
+TARGETS = {"visual": {"wall_s": 8, "peak_rss_gb": 0.6}, "llm": {"wall_s": 45, "peak_rss_gb": 1.4}}
+EXPORTS = {"visual": "edgellm_steps.cli.export_visual", "llm": "edgellm_steps.cli.export_llm"}
+
+
+def vision_groups(vision: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+    """The tower's tensors under ``visual.`` (transformers 5 names), one group per block so no block spans shards."""
+    w, mlp, out = vision["hidden_size"], vision["intermediate_size"], vision["out_hidden_size"]
+    patch = (w, vision["in_channels"], vision["temporal_patch_size"], vision["patch_size"], vision["patch_size"])
+    merged = w * vision["spatial_merge_size"] ** 2
+    groups: list[dict[str, tuple[int, ...]]] = [{"visual.patch_embed.proj.weight": patch}]
+    for block in range(vision["depth"]):
+        p = f"visual.blocks.{block}"
+        groups.append(
+            {
+                f"{p}.norm1.weight": (w,),
+                f"{p}.norm2.weight": (w,),
+                f"{p}.attn.qkv.weight": (3 * w, w),
+                f"{p}.attn.qkv.bias": (3 * w,),
+                f"{p}.attn.proj.weight": (w, w),
+                f"{p}.attn.proj.bias": (w,),
+                f"{p}.mlp.gate_proj.weight": (mlp, w),
+                f"{p}.mlp.gate_proj.bias": (mlp,),
+                f"{p}.mlp.up_proj.weight": (mlp, w),
+                f"{p}.mlp.up_proj.bias": (mlp,),
+                f"{p}.mlp.down_proj.weight": (w, mlp),
+                f"{p}.mlp.down_proj.bias": (w,),
+            }
+        )
+    groups.append(
+        {
+            "visual.merger.ln_q.weight": (w,),
+            "visual.merger.mlp.0.weight": (merged, merged),
+            "visual.merger.mlp.0.bias": (merged,),
+            "visual.merger.mlp.2.weight": (out, merged),
+            "visual.merger.mlp.2.bias": (out,),
+        }
+    )
+    return groups
+
+
+def decoder_groups(text: dict[str, Any]) -> list[dict[str, tuple[int, ...]]]:
+    """The decoder's tensors (Qwen2 layers with q/k/v biases), as ``export_bench`` lays out a Qwen2 LLM."""
+    h, v = text["hidden_size"], text["vocab_size"]
+    case = {**text, "qkv_bias": True}
+    groups = [{"model.embed_tokens.weight": (v, h)}]
+    groups += [layer_tensors(case, layer) for layer in range(text["num_hidden_layers"])]
+    tail = {"model.norm.weight": (h,)}
+    if not text["tie_word_embeddings"]:
+        tail["lm_head.weight"] = (v, h)
+    groups.append(tail)
+    return groups
+
+
+def _pattern(name: str) -> str:
+    """A tensor name with its layer / block index replaced, so 2 tiny blocks stand for 32 real ones."""
+    return re.sub(r"\.(layers|blocks)\.\d+\.", r".\1.N.", name)
+
+
+def check_names(tiny: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fail unless the big checkpoint's names (and ranks) are exactly the tiny demo checkpoint's.
+
+    The tiny one is what transformers 5 itself saves for this architecture, so this keeps the bench
+    honest if the library's demo (or transformers' layout) moves. Its ``lm_head`` is left out: the
+    tiny config is untied, the real 3B one ties the head to the embedding.
+    """
+    with safe_open(str(tiny / "model.safetensors"), "pt") as f:
+        expected = {_pattern(k): len(f.get_slice(k).get_shape()) for k in f.keys() if k != "lm_head.weight"}  # noqa: SIM118
+    actual = {_pattern(k): len(s) for k, s in shapes.items()}
+    if expected != actual:
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        ranks = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+        raise SystemExit(
+            f"tensor names differ from the tiny {FAMILY} checkpoint: missing {missing}, extra {extra}, rank {ranks}"
+        )
+
+
+def write_vlm_checkpoint(directory: Path, shard_bytes: int = 2 << 30) -> int:
+    """Write the 3B-shaped VLM checkpoint shard by shard, with tokenizer, chat template and processor config."""
+    groups = vision_groups(VISION_CONFIG) + decoder_groups(TEXT_CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_checkpoint(Path(tmp) / "tiny", family=FAMILY, dtype="bfloat16")
+        check_names(tiny, {k: s for group in groups for k, s in group.items()})
+        processor = json.loads((tiny / "preprocessor_config.json").read_text())
+    total = write_shards(groups, directory, shard_bytes)
+    (directory / "config.json").write_text(json.dumps(CONFIG, indent=2))
+    processor.update(PROCESSOR_SIZES)
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+    tokenizer = train_tokenizer(FAMILY)
+    tokenizer.chat_template = QWEN_VL_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return total
+
+
+def export(name: str, checkpoint: Path, output: Path, log_path: Path) -> tuple[int, dict[str, float], float | None]:
+    """Run one export alone; returns its exit code, wall s and peak RSS, and the size of its onnx_model.data."""
+    command = [sys.executable, "-m", EXPORTS[name], "--model_dir", str(checkpoint), "--output_dir", str(output)]
+    log.info("%s export: %s (log %s)", name, " ".join(command), log_path)
+    with log_path.open("w") as stderr:
+        code, result = measure_command(command, stderr=stderr)
+    data = output / "onnx_model.data"
+    data_gb = data.stat().st_size / 1e9 if code == 0 and data.is_file() else None
+    if code != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        log.error("%s export failed (exit %d); end of %s:\n%s", name, code, log_path, "\n".join(tail))
+    return code, result, data_gb
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the exports")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    checkpoint = args.workdir / f"{FAMILY}-3b-checkpoint"
+    if args.generate_only:
+        params = write_vlm_checkpoint(checkpoint)
+        log.info("%s: %.0fM parameters", checkpoint, params / 1e6)
+        return 0
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    generated = "reused"
+    if not (checkpoint / "config.json").is_file():
+        generate = [sys.executable, __file__, "--workdir", str(args.workdir), "--generate-only"]
+        code, result = measure_command(generate, stderr=None)
+        if code != 0:
+            raise SystemExit(f"checkpoint generation failed: {' '.join(generate)}")
+        generated = f"{result['wall_s']} s, {result['peak_rss_gb']} GB peak RSS"
+    rows = []
+    for name in EXPORTS:
+        output = args.workdir / f"{FAMILY}-3b-onnx" / name
+        shutil.rmtree(output, ignore_errors=True)
+        rows.append((name, *export(name, checkpoint, output, args.workdir / f"{FAMILY}-3b-{name}.log")))
+    if not args.keep:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        shutil.rmtree(args.workdir / f"{FAMILY}-3b-onnx", ignore_errors=True)
+    print(f"checkpoint generation: {generated}")
+    print("| export | wall (s) | peak RSS (GB) | onnx_model.data (GB) | targets |")
+    print("|---|---|---|---|---|")
+    for name, code, result, data_gb in rows:
+        goal = ", ".join(f"{k} <= {v}" for k, v in TARGETS[name].items())
+        size = f"{data_gb:.2f}" if data_gb is not None else f"failed (exit {code})"
+        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {size} | {goal} |")
+    return 0 if all(code == 0 for _, code, _, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
