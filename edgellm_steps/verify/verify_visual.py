@@ -7,8 +7,10 @@ of different sizes packed together (block-diagonal attention, windows that do no
 the second image evenly).
 
 Pass: max |error| <= ``rel_tol`` x max |reference| and every output row's cosine >=
-``min_cosine``: the fp16 criterion of LLM exports for an fp16 tower, the fp8 one (against
-the float tower, so it includes the quantization noise) for an fp8 tower.
+``min_cosine``: the fp16 criterion of LLM exports for an fp16 tower; for an fp8 tower the
+fp8 criterion, against ModelOpt's fake-quantized tower calibrated on the same generated
+images (measured 2.8-3.7% of max |output| on the tiny test towers; the fake-quantized tower
+itself moves 1.8-2.4% between float16 and float32).
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ def verify_visual(
     _, spec = vision_spec(read_hf_config(checkpoint), str(checkpoint))
     dims = load_vision_dims(checkpoint, spec)
     store = TensorStore(checkpoint)
-    tower = load_vision_tower(checkpoint, spec, store, tower_prefix(store, spec))
+    prefix = tower_prefix(store, spec)
+    if precision == "fp8":
+        # As for LLM exports, a quantized graph answers to ModelOpt's fake-quantized model, calibrated as it was.
+        from edgellm_steps.quant.visual_calibration import calibrated_tower
+
+        tower = calibrated_tower(checkpoint, store, prefix)
+    else:
+        tower = load_vision_tower(checkpoint, spec, store, prefix)
     session = ReferenceEvaluator(str(onnx_dir / "model.onnx"))
     tolerance = _tolerance(precision)
     rng = np.random.default_rng(seed)
