@@ -297,3 +297,27 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     # The quantization is real: against the float VLM the same export misses (measured 16% of max |logit|).
     with pytest.raises(ParityError, match="does not match"):
         verify_onnx(tmp_path / "out", checkpoint_factory("qwen2_5_vl"))
+
+
+@pytest.mark.parametrize("layout", ["language_model_names", "transformers4_config"])
+def test_other_vlm_layouts_export_the_same_vision_encoder(checkpoint_factory, tmp_path, layout):
+    from edgellm_steps.export.export_visual import export_visual
+
+    source = checkpoint_factory("qwen2_5_vl")
+    if layout == "language_model_names":
+        checkpoint = as_language_model_layout(source, tmp_path / "ckpt")
+        assert any(n.startswith("model.visual.blocks.") for n in tensor_names(checkpoint))
+    else:
+        checkpoint = shutil.copytree(source, tmp_path / "ckpt")
+        as_transformers4_vlm_config(checkpoint / "config.json")
+    export_visual(checkpoint, tmp_path / "out")
+    export_visual(source, tmp_path / "standard")
+    # The same tower weights, however named or configured; the graph differs only in initializer names.
+    standard = json.loads((tmp_path / "standard" / "manifest.json").read_text())["files"]
+    got = json.loads((tmp_path / "out" / "manifest.json").read_text())["files"]
+    assert got["onnx_model.data"] == standard["onnx_model.data"]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    text = json.loads((source / "config.json").read_text())["text_config"]
+    # What the runtime's vision runner reads at the top level, in either config layout.
+    assert config["vocab_size"] == text["vocab_size"]
+    assert config["rope_theta"] == text["rope_parameters"]["rope_theta"]
