@@ -13,12 +13,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_dir", required=True, help="HF checkpoint directory or hub id")
     parser.add_argument("--output_dir", required=True, help="export directory (replaced whole when complete)")
     parser.add_argument("--chat_template", default=None, help="processed chat template JSON replacing the derived one")
+    parser.add_argument(
+        "--is_eagle_base",
+        action="store_true",
+        help="the EAGLE3 base graph: tree attention, several selected tokens, the hidden_states output",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: export_llm(args.model_dir, args.output_dir, chat_template=args.chat_template))
+    return run_cli(
+        lambda: export_llm(
+            args.model_dir, args.output_dir, chat_template=args.chat_template, eagle_base=args.is_eagle_base
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,12 @@ def export_llm(
     output_dir: str | Path,
     *,
     chat_template: str | Path | None = None,
+    eagle_base: bool = False,
 ) -> Path:
     """Export ``model_dir`` (local directory or hub id) into ``output_dir``; returns the ONNX path.
+
+    ``eagle_base`` writes the EAGLE3 base graph (contract 5): tree attention, ``last_token_ids``
+    [B, N], the ``hidden_states`` output, ``model_type`` ``eagle3_base``.
 
     Runs no model: weights are read tensor by tensor from the shards (by byte range)
     and written straight into the graph's external data.
@@ -73,20 +77,24 @@ def export_llm(
     with staged_directory(output_dir) as staging:
         writer = ExternalDataWriter(staging)
         try:
-            model = DecoderGraph(GraphBuilder(writer), store, spec, dims, quant).build()
+            model = DecoderGraph(GraphBuilder(writer), store, spec, dims, quant, eagle_base=eagle_base).build()
         finally:
             writer.close()
         log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
         onnx.save_model(model, str(staging / ONNX_NAME))
         onnx.checker.check_model(str(staging / ONNX_NAME))
         write_embedding(store, spec, staging / "embedding.safetensors")
-        write_json(staging / "config.json", runtime_config(dims, spec, hf_config))
+        write_json(staging / "config.json", runtime_config(dims, spec, hf_config, eagle_base=eagle_base))
         copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)
         write_json(staging / "processed_chat_template.json", processed_template)
         write_manifest(
             staging,
             step="export-llm",
-            parameters={"precision": precision, "chat_template": str(chat_template) if chat_template else None},
+            parameters={
+                "precision": precision,
+                "chat_template": str(chat_template) if chat_template else None,
+                "eagle_base": eagle_base,
+            },
         )
     log.info("export finished in %.1f s", time.monotonic() - started)
     return output_dir / ONNX_NAME

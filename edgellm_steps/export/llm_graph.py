@@ -52,12 +52,16 @@ class DecoderGraph:
         spec: FamilySpec,
         dims: DecoderDims,
         quant: QuantPlan,
+        *,
+        eagle_base: bool = False,
     ) -> None:
         self.g = builder
         self.store = store
         self.spec = spec
         self.dims = dims
         self.quant = quant
+        #: An EAGLE3 base (contract 5): tree attention, several selected tokens, the hidden_states output.
+        self.eagle_base = eagle_base
 
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
         """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
@@ -130,6 +134,7 @@ class DecoderGraph:
             num_kv_heads=d.num_kv_heads,
             head_size=d.head_dim,
             kv_scales=self.quant.kv_scales(attn, self.store),
+            tree=(llm_io.ATTENTION_MASK, llm_io.ATTENTION_POS_ID) if self.eagle_base else None,
         )
         shape = self.g.constant(np.array([0, 0, d.num_heads * d.head_dim], dtype=np.int64), "shape_attn_out")
         flat = self.g.op("Reshape", [out, shape], f"{path}/Reshape")
@@ -168,19 +173,25 @@ class DecoderGraph:
     def build(self) -> onnx.ModelProto:
         d, g = self.dims, self.g
         kv_type = TensorProto.FLOAT8E4M3FN if self.quant.kv_cache == "fp8" else TensorProto.FLOAT16
-        for spec in llm_io.llm_inputs(d, kv_type):
+        for spec in llm_io.llm_inputs(d, kv_type, eagle_base=self.eagle_base):
             g.add_input(spec.name, spec.elem_type, list(spec.dims))
         x = llm_io.INPUTS_EMBEDS
+        states = [x]  # HF's output_hidden_states: the embeddings, then each layer's output
         for layer in range(d.num_layers):
             log.info("layer %d/%d", layer + 1, d.num_layers)
             x = self.decoder_layer(layer, x)
+            states.append(x)
         h = self.rms_norm(self.spec.final_norm, x, "/model/norm")
+        states[-1] = h  # HF's last hidden state is the final norm's output
+        if self.eagle_base:
+            picked = [states[i] for i in llm_io.eagle_hidden_state_indices(d.num_layers)]
+            g.node("Concat", picked, "/eagle/Concat", outputs=[llm_io.HIDDEN_STATES], axis=-1)
         axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
         indices = g.op("Unsqueeze", [llm_io.LAST_TOKEN_IDS, axes], "/model/Unsqueeze_last_token_ids")
         selected = g.op("GatherND", [h, indices], "/model/GatherND", batch_dims=1)
         lm_head_module = self.spec.lm_head.removesuffix(".weight")
         logits16 = self.linear(lm_head_module, selected, weight=self.lm_head_weight())
         g.node("Cast", [logits16], "/lm_head/Cast", outputs=[llm_io.LOGITS], to=TensorProto.FLOAT)
-        for spec in llm_io.llm_outputs(d, kv_type):
+        for spec in llm_io.llm_outputs(d, kv_type, eagle_base=self.eagle_base):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
         return g.to_model("edgellm_llm", opset=self.quant.opset)

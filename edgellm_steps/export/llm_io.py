@@ -26,8 +26,7 @@ ROPE_BATCH_SIZE = "rope_batch_size"
 MAX_POSITIONS = "max_position_embeddings"
 KV_START_BATCH_SIZE = "kv_cache_start_batch_size"
 
-# Symbolic dims only EAGLE graphs have (contract 3.1 and 5); export-llm does not write them,
-# but the engine profiles cover them.
+# Symbolic dims only EAGLE graphs have (contract 3.1 and 5).
 NUM_SELECTED_TOKENS = "num_selected_tokens"
 Q_LEN = "q_len"
 Q_LEN_PADDED = "q_len_padded"
@@ -40,9 +39,12 @@ ROPE_COS_SIN = "rope_rotary_cos_sin"
 CONTEXT_LENGTHS = "context_lengths"
 LAST_TOKEN_IDS = "last_token_ids"
 KVCACHE_START_INDEX = "kvcache_start_index"
-#: Input of EAGLE base and draft graphs only: each tree token's position.
+#: Inputs of EAGLE base and draft graphs only: each tree token's position, and the bit-packed tree mask.
 ATTENTION_POS_ID = "attention_pos_id"
+ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
+#: Output of EAGLE graphs: the base's three intermediate hidden states, concatenated [B, S, 3H].
+HIDDEN_STATES = "hidden_states"
 
 
 def past_name(layer: int) -> str:
@@ -84,23 +86,48 @@ class TensorSpec:
     dims: tuple[int | str, ...]
 
 
-def llm_inputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
-    """Graph inputs in contract order; ``kv_type`` is FLOAT8E4M3FN for an fp8 KV cache."""
+def llm_inputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16, *, eagle_base: bool = False) -> list[TensorSpec]:
+    """Graph inputs in contract order; ``kv_type`` is FLOAT8E4M3FN for an fp8 KV cache.
+
+    An EAGLE base graph selects several tokens per sequence and takes the speculation tree:
+    ``attention_pos_id`` [B, q_len] and the bit-packed ``attention_mask`` [B, q_len, q_len_padded].
+    """
     kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PAST_LEN, dims.head_dim)
-    return [
+    selected = NUM_SELECTED_TOKENS if eagle_base else NUM_TOKENS
+    inputs = [
         TensorSpec(INPUTS_EMBEDS, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, dims.hidden_size)),
         *(TensorSpec(past_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
         TensorSpec(ROPE_COS_SIN, TensorProto.FLOAT, (ROPE_BATCH_SIZE, MAX_POSITIONS, dims.rotary_dim)),
         TensorSpec(CONTEXT_LENGTHS, TensorProto.INT32, (BATCH_SIZE,)),
-        TensorSpec(LAST_TOKEN_IDS, TensorProto.INT64, (BATCH_SIZE, NUM_TOKENS)),
+        TensorSpec(LAST_TOKEN_IDS, TensorProto.INT64, (BATCH_SIZE, selected)),
         TensorSpec(KVCACHE_START_INDEX, TensorProto.INT32, (KV_START_BATCH_SIZE,)),
     ]
+    if eagle_base:
+        inputs += [
+            TensorSpec(ATTENTION_POS_ID, TensorProto.INT32, (BATCH_SIZE, Q_LEN)),
+            TensorSpec(ATTENTION_MASK, TensorProto.INT32, (BATCH_SIZE, Q_LEN, Q_LEN_PADDED)),
+        ]
+    return inputs
 
 
-def llm_outputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
-    """Graph outputs in contract order; ``kv_type`` as for :func:`llm_inputs`."""
+def llm_outputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16, *, eagle_base: bool = False) -> list[TensorSpec]:
+    """Graph outputs in contract order; ``kv_type`` as for :func:`llm_inputs`.
+
+    An EAGLE base graph adds ``hidden_states`` [B, S, 3H] (every position) after the logits.
+    """
     kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PRESENT_LEN, dims.head_dim)
-    return [
-        TensorSpec(LOGITS, TensorProto.FLOAT, (BATCH_SIZE, NUM_TOKENS, dims.vocab_size)),
-        *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
-    ]
+    selected = NUM_SELECTED_TOKENS if eagle_base else NUM_TOKENS
+    outputs = [TensorSpec(LOGITS, TensorProto.FLOAT, (BATCH_SIZE, selected, dims.vocab_size))]
+    if eagle_base:
+        outputs.append(TensorSpec(HIDDEN_STATES, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, 3 * dims.hidden_size)))
+    return outputs + [TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)]
+
+
+def eagle_hidden_state_indices(num_layers: int) -> tuple[int, int, int]:
+    """Which HF ``output_hidden_states`` entries an EAGLE3 base exposes (contract 5): [2, (n-1)//2, n-4], n = L+1.
+
+    Entry 0 is the input embeddings, entry i (1 <= i < L) the output of decoder layer i-1, entry L
+    the final norm's output. Negative values count from the end, as Python (and HF) index.
+    """
+    n = num_layers + 1
+    return tuple(i % n for i in (2, (n - 1) // 2, n - 4))

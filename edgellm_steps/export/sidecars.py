@@ -16,8 +16,10 @@ from edgellm_steps.export.weight_streams import CHUNK_ELEMENTS
 from edgellm_steps.models.families import FamilySpec
 
 
-def runtime_config(dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` the runtime reads."""
+def runtime_config(
+    dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any], *, eagle_base: bool = False
+) -> dict[str, Any]:
+    """The ``config.json`` the runtime reads (``model_type`` ``eagle3_base`` for an EAGLE3 base)."""
     config: dict[str, Any] = {
         "vocab_size": dims.vocab_size,
         "max_position_embeddings": dims.max_position_embeddings,
@@ -31,7 +33,7 @@ def runtime_config(dims: DecoderDims, spec: FamilySpec, hf_config: dict[str, Any
         "head_dim": dims.head_dim,
         "partial_rotary_factor": dims.partial_rotary_factor,
         "rms_norm_eps": dims.rms_norm_eps,
-        "model_type": "llm",
+        "model_type": "eagle3_base" if eagle_base else "llm",
         "model": spec.family,
         "edgellm_version": EDGELLM_VERSION,
     }

@@ -9,6 +9,13 @@ rest is batch padding. RoPE uses row ``position`` of the runtime's cos|sin table
 K and V are written into the full-capacity cache at those positions; each token
 attends causally to cache positions ``0 .. its position`` with scale 1/sqrt(D);
 query head h reads KV head ``h // (Hq / Hkv)``.
+
+Tree attention (EAGLE graphs): when ``attention_pos_id`` has one entry per new token,
+those S tokens are slots of a speculation tree. Their K/V still go to cache positions
+``start .. start + S - 1``, RoPE rotates token s at ``attention_pos_id[b, s]``, every
+cache position before ``start`` is visible to all of them, and slot j is visible to
+token s when bit j % 32 of word j // 32 of ``attention_mask[b, s]`` is set. A prefill
+passes placeholder tree inputs of one entry and attends causally.
 """
 
 from __future__ import annotations
@@ -36,13 +43,17 @@ def emit_attention_plugin(
     num_kv_heads: int,
     head_size: int,
     kv_scales: tuple[float, float] | None = None,
+    tree: tuple[str, str] | None = None,
 ) -> str:
     """Add one attention node; returns the name of its ``attn_output`` [B,S,Hq,D].
 
     ``kv_scales`` ([k_amax/448, v_amax/448]) makes the cache fp8 and becomes the
-    constant ``k_v_scale_quant_orig`` input.
+    constant ``k_v_scale_quant_orig`` input. ``tree`` (the ``attention_mask`` and
+    ``attention_pos_id`` inputs, EAGLE graphs) enables tree attention.
     """
     inputs = [qkv, past_key_value, context_lengths, rope_rotary_cos_sin, kvcache_start_index]
+    if tree is not None:
+        inputs += list(tree)
     if kv_scales is not None:
         inputs.append(builder.constant(np.array(kv_scales, dtype=np.float32), "k_v_scale_quant_orig"))
     attn_output, _ = builder.node(
@@ -54,7 +65,7 @@ def emit_attention_plugin(
         num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads,
         head_size=head_size,
-        enable_tree_attention=0,
+        enable_tree_attention=int(tree is not None),
         enable_fp8_kv_cache=int(kv_scales is not None),
     )
     return attn_output
@@ -79,11 +90,14 @@ def attention_reference(
     num_kv_heads: int,
     head_size: int,
     kv_scales: np.ndarray | None = None,
+    attention_mask: np.ndarray | None = None,
+    attention_pos_id: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy implementation of the plugin; returns (attn_output, present_key_value).
 
     With ``kv_scales`` the cache holds fp8 codes: K and V are divided by their
-    scale when written and multiplied by it when read.
+    scale when written and multiplied by it when read. With ``attention_mask`` and
+    ``attention_pos_id`` covering the new tokens, they attend as a tree (module docstring).
     """
     batch, seq, _ = qkv.shape
     hq, hkv, d = num_q_heads, num_kv_heads, head_size
@@ -105,12 +119,14 @@ def attention_reference(
 
     out = np.zeros((batch, seq, hq, d), dtype=qkv.dtype)
     half = rope_rotary_cos_sin.shape[-1] // 2
+    tree = attention_pos_id is not None and attention_pos_id.shape[1] == seq and seq > 1
     for b in range(batch):
         start = int(kvcache_start_index[b]) if kvcache_start_index.size else 0
         n = min(max(int(context_lengths[b]) - start, 0), seq)
         if start + n > capacity:
             raise ValueError(f"sequence {b} needs {start + n} cache slots but the cache holds {capacity}")
-        positions = start + np.arange(n)
+        slots = start + np.arange(n)
+        positions = attention_pos_id[b, :n].astype(np.int64) if tree else slots
         table = rope_rotary_cos_sin[b if rope_rotary_cos_sin.shape[0] > 1 else 0][positions]
         cos, sin = table[:, :half], table[:, half:]
         qb = _apply_rope(q[b, :n], cos, sin)
@@ -121,7 +137,12 @@ def attention_reference(
         keys = np.repeat(load(0, total), hq // hkv, axis=0)
         values = np.repeat(load(1, total), hq // hkv, axis=0)
         scores = np.einsum("shd,htd->hst", qb, keys) / np.sqrt(d)
-        visible = np.arange(total)[None, :] <= positions[:, None]
+        if tree:
+            words = attention_mask[b, :n].astype(np.int64) & 0xFFFFFFFF
+            bits = (words[:, np.arange(n) // 32] >> (np.arange(n) % 32)) & 1
+            visible = np.concatenate([np.ones((n, start), bool), bits.astype(bool)], axis=1)
+        else:
+            visible = np.arange(total)[None, :] <= slots[:, None]
         scores = np.where(visible[None], scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
@@ -149,8 +170,7 @@ class AttentionPluginOp(OpRun):
         enable_tree_attention=None,
         enable_fp8_kv_cache=None,
     ):
-        if enable_tree_attention:
-            raise NotImplementedError("the CPU reference does not implement tree attention")
+        tree, extra = (extra[:2], extra[2:]) if enable_tree_attention else ((None, None), extra)
         if bool(enable_fp8_kv_cache) != bool(extra):
             raise ValueError("enable_fp8_kv_cache and the k_v_scale_quant_orig input go together")
         return attention_reference(
@@ -163,6 +183,8 @@ class AttentionPluginOp(OpRun):
             num_kv_heads=num_kv_heads,
             head_size=head_size,
             kv_scales=extra[0] if extra else None,
+            attention_mask=tree[0],
+            attention_pos_id=tree[1],
         )
 
 

@@ -33,9 +33,17 @@ class LLMRunner:
         cache_dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
         self.caches = [np.zeros((batch, 2, hkv, capacity, d), cache_dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, np.int32)
+        #: An EAGLE base graph takes tree inputs and returns the hidden states of every new token.
+        self.eagle = any(i.name == llm_io.ATTENTION_POS_ID for i in self.session.proto_.graph.input)
+        self.hidden_states: np.ndarray | None = None
 
     def step(
-        self, token_ids: list[list[int]], *, all_logits: bool = False, embeds: np.ndarray | None = None
+        self,
+        token_ids: list[list[int]],
+        *,
+        all_logits: bool = False,
+        embeds: np.ndarray | None = None,
+        tree: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> np.ndarray:
         """Append ``token_ids[b]`` to sequence b (ragged lists are right-padded); returns float32 logits.
 
@@ -43,6 +51,10 @@ class LLMRunner:
         otherwise those of each sequence's last new token ([B, 1, V]).
         ``embeds`` ([B, S, H], cast to float16) replaces the embedding lookup of the
         padded ids, as the runtime feeds a VLM: image embeddings spliced into the text's.
+        ``tree`` = (``attention_pos_id`` [B, S], bit-packed ``attention_mask`` [B, S, words]) makes
+        the new tokens a speculation tree (EAGLE base); without it an EAGLE graph gets the
+        runtime's one-entry placeholders and attends causally. An EAGLE graph's
+        ``hidden_states`` output is kept in :attr:`hidden_states`.
         """
         batch = len(token_ids)
         seq = max(len(t) for t in token_ids)
@@ -71,9 +83,16 @@ class LLMRunner:
         }
         for i, cache in enumerate(self.caches):
             feeds[llm_io.past_name(i)] = cache
+        if self.eagle:
+            pos_ids, mask = tree if tree is not None else (np.zeros((batch, 1)), np.zeros((batch, 1, 1)))
+            feeds[llm_io.ATTENTION_POS_ID] = np.asarray(pos_ids, np.int32)
+            feeds[llm_io.ATTENTION_MASK] = np.asarray(mask, np.int32)
+        elif tree is not None:
+            raise ValueError("tree inputs need an EAGLE base graph (export-llm --is_eagle_base)")
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.proto_.graph.output]
         result = dict(zip(names, outputs, strict=True))
         self.caches = [result[llm_io.present_name(i)] for i in range(len(self.caches))]
         self.lengths = start + counts
+        self.hidden_states = result.get(llm_io.HIDDEN_STATES)
         return result[llm_io.LOGITS]
