@@ -357,3 +357,27 @@ def test_asymmetric_gptq_is_refused(base, tmp_path):
     with pytest.raises(EdgeLLMError, match="zero points are not all 8"):
         export_llm(tmp_path / "gptq", tmp_path / "llm")
     assert not (tmp_path / "llm").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp8-lmfp8-kvfp8", "int4_awq", "nvfp4-lmnvfp4-kvfp8"])
+def test_an_eagle_base_exports_in_every_weight_format(quantized, tmp_path, precision):
+    """The EAGLE3 base of a quantized checkpoint: the same quantized weights, verified like any export,
+    and its speculation-tree logits against ModelOpt's fake-quantized model on each root-to-node path."""
+    from edgellm_steps.quant.precision import parse_precision
+    from edgellm_steps.verify.parity import tolerance_for
+
+    from .test_eagle_base import PARENTS, hf_path_logits, run_tree
+
+    checkpoint, standard = quantized(precision)
+    out = tmp_path / "eagle_base"
+    export_llm(checkpoint, out, eagle_base=True)
+    assert (out / "onnx_model.data").read_bytes() == (standard / "onnx_model.data").read_bytes()
+    summary = verify_onnx(out, checkpoint)
+    assert summary["passed"] and summary["precision"] == precision, summary
+    reference = load_reference_model(checkpoint, held_precision(checkpoint, {}), torch.float32)
+    ids = np.random.default_rng(3).integers(0, reference.config.vocab_size, 6).tolist()
+    with cpu_fake_quantization():
+        tokens, logits = run_tree(out, reference, ids, PARENTS)
+        expected = hf_path_logits(reference, ids, tokens, PARENTS)
+    result = compare_logits(logits, expected)
+    assert result.passed(tolerance_for(parse_precision(precision).formats())), f"{precision}: {result}"
