@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_FILES = {"llm": "llm.engine", "visual": "visual.engine"}
 #: The export step whose output builds each kind of engine.
-EXPORT_STEPS = {"export-llm": "llm", "export-visual": "visual"}
+EXPORT_STEPS = {"export-llm": "llm", "export-draft": "llm", "export-visual": "visual"}
 #: Where a vision-language model's engine directory holds its vision engine directory.
 VISUAL_SUBDIR = "visual"
 SIDECARS = (

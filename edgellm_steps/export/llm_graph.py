@@ -63,6 +63,11 @@ class DecoderGraph:
         #: An EAGLE3 base (contract 5): tree attention, several selected tokens, the hidden_states output.
         self.eagle_base = eagle_base
 
+    @property
+    def tree_attention(self) -> bool:
+        """Whether the attention plugins take the speculation tree (every EAGLE graph)."""
+        return self.eagle_base
+
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
         """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
         path = _node_path(module)
@@ -134,7 +139,7 @@ class DecoderGraph:
             num_kv_heads=d.num_kv_heads,
             head_size=d.head_dim,
             kv_scales=self.quant.kv_scales(attn, self.store),
-            tree=(llm_io.ATTENTION_MASK, llm_io.ATTENTION_POS_ID) if self.eagle_base else None,
+            tree=(llm_io.ATTENTION_MASK, llm_io.ATTENTION_POS_ID) if self.tree_attention else None,
         )
         shape = self.g.constant(np.array([0, 0, d.num_heads * d.head_dim], dtype=np.int64), "shape_attn_out")
         flat = self.g.op("Reshape", [out, shape], f"{path}/Reshape")

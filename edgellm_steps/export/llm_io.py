@@ -43,8 +43,13 @@ KVCACHE_START_INDEX = "kvcache_start_index"
 ATTENTION_POS_ID = "attention_pos_id"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
-#: Output of EAGLE graphs: the base's three intermediate hidden states, concatenated [B, S, 3H].
+#: Output of EAGLE graphs: the base's three intermediate hidden states, concatenated [B, S, 3H]
+#: (the draft's: its pre-norm hidden state at the selected tokens, [B, N, H]).
 HIDDEN_STATES = "hidden_states"
+#: Inputs of an EAGLE3 draft: the base's hidden states [B, S, 3H_target], and the draft's own
+#: previous output [B, S, H] (zeros in the first draft step; then the base's input is zeros).
+HIDDEN_STATES_INPUT = "hidden_states_input"
+HIDDEN_STATES_FROM_DRAFT = "hidden_states_from_draft"
 
 
 def past_name(layer: int) -> str:
@@ -121,6 +126,29 @@ def llm_outputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16, *, eagle_ba
     if eagle_base:
         outputs.append(TensorSpec(HIDDEN_STATES, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, 3 * dims.hidden_size)))
     return outputs + [TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)]
+
+
+def draft_inputs(dims: GraphDims, target_hidden_size: int, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
+    """Inputs of an EAGLE3 draft graph in contract order (section 5); ``dims`` are the draft's."""
+    standard = llm_inputs(dims, kv_type, eagle_base=True)
+    tree = standard[-2:]
+    return [
+        *standard[:-2],
+        TensorSpec(HIDDEN_STATES_INPUT, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, 3 * target_hidden_size)),
+        TensorSpec(HIDDEN_STATES_FROM_DRAFT, TensorProto.FLOAT16, (BATCH_SIZE, SEQ_LEN, dims.hidden_size)),
+        *tree,
+    ]
+
+
+def draft_outputs(dims: GraphDims, draft_vocab_size: int, kv_type: int = TensorProto.FLOAT16) -> list[TensorSpec]:
+    """Outputs of an EAGLE3 draft graph: log-softmax logits over the draft vocabulary and the hidden
+    states, both at the selected tokens, then the presents."""
+    kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PRESENT_LEN, dims.head_dim)
+    return [
+        TensorSpec(LOGITS, TensorProto.FLOAT, (BATCH_SIZE, NUM_SELECTED_TOKENS, draft_vocab_size)),
+        TensorSpec(HIDDEN_STATES, TensorProto.FLOAT16, (BATCH_SIZE, NUM_SELECTED_TOKENS, dims.hidden_size)),
+        *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
+    ]
 
 
 def eagle_hidden_state_indices(num_layers: int) -> tuple[int, int, int]:

@@ -179,6 +179,17 @@ FAMILIES: tuple[FamilySpec, ...] = (
 
 _BY_ARCHITECTURE = {arch: spec for spec in FAMILIES for arch in spec.architectures}
 
+#: EAGLE3 drafts as published: one Llama-style decoder layer named ``midlayer`` (q/k/v biases, as
+#: Qwen-style drafts have, are read when present), ``fc``, ``norm``, ``lm_head`` over the draft
+#: vocabulary, and optionally ``embed_tokens`` (the runtime looks tokens up in the base's table).
+EAGLE3_DRAFT = FamilySpec(
+    family="llama",
+    architectures=("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM", "LlamaEagle3ForCausalLM"),
+    embed_tokens="embed_tokens.weight",
+    layer_prefix="midlayer",
+    final_norm="norm.weight",
+)
+
 
 def supported_architectures() -> list[str]:
     return sorted(_BY_ARCHITECTURE)

@@ -1,0 +1,21 @@
+"""``edgellm-export-draft``: export an EAGLE3 draft checkpoint for its base model to the Edge-LLM draft ONNX."""
+
+from __future__ import annotations
+
+import argparse
+
+from edgellm_steps.cli import run_cli
+from edgellm_steps.export.export_draft import export_draft
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgellm-export-draft", description=__doc__)
+    parser.add_argument("--draft_model_dir", required=True, help="EAGLE3 draft checkpoint directory or hub id")
+    parser.add_argument("--base_model_dir", required=True, help="the base model it drafts for (directory or hub id)")
+    parser.add_argument("--output_dir", required=True, help="export directory (replaced whole when complete)")
+    args = parser.parse_args(argv)
+    return run_cli(lambda: export_draft(args.draft_model_dir, args.base_model_dir, args.output_dir))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

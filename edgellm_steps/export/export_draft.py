@@ -1,0 +1,124 @@
+"""export-draft: an EAGLE3 draft checkpoint (published layout) -> the Edge-LLM draft ONNX directory.
+
+Output (contract section 5): ``model.onnx`` + ``onnx_model.data``, ``config.json`` (the
+section 4 keys plus ``draft_vocab_size`` and ``base_model_hidden_size``, ``model_type``
+``eagle3_draft``, no ``vocab_size``), ``d2t.safetensors`` (int32 offsets: base id = draft id +
+d2t[draft id]) and our ``manifest.json``. There is no embedding file: the runtime looks the
+draft's tokens up in the base's table. The base checkpoint is read for its config only: the
+draft must fit it (hidden size of the states it consumes, vocabulary its d2t maps into).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.errors import SourceError
+from edgellm_steps.export.draft_graph import DraftGraph
+from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.sidecars import runtime_config, write_json
+from edgellm_steps.models.families import EAGLE3_DRAFT, family_for
+from edgellm_steps.quant.linear import QuantPlan
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+ONNX_NAME = "model.onnx"
+D2T_FILE = "d2t.safetensors"
+
+
+def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], where: str) -> tuple[int, int]:
+    """(target hidden size, draft vocabulary size) of a draft that fits its base, or a one-line refusal."""
+    architectures = draft_config.get("architectures") or []
+    if not set(architectures) & set(EAGLE3_DRAFT.architectures):
+        raise SourceError(
+            f"{where} is not an EAGLE3 draft (architectures {architectures}); "
+            f"expected one of {', '.join(EAGLE3_DRAFT.architectures)}"
+        )
+    dims, base = decoder_dims(draft_config), decoder_dims(base_config)
+    target = int(draft_config.get("target_hidden_size") or dims.hidden_size)
+    if target != base.hidden_size:
+        raise SourceError(
+            f"{where}: the draft reads hidden states of width {target} (target_hidden_size), but the base's "
+            f"hidden size is {base.hidden_size}; pair the draft with the base it was trained for"
+        )
+    if dims.vocab_size != base.vocab_size:
+        raise SourceError(
+            f"{where}: the draft's vocab_size {dims.vocab_size} differs from the base's {base.vocab_size}; "
+            "pair the draft with the base it was trained for"
+        )
+    if dims.num_layers != 1:
+        raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
+    draft_vocab = int(draft_config.get("draft_vocab_size") or dims.vocab_size)
+    return target, draft_vocab
+
+
+def read_d2t(store: TensorStore, draft_vocab: int, base_vocab: int, where: str) -> np.ndarray:
+    """The draft-to-base offsets as int32, checked: one per draft id, every base id inside the base vocabulary."""
+    if "d2t" not in store:
+        raise SourceError(f"{where} has no d2t tensor (draft id -> base id offsets); is it a complete EAGLE3 draft?")
+    d2t = store.get("d2t").numpy().astype(np.int64).reshape(-1)
+    if d2t.shape[0] != draft_vocab:
+        raise SourceError(f"{where}: d2t has {d2t.shape[0]} entries but draft_vocab_size is {draft_vocab}")
+    base_ids = np.arange(draft_vocab) + d2t
+    if base_ids.min() < 0 or base_ids.max() >= base_vocab:
+        raise SourceError(f"{where}: d2t maps draft ids outside the base vocabulary of {base_vocab}")
+    return d2t.astype(np.int32)
+
+
+def draft_config_json(dims: DecoderDims, draft_config: dict[str, Any], target: int, draft_vocab: int) -> dict:
+    """The draft's ``config.json``: section 4's keys, no ``vocab_size``, the draft's own keys."""
+    config = runtime_config(dims, EAGLE3_DRAFT, draft_config)
+    del config["vocab_size"]
+    config["model_type"] = "eagle3_draft"
+    config["draft_vocab_size"] = draft_vocab
+    config["base_model_hidden_size"] = 3 * target
+    return config
+
+
+def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | Path) -> Path:
+    """Export the EAGLE3 draft ``draft_dir`` for the base ``base_dir`` into ``output_dir``."""
+    from safetensors.numpy import save_file
+
+    started = time.monotonic()
+    draft = resolve_source(str(draft_dir), allow_download=True)
+    base = resolve_source(str(base_dir), allow_download=True)
+    draft_config, base_config = read_hf_config(draft), read_hf_config(base)
+    family_for(base_config, where=str(base))
+    target, draft_vocab = check_draft_fits(draft_config, base_config, str(draft))
+    dims = decoder_dims(draft_config)
+    EAGLE3_DRAFT.check_dims(dims)
+    store = TensorStore(draft)
+    d2t = read_d2t(store, draft_vocab, decoder_dims(base_config).vocab_size, str(draft))
+    output_dir = Path(output_dir)
+    log.info("exporting the EAGLE3 draft %s (draft vocabulary %d) to %s", draft, draft_vocab, output_dir)
+    with staged_directory(output_dir) as staging:
+        writer = ExternalDataWriter(staging)
+        try:
+            model = DraftGraph(
+                GraphBuilder(writer),
+                store,
+                EAGLE3_DRAFT,
+                dims,
+                QuantPlan(lm_head_module="lm_head"),
+                target_hidden_size=target,
+                draft_vocab_size=draft_vocab,
+            ).build()
+        finally:
+            writer.close()
+        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
+        onnx.save_model(model, str(staging / ONNX_NAME))
+        onnx.checker.check_model(str(staging / ONNX_NAME))
+        write_json(staging / "config.json", draft_config_json(dims, draft_config, target, draft_vocab))
+        save_file({"d2t": d2t}, str(staging / D2T_FILE))
+        write_manifest(staging, step="export-draft", parameters={"precision": "fp16"})
+    log.info("draft export finished in %.1f s", time.monotonic() - started)
+    return output_dir / ONNX_NAME
