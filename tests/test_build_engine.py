@@ -177,3 +177,44 @@ def test_a_vlm_engine_directory_holds_the_vision_engine(checkpoint_factory, tmp_
     (engine / "visual/visual.engine").write_bytes(b"vision engine, rebuilt elsewhere")
     with pytest.raises(ManifestMismatchError, match=r"visual/visual\.engine changed after build-engine"):
         check_step_output(engine, "build-engine")
+
+
+def test_an_eagle_engine_directory_holds_base_and_draft_as_the_runtime_names_them(checkpoint_factory, tmp_path):
+    """eagle_base.engine + base_config.json and eagle_draft.engine + draft_config.json + d2t.safetensors, one directory.
+
+    The engine bytes stand in for TensorRT's output (not available here); everything around them is real.
+    """
+    from edgellm_steps.export.export_draft import export_draft
+    from edgellm_steps.models.demo import make_eagle3_draft
+
+    base = checkpoint_factory("llama")
+    export_llm(base, tmp_path / "onnx/eagle_base", eagle_base=True)
+    export_draft(make_eagle3_draft(tmp_path / "draft", base), base, tmp_path / "onnx/draft")
+    draft_engine = step.write_engine_dir(
+        tmp_path / "engines/draft.engine", tmp_path / "onnx/draft", "llm", b"draft", sm=110, limits=LIMITS
+    )
+    assert {p.name for p in draft_engine.iterdir()} == {
+        "eagle_draft.engine",
+        "draft_config.json",
+        "d2t.safetensors",
+        "manifest.json",
+    }
+    engine = step.write_engine_dir(
+        tmp_path / "engines/eagle.engine",
+        tmp_path / "onnx/eagle_base",
+        "llm",
+        b"base",
+        sm=110,
+        limits=LIMITS,
+        draft_engine_dir=step.check_component_engine(draft_engine, 110, "eagle_draft"),
+    )
+    files = {p.name for p in engine.iterdir()}
+    assert {"eagle_base.engine", "base_config.json", "eagle_draft.engine", "draft_config.json"} <= files
+    assert {"d2t.safetensors", "tokenizer.json", "embedding.safetensors", "manifest.json"} <= files
+    assert "llm.engine" not in files and "config.json" not in files
+    base_config = json.loads((engine / "base_config.json").read_text())["builder_config"]
+    draft_config = json.loads((engine / "draft_config.json").read_text())["builder_config"]
+    assert base_config["eagle_base"] and not base_config["eagle_draft"]
+    assert draft_config["eagle_draft"] and not draft_config["eagle_base"]
+    with pytest.raises(EdgeLLMError, match="not an EAGLE draft engine for sm87"):
+        step.check_component_engine(draft_engine, 87, "eagle_draft")

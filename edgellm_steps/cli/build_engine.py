@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--visual_engine_dir", default=None, help="a VLM's vision engine directory (same SM), placed in visual/"
     )
+    parser.add_argument(
+        "--draft_engine_dir", default=None, help="an EAGLE base's draft engine directory (same SM), placed beside it"
+    )
     for limit in fields(BuildLimits):
         parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {limit.default})")
     args = parser.parse_args(argv)
@@ -31,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             limits=limits,
             plugin_path=args.plugin_path,
             visual_engine_dir=args.visual_engine_dir,
+            draft_engine_dir=args.draft_engine_dir,
         )
     )
 

@@ -32,7 +32,21 @@ from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
 
 log = logging.getLogger(__name__)
 
-ENGINE_FILES = {"llm": "llm.engine", "visual": "visual.engine"}
+#: The runtime's file names per engine role: (engine, config). An EAGLE directory holds the base's
+#: and the draft's side by side, with the draft's d2t.safetensors.
+ROLE_FILES = {
+    "llm": ("llm.engine", "config.json"),
+    "visual": ("visual.engine", "config.json"),
+    "eagle_base": ("eagle_base.engine", "base_config.json"),
+    "eagle_draft": ("eagle_draft.engine", "draft_config.json"),
+}
+_EAGLE_ROLES = {"eagle3_base": "eagle_base", "eagle3_draft": "eagle_draft"}
+_ROLE_DESCRIPTIONS = {
+    "llm": "an LLM engine",
+    "visual": "a vision engine",
+    "eagle_base": "an EAGLE base engine",
+    "eagle_draft": "an EAGLE draft engine",
+}
 #: The export step whose output builds each kind of engine.
 EXPORT_STEPS = {"export-llm": "llm", "export-draft": "llm", "export-visual": "visual"}
 #: Where a vision-language model's engine directory holds its vision engine directory.
@@ -139,16 +153,28 @@ def check_export(onnx_dir: Path) -> str:
     raise AssertionError("unreachable: check_step_output accepted what check_if_step_output refused")
 
 
-def check_visual_engine(engine_dir: Path, sm: int) -> Path:
-    """A finished vision engine directory built for ``sm``, to be placed into an LLM engine directory."""
+def engine_role(kind: str, export_config: dict) -> str:
+    """``llm``, ``visual``, ``eagle_base`` or ``eagle_draft``: which engine (and file names) an export makes."""
+    if kind == "visual":
+        return "visual"
+    return _EAGLE_ROLES.get(export_config.get("model_type"), "llm")
+
+
+def check_component_engine(engine_dir: Path, sm: int, role: str) -> Path:
+    """A finished engine directory of ``role`` built for ``sm``, to be placed into another engine directory."""
     manifest = check_step_output(engine_dir, "build-engine")
     built_for = manifest.get("parameters", {}).get("sm")
-    if not (engine_dir / ENGINE_FILES["visual"]).is_file() or built_for != sm:
+    if not (engine_dir / ROLE_FILES[role][0]).is_file() or built_for != sm:
         raise EdgeLLMError(
-            f"{engine_dir} is not a vision engine for sm{sm} (it holds {sorted(p.name for p in engine_dir.iterdir())}, "
-            f"built for sm{built_for}); build engines/sm{sm}/visual/<model>.engine first"
+            f"{engine_dir} is not {_ROLE_DESCRIPTIONS[role]} for sm{sm} (it holds {sorted(p.name for p in engine_dir.iterdir())}, "
+            f"built for sm{built_for}); build that engine target first"
         )
     return engine_dir
+
+
+def check_visual_engine(engine_dir: Path, sm: int) -> Path:
+    """A finished vision engine directory built for ``sm``, to be placed into an LLM engine directory."""
+    return check_component_engine(engine_dir, sm, "visual")
 
 
 def _place(source: Path, destination: Path) -> None:
@@ -168,14 +194,18 @@ def write_engine_dir(
     sm: int,
     limits: BuildLimits,
     visual_engine_dir: Path | None = None,
+    draft_engine_dir: Path | None = None,
 ) -> Path:
-    """Write the runtime's engine directory: the engine, its config, the export's sidecars, ``visual/``."""
+    """Write the runtime's engine directory: the engine, its config, the export's sidecars, ``visual/``,
+    and for an EAGLE base the draft engine's files beside its own (``eagle_draft.engine``,
+    ``draft_config.json``, ``d2t.safetensors``)."""
     export_config = json.loads((onnx_dir / "config.json").read_text())
     builder_config = builder_config_of(kind, limits, export_config)
+    engine_name, config_name = ROLE_FILES[engine_role(kind, export_config)]
     with staged_directory(engine_dir) as staging:
-        (staging / ENGINE_FILES[kind]).write_bytes(engine)
+        (staging / engine_name).write_bytes(engine)
         config = {**export_config, "builder_config": builder_config}
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (staging / config_name).write_text(json.dumps(config, indent=2) + "\n")
         for name in SIDECARS:
             if (onnx_dir / name).is_file():
                 shutil.copyfile(onnx_dir / name, staging / name)
@@ -184,6 +214,10 @@ def write_engine_dir(
             (staging / VISUAL_SUBDIR).mkdir()
             for source in sorted(visual_engine_dir.iterdir()):
                 _place(source, staging / VISUAL_SUBDIR / source.name)
+        if draft_engine_dir is not None:
+            for source in sorted(draft_engine_dir.iterdir()):
+                if source.name != "manifest.json" and not (staging / source.name).exists():
+                    _place(source, staging / source.name)
         write_manifest(staging, step="build-engine", parameters=parameters)
     return engine_dir
 
@@ -196,19 +230,27 @@ def build_engine(
     limits: BuildLimits,
     plugin_path: str | None = None,
     visual_engine_dir: str | Path | None = None,
+    draft_engine_dir: str | Path | None = None,
 ) -> Path:
     """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``.
 
-    ``visual_engine_dir`` (an LLM engine of a vision-language model) is placed in ``visual/``.
+    ``visual_engine_dir`` (an LLM engine of a vision-language model) is placed in ``visual/``;
+    ``draft_engine_dir`` (an EAGLE base's draft engine) beside the base engine.
     """
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     kind = check_export(onnx_dir)
     visual = check_visual_engine(Path(visual_engine_dir), sm) if visual_engine_dir else None
     if visual is not None and kind != "llm":
         raise EdgeLLMError(f"{onnx_dir} is a vision encoder export; only an LLM engine holds a vision engine")
+    draft = check_component_engine(Path(draft_engine_dir), sm, "eagle_draft") if draft_engine_dir else None
+    role = engine_role(kind, json.loads((onnx_dir / "config.json").read_text()))
+    if draft is not None and role != "eagle_base":
+        raise EdgeLLMError(f"{onnx_dir} is not an EAGLE base export; only an EAGLE base engine holds a draft engine")
     plugin = check_build_host(sm, plugin_path)
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
     if engine_kind(graph) != kind:
         raise EdgeLLMError(f"{onnx_dir}: its manifest says a {kind} export but the graph makes a {engine_kind(graph)}")
     engine = _serialize(onnx_dir / "model.onnx", engine_profiles(graph, limits), plugin)
-    return write_engine_dir(engine_dir, onnx_dir, kind, engine, sm=sm, limits=limits, visual_engine_dir=visual)
+    return write_engine_dir(
+        engine_dir, onnx_dir, kind, engine, sm=sm, limits=limits, visual_engine_dir=visual, draft_engine_dir=draft
+    )
