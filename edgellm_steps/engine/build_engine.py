@@ -165,9 +165,10 @@ def check_component_engine(engine_dir: Path, sm: int, role: str) -> Path:
     manifest = check_step_output(engine_dir, "build-engine")
     built_for = manifest.get("parameters", {}).get("sm")
     if not (engine_dir / ROLE_FILES[role][0]).is_file() or built_for != sm:
+        held = sorted(p.name for p in engine_dir.iterdir())
         raise EdgeLLMError(
-            f"{engine_dir} is not {_ROLE_DESCRIPTIONS[role]} for sm{sm} (it holds {sorted(p.name for p in engine_dir.iterdir())}, "
-            f"built for sm{built_for}); build that engine target first"
+            f"{engine_dir} is not {_ROLE_DESCRIPTIONS[role]} for sm{sm} (it holds {held}, built for sm{built_for}); "
+            "build that engine target first"
         )
     return engine_dir
 
