@@ -72,6 +72,23 @@ def export_llm_inputs(wildcards):
     return ask(PLAN.export_inputs, wildcards.model, wildcards.precision)
 
 
+def eagle_base_inputs(wildcards):
+    return ask(PLAN.eagle_base_inputs, wildcards.model, wildcards.precision)
+
+
+def export_draft_inputs(wildcards):
+    return ask(PLAN.export_draft_inputs, wildcards.model, wildcards.precision)
+
+
+def draft_checkpoint(wildcards, input):
+    # Not recorded (a function of `input`): the draft's content is, through its stamps.
+    return str(ask(PLAN.draft_checkpoint, wildcards.model))
+
+
+def engine_draft_option(wildcards, input):
+    return f"--draft_engine_dir {input.draft}" if "draft" in input.keys() else ""
+
+
 def export_visual_inputs(wildcards):
     return ask(PLAN.visual_inputs, wildcards.model)
 

@@ -31,11 +31,39 @@ rule build_engine:
         limits=engine_limits,
         plugin=engine_plugin,
         visual=engine_visual_option,
+        draft=engine_draft_option,
     shell:
         # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
         # (profiles/local runs one GPU job at a time).
         "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
-        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} > {log:q} 2>&1"
+        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} {params.draft} > {log:q} 2>&1"
+
+
+rule build_draft_engine:
+    input:
+        manifest="onnx/{model}_{precision}/draft/manifest.json",
+    output:
+        engine=directory("engines/sm{sm}/draft/{model}_{precision}.engine"),
+    log:
+        "logs/build_draft_engine/sm{sm}/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/build_draft_engine/sm{sm}/{model}_{precision}.tsv"
+    conda:
+        "../envs/engine.yaml"
+    resources:
+        gpu=1,
+        mem_mb=engine_mem_mb,
+        constraint=engine_constraint,
+        slurm_partition=engine_partition,
+    params:
+        code=step_code("build-engine"),
+        command=step_command("build-engine"),
+        sm=engine_sm,
+        limits=engine_limits,
+        plugin=engine_plugin,
+    shell:
+        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
+        " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
 
 
 rule build_visual_engine:

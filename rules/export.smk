@@ -1,5 +1,6 @@
 # export-llm: HF checkpoint -> Edge-LLM ONNX directory (contract sections 3-4).
 # export-visual: a VLM's vision tower -> the vision encoder ONNX directory (contract section 7).
+# EAGLE3 (contract section 5), for a model with a draft: the base graph and the draft graph.
 
 
 rule export_llm:
@@ -53,3 +54,53 @@ rule export_visual:
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
         " {params.options} > {log:q} 2>&1"
+
+
+rule export_eagle_base:
+    input:
+        unpack(eagle_base_inputs),
+    output:
+        onnx="onnx/{model}_{precision}/eagle_base/model.onnx",
+        data="onnx/{model}_{precision}/eagle_base/onnx_model.data",
+        config="onnx/{model}_{precision}/eagle_base/config.json",
+        embedding="onnx/{model}_{precision}/eagle_base/embedding.safetensors",
+        manifest="onnx/{model}_{precision}/eagle_base/manifest.json",
+    log:
+        "logs/export_eagle_base/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/export_eagle_base/{model}_{precision}.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("export-llm"),
+        command=step_command("export-llm"),
+        checkpoint=export_checkpoint,
+        options=export_options,
+    shell:
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
+        " --is_eagle_base {params.options} > {log:q} 2>&1"
+
+
+rule export_draft:
+    input:
+        unpack(export_draft_inputs),
+    output:
+        onnx="onnx/{model}_{precision}/draft/model.onnx",
+        data="onnx/{model}_{precision}/draft/onnx_model.data",
+        config="onnx/{model}_{precision}/draft/config.json",
+        d2t="onnx/{model}_{precision}/draft/d2t.safetensors",
+        manifest="onnx/{model}_{precision}/draft/manifest.json",
+    log:
+        "logs/export_draft/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/export_draft/{model}_{precision}.tsv"
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("export-draft"),
+        command=step_command("export-draft"),
+        draft=draft_checkpoint,
+        base=source_checkpoint,
+    shell:
+        "{params.command} --draft_model_dir {params.draft:q} --base_model_dir {params.base:q}"
+        " --output_dir $(dirname {output.onnx:q}) > {log:q} 2>&1"

@@ -22,6 +22,7 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.errors import SourceError
+from edgellm_steps.export.draft_fit import check_draft_fits
 from edgellm_steps.export.draft_graph import DraftGraph
 from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
 from edgellm_steps.export.sidecars import runtime_config, write_json
@@ -33,32 +34,6 @@ log = logging.getLogger(__name__)
 
 ONNX_NAME = "model.onnx"
 D2T_FILE = "d2t.safetensors"
-
-
-def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], where: str) -> tuple[int, int]:
-    """(target hidden size, draft vocabulary size) of a draft that fits its base, or a one-line refusal."""
-    architectures = draft_config.get("architectures") or []
-    if not set(architectures) & set(EAGLE3_DRAFT.architectures):
-        raise SourceError(
-            f"{where} is not an EAGLE3 draft (architectures {architectures}); "
-            f"expected one of {', '.join(EAGLE3_DRAFT.architectures)}"
-        )
-    dims, base = decoder_dims(draft_config), decoder_dims(base_config)
-    target = int(draft_config.get("target_hidden_size") or dims.hidden_size)
-    if target != base.hidden_size:
-        raise SourceError(
-            f"{where}: the draft reads hidden states of width {target} (target_hidden_size), but the base's "
-            f"hidden size is {base.hidden_size}; pair the draft with the base it was trained for"
-        )
-    if dims.vocab_size != base.vocab_size:
-        raise SourceError(
-            f"{where}: the draft's vocab_size {dims.vocab_size} differs from the base's {base.vocab_size}; "
-            "pair the draft with the base it was trained for"
-        )
-    if dims.num_layers != 1:
-        raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
-    draft_vocab = int(draft_config.get("draft_vocab_size") or dims.vocab_size)
-    return target, draft_vocab
 
 
 def read_d2t(store: TensorStore, draft_vocab: int, base_vocab: int, where: str) -> np.ndarray:

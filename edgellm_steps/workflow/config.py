@@ -65,6 +65,14 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class DraftSettings:
+    """An EAGLE3 draft configured for a model."""
+
+    source: str
+    precision: str = "fp16"
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """Everything the workflow knows about one model after defaults apply."""
 
@@ -75,6 +83,8 @@ class ModelSettings:
     chat_template: str | None
     #: Vision-language models: the vision encoder's precision (fp16 or fp8), not the LLM's.
     visual_precision: str
+    #: The model's EAGLE3 draft, if any.
+    draft: DraftSettings | None
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
@@ -150,6 +160,7 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         sm_targets=tuple(merged["sm_targets"]),
         chat_template=merged["chat_template"],
         visual_precision=merged["visual_precision"],
+        draft=DraftSettings(**merged["draft"]) if merged["draft"] else None,
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),

@@ -17,6 +17,7 @@ import yaml
 from edgellm_steps.artifacts.checkpoint import decoder_dims, weight_files
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
+from edgellm_steps.export.draft_fit import check_draft_fits
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
@@ -59,6 +60,7 @@ class Planner:
         # One DAG build asks about the same model for every job; resolve and read its source once.
         self._sources: dict[str, tuple[Path, dict[str, Any], HeldPrecision | None]] = {}
         self._stamps: dict[str, list[str]] = {}
+        self._drafts: dict[str, Path] = {}
         self._digests: DigestCache | None = None
 
     def settings(self, model: str) -> ModelSettings:
@@ -210,10 +212,54 @@ class Planner:
             )
         return target
 
+    def draft_checkpoint(self, model: str) -> Path:
+        """The model's EAGLE3 draft checkpoint, checked to fit the base (hidden size, vocabulary)."""
+        if model not in self._drafts:
+            draft = self.settings(model).draft
+            if draft is None:
+                raise ConfigError(
+                    f"model '{model}' has no draft; add draft: {{source: <EAGLE3 draft directory or hub id>}} under "
+                    f"models.{model} to build its EAGLE targets"
+                )
+            path = resolve_source(draft.source, model=model)
+            where = f"model '{model}' draft ({draft.source})"
+            try:
+                check_draft_fits(read_hf_config(path, model=model), self._source(model)[1], where)
+                weight_files(path)
+            except SourceError as err:
+                raise SourceError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
+            self._drafts[model] = path
+        return self._drafts[model]
+
+    def draft_source_inputs(self, model: str) -> list[str]:
+        """The stamps standing for the model's draft checkpoint."""
+        key = f"{model}/draft"
+        if key not in self._stamps:
+            if self._digests is None:
+                self._digests = DigestCache(self.state_dir / "digest-cache.json")
+            directory = self.state_dir / "drafts" / model
+            self._stamps[key] = [str(p) for p in refresh_stamps(self.draft_checkpoint(model), directory, self._digests)]
+        return self._stamps[key]
+
+    def eagle_base_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of export_eagle_base: those of export_llm, for a model with a draft."""
+        self.draft_checkpoint(model)
+        return self.export_inputs(model, precision)
+
+    def export_draft_inputs(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of export_draft: the draft's stamps and the base source's (its config decides the fit)."""
+        self.precision(model, precision)
+        return {"draft": self.draft_source_inputs(model), "source": self.source_inputs(model)}
+
     def engine_inputs(self, model: str, precision: str, sm: str | int | None) -> dict[str, str]:
-        """Inputs of build_engine: the LLM export, and for a VLM the vision engine of the same SM."""
+        """Inputs of build_engine: the LLM export (the EAGLE base's, with its draft engine, for a model with
+        a draft), and for a VLM the vision engine of the same SM."""
         target = self.engine_sm(model, precision, sm)
         inputs = {"manifest": f"onnx/{model}_{precision}/llm/manifest.json"}
+        if self.settings(model).draft is not None:
+            self.draft_checkpoint(model)
+            inputs["manifest"] = f"onnx/{model}_{precision}/eagle_base/manifest.json"
+            inputs["draft"] = f"engines/sm{target}/draft/{model}_{precision}.engine"
         if self.vision_language(model):
             self.visual_engine_sm(model, target)
             inputs["visual"] = f"engines/sm{target}/visual/{model}.engine"
@@ -313,4 +359,7 @@ class Planner:
             targets += [f"onnx/{model}_{precision}/llm/model.onnx" for precision in self.settings(model).precisions]
             if self.vision_language(model):
                 targets.append(f"onnx/{model}/visual/model.onnx")
+            if self.settings(model).draft is not None:
+                for precision in self.settings(model).precisions:
+                    targets += [f"onnx/{model}_{precision}/{kind}/model.onnx" for kind in ("eagle_base", "draft")]
         return targets

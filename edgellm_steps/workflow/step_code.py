@@ -24,6 +24,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent
 STEP_ENTRY_POINTS = {
     "export-llm": f"{PACKAGE}.cli.export_llm",
     "export-visual": f"{PACKAGE}.cli.export_visual",
+    "export-draft": f"{PACKAGE}.cli.export_draft",
     "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",

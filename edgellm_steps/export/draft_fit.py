@@ -1,0 +1,35 @@
+"""Whether an EAGLE3 draft fits its base: read from the two configs only, so planning can ask it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.errors import SourceError
+from edgellm_steps.models.families import EAGLE3_DRAFT
+
+
+def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], where: str) -> tuple[int, int]:
+    """(target hidden size, draft vocabulary size) of a draft that fits its base, or a one-line refusal."""
+    architectures = draft_config.get("architectures") or []
+    if not set(architectures) & set(EAGLE3_DRAFT.architectures):
+        raise SourceError(
+            f"{where} is not an EAGLE3 draft (architectures {architectures}); "
+            f"expected one of {', '.join(EAGLE3_DRAFT.architectures)}"
+        )
+    dims, base = decoder_dims(draft_config), decoder_dims(base_config)
+    target = int(draft_config.get("target_hidden_size") or dims.hidden_size)
+    if target != base.hidden_size:
+        raise SourceError(
+            f"{where}: the draft reads hidden states of width {target} (target_hidden_size), but the base's "
+            f"hidden size is {base.hidden_size}; pair the draft with the base it was trained for"
+        )
+    if dims.vocab_size != base.vocab_size:
+        raise SourceError(
+            f"{where}: the draft's vocab_size {dims.vocab_size} differs from the base's {base.vocab_size}; "
+            "pair the draft with the base it was trained for"
+        )
+    if dims.num_layers != 1:
+        raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
+    draft_vocab = int(draft_config.get("draft_vocab_size") or dims.vocab_size)
+    return target, draft_vocab

@@ -1,0 +1,78 @@
+"""A model with an EAGLE3 draft through the real workflow: both EAGLE exports, the engine plan, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgellm_steps.models.demo import make_eagle3_draft
+
+from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    draft: {source: draft}
+    sm_targets: [110]
+"""
+EXPORTS = ("onnx/tiny_fp16/eagle_base/model.onnx", "onnx/tiny_fp16/draft/model.onnx")
+
+
+@pytest.fixture
+def workdir(tmp_path, checkpoint_factory):
+    base = checkpoint_factory("llama")
+    copy_checkpoint(base, tmp_path / "ckpt")
+    make_eagle3_draft(tmp_path / "draft", base)
+    write_config(tmp_path, CONFIG)
+    return tmp_path
+
+
+def test_eagle_exports_build_and_the_engine_plans_base_and_draft(workdir):
+    run_snakemake(workdir, *EXPORTS)
+    base = json.loads((workdir / "onnx/tiny_fp16/eagle_base/config.json").read_text())
+    draft = json.loads((workdir / "onnx/tiny_fp16/draft/config.json").read_text())
+    assert base["model_type"] == "eagle3_base" and draft["model_type"] == "eagle3_draft"
+    assert (workdir / "onnx/tiny_fp16/draft/d2t.safetensors").is_file()
+    assert NOTHING in run_snakemake(workdir, "-n", *EXPORTS).output
+    plan = run_snakemake(workdir, "-n", "--printshellcmds", "engines/tiny_fp16.engine")
+    assert planned_jobs(plan.output) == {"build_draft_engine": 1, "build_engine": 1, "link_default_engine": 1}
+    jobs = plan.output.split("rule ")
+    for rule in ("build_engine", "build_draft_engine"):
+        job = next(j for j in jobs if j.startswith(f"{rule}:"))
+        assert "gpu=1" in job and "constraint=sm110" in job, job
+    engine_job = next(j for j in jobs if j.startswith("build_engine:"))
+    assert "onnx/tiny_fp16/eagle_base/manifest.json" in engine_job
+    assert "engines/sm110/draft/tiny_fp16.engine" in engine_job and "--draft_engine_dir" in engine_job
+    # A changed draft reruns the draft export only; the base export stays.
+    weights = workdir / "draft/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert planned_jobs(run_snakemake(workdir, "-n", *EXPORTS).output) == {"export_draft": 1}
+
+
+def test_a_draft_that_does_not_fit_the_base_fails_at_planning(workdir):
+    config_path = workdir / "draft/config.json"
+    config = json.loads(config_path.read_text())
+    config["target_hidden_size"] = 128
+    config_path.write_text(json.dumps(config))
+    refused = run_snakemake(workdir, "-n", "engines/tiny_fp16.engine", check=False)
+    assert refused.returncode != 0
+    assert "model 'tiny' draft (draft): the draft reads hidden states of width 128" in refused.output
+    assert "the base's hidden size is 64" in refused.output
+
+
+def test_eagle_targets_need_a_draft(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("llama"), tmp_path / "ckpt")
+    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
+    refused = run_snakemake(tmp_path, "-n", EXPORTS[1], check=False)
+    assert refused.returncode != 0 and "model 'tiny' has no draft; add draft: {source:" in refused.output
+    # Without a draft the engine is the plain LLM engine.
+    assert planned_jobs(run_snakemake(tmp_path, "-n", "engines/sm110/tiny_fp16.engine").output) == {
+        "export_llm": 1,
+        "build_engine": 1,
+    }
