@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
@@ -24,7 +23,7 @@ from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.draft_fit import check_draft_fits
 from edgellm_steps.export.draft_graph import DraftGraph
-from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import runtime_config, write_json
 from edgellm_steps.models.families import EAGLE3_DRAFT, family_for
 from edgellm_steps.quant.linear import QuantPlan
@@ -32,7 +31,6 @@ from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"
 D2T_FILE = "d2t.safetensors"
 
 
@@ -76,22 +74,18 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
     output_dir = Path(output_dir)
     log.info("exporting the EAGLE3 draft %s (draft vocabulary %d) to %s", draft, draft_vocab, output_dir)
     with staged_directory(output_dir) as staging:
-        writer = ExternalDataWriter(staging)
-        try:
-            model = DraftGraph(
-                GraphBuilder(writer),
+        write_graph(
+            staging,
+            lambda builder: DraftGraph(
+                builder,
                 store,
                 EAGLE3_DRAFT,
                 dims,
                 QuantPlan(lm_head_module="lm_head"),
                 target_hidden_size=target,
                 draft_vocab_size=draft_vocab,
-            ).build()
-        finally:
-            writer.close()
-        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
-        onnx.save_model(model, str(staging / ONNX_NAME))
-        onnx.checker.check_model(str(staging / ONNX_NAME))
+            ).build(),
+        )
         write_json(staging / "config.json", draft_config_json(dims, draft_config, target, draft_vocab))
         save_file({"d2t": d2t}, str(staging / D2T_FILE))
         write_manifest(staging, step="export-draft", parameters={"precision": "fp16"})

@@ -13,15 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-import onnx
-
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
-from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
@@ -30,8 +28,6 @@ from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
-
-ONNX_NAME = "model.onnx"
 
 
 def export_llm(
@@ -75,14 +71,9 @@ def export_llm(
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
     with staged_directory(output_dir) as staging:
-        writer = ExternalDataWriter(staging)
-        try:
-            model = DecoderGraph(GraphBuilder(writer), store, spec, dims, quant, eagle_base=eagle_base).build()
-        finally:
-            writer.close()
-        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
-        onnx.save_model(model, str(staging / ONNX_NAME))
-        onnx.checker.check_model(str(staging / ONNX_NAME))
+        write_graph(
+            staging, lambda builder: DecoderGraph(builder, store, spec, dims, quant, eagle_base=eagle_base).build()
+        )
         write_embedding(store, spec, staging / "embedding.safetensors")
         write_json(staging / "config.json", runtime_config(dims, spec, hf_config, eagle_base=eagle_base))
         copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)

@@ -15,15 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokenizer_files
 from edgellm_steps.errors import PrecisionError, SourceError
-from edgellm_steps.export.onnx_builder import EXTERNAL_DATA_FILE, ExternalDataWriter, GraphBuilder
+from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisionDims, VisualGraph, tower_prefix, vision_dims
 from edgellm_steps.models.families import FamilySpec, VisionSpec, family_for
@@ -31,7 +29,6 @@ from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"
 #: Weight precisions of a vision encoder export.
 VISUAL_PRECISIONS = ("fp16", "fp8")
 #: The runtime reads the preprocessor config beside the vision engine (patch, merge, mean, std).
@@ -110,14 +107,9 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
-        writer = ExternalDataWriter(staging)
-        try:
-            model = VisualGraph(GraphBuilder(writer), store, spec, dims, prefix, fp8_modules=fp8_modules).build()
-        finally:
-            writer.close()
-        log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
-        onnx.save_model(model, str(staging / ONNX_NAME))
-        onnx.checker.check_model(str(staging / ONNX_NAME))
+        write_graph(
+            staging, lambda builder: VisualGraph(builder, store, spec, dims, prefix, fp8_modules=fp8_modules).build()
+        )
         write_json(staging / "config.json", visual_config(hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step="export-visual", parameters={"precision": quantization})

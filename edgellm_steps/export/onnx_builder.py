@@ -8,13 +8,16 @@ and peak memory is one tensor, not the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+log = logging.getLogger(__name__)
 
 OPSET = 19
 #: FP4 tensors (NVFP4) first exist in opset 23; graphs that carry them import it instead.
@@ -183,3 +186,18 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgellm_steps")
         model.ir_version = IR_VERSION[opset]
         return model
+
+
+ONNX_NAME = "model.onnx"
+
+
+def write_graph(directory: Path, build: Callable[[GraphBuilder], onnx.ModelProto]) -> None:
+    """``build`` a graph whose weights stream into ``directory``/onnx_model.data; save and check ``model.onnx``."""
+    writer = ExternalDataWriter(directory)
+    try:
+        model = build(GraphBuilder(writer))
+    finally:
+        writer.close()
+    log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
+    onnx.save_model(model, str(Path(directory) / ONNX_NAME))
+    onnx.checker.check_model(str(Path(directory) / ONNX_NAME))
