@@ -187,3 +187,45 @@ def test_the_draft_engine_profiles_span_the_tree(draft):
     assert build_engine.builder_config_of("llm", BuildLimits(), json.loads((onnx_dir / "config.json").read_text()))[
         "eagle_draft"
     ]
+
+
+def test_a_pytorch_model_bin_draft_exports_the_same_graph(checkpoint_factory, tmp_path):
+    """Published drafts often ship pytorch_model.bin: read weights-only, it exports the same bytes as safetensors."""
+    import shutil
+
+    base = checkpoint_factory("llama")
+    checkpoint = make_eagle3_draft(tmp_path / "draft", base)
+    as_bin = shutil.copytree(checkpoint, tmp_path / "draft-bin")
+    torch.save(load_file(str(as_bin / "model.safetensors")), as_bin / "pytorch_model.bin")
+    (as_bin / "model.safetensors").unlink()
+    export_draft(checkpoint, base, tmp_path / "from-safetensors")
+    export_draft(as_bin, base, tmp_path / "from-bin")
+    for name in ("onnx_model.data", "d2t.safetensors", "config.json"):
+        assert (tmp_path / "from-bin" / name).read_bytes() == (tmp_path / "from-safetensors" / name).read_bytes()
+
+
+class _Crafted:
+    """Unpickling this creates a directory: what a malicious checkpoint would do instead."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.target,))
+
+
+def test_a_crafted_pytorch_model_bin_is_refused_and_never_runs(checkpoint_factory, tmp_path, monkeypatch):
+    import pickle
+
+    base = checkpoint_factory("llama")
+    checkpoint = make_eagle3_draft(tmp_path / "draft", base)
+    (checkpoint / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(checkpoint / "pytorch_model.bin", "wb") as handle:
+        pickle.dump({"fc.weight": _Crafted(str(marker))}, handle)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # cannot override an explicit weights_only=True
+    with pytest.raises(SourceError, match="refused by the weights-only loader"):
+        export_draft(checkpoint, base, tmp_path / "out")
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
+from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
+from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.draft_fit import check_draft_fits
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 D2T_FILE = "d2t.safetensors"
 
 
-def read_d2t(store: TensorStore, draft_vocab: int, base_vocab: int, where: str) -> np.ndarray:
+def read_d2t(store: Any, draft_vocab: int, base_vocab: int, where: str) -> np.ndarray:
     """The draft-to-base offsets as int32, checked: one per draft id, every base id inside the base vocabulary."""
     if "d2t" not in store:
         raise SourceError(f"{where} has no d2t tensor (draft id -> base id offsets); is it a complete EAGLE3 draft?")
@@ -69,7 +70,7 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
     target, draft_vocab = check_draft_fits(draft_config, base_config, str(draft))
     dims = decoder_dims(draft_config)
     EAGLE3_DRAFT.check_dims(dims)
-    store = TensorStore(draft)
+    store = open_draft_store(draft)
     d2t = read_d2t(store, draft_vocab, decoder_dims(base_config).vocab_size, str(draft))
     output_dir = Path(output_dir)
     log.info("exporting the EAGLE3 draft %s (draft vocabulary %d) to %s", draft, draft_vocab, output_dir)

@@ -17,13 +17,13 @@ answered by an overlay in front of the checkpoint's own tensors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.memory_store import MemoryStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.export_visual import load_vision_dims, vision_spec
 from edgellm_steps.models.vision_tower import load_vision_tower
@@ -44,38 +44,6 @@ FP16_MODULES = ("*patch_embed*",)
 FLOAT_CLASSES = ("nn.LayerNorm",)
 #: Quantizer tensors fp8_linear reads (and ModelOpt state-dict names), per quantized Linear.
 QUANTIZERS = ("weight_quantizer", "input_quantizer")
-
-
-class OverlayStore:
-    """A checkpoint's tensors with calibrated quantizer tensors in front: what the graph builder reads."""
-
-    def __init__(self, base: Any, overlay: Mapping[str, torch.Tensor]) -> None:
-        self.base = base
-        self.overlay = dict(overlay)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.overlay or name in self.base
-
-    def names(self) -> list[str]:
-        """The checkpoint's names, then the calibrated ones it lacks."""
-        base = self.base.names()
-        present = set(base)
-        return base + [name for name in self.overlay if name not in present]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if name in self.overlay:
-            return tuple(self.overlay[name].shape)
-        return self.base.shape(name)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name in self.overlay:
-            return self.overlay[name]
-        return self.base.get(name)
-
-    def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
-        if name in self.overlay:
-            return iter(self.overlay[name].split(rows))
-        return self.base.row_chunks(name, rows)
 
 
 def calibration_inputs(checkpoint: Path, count: int = DEFAULT_CALIB_IMAGES) -> list[tuple[torch.Tensor, Grid]]:
@@ -176,7 +144,7 @@ def quantizer_tensors(tower: torch.nn.Module, prefix: str) -> tuple[dict[str, to
     return tensors, frozenset(modules)
 
 
-def calibrate_fp8_tower(checkpoint: Path, store: TensorStore, prefix: str) -> tuple[OverlayStore, frozenset[str]]:
+def calibrate_fp8_tower(checkpoint: Path, store: TensorStore, prefix: str) -> tuple[MemoryStore, frozenset[str]]:
     """``store`` with the fp8 tower's calibrated quantizer tensors in front, and the fp8 Linears' module names."""
     tower = calibrated_tower(checkpoint, store, prefix)
     tensors, modules = quantizer_tensors(tower, prefix)
@@ -189,4 +157,4 @@ def calibrate_fp8_tower(checkpoint: Path, store: TensorStore, prefix: str) -> tu
     if missing:
         raise SourceError(f"{checkpoint}: the fp8 Linear {missing[0]} has no weight tensor in the checkpoint")
     log.info("%d Linears of the vision tower are fp8; the patch embedding stays fp16", len(modules))
-    return OverlayStore(store, tensors), modules
+    return MemoryStore(tensors, store, where=str(checkpoint)), modules

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from edgellm_steps.artifacts.checkpoint import decoder_dims, weight_files
+from edgellm_steps.artifacts.draft_weights import draft_weight_files
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
 from edgellm_steps.export.draft_fit import check_draft_fits
@@ -225,7 +226,7 @@ class Planner:
             where = f"model '{model}' draft ({draft.source})"
             try:
                 check_draft_fits(read_hf_config(path, model=model), self._source(model)[1], where)
-                weight_files(path)
+                draft_weight_files(path)
             except SourceError as err:
                 raise SourceError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
             self._drafts[model] = path
