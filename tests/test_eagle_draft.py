@@ -229,3 +229,41 @@ def test_a_crafted_pytorch_model_bin_is_refused_and_never_runs(checkpoint_factor
     with pytest.raises(SourceError, match="refused by the weights-only loader"):
         export_draft(checkpoint, base, tmp_path / "out")
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_the_library_draft_module_is_the_reference_forward(draft):
+    """verify-onnx's reference (Eagle3Draft) against the forward written in this file."""
+    from edgellm_steps.artifacts.draft_weights import open_draft_store
+    from edgellm_steps.models.eagle3_draft import Eagle3Draft
+
+    _, _, checkpoint, _ = draft
+    config = json.loads((checkpoint / "config.json").read_text())
+    model = Eagle3Draft.from_store(config, open_draft_store(checkpoint))
+    rng = np.random.default_rng(5)
+    h = config["hidden_size"]
+    inputs = [
+        torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for shape in ((SEQ, h), (SEQ, 3 * h), (SEQ, h))
+    ]
+    with torch.no_grad():
+        logits, states = model(*(x[None] for x in inputs))
+        ref_logits, ref_states = reference_forward(checkpoint, *inputs)
+    torch.testing.assert_close(logits[0], ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0], ref_states, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_onnx_checks_a_draft_export(draft, tmp_path):
+    from edgellm_steps.errors import ParityError
+    from edgellm_steps.verify.verify_onnx import verify_onnx
+
+    _, base, checkpoint, onnx_dir = draft
+    summary = verify_onnx(onnx_dir, checkpoint, report=tmp_path / "verify.json")
+    assert summary["passed"] and set(summary["cases"]) == {
+        "first_step",
+        "first_step_hidden_states",
+        "later_step",
+        "later_step_hidden_states",
+    }
+    assert json.loads((tmp_path / "verify.json").read_text())["kind"] == "eagle3_draft"
+    other = make_eagle3_draft(tmp_path / "other", base, seed=1, std=0.2)  # another draft for the same base
+    with pytest.raises(ParityError, match="does not match the draft"):
+        verify_onnx(onnx_dir, other)

@@ -1,6 +1,7 @@
 """verify-onnx: prove an LLM export computes what its checkpoint computes.
 
-(A vision encoder export is handed to :mod:`edgellm_steps.verify.verify_visual`.)
+(A vision encoder export is handed to :mod:`edgellm_steps.verify.verify_visual`, an EAGLE3
+draft export to :mod:`edgellm_steps.verify.verify_draft`.)
 
 Runs the exported graph on the CPU (``onnx.reference`` plus our plugin
 implementations) the way the runtime drives it, and transformers on the same
@@ -35,6 +36,7 @@ from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_ta
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.report import conclude
+from edgellm_steps.verify.verify_draft import verify_draft
 from edgellm_steps.verify.verify_visual import verify_visual
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
@@ -105,6 +107,8 @@ def verify_onnx(
 
     if check_if_step_output(Path(onnx_dir), "export-visual") is not None:
         return verify_visual(onnx_dir, model_dir, seed=seed, report=report)
+    if check_if_step_output(Path(onnx_dir), "export-draft") is not None:
+        return verify_draft(onnx_dir, model_dir, tokens=prefill, seed=seed, report=report)
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None

@@ -1,0 +1,106 @@
+"""verify-onnx for an EAGLE3 draft export: the graph against the torch draft built from the checkpoint.
+
+transformers has no EAGLE3 draft, so the reference is :class:`~edgellm_steps.models.eagle3_draft.Eagle3Draft`
+(itself held to a forward written independently in the tests). Two scenarios, as the runtime
+drives a draft: the first step (the base's three hidden states in, the draft's own zero) and a
+later step (the draft's previous hidden state in, the base's zero), a prefill of random
+embeddings of ``tokens`` positions with every row selected. Pass: the fp16 criterion on the
+log-probabilities, and on the hidden states each row's cosine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm_steps.artifacts.claims import take_claim
+from edgellm_steps.artifacts.draft_weights import open_draft_store
+from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.export import llm_io
+from edgellm_steps.models.eagle3_draft import Eagle3Draft
+from edgellm_steps.plugins import REFERENCE_OPS
+from edgellm_steps.verify.parity import TOLERANCES, Tolerance, compare_logits
+from edgellm_steps.verify.report import conclude
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+
+def _rope_table(config: dict[str, Any], length: int) -> np.ndarray:
+    rot = int(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / config["rope_theta"] ** (np.arange(rot // 2) * 2 / rot)
+    angles = np.arange(length)[:, None] * inv_freq
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=-1)[None].astype(np.float32)
+
+
+def _run_graph(session: Any, config: dict[str, Any], embeds, hidden_in, from_draft) -> tuple[np.ndarray, np.ndarray]:
+    seq = embeds.shape[1]
+    feeds = {
+        llm_io.INPUTS_EMBEDS: embeds.astype(np.float16),
+        llm_io.past_name(0): np.zeros((1, 2, config["num_key_value_heads"], seq, config["head_dim"]), np.float16),
+        llm_io.ROPE_COS_SIN: _rope_table(config, seq),
+        llm_io.CONTEXT_LENGTHS: np.array([seq], np.int32),
+        llm_io.LAST_TOKEN_IDS: np.arange(seq, dtype=np.int64)[None],
+        llm_io.KVCACHE_START_INDEX: np.zeros(0, np.int32),
+        llm_io.HIDDEN_STATES_INPUT: hidden_in.astype(np.float16),
+        llm_io.HIDDEN_STATES_FROM_DRAFT: from_draft.astype(np.float16),
+        llm_io.ATTENTION_POS_ID: np.zeros((1, 1), np.int32),  # the runtime's prefill placeholders
+        llm_io.ATTENTION_MASK: np.zeros((1, 1, 1), np.int32),
+    }
+    names = [o.name for o in session.proto_.graph.output]
+    result = dict(zip(names, session.run(None, feeds), strict=True))
+    return result[llm_io.LOGITS], result[llm_io.HIDDEN_STATES].astype(np.float32)
+
+
+def verify_draft(
+    onnx_dir: str | Path, model_dir: str | Path, *, tokens: int = 7, seed: int = 0, report: str | Path | None = None
+) -> dict[str, Any]:
+    """Compare the draft export with the draft checkpoint; write ``report`` if given; raise ParityError on a miss."""
+    import torch
+    from onnx.reference import ReferenceEvaluator
+
+    claim = take_claim(Path(report)) if report is not None else None
+    onnx_dir = Path(onnx_dir)
+    check_step_output(onnx_dir, "export-draft")
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    model = Eagle3Draft.from_store(read_hf_config(checkpoint), open_draft_store(checkpoint))
+    config = json.loads((onnx_dir / "config.json").read_text())
+    session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
+    width, target = config["hidden_size"], config["base_model_hidden_size"]
+    rng = np.random.default_rng(seed)
+    results = {}
+    for scenario in ("first_step", "later_step"):
+        embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
+        hidden_in = rng.standard_normal((1, tokens, target)).astype(np.float16)
+        from_draft = np.zeros((1, tokens, width), np.float16)
+        if scenario == "later_step":
+            hidden_in, from_draft = np.zeros_like(hidden_in), rng.standard_normal((1, tokens, width)).astype(np.float16)
+        logits, hidden = _run_graph(session, config, embeds, hidden_in, from_draft)
+        with torch.no_grad():
+            ref_logits, ref_hidden = model(
+                *(torch.from_numpy(a.astype(np.float32)) for a in (embeds, hidden_in, from_draft))
+            )
+        results[scenario] = compare_logits(logits, ref_logits.numpy())
+        results[f"{scenario}_hidden_states"] = compare_logits(hidden, ref_hidden.numpy())
+    fp16 = TOLERANCES["fp16"]
+    tolerance = Tolerance(fp16.rel_tol, fp16.min_cosine, False, fp16.why)
+    summary = {
+        "onnx_dir": str(onnx_dir),
+        "model_dir": str(model_dir),
+        "kind": "eagle3_draft",
+        "precision": "fp16",
+        "tolerances": {"max_abs_error_over_max_abs": tolerance.rel_tol, "min_cosine": tolerance.min_cosine},
+        "tokens": tokens,
+        "seed": seed,
+        "cases": {
+            name: {
+                "max_abs_error": r.max_abs_error,
+                "relative_error": r.relative_error,
+                "min_cosine": r.min_cosine,
+                "passed": r.passed(tolerance),
+            }
+            for name, r in results.items()
+        },
+    }
+    return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the draft {model_dir}")
