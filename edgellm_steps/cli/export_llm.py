@@ -18,6 +18,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="the EAGLE3 base graph: tree attention, several selected tokens, the hidden_states output",
     )
+    parser.add_argument(
+        "--reduced_vocab_dir", default=None, help="keep only the lm_head rows of this vocab_map (edgellm-reduce-vocab)"
+    )
     return parser.parse_args(argv)
 
 
@@ -25,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return run_cli(
         lambda: export_llm(
-            args.model_dir, args.output_dir, chat_template=args.chat_template, eagle_base=args.is_eagle_base
+            args.model_dir,
+            args.output_dir,
+            chat_template=args.chat_template,
+            eagle_base=args.is_eagle_base,
+            reduced_vocab_dir=args.reduced_vocab_dir,
         )
     )
 

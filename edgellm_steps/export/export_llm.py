@@ -10,16 +10,21 @@ Output (contract sections 3-4): ``model.onnx`` + ``onnx_model.data``,
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
+
+import numpy as np
 
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.errors import SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
 from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
+from edgellm_steps.export.reduce_vocab import VOCAB_MAP_FILE
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
@@ -30,17 +35,36 @@ from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 log = logging.getLogger(__name__)
 
 
+def load_vocab_map(directory: str | Path, vocab_size: int) -> np.ndarray:
+    """A reduced vocabulary's ids (int32, ascending, unique, inside the model's vocabulary), checked."""
+    from safetensors.numpy import load_file
+
+    path = Path(directory) / VOCAB_MAP_FILE
+    check_if_step_output(Path(directory), "reduce-vocab")
+    if not path.is_file():
+        raise SourceError(f"{directory} has no {VOCAB_MAP_FILE}; make it with edgellm-reduce-vocab")
+    ids = load_file(str(path)).get("vocab_map")
+    if ids is None or ids.dtype != np.int32 or ids.ndim != 1 or len(ids) == 0:
+        raise SourceError(f"{path} must hold one int32 vector 'vocab_map'")
+    if np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= vocab_size:
+        raise SourceError(f"{path}: ids must be ascending, unique and below the vocabulary size {vocab_size}")
+    return ids
+
+
 def export_llm(
     model_dir: str | Path,
     output_dir: str | Path,
     *,
     chat_template: str | Path | None = None,
     eagle_base: bool = False,
+    reduced_vocab_dir: str | Path | None = None,
 ) -> Path:
     """Export ``model_dir`` (local directory or hub id) into ``output_dir``; returns the ONNX path.
 
     ``eagle_base`` writes the EAGLE3 base graph (contract 5): tree attention, ``last_token_ids``
-    [B, N], the ``hidden_states`` output, ``model_type`` ``eagle3_base``.
+    [B, N], the ``hidden_states`` output, ``model_type`` ``eagle3_base``. ``reduced_vocab_dir`` (a
+    reduce-vocab output) keeps the lm_head rows of its ``vocab_map`` only: ``reduced_vocab_size`` in
+    ``config.json``, the map copied beside the graph.
 
     Runs no model: weights are read tensor by tensor from the shards (by byte range)
     and written straight into the graph's external data.
@@ -68,14 +92,22 @@ def export_llm(
     quant = QuantPlan.from_held(held, spec.lm_head.removesuffix(".weight"))
     quant.check_tensors(store, str(checkpoint))
     precision = quant.precision
+    vocab_map = load_vocab_map(reduced_vocab_dir, dims.vocab_size) if reduced_vocab_dir else None
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
     with staged_directory(output_dir) as staging:
         write_graph(
-            staging, lambda builder: DecoderGraph(builder, store, spec, dims, quant, eagle_base=eagle_base).build()
+            staging,
+            lambda builder: DecoderGraph(
+                builder, store, spec, dims, quant, eagle_base=eagle_base, vocab_map=vocab_map
+            ).build(),
         )
         write_embedding(store, spec, staging / "embedding.safetensors")
-        write_json(staging / "config.json", runtime_config(dims, spec, hf_config, eagle_base=eagle_base))
+        config = runtime_config(dims, spec, hf_config, eagle_base=eagle_base)
+        if vocab_map is not None:
+            config["reduced_vocab_size"] = len(vocab_map)
+            shutil.copyfile(Path(reduced_vocab_dir) / VOCAB_MAP_FILE, staging / VOCAB_MAP_FILE)
+        write_json(staging / "config.json", config)
         copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)
         write_json(staging / "processed_chat_template.json", processed_template)
         write_manifest(
@@ -85,6 +117,7 @@ def export_llm(
                 "precision": precision,
                 "chat_template": str(chat_template) if chat_template else None,
                 "eagle_base": eagle_base,
+                "reduced_vocab_size": None if vocab_map is None else len(vocab_map),
             },
         )
     log.info("export finished in %.1f s", time.monotonic() - started)

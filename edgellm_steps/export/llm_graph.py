@@ -9,6 +9,7 @@ twice (nor once). RoPE and the KV-cache update live inside ``trt::AttentionPlugi
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -54,6 +55,7 @@ class DecoderGraph:
         quant: QuantPlan,
         *,
         eagle_base: bool = False,
+        vocab_map: np.ndarray | None = None,
     ) -> None:
         self.g = builder
         self.store = store
@@ -62,6 +64,8 @@ class DecoderGraph:
         self.quant = quant
         #: An EAGLE3 base (contract 5): tree attention, several selected tokens, the hidden_states output.
         self.eagle_base = eagle_base
+        #: Reduced vocabulary: the lm_head keeps these rows (ascending base ids), the logits these columns.
+        self.vocab_map = vocab_map
 
     @property
     def tree_attention(self) -> bool:
@@ -167,6 +171,11 @@ class DecoderGraph:
         return self.g.op("Add", [x, self.mlp(prefix, h)], f"{path}/Add_1")
 
     def lm_head_weight(self) -> torch.Tensor | None:
+        """The lm_head's weight when it is not simply the checkpoint's own (tied, or rows of a reduced vocabulary)."""
+        if self.vocab_map is not None:
+            tied = self.spec.lm_head not in self.store and self.dims.tie_word_embeddings
+            full = self.store.get(self.spec.embed_tokens if tied else self.spec.lm_head)
+            return full[torch.from_numpy(self.vocab_map.astype(np.int64))]
         if self.spec.lm_head in self.store:
             return None
         if self.dims.tie_word_embeddings:
@@ -197,6 +206,7 @@ class DecoderGraph:
         lm_head_module = self.spec.lm_head.removesuffix(".weight")
         logits16 = self.linear(lm_head_module, selected, weight=self.lm_head_weight())
         g.node("Cast", [logits16], "/lm_head/Cast", outputs=[llm_io.LOGITS], to=TensorProto.FLOAT)
-        for spec in llm_io.llm_outputs(d, kv_type, eagle_base=self.eagle_base):
+        out_dims = d if self.vocab_map is None else replace(d, vocab_size=len(self.vocab_map))
+        for spec in llm_io.llm_outputs(out_dims, kv_type, eagle_base=self.eagle_base):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
         return g.to_model("edgellm_llm", opset=self.quant.opset)

@@ -18,6 +18,7 @@ quantized activations and KV caches get the bounds of ``parity.TOLERANCES``.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ def _chunked_prefill(runner_for, reference: np.ndarray, ids: list[int], prefill:
     return compare_logits(np.concatenate(got), reference[:prefill])
 
 
-def _ragged_batch(runner_for, model, reference: np.ndarray, ids: list[int], prefill: int, decode: int) -> ParityResult:
+def _ragged_batch(
+    runner_for, hf_logits, reference: np.ndarray, ids: list[int], prefill: int, decode: int
+) -> ParityResult:
     runner = runner_for(2)
     short = max(1, prefill - 3)
     seqs = [ids, ids[prefill - short : prefill] + ids[prefill:]]
@@ -77,10 +80,19 @@ def _ragged_batch(runner_for, model, reference: np.ndarray, ids: list[int], pref
     steps += [runner.step([[s[n + k]] for s, n in zip(seqs, prompt, strict=True)]) for k in range(decode)]
     got, want = [], []
     for b, (seq, n) in enumerate(zip(seqs, prompt, strict=True)):
-        logits = reference if b == 0 else _hf_logits(model, seq)
+        logits = reference if b == 0 else hf_logits(seq)
         got += [step[b, 0] for step in steps]
         want += [logits[n - 1 + k] for k in range(decode + 1)]
     return compare_logits(np.stack(got), np.stack(want))
+
+
+def _kept_columns(onnx_dir: Path) -> Any:
+    """The vocabulary columns an export's logits hold: all, or a reduced vocabulary's ``vocab_map``."""
+    if "reduced_vocab_size" not in json.loads((onnx_dir / "config.json").read_text()):
+        return slice(None)
+    from safetensors.numpy import load_file
+
+    return load_file(str(onnx_dir / "vocab_map.safetensors"))["vocab_map"].astype(np.int64)
 
 
 def _text_token_ids(hf_config: dict[str, Any], vocab_size: int, count: int, seed: int) -> list[int]:
@@ -127,13 +139,19 @@ def verify_onnx(
     def runner_for(batch: int) -> LLMRunner:
         return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity)
 
+    kept = _kept_columns(Path(onnx_dir))
+
+    def hf_logits(tokens: list[int]) -> np.ndarray:
+        """The reference's logits over the export's vocabulary (a reduced one keeps its vocab_map's columns)."""
+        return _hf_logits(model, tokens)[..., kept]
+
     ids = _text_token_ids(hf_config, model.config.get_text_config().vocab_size, prefill + decode, seed)
     with cpu_fake_quantization():
-        reference = _hf_logits(model, ids)
+        reference = hf_logits(ids)
         results = {
             "prefill_decode": _prefill_decode(runner_for, reference, ids, prefill),
             "chunked_prefill": _chunked_prefill(runner_for, reference, ids, prefill),
-            "ragged_batch": _ragged_batch(runner_for, model, reference, ids, prefill, decode),
+            "ragged_batch": _ragged_batch(runner_for, hf_logits, reference, ids, prefill, decode),
         }
     for name, result in results.items():
         log.info("%s: %s -> %s", name, result, "pass" if result.passed(tolerance) else "FAIL")
