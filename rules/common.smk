@@ -153,9 +153,27 @@ def export_checkpoint(wildcards, input):
 
 
 def export_options(wildcards, input):
+    options = []
+    if "chat_template" in input.keys():
+        options.append(f"--chat_template {input.chat_template}")
+    if "vocab_map" in input.keys():
+        options.append(f"--reduced_vocab_dir {os.path.dirname(input.vocab_map)}")
+    return " ".join(options)
+
+
+def reduce_vocab_inputs(wildcards):
+    return ask(PLAN.reduce_vocab_inputs, wildcards.model)
+
+
+def reduce_vocab_options(wildcards):
+    return ask(PLAN.reduce_vocab_options, wildcards.model)
+
+
+def reduce_vocab_draft(wildcards, input):
+    # Not recorded: the draft's content is, through its stamps.
     return (
-        f"--chat_template {input.chat_template}"
-        if "chat_template" in input.keys()
+        f"--draft_model_dir {shlex.quote(str(PLAN.draft_checkpoint(wildcards.model)))}"
+        if "draft" in input.keys()
         else ""
     )
 

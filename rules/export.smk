@@ -104,3 +104,24 @@ rule export_draft:
     shell:
         "{params.command} --draft_model_dir {params.draft:q} --base_model_dir {params.base:q}"
         " --output_dir $(dirname {output.onnx:q}) > {log:q} 2>&1"
+
+
+rule reduce_vocab:
+    input:
+        unpack(reduce_vocab_inputs),
+    output:
+        vocab_map="vocab/{model}/vocab_map.safetensors",
+        manifest="vocab/{model}/manifest.json",
+    log:
+        "logs/reduce_vocab/{model}.log",
+    conda:
+        "../envs/export.yaml"
+    params:
+        code=step_code("reduce-vocab"),
+        command=step_command("reduce-vocab"),
+        checkpoint=source_checkpoint,
+        options=reduce_vocab_options,
+        draft=reduce_vocab_draft,
+    shell:
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.vocab_map:q})"
+        " {params.options} {params.draft} > {log:q} 2>&1"

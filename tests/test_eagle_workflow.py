@@ -76,3 +76,21 @@ def test_eagle_targets_need_a_draft(tmp_path, checkpoint_factory):
         "export_llm": 1,
         "build_engine": 1,
     }
+
+
+def test_a_reduced_vocabulary_serves_the_eagle_base_and_the_llm_export(workdir):
+    write_config(workdir, CONFIG + "    reduced_vocab: {size: 120}\n")
+    targets = ("onnx/tiny_fp16/eagle_base/model.onnx", "onnx/tiny_fp16/llm/model.onnx")
+    assert planned_jobs(run_snakemake(workdir, "-n", *targets).output) == {
+        "reduce_vocab": 1,
+        "export_eagle_base": 1,
+        "export_llm": 1,
+    }
+    run_snakemake(workdir, *targets, "onnx/tiny_fp16/draft/model.onnx")
+    for kind in ("eagle_base", "llm"):
+        assert json.loads((workdir / f"onnx/tiny_fp16/{kind}/config.json").read_text())["reduced_vocab_size"] == 120
+        assert (workdir / f"onnx/tiny_fp16/{kind}/vocab_map.safetensors").is_file()
+    # The size is recorded: a new one reruns the map and both exports, nothing else.
+    write_config(workdir, CONFIG + "    reduced_vocab: {size: 150}\n")
+    replan = run_snakemake(workdir, "-n", *targets, "onnx/tiny_fp16/draft/model.onnx")
+    assert planned_jobs(replan.output) == {"reduce_vocab": 1, "export_eagle_base": 1, "export_llm": 1}

@@ -57,7 +57,7 @@ def digests(package_dir) -> dict[str, str]:
     ("module", "changed"),
     [
         ("export/llm_graph.py", {"export-llm", "export-draft"}),  # the LLM and draft exports only
-        ("quant/calibration.py", {"quantize-llm"}),  # quantize only
+        ("quant/calibration.py", {"quantize-llm", "reduce-vocab"}),  # the text corpus readers only
         ("engine/profiles.py", {"build-engine"}),
         ("verify/reference.py", {"verify-onnx"}),
         ("export/sidecars.py", {"export-llm", "export-visual", "export-draft", "verify-onnx"}),

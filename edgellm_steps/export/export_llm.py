@@ -14,18 +14,15 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
-from edgellm_steps.errors import SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
 from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
-from edgellm_steps.export.reduce_vocab import VOCAB_MAP_FILE
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
+from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE, load_vocab_map
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.linear import QuantPlan
@@ -33,22 +30,6 @@ from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
-
-
-def load_vocab_map(directory: str | Path, vocab_size: int) -> np.ndarray:
-    """A reduced vocabulary's ids (int32, ascending, unique, inside the model's vocabulary), checked."""
-    from safetensors.numpy import load_file
-
-    path = Path(directory) / VOCAB_MAP_FILE
-    check_if_step_output(Path(directory), "reduce-vocab")
-    if not path.is_file():
-        raise SourceError(f"{directory} has no {VOCAB_MAP_FILE}; make it with edgellm-reduce-vocab")
-    ids = load_file(str(path)).get("vocab_map")
-    if ids is None or ids.dtype != np.int32 or ids.ndim != 1 or len(ids) == 0:
-        raise SourceError(f"{path} must hold one int32 vector 'vocab_map'")
-    if np.any(np.diff(ids) <= 0) or ids[0] < 0 or ids[-1] >= vocab_size:
-        raise SourceError(f"{path}: ids must be ascending, unique and below the vocabulary size {vocab_size}")
-    return ids
 
 
 def export_llm(

@@ -73,6 +73,14 @@ class DraftSettings:
 
 
 @dataclass(frozen=True)
+class ReducedVocab:
+    """A reduced vocabulary for a model's LLM exports."""
+
+    size: int
+    corpus: str | None = None
+
+
+@dataclass(frozen=True)
 class ModelSettings:
     """Everything the workflow knows about one model after defaults apply."""
 
@@ -85,6 +93,8 @@ class ModelSettings:
     visual_precision: str
     #: The model's EAGLE3 draft, if any.
     draft: DraftSettings | None
+    #: The reduced vocabulary of its LLM exports, if any.
+    reduced_vocab: ReducedVocab | None
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
@@ -161,6 +171,7 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         chat_template=merged["chat_template"],
         visual_precision=merged["visual_precision"],
         draft=DraftSettings(**merged["draft"]) if merged["draft"] else None,
+        reduced_vocab=ReducedVocab(**merged["reduced_vocab"]) if merged["reduced_vocab"] else None,
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),

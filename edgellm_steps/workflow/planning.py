@@ -51,6 +51,12 @@ def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict
     return config
 
 
+def _local_files(path: str) -> list[str]:
+    """A local text file, or every file of a directory: inputs whose content decides a step's output."""
+    found = Path(path)
+    return [str(f) for f in sorted(found.rglob("*")) if f.is_file()] if found.is_dir() else [str(found)]
+
+
 class Planner:
     """Answers the rules' questions about one validated config."""
 
@@ -143,9 +149,7 @@ class Planner:
         inputs: dict[str, Any] = {"source": self.source_inputs(model)}
         dataset = self.settings(model).quantization.dataset
         if dataset and Path(dataset).exists():
-            path = Path(dataset)
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            inputs["calibration"] = [str(f) for f in files]
+            inputs["calibration"] = _local_files(dataset)
         return inputs
 
     def quantize_options(self, model: str, precision: str) -> str:
@@ -176,7 +180,29 @@ class Planner:
                     f"model '{model}': chat_template file '{template}' does not exist; fix chat_template in your config"
                 )
             inputs["chat_template"] = str(template)
+        if settings.reduced_vocab is not None:
+            inputs["vocab_map"] = f"vocab/{model}/manifest.json"
         return inputs
+
+    def reduce_vocab_inputs(self, model: str) -> dict[str, Any]:
+        """Inputs of reduce_vocab: the source (its tokenizer), the draft (its d2t), a local corpus."""
+        reduced = self.settings(model).reduced_vocab
+        if reduced is None:
+            raise ConfigError(
+                f"model '{model}' has no reduced_vocab; add reduced_vocab: {{size: <ids to keep>}} under models.{model}"
+            )
+        inputs: dict[str, Any] = {"source": self.source_inputs(model)}
+        if self.settings(model).draft is not None:
+            inputs["draft"] = self.draft_source_inputs(model)
+        if reduced.corpus and Path(reduced.corpus).exists():
+            inputs["corpus"] = _local_files(reduced.corpus)
+        return inputs
+
+    def reduce_vocab_options(self, model: str) -> str:
+        """The reduce-vocab flags that decide its output (recorded: a new size or corpus reruns it)."""
+        reduced = self.settings(model).reduced_vocab
+        flags = f"--reduced_vocab_size {reduced.size}"
+        return flags + (f" --corpus {shlex.quote(reduced.corpus)}" if reduced.corpus else "")
 
     def vision_language(self, model: str) -> bool:
         """Whether the model's family has a vision tower (its engines hold a vision engine too)."""

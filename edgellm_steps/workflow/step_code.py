@@ -25,6 +25,7 @@ STEP_ENTRY_POINTS = {
     "export-llm": f"{PACKAGE}.cli.export_llm",
     "export-visual": f"{PACKAGE}.cli.export_visual",
     "export-draft": f"{PACKAGE}.cli.export_draft",
+    "reduce-vocab": f"{PACKAGE}.cli.reduce_vocab",
     "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",
