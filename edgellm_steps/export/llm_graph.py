@@ -19,16 +19,13 @@ from onnx import TensorProto
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export import llm_io
+from edgellm_steps.export.graph_ops import add_bias, rms_norm
 from edgellm_steps.export.onnx_builder import GraphBuilder
 from edgellm_steps.models.families import FamilySpec
 from edgellm_steps.plugins.attention import emit_attention_plugin
 from edgellm_steps.quant.linear import QuantPlan, emit_linear, gptq_linear
 
 log = logging.getLogger(__name__)
-
-
-def _fp16(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.float16).contiguous().numpy()
 
 
 def _node_path(module: str) -> str:
@@ -82,27 +79,10 @@ class DecoderGraph:
             w = weight if weight is not None else self.store.get(f"{module}.weight")
             y = emit_linear(self.g, self.store, module, path, x, w, fmt)
             del w
-        if f"{module}.bias" in self.store:
-            bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
-            y = self.g.op("Add", [y, bias], f"{path}/Add")
-        return y
+        return add_bias(self.g, self.store, module, y, path)
 
     def rms_norm(self, weight_name: str, x: str, path: str) -> str:
-        """HF RMSNorm: statistics in float32, scale applied in float16 after the cast back."""
-        g = self.g
-        weight = g.weight(weight_name, _fp16(self.store.get(weight_name)))
-        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
-        square = g.op("Mul", [xf, xf], f"{path}/Pow")
-        axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
-        mean = g.op("ReduceMean", [square, axes], f"{path}/ReduceMean", keepdims=1)
-        eps = g.constant(np.array(self.dims.rms_norm_eps, dtype=np.float32), "rms_norm_eps")
-        rstd = g.op(
-            "Reciprocal",
-            [g.op("Sqrt", [g.op("Add", [mean, eps], f"{path}/Add")], f"{path}/Sqrt")],
-            f"{path}/Reciprocal",
-        )
-        normed = g.op("Cast", [g.op("Mul", [xf, rstd], f"{path}/Mul")], f"{path}/Cast_1", to=TensorProto.FLOAT16)
-        return g.op("Mul", [normed, weight], f"{path}/Mul_1")
+        return rms_norm(self.g, self.store, weight_name, x, path, self.dims.rms_norm_eps)
 
     def head_norm(self, weight_name: str, x: str, heads: int, path: str) -> str:
         """Per-head RMSNorm of a [B, S, heads*D] projection (Qwen3's q_norm / k_norm)."""

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
+from edgellm_steps.export.graph_ops import add_bias, rms_norm
 from edgellm_steps.export.onnx_builder import GraphBuilder
 from edgellm_steps.export.weight_streams import fp16_transposed_chunks
 from edgellm_steps.models.families import VisionSpec
@@ -133,10 +133,6 @@ def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
     raise SourceError(f"checkpoint holds no vision tower (looked for {tried}); is it complete?")
 
 
-def _fp16(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.to(torch.float16).contiguous().numpy()
-
-
 def _node_path(module: str) -> str:
     return "/" + module.replace(".", "/")
 
@@ -168,27 +164,19 @@ class VisualGraph:
         path = _node_path(module)
         fmt = "fp8" if module in self.fp8_modules else None
         y = emit_linear(self.g, self.store, module, path, x, self.store.get(f"{module}.weight"), fmt)
-        if f"{module}.bias" in self.store:
-            bias = self.g.weight(f"{module}.bias", _fp16(self.store.get(f"{module}.bias")))
-            y = self.g.op("Add", [y, bias], f"{path}/Add")
-        return y
+        return add_bias(self.g, self.store, module, y, path)
 
     def norm(self, module: str, x: str) -> str:
         """The tower's RMSNorm or LayerNorm, statistics in float32."""
         g, path = self.g, _node_path(module)
+        if self.spec.norm == "rms":
+            return rms_norm(g, self.store, f"{module}.weight", x, path, self.dims.norm_eps)
         xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        weight = g.weight(f"{module}.weight", self.store.get(f"{module}.weight").float().numpy())
+        bias = g.weight(f"{module}.bias", self.store.get(f"{module}.bias").float().numpy())
         eps = np.float32(self.dims.norm_eps)
-        if self.spec.norm == "layer":
-            weight = g.weight(f"{module}.weight", self.store.get(f"{module}.weight").float().numpy())
-            bias = g.weight(f"{module}.bias", self.store.get(f"{module}.bias").float().numpy())
-            normed = g.op("LayerNormalization", [xf, weight, bias], f"{path}/LayerNormalization", axis=-1, epsilon=eps)
-            return g.op("Cast", [normed], f"{path}/Cast_1", to=TensorProto.FLOAT16)
-        weight = g.weight(f"{module}.weight", _fp16(self.store.get(f"{module}.weight")))
-        mean = g.op("ReduceMean", [g.op("Mul", [xf, xf], f"{path}/Pow"), self.const([-1], "axes_last")], f"{path}/Mean")
-        shifted = g.op("Add", [mean, g.constant(np.array(eps), "vision_norm_eps")], f"{path}/Add")
-        root = g.op("Sqrt", [shifted], f"{path}/Sqrt")
-        normed = g.op("Div", [xf, root], f"{path}/Div")
-        return g.op("Mul", [g.op("Cast", [normed], f"{path}/Cast_1", to=TensorProto.FLOAT16), weight], f"{path}/Mul")
+        normed = g.op("LayerNormalization", [xf, weight, bias], f"{path}/LayerNormalization", axis=-1, epsilon=eps)
+        return g.op("Cast", [normed], f"{path}/Cast_1", to=TensorProto.FLOAT16)
 
     def activation(self, x: str, path: str) -> str:
         g, act = self.g, self.dims.hidden_act
