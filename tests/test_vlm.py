@@ -223,15 +223,23 @@ def as_transformers4_vlm_config(path):
     path.write_text(json.dumps(config, indent=2))
 
 
+def in_layout(source, destination, layout):
+    """``source`` copied to ``destination`` in another layout HF VLM checkpoints come in."""
+    if layout == "language_model_names":
+        checkpoint = as_language_model_layout(source, destination)
+        names = tensor_names(checkpoint)
+        assert any(n.startswith("model.language_model.layers.") for n in names)
+        assert any(n.startswith("model.visual.blocks.") for n in names)
+        return checkpoint
+    checkpoint = shutil.copytree(source, destination)
+    as_transformers4_vlm_config(checkpoint / "config.json")
+    return checkpoint
+
+
 @pytest.mark.parametrize("layout", ["language_model_names", "transformers4_config"])
 def test_other_vlm_layouts_export_with_parity(checkpoint_factory, tmp_path, layout):
     source = checkpoint_factory("qwen2_5_vl")
-    if layout == "language_model_names":
-        checkpoint = as_language_model_layout(source, tmp_path / "ckpt")
-        assert any(n.startswith("model.language_model.layers.") for n in tensor_names(checkpoint))
-    else:
-        checkpoint = shutil.copytree(source, tmp_path / "ckpt")
-        as_transformers4_vlm_config(checkpoint / "config.json")
+    checkpoint = in_layout(source, tmp_path / "ckpt", layout)
     export_llm(checkpoint, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["rope_scaling"] == {"type": "default", "rope_type": "default", "mrope_section": [2, 3, 3]}
@@ -304,12 +312,7 @@ def test_other_vlm_layouts_export_the_same_vision_encoder(checkpoint_factory, tm
     from edgellm_steps.export.export_visual import export_visual
 
     source = checkpoint_factory("qwen2_5_vl")
-    if layout == "language_model_names":
-        checkpoint = as_language_model_layout(source, tmp_path / "ckpt")
-        assert any(n.startswith("model.visual.blocks.") for n in tensor_names(checkpoint))
-    else:
-        checkpoint = shutil.copytree(source, tmp_path / "ckpt")
-        as_transformers4_vlm_config(checkpoint / "config.json")
+    checkpoint = in_layout(source, tmp_path / "ckpt", layout)
     export_visual(checkpoint, tmp_path / "out")
     export_visual(source, tmp_path / "standard")
     # The same tower weights, however named or configured; the graph differs only in initializer names.

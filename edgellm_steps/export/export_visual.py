@@ -24,7 +24,7 @@ from edgellm_steps.errors import PrecisionError, SourceError
 from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisionDims, VisualGraph, tower_prefix, vision_dims
-from edgellm_steps.models.families import FamilySpec, VisionSpec, family_for
+from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,11 @@ def vision_spec(hf_config: dict, where: str) -> tuple[FamilySpec, VisionSpec]:
     """The family and vision spec of a VLM checkpoint, or a one-line refusal for a text-only model."""
     family = family_for(hf_config, where=where)
     if family.vision is None:
-        vlms = ", ".join(arch for arch in _vision_architectures())
+        vlms = ", ".join(sorted(arch for spec in FAMILIES if spec.vision is not None for arch in spec.architectures))
         raise SourceError(
             f"{where} is a {family.family} language model with no vision tower; export-visual takes {vlms}"
         )
     return family, family.vision
-
-
-def _vision_architectures() -> list[str]:
-    from edgellm_steps.models.families import FAMILIES
-
-    return sorted(arch for spec in FAMILIES if spec.vision is not None for arch in spec.architectures)
 
 
 def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:

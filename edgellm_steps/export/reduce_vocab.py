@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,11 +27,8 @@ from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 log = logging.getLogger(__name__)
 
 
-def required_ids(checkpoint: Path, hf_config: dict, draft_dir: Path | None) -> set[int]:
+def required_ids(tokenizer: Any, hf_config: dict, draft_dir: Path | None) -> set[int]:
     """Ids every reduced vocabulary keeps: special tokens, the config's token ids, the draft's targets."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     keep = set(tokenizer.get_added_tokens_decoder())  # special and other added tokens: id -> token
     text = hf_config.get("text_config", hf_config)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -45,13 +43,10 @@ def required_ids(checkpoint: Path, hf_config: dict, draft_dir: Path | None) -> s
     return keep
 
 
-def token_frequencies(checkpoint: Path, corpus: str | None) -> Counter:
-    """How often each id occurs when the checkpoint's tokenizer encodes the corpus."""
-    from tokenizers import Tokenizer
-
+def token_frequencies(tokenizer: Any, corpus: str | None) -> Counter:
+    """How often each id occurs when ``tokenizer`` (a ``tokenizers.Tokenizer``) encodes the corpus."""
     from edgellm_steps.quant.calibration import load_corpus
 
-    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     counts: Counter = Counter()
     for encoding in tokenizer.encode_batch(load_corpus(corpus), add_special_tokens=False):
         counts.update(encoding.ids)
@@ -86,13 +81,15 @@ def reduce_vocab(
 ) -> Path:
     """Write ``vocab_map.safetensors`` (and a manifest) for ``model_dir`` into ``output_dir``."""
     from safetensors.numpy import save_file
+    from tokenizers import Tokenizer
 
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     hf_config = read_hf_config(checkpoint)
     vocab_size = decoder_dims(hf_config).vocab_size
     draft = resolve_source(str(draft_dir), allow_download=True) if draft_dir else None
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     vocab_map = choose_vocab(
-        vocab_size, size, required_ids(checkpoint, hf_config, draft), token_frequencies(checkpoint, corpus)
+        vocab_size, size, required_ids(tokenizer, hf_config, draft), token_frequencies(tokenizer, corpus)
     )
     log.info("kept %d of %d ids", len(vocab_map), vocab_size)
     output_dir = Path(output_dir)

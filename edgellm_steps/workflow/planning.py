@@ -127,12 +127,15 @@ class Planner:
 
     def source_inputs(self, model: str) -> list[str]:
         """The stamps standing for the model's source checkpoint (checked first)."""
-        if model not in self._stamps:
+        return self._stamps_of(model, self.checkpoint(model), self.state_dir / "sources" / model)
+
+    def _stamps_of(self, key: str, checkpoint: Path, stamp_dir: Path) -> list[str]:
+        """The stamps of ``checkpoint`` in ``stamp_dir``, refreshed once per plan (under ``key``)."""
+        if key not in self._stamps:
             if self._digests is None:
                 self._digests = DigestCache(self.state_dir / "digest-cache.json")
-            stamps = refresh_stamps(self.checkpoint(model), self.state_dir / "sources" / model, self._digests)
-            self._stamps[model] = [str(p) for p in stamps]
-        return self._stamps[model]
+            self._stamps[key] = [str(p) for p in refresh_stamps(checkpoint, stamp_dir, self._digests)]
+        return self._stamps[key]
 
     def quantized_manifest(self, model: str, precision: str) -> str | None:
         """The quantize step's manifest when ``precision`` needs that step, else None."""
@@ -260,13 +263,7 @@ class Planner:
 
     def draft_source_inputs(self, model: str) -> list[str]:
         """The stamps standing for the model's draft checkpoint."""
-        key = f"{model}/draft"
-        if key not in self._stamps:
-            if self._digests is None:
-                self._digests = DigestCache(self.state_dir / "digest-cache.json")
-            directory = self.state_dir / "drafts" / model
-            self._stamps[key] = [str(p) for p in refresh_stamps(self.draft_checkpoint(model), directory, self._digests)]
-        return self._stamps[key]
+        return self._stamps_of(f"{model}/draft", self.draft_checkpoint(model), self.state_dir / "drafts" / model)
 
     def eagle_base_inputs(self, model: str, precision: str) -> dict[str, Any]:
         """Inputs of export_eagle_base: those of export_llm, for a model with a draft."""
