@@ -27,6 +27,7 @@ wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9.\-]*",
     precision=r"[A-Za-z0-9_\-]+",
     sm=r"\d+",
+    draft_precision=r"[A-Za-z0-9_\-]+",
 
 
 def ask(question, *args):
@@ -83,6 +84,27 @@ def export_draft_inputs(wildcards):
 def draft_checkpoint(wildcards, input):
     # Not recorded (a function of `input`): the draft's content is, through its stamps.
     return str(ask(PLAN.draft_checkpoint, wildcards.model))
+
+
+def draft_export_checkpoint(wildcards, input):
+    # Not recorded: what it holds is, through the quantized draft's manifest or the draft's stamps.
+    return str(ask(PLAN.draft_export_checkpoint, wildcards.model))
+
+
+def quantize_draft_inputs(wildcards):
+    return ask(PLAN.quantize_draft_inputs, wildcards.model, wildcards.draft_precision)
+
+
+def quantize_draft_options(wildcards):
+    return ask(PLAN.quantize_draft_options, wildcards.model)
+
+
+def quantize_draft_mem_mb(wildcards):
+    return ask(PLAN.quantize_draft_mem_mb, wildcards.model)
+
+
+def draft_engine_sm(wildcards):
+    return ask(PLAN.draft_engine_sm, wildcards.model, wildcards.precision, wildcards.sm)
 
 
 def engine_draft_option(wildcards, input):

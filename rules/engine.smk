@@ -58,7 +58,7 @@ rule build_draft_engine:
     params:
         code=step_code("build-engine"),
         command=step_command("build-engine"),
-        sm=engine_sm,
+        sm=draft_engine_sm,
         limits=engine_limits,
         plugin=engine_plugin,
     shell:

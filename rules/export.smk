@@ -99,7 +99,7 @@ rule export_draft:
     params:
         code=step_code("export-draft"),
         command=step_command("export-draft"),
-        draft=draft_checkpoint,
+        draft=draft_export_checkpoint,
         base=source_checkpoint,
     shell:
         "{params.command} --draft_model_dir {params.draft:q} --base_model_dir {params.base:q}"

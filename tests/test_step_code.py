@@ -57,12 +57,15 @@ def digests(package_dir) -> dict[str, str]:
     ("module", "changed"),
     [
         ("export/llm_graph.py", {"export-llm", "export-draft"}),  # the LLM and draft exports only
-        ("quant/calibration.py", {"quantize-llm", "reduce-vocab"}),  # the text corpus readers only
+        ("quant/calibration.py", {"quantize-llm", "quantize-draft", "reduce-vocab"}),  # the text corpus readers
         ("engine/profiles.py", {"build-engine"}),
         ("verify/reference.py", {"verify-onnx"}),
         ("export/sidecars.py", {"export-llm", "export-visual", "export-draft", "verify-onnx"}),
         ("export/visual_graph.py", {"export-visual", "verify-onnx"}),
-        ("quant/nvfp4.py", {"export-llm", "export-visual", "export-draft", "quantize-llm", "verify-onnx"}),
+        (
+            "quant/nvfp4.py",
+            {"export-llm", "export-visual", "export-draft", "quantize-llm", "quantize-draft", "verify-onnx"},
+        ),
     ],
 )
 def test_editing_a_module_changes_exactly_the_steps_that_import_it(package_copy, module, changed):

@@ -28,6 +28,7 @@ from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import runtime_config, write_json
 from edgellm_steps.models.families import EAGLE3_DRAFT, family_for
 from edgellm_steps.quant.linear import QuantPlan
+from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,13 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
     dims = decoder_dims(draft_config)
     EAGLE3_DRAFT.check_dims(dims)
     store = open_draft_store(draft)
+    quant = QuantPlan.from_held(held_precision(draft, draft_config), "lm_head")
+    quant.check_tensors(store, str(draft))
     d2t = read_d2t(store, draft_vocab, decoder_dims(base_config).vocab_size, str(draft))
     output_dir = Path(output_dir)
-    log.info("exporting the EAGLE3 draft %s (draft vocabulary %d) to %s", draft, draft_vocab, output_dir)
+    log.info(
+        "exporting the EAGLE3 draft %s (%s, draft vocabulary %d) to %s", draft, quant.precision, draft_vocab, output_dir
+    )
     with staged_directory(output_dir) as staging:
         write_graph(
             staging,
@@ -82,13 +87,13 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
                 store,
                 EAGLE3_DRAFT,
                 dims,
-                QuantPlan(lm_head_module="lm_head"),
+                quant,
                 target_hidden_size=target,
                 draft_vocab_size=draft_vocab,
             ).build(),
         )
         write_json(staging / "config.json", draft_config_json(dims, draft_config, target, draft_vocab))
         save_file({"d2t": d2t}, str(staging / D2T_FILE))
-        write_manifest(staging, step="export-draft", parameters={"precision": "fp16"})
+        write_manifest(staging, step="export-draft", parameters={"precision": quant.precision})
     log.info("draft export finished in %.1f s", time.monotonic() - started)
     return output_dir / ONNX_NAME

@@ -112,3 +112,24 @@ def calibration_samples(tokenizer, texts: list[str], num_samples: int, max_token
     while len(stream) < needed:
         stream += stream[: needed - len(stream)]
     return [stream[i * max_tokens : (i + 1) * max_tokens] for i in range(num_samples)]
+
+
+def calibration_batches(checkpoint: Path, source: str | None, num_samples: int, max_tokens: int, batch: int) -> list:
+    """Token id tensors [batch, max_tokens] cut from ``source`` with ``checkpoint``'s tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    samples = calibration_samples(tokenizer, load_corpus(source), num_samples, max_tokens)
+    return [torch.tensor(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+
+
+def calibration_record(source: str | None, num_samples: int, max_tokens: int, batch: int, device: str) -> dict:
+    """How a quantized checkpoint was calibrated, as its ``edgellm_quantization.json`` records it."""
+    return {
+        "corpus": source or BUILTIN,
+        "samples": num_samples,
+        "max_tokens": max_tokens,
+        "batch_size": batch,
+        "device": device,
+    }

@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
@@ -21,7 +22,7 @@ from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
 from edgellm_steps.models.families import family_for
-from edgellm_steps.quant.calibration import BUILTIN, calibration_samples, load_corpus
+from edgellm_steps.quant.calibration import calibration_batches, calibration_record
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision, parse_precision
 from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
@@ -45,7 +46,22 @@ def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | No
     return precision
 
 
-def _device_and_dtype(device: str):
+def quantization_record(precision: Precision, calibration: dict[str, Any]) -> dict[str, Any]:
+    """``edgellm_quantization.json``: the precision the export reads back, and how it was calibrated."""
+    import modelopt
+
+    return {
+        "precision": str(precision),
+        "weights": precision.weights,
+        "lm_head": precision.lm_head,
+        "kv_cache": precision.kv_cache,
+        "calibration": calibration,
+        "modelopt_version": modelopt.__version__,
+    }
+
+
+def device_and_dtype(device: str):
+    """The torch device and the calibration dtype: float32 on the CPU, float16 on a GPU."""
     import torch
 
     if device == "cuda":
@@ -73,7 +89,7 @@ def quantize_llm(
     """Quantize ``model_dir`` with ModelOpt, calibrating on ``dataset_dir`` (built-in corpus when None)."""
     started = time.monotonic()
     precision = compose_precision(quantization, lm_head_quantization, kv_cache_quantization)
-    device, dtype = _device_and_dtype(device)
+    device, dtype = device_and_dtype(device)
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     hf_config = read_hf_config(checkpoint)
     spec = family_for(hf_config, where=str(checkpoint))
@@ -87,18 +103,14 @@ def quantize_llm(
     check_tokenizer(checkpoint)
     TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
-    import modelopt
     import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
     import transformers
     from tqdm import tqdm
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-    texts = load_corpus(dataset_dir)
-    samples = calibration_samples(tokenizer, texts, calib_size, calib_max_tokens)
     batch = calib_batch_size or calibration_batch_size(precision)
-    batches = [torch.tensor(samples[i : i + batch]) for i in range(0, len(samples), batch)]
+    batches = calibration_batches(checkpoint, dataset_dir, calib_size, calib_max_tokens, batch)
     log.info(
         "calibrating %s on %d samples x %d tokens (batch %d) on %s",
         precision,
@@ -121,20 +133,7 @@ def quantize_llm(
 
     with cpu_fake_quantization():
         mtq.quantize(model, modelopt_config(precision, spec.quant_exclude), forward_loop=forward_loop)
-    info = {
-        "precision": str(precision),
-        "weights": precision.weights,
-        "lm_head": precision.lm_head,
-        "kv_cache": precision.kv_cache,
-        "calibration": {
-            "corpus": dataset_dir or BUILTIN,
-            "samples": calib_size,
-            "max_tokens": calib_max_tokens,
-            "batch_size": batch,
-            "device": device,
-        },
-        "modelopt_version": modelopt.__version__,
-    }
+    info = quantization_record(precision, calibration_record(dataset_dir, calib_size, calib_max_tokens, batch, device))
     with staged_directory(Path(output_dir)) as staging:
         model.save_pretrained(str(staging))
         torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)

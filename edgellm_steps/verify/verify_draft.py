@@ -1,11 +1,14 @@
 """verify-onnx for an EAGLE3 draft export: the graph against the torch draft built from the checkpoint.
 
 transformers has no EAGLE3 draft, so the reference is :class:`~edgellm_steps.models.eagle3_draft.Eagle3Draft`
-(itself held to a forward written independently in the tests). Two scenarios, as the runtime
-drives a draft: the first step (the base's three hidden states in, the draft's own zero) and a
-later step (the draft's previous hidden state in, the base's zero), a prefill of random
-embeddings of ``tokens`` positions with every row selected. Pass: the fp16 criterion on the
-log-probabilities, and on the hidden states each row's cosine.
+(itself held to a forward written independently in the tests); for a quantize-draft checkpoint, that
+module with its ModelOpt quantizers restored (fake quantization), held to the precision's criterion.
+Two scenarios, as the runtime drives a draft: the first step (the base's three hidden states in, the
+draft's own zero) and a later step (the draft's own hidden states of the first step in, the base's zero), each a prefill
+of random embeddings of ``tokens`` positions with every row selected; a quantized draft's base
+states are drawn within its calibrated range. Pass: the fp16 criterion on the
+log-probabilities (the loosest of the precision's formats for a quantized draft), and the same
+criterion on the hidden states.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from onnx import helper
 
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.draft_weights import open_draft_store
@@ -22,9 +26,15 @@ from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.export import llm_io
 from edgellm_steps.models.eagle3_draft import Eagle3Draft
 from edgellm_steps.plugins import REFERENCE_OPS
-from edgellm_steps.verify.parity import TOLERANCES, Tolerance, compare_logits
+from edgellm_steps.quant.draft_quantizers import fake_quantized_draft
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.precision import Precision
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.verify.parity import Tolerance, compare_logits, tolerance_for
 from edgellm_steps.verify.report import conclude
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+FC_INPUT_AMAX = "fc.input_quantizer._amax"
 
 
 def _rope_table(config: dict[str, Any], length: int) -> np.ndarray:
@@ -36,9 +46,11 @@ def _rope_table(config: dict[str, Any], length: int) -> np.ndarray:
 
 def _run_graph(session: Any, config: dict[str, Any], embeds, hidden_in, from_draft) -> tuple[np.ndarray, np.ndarray]:
     seq = embeds.shape[1]
+    past = next(i for i in session.proto_.graph.input if i.name == llm_io.past_name(0))
+    cache_dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
     feeds = {
         llm_io.INPUTS_EMBEDS: embeds.astype(np.float16),
-        llm_io.past_name(0): np.zeros((1, 2, config["num_key_value_heads"], seq, config["head_dim"]), np.float16),
+        llm_io.past_name(0): np.zeros((1, 2, config["num_key_value_heads"], seq, config["head_dim"]), cache_dtype),
         llm_io.ROPE_COS_SIN: _rope_table(config, seq),
         llm_io.CONTEXT_LENGTHS: np.array([seq], np.int32),
         llm_io.LAST_TOKEN_IDS: np.arange(seq, dtype=np.int64)[None],
@@ -64,32 +76,41 @@ def verify_draft(
     onnx_dir = Path(onnx_dir)
     check_step_output(onnx_dir, "export-draft")
     checkpoint = resolve_source(str(model_dir), allow_download=True)
-    model = Eagle3Draft.from_store(read_hf_config(checkpoint), open_draft_store(checkpoint))
+    draft_config = read_hf_config(checkpoint)
+    held = held_precision(checkpoint, draft_config)
+    store = open_draft_store(checkpoint)
+    if held is None:
+        model, precision = Eagle3Draft.from_store(draft_config, store), Precision("fp16")
+    else:
+        model, precision = fake_quantized_draft(checkpoint, draft_config, store), held.precision
     config = json.loads((onnx_dir / "config.json").read_text())
     session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
     width, target = config["hidden_size"], config["base_model_hidden_size"]
     rng = np.random.default_rng(seed)
+    # Base hidden states within the calibrated range of fc's input (a quantized draft clamps beyond it).
+    scale = float(store.get(FC_INPUT_AMAX).float().max()) / 4 if FC_INPUT_AMAX in store else 1.0
+    embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
+    hidden_in = (rng.standard_normal((1, tokens, target)) * scale).astype(np.float16)
+    from_draft = np.zeros((1, tokens, width), np.float16)
     results = {}
     for scenario in ("first_step", "later_step"):
-        embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
-        hidden_in = rng.standard_normal((1, tokens, target)).astype(np.float16)
-        from_draft = np.zeros((1, tokens, width), np.float16)
-        if scenario == "later_step":
-            hidden_in, from_draft = np.zeros_like(hidden_in), rng.standard_normal((1, tokens, width)).astype(np.float16)
         logits, hidden = _run_graph(session, config, embeds, hidden_in, from_draft)
-        with torch.no_grad():
+        with torch.no_grad(), cpu_fake_quantization():
             ref_logits, ref_hidden = model(
                 *(torch.from_numpy(a.astype(np.float32)) for a in (embeds, hidden_in, from_draft))
             )
         results[scenario] = compare_logits(logits, ref_logits.numpy())
         results[f"{scenario}_hidden_states"] = compare_logits(hidden, ref_hidden.numpy())
-    fp16 = TOLERANCES["fp16"]
-    tolerance = Tolerance(fp16.rel_tol, fp16.min_cosine, False, fp16.why)
+        # The later step reads the draft's own states of the first step, the base's zero, new tokens.
+        embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
+        hidden_in, from_draft = np.zeros_like(hidden_in), ref_hidden.numpy().astype(np.float16)
+    chosen = tolerance_for(precision.formats())
+    tolerance = Tolerance(chosen.rel_tol, chosen.min_cosine, False, chosen.why)
     summary = {
         "onnx_dir": str(onnx_dir),
         "model_dir": str(model_dir),
         "kind": "eagle3_draft",
-        "precision": "fp16",
+        "precision": str(precision),
         "tolerances": {"max_abs_error_over_max_abs": tolerance.rel_tol, "min_cosine": tolerance.min_cosine},
         "tokens": tokens,
         "seed": seed,

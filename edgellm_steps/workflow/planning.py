@@ -24,7 +24,7 @@ from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
 from edgellm_steps.quant.recipes import calibration_batch_size
-from edgellm_steps.quant.shape_checks import check_block_dims
+from edgellm_steps.quant.shape_checks import check_block_dims, check_draft_block_dims
 from edgellm_steps.workflow import resources
 from edgellm_steps.workflow.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
 from edgellm_steps.workflow.digests import DigestCache
@@ -68,6 +68,8 @@ class Planner:
         self._sources: dict[str, tuple[Path, dict[str, Any], HeldPrecision | None]] = {}
         self._stamps: dict[str, list[str]] = {}
         self._drafts: dict[str, Path] = {}
+        #: model -> (the draft's precision, whether it needs the quantize-draft step)
+        self._draft_precisions: dict[str, tuple[Precision, bool]] = {}
         self._digests: DigestCache | None = None
 
     def settings(self, model: str) -> ModelSettings:
@@ -149,15 +151,14 @@ class Planner:
         """Inputs of quantize_llm: the source stamps and a local calibration corpus."""
         if self.quantized_manifest(model, precision) is None:
             raise PrecisionError(f"precision '{precision}' has no quantize step: export the checkpoint directly")
-        inputs: dict[str, Any] = {"source": self.source_inputs(model)}
-        dataset = self.settings(model).quantization.dataset
-        if dataset and Path(dataset).exists():
-            inputs["calibration"] = _local_files(dataset)
-        return inputs
+        return {"source": self.source_inputs(model), **self._calibration_inputs(model)}
 
     def quantize_options(self, model: str, precision: str) -> str:
         """The quantize CLI flags that decide its output (recorded, so a change reruns the job)."""
-        parsed = self.precision(model, precision)
+        return self._quantize_flags(model, self.precision(model, precision))
+
+    def _quantize_flags(self, model: str, parsed: Precision) -> str:
+        """The precision and calibration flags quantize-llm and quantize-draft share."""
         quant = self.settings(model).quantization
         flags = [f"--quantization {parsed.weights}"]
         if parsed.lm_head:
@@ -170,6 +171,10 @@ class Planner:
         if quant.dataset:
             flags.append(f"--dataset_dir {shlex.quote(quant.dataset)}")
         return " ".join(flags)
+
+    def _calibration_inputs(self, model: str) -> dict[str, Any]:
+        dataset = self.settings(model).quantization.dataset
+        return {"calibration": _local_files(dataset)} if dataset and Path(dataset).exists() else {}
 
     def export_inputs(self, model: str, precision: str) -> dict[str, Any]:
         """Inputs of export_llm: the quantized checkpoint's manifest or the source stamps, and a chat template."""
@@ -270,10 +275,87 @@ class Planner:
         self.draft_checkpoint(model)
         return self.export_inputs(model, precision)
 
+    def draft_precision(self, model: str) -> Precision:
+        """The draft's own precision, checked against the draft (block dims, a precision it holds) and the base."""
+        if model not in self._draft_precisions:
+            path = self.draft_checkpoint(model)
+            text = self.settings(model).draft.precision
+            where = f"model '{model}' draft"
+            parsed = parse_precision(text)
+            draft_config = read_hf_config(path, model=model)
+            held = held_precision(path, draft_config)
+            if held is not None and held.precision != parsed:
+                raise PrecisionError(
+                    f"{where}: the draft is already quantized as {held.precision} ({held.origin}); "
+                    f"set its precision: {held.precision}"
+                )
+            if held is None and parsed.weights == "int4_gptq":
+                raise PrecisionError(f"{where}: int4_gptq means a GPTQ-quantized draft; use int4_awq to quantize it")
+            if held is None and parsed.needs_quantize_step and self._source(model)[2] is not None:
+                raise PrecisionError(
+                    f"{where}: quantize-draft calibrates through the unquantized base, but the source is already "
+                    f"quantized ({self._source(model)[2].precision}); use draft precision fp16 or an unquantized source"
+                )
+            check_draft_block_dims(draft_config, parsed, where=where)
+            self._draft_precisions[model] = (parsed, held is None and parsed.needs_quantize_step)
+        return self._draft_precisions[model][0]
+
+    def quantized_draft_manifest(self, model: str) -> str | None:
+        """The quantize-draft manifest when the draft's precision needs that step, else None."""
+        parsed = self.draft_precision(model)
+        return f"quantized/{model}/draft_{parsed}/manifest.json" if self._draft_precisions[model][1] else None
+
+    def quantize_draft_inputs(self, model: str, draft_precision: str) -> dict[str, Any]:
+        """Inputs of quantize_draft: the draft's and the base's stamps, a local calibration corpus."""
+        if self.quantized_draft_manifest(model) != f"quantized/{model}/draft_{draft_precision}/manifest.json":
+            raise PrecisionError(
+                f"model '{model}': its draft's precision is {self.draft_precision(model)}, so "
+                f"quantized/{model}/draft_{draft_precision}/ is not one of its targets; set draft.precision"
+            )
+        return {
+            "draft": self.draft_source_inputs(model),
+            "source": self.source_inputs(model),
+            **self._calibration_inputs(model),
+        }
+
+    def quantize_draft_options(self, model: str) -> str:
+        """The quantize-draft flags that decide its output (recorded)."""
+        return self._quantize_flags(model, self.draft_precision(model))
+
+    def quantize_draft_mem_mb(self, model: str) -> int:
+        """Host RAM of a quantize-draft job: the float base runs beside the draft being calibrated."""
+        parsed = self.draft_precision(model)
+        quant = self.settings(model).quantization
+        batch = min(quant.batch_size or calibration_batch_size(parsed), quant.calib_size)
+        draft_bytes = sum(p.stat().st_size for p in draft_weight_files(self.draft_checkpoint(model)))
+        return resources.quantize_mem_mb(
+            self.weight_bytes(model) + draft_bytes,
+            parsed.weights,
+            batch=batch,
+            tokens=quant.calib_max_tokens,
+            vocab_size=decoder_dims(self._source(model)[1]).vocab_size,
+        )
+
+    def draft_export_checkpoint(self, model: str) -> Path:
+        """What export-draft reads: the quantized draft, or the draft checkpoint itself."""
+        manifest = self.quantized_draft_manifest(model)
+        return Path(manifest).parent if manifest else self.draft_checkpoint(model)
+
     def export_draft_inputs(self, model: str, precision: str) -> dict[str, Any]:
-        """Inputs of export_draft: the draft's stamps and the base source's (its config decides the fit)."""
+        """Inputs of export_draft: the quantized draft or the draft's stamps, and the base source's stamps."""
         self.precision(model, precision)
-        return {"draft": self.draft_source_inputs(model), "source": self.source_inputs(model)}
+        manifest = self.quantized_draft_manifest(model)
+        draft = {"quantized_draft": manifest} if manifest else {"draft": self.draft_source_inputs(model)}
+        return {**draft, "source": self.source_inputs(model)}
+
+    def draft_engine_sm(self, model: str, precision: str, sm: str | int) -> int:
+        """The SM of a draft engine, checked against the base's precision and the draft's own."""
+        target = self.engine_sm(model, precision, sm)
+        try:
+            check_sm_supports(self.draft_precision(model), target)
+        except PrecisionError as err:
+            raise PrecisionError(f"model '{model}' draft: {err}") from None
+        return target
 
     def engine_inputs(self, model: str, precision: str, sm: str | int | None) -> dict[str, str]:
         """Inputs of build_engine: the LLM export (the EAGLE base's, with its draft engine, for a model with
@@ -281,7 +363,7 @@ class Planner:
         target = self.engine_sm(model, precision, sm)
         inputs = {"manifest": f"onnx/{model}_{precision}/llm/manifest.json"}
         if self.settings(model).draft is not None:
-            self.draft_checkpoint(model)
+            self.draft_engine_sm(model, precision, target)
             inputs["manifest"] = f"onnx/{model}_{precision}/eagle_base/manifest.json"
             inputs["draft"] = f"engines/sm{target}/draft/{model}_{precision}.engine"
         if self.vision_language(model):

@@ -27,6 +27,7 @@ STEP_ENTRY_POINTS = {
     "export-draft": f"{PACKAGE}.cli.export_draft",
     "reduce-vocab": f"{PACKAGE}.cli.reduce_vocab",
     "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
+    "quantize-draft": f"{PACKAGE}.cli.quantize_draft",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",
 }
