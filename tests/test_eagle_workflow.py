@@ -94,3 +94,39 @@ def test_a_reduced_vocabulary_serves_the_eagle_base_and_the_llm_export(workdir):
     write_config(workdir, CONFIG + "    reduced_vocab: {size: 150}\n")
     replan = run_snakemake(workdir, "-n", *targets, "onnx/tiny_fp16/draft/model.onnx")
     assert planned_jobs(replan.output) == {"reduce_vocab": 1, "export_eagle_base": 1, "export_llm": 1}
+
+
+QUANTIZED_DRAFT_CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    draft: {source: draft, precision: fp8-kvfp8}
+    sm_targets: [110]
+    quantization: {calib_size: 4, calib_max_tokens: 16, threads: 1}
+"""
+
+
+def test_a_quantized_draft_is_calibrated_through_the_base_and_exported(workdir):
+    write_config(workdir, QUANTIZED_DRAFT_CONFIG)
+    assert planned_jobs(run_snakemake(workdir, "-n", EXPORTS[1]).output) == {"quantize_draft": 1, "export_draft": 1}
+    run_snakemake(workdir, EXPORTS[1])
+    info = json.loads((workdir / "quantized/tiny/draft_fp8-kvfp8/edgellm_quantization.json").read_text())
+    assert info["kind"] == "eagle3_draft" and info["calibration"]["samples"] == 4
+    manifest = json.loads((workdir / "onnx/tiny_fp16/draft/manifest.json").read_text())
+    assert manifest["parameters"]["precision"] == "fp8-kvfp8"
+    assert NOTHING in run_snakemake(workdir, "-n", EXPORTS[1]).output
+    # Calibration settings are the quantized draft's: a new one reruns it and the draft export only.
+    write_config(workdir, QUANTIZED_DRAFT_CONFIG.replace("calib_size: 4", "calib_size: 5"))
+    assert planned_jobs(run_snakemake(workdir, "-n", EXPORTS[1]).output) == {"quantize_draft": 1, "export_draft": 1}
+    # An fp8 draft has no Orin (SM87) engine, whatever the base's precision: refused at planning.
+    refused = run_snakemake(workdir, "-n", "engines/sm87/tiny_fp16.engine", check=False)
+    assert refused.returncode != 0
+    assert "model 'tiny' draft: precision 'fp8-kvfp8' uses fp8, which needs SM >= 89; sm87" in refused.output
+
+
+def test_a_draft_precision_the_draft_cannot_take_fails_at_planning(workdir):
+    write_config(workdir, QUANTIZED_DRAFT_CONFIG.replace("fp8-kvfp8", "int4_awq"))
+    refused = run_snakemake(workdir, "-n", EXPORTS[1], check=False)
+    assert refused.returncode != 0
+    assert "model 'tiny' draft" in refused.output and "fc (3 x target_hidden_size)" in refused.output
+    assert not (workdir / "quantized").exists()
