@@ -24,26 +24,37 @@ from edgellm_steps.models.demo import make_eagle3_draft
 from edgellm_steps.plugins import REFERENCE_OPS
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits
 
-#: Base families and draft styles: a Llama-style draft, and a Qwen-style one (q/k/v biases).
-CASES = {"llama": ("llama", False), "qwen2-bias": ("qwen2", True)}
+#: Base families and draft styles: a Llama-style draft, a Qwen-style one (q/k/v biases), and a draft
+#: for a VLM base (Qwen2.5-VL: the base's dims under text_config) whose own config nests them too.
+CASES = {
+    "llama": ("llama", False, False),
+    "qwen2-bias": ("qwen2", True, False),
+    "vlm-nested": ("qwen2_5_vl", False, True),
+}
 SEQ = 7
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def draft(request, checkpoint_factory, tmp_path_factory):
-    family, bias = CASES[request.param]
+    family, bias, nested = CASES[request.param]
     base = checkpoint_factory(family)
     root = tmp_path_factory.mktemp(f"draft-{request.param}")
     # std 0.2: attention that depends on position and content, so a wrong mask or rotation shows.
-    checkpoint = make_eagle3_draft(root / "draft", base, std=0.2, qkv_bias=bias)
+    checkpoint = make_eagle3_draft(root / "draft", base, std=0.2, qkv_bias=bias, nested_config=nested)
     export_draft(checkpoint, base, root / "onnx")
     return request.param, base, checkpoint, root / "onnx"
+
+
+def text_config(checkpoint) -> dict:
+    """A checkpoint's config.json, its text_config's keys lifted to the top (VLMs and their drafts nest them)."""
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    return {**cfg, **cfg.get("text_config", {})}
 
 
 def reference_forward(checkpoint, embeds, hidden_in, from_draft):
     """The EAGLE3 draft on one sequence of S new tokens at positions 0..S-1, float32 torch."""
     w = {k: v.float() for k, v in load_file(str(checkpoint / "model.safetensors")).items() if v.is_floating_point()}
-    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg = text_config(checkpoint)
     heads, kv_heads, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps = cfg["rms_norm_eps"]
 
@@ -107,7 +118,7 @@ def run_draft(onnx_dir, embeds, hidden_in, from_draft):
 @pytest.mark.parametrize("step", ["first (base hidden states)", "later (the draft's own)"])
 def test_draft_graph_matches_the_reference_forward(draft, step):
     case, _, checkpoint, onnx_dir = draft
-    hidden = json.loads((checkpoint / "config.json").read_text())["hidden_size"]
+    hidden = text_config(checkpoint)["hidden_size"]
     rng = np.random.default_rng(4)
     embeds = rng.standard_normal((SEQ, hidden)).astype(np.float32) * 0.5
     hidden_in = rng.standard_normal((SEQ, 3 * hidden)).astype(np.float32)
@@ -132,9 +143,7 @@ def test_d2t_maps_every_draft_id_to_the_base_id_the_checkpoint_says(draft):
     _, _, checkpoint, onnx_dir = draft
     d2t = load_numpy(str(onnx_dir / "d2t.safetensors"))["d2t"]
     source = load_file(str(checkpoint / "model.safetensors"))
-    assert d2t.dtype == np.int32 and d2t.shape == (
-        json.loads((checkpoint / "config.json").read_text())["draft_vocab_size"],
-    )
+    assert d2t.dtype == np.int32 and d2t.shape == (text_config(checkpoint)["draft_vocab_size"],)
     base_ids = np.arange(len(d2t)) + d2t
     np.testing.assert_array_equal(base_ids, np.flatnonzero(source["t2d"].numpy()))
     np.testing.assert_array_equal(d2t, source["d2t"].numpy())
@@ -150,9 +159,26 @@ def test_draft_config_and_directory(draft):
         "manifest.json",
     }
     config = json.loads((onnx_dir / "config.json").read_text())
-    base_hidden = json.loads((base / "config.json").read_text())["hidden_size"]
+    base_hidden = text_config(base)["hidden_size"]
     assert config["model_type"] == "eagle3_draft" and "vocab_size" not in config
     assert config["base_model_hidden_size"] == 3 * base_hidden and config["draft_vocab_size"] == 96
+
+
+def test_a_nested_draft_config_is_read_where_it_nests(checkpoint_factory, tmp_path):
+    """target_hidden_size and draft_vocab_size under text_config count as at the top level."""
+    base = checkpoint_factory("qwen2_5_vl")
+    checkpoint = make_eagle3_draft(tmp_path / "draft", base, nested_config=True)
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert set(config) == {"architectures", "model_type", "text_config"}
+    config["text_config"]["target_hidden_size"] = 128
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match=r"hidden states of width 128 .* the base's hidden size is 64"):
+        export_draft(checkpoint, base, tmp_path / "out")
+    config["text_config"]["target_hidden_size"], config["text_config"]["draft_vocab_size"] = 64, 95
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SourceError, match="d2t has 96 entries but draft_vocab_size is 95"):
+        export_draft(checkpoint, base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_draft_for_another_base_is_refused(checkpoint_factory, tmp_path):
@@ -240,7 +266,7 @@ def test_the_library_draft_module_is_the_reference_forward(draft):
     config = json.loads((checkpoint / "config.json").read_text())
     model = Eagle3Draft.from_store(config, open_draft_store(checkpoint))
     rng = np.random.default_rng(5)
-    h = config["hidden_size"]
+    h = text_config(checkpoint)["hidden_size"]
     inputs = [
         torch.from_numpy(rng.standard_normal(shape).astype(np.float32)) for shape in ((SEQ, h), (SEQ, 3 * h), (SEQ, h))
     ]

@@ -130,3 +130,22 @@ def test_a_draft_precision_the_draft_cannot_take_fails_at_planning(workdir):
     assert refused.returncode != 0
     assert "model 'tiny' draft" in refused.output and "fc (3 x target_hidden_size)" in refused.output
     assert not (workdir / "quantized").exists()
+
+
+def test_a_vlm_with_a_draft_plans_its_eagle_and_vision_engines(tmp_path, checkpoint_factory):
+    base = checkpoint_factory("qwen2_5_vl")
+    copy_checkpoint(base, tmp_path / "ckpt")
+    make_eagle3_draft(tmp_path / "draft", base, nested_config=True)
+    write_config(tmp_path, CONFIG)
+    plan = run_snakemake(tmp_path, "-n", "--printshellcmds", "engines/tiny_fp16.engine")
+    assert planned_jobs(plan.output) == {
+        "export_eagle_base": 1,
+        "export_draft": 1,
+        "export_visual": 1,
+        "build_draft_engine": 1,
+        "build_visual_engine": 1,
+        "build_engine": 1,
+        "link_default_engine": 1,
+    }
+    engine_job = next(j for j in plan.output.split("rule ") if j.startswith("build_engine:"))
+    assert "--draft_engine_dir" in engine_job and "--visual_engine_dir" in engine_job

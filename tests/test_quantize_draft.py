@@ -33,11 +33,13 @@ from .conftest import BIN, tool_env
 #: of transformers' output_hidden_states, three distinct layers.
 LAYERS = 8
 PICKED = (2, 4, 5)
-#: precision -> (base family, q/k/v biases in the draft, quantize flags). Dims are multiples of 128 (int4, nvfp4).
+#: case -> (base, q/k/v biases in the draft, config nested under text_config, quantize flags, precision).
+#: The text bases' dims are multiples of 128 (int4, nvfp4); the VLM base (Qwen2.5-VL) keeps its tiny dims.
 VARIANTS = {
-    "fp8-kvfp8": ("qwen2", True, ("fp8", None, "fp8")),
-    "int4_awq": ("llama", False, ("int4_awq", None, None)),
-    "nvfp4-lmnvfp4": ("llama", False, ("nvfp4", "nvfp4", None)),
+    "fp8-kvfp8": ("qwen2", True, False, ("fp8", None, "fp8"), "fp8-kvfp8"),
+    "int4_awq": ("llama", False, False, ("int4_awq", None, None), "int4_awq"),
+    "nvfp4-lmnvfp4": ("llama", False, False, ("nvfp4", "nvfp4", None), "nvfp4-lmnvfp4"),
+    "vlm-fp8": ("qwen2_5_vl", False, True, ("fp8", None, None), "fp8"),
 }
 CALIB = {"calib_size": 8, "calib_max_tokens": 32}
 MIDLAYER_GEMMS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj")
@@ -46,10 +48,9 @@ MIDLAYER_GEMMS += ("mlp.up_proj", "mlp.down_proj")
 
 @pytest.fixture(scope="module")
 def bases(checkpoint_factory):
-    return {
-        family: checkpoint_factory(family, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS)
-        for family in ("qwen2", "llama")
-    }
+    wide = {"hidden_size": 128, "intermediate_size": 256}
+    made = {family: checkpoint_factory(family, num_hidden_layers=LAYERS, **wide) for family in ("qwen2", "llama")}
+    return {**made, "qwen2_5_vl": checkpoint_factory("qwen2_5_vl", num_hidden_layers=LAYERS)}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,10 @@ def quantized(bases, tmp_path_factory):
 
     def make(variant: str):
         if variant not in done:
-            family, bias, (weights, lm_head, kv) = VARIANTS[variant]
+            family, bias, nested, (weights, lm_head, kv), _ = VARIANTS[variant]
             root = tmp_path_factory.mktemp(f"qdraft-{variant}")
             # std 0.02 (the default): sharper random drafts put fp8's own float16 noise floor above any tolerance.
-            draft = make_eagle3_draft(root / "draft", bases[family], qkv_bias=bias)
+            draft = make_eagle3_draft(root / "draft", bases[family], qkv_bias=bias, nested_config=nested)
             out = quantize_draft(
                 bases[family],
                 draft,
@@ -86,15 +87,16 @@ def load_graph(onnx_dir) -> onnx.ModelProto:
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_quantized_draft_export_matches_the_fake_quantized_draft(quantized, variant, tmp_path, record_property):
     _, _, checkpoint, onnx_dir = quantized(variant)
+    precision = VARIANTS[variant][-1]
     summary = verify_onnx(onnx_dir, checkpoint, report=tmp_path / "verify.json")
-    assert summary["passed"] and summary["precision"] == variant
+    assert summary["passed"] and summary["precision"] == precision
     assert set(summary["cases"]) == {"first_step", "first_step_hidden_states", "later_step", "later_step_hidden_states"}
     for case, result in summary["cases"].items():
         record_property(case, result["relative_error"])
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    assert manifest["step"] == "export-draft" and manifest["parameters"]["precision"] == variant
+    assert manifest["step"] == "export-draft" and manifest["parameters"]["precision"] == precision
     info = json.loads((checkpoint / "edgellm_quantization.json").read_text())
-    assert info["kind"] == "eagle3_draft" and info["precision"] == variant
+    assert info["kind"] == "eagle3_draft" and info["precision"] == precision
 
 
 def test_a_wrong_scale_in_the_export_fails_verify(quantized, tmp_path):
@@ -112,16 +114,20 @@ def test_a_wrong_scale_in_the_export_fails_verify(quantized, tmp_path):
         verify_onnx(tmp_path / "onnx", checkpoint)
 
 
-def test_fc_is_calibrated_on_the_base_hidden_states_contract_5_names(quantized):
+@pytest.mark.parametrize("variant", ["fp8-kvfp8", "vlm-fp8"])
+def test_fc_is_calibrated_on_the_base_hidden_states_contract_5_names(quantized, variant):
     """fc's input range is max |concat(HF hidden states 2, 4, 5)| over the calibration tokens but the last.
 
     The second calibration pass (the draft's own states) feeds fc zeros from the base, so it cannot
-    raise the range; nothing else reaches fc's input.
+    raise the range; nothing else reaches fc's input. A VLM base runs text-only, as transformers'
+    image-text-to-text model, whose hidden states are its language model's.
     """
-    base, _, checkpoint, _ = quantized("fp8-kvfp8")
+    base, _, checkpoint, _ = quantized(variant)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
     ids = torch.tensor(calibration_samples(tokenizer, builtin_corpus(), CALIB["calib_size"], CALIB["calib_max_tokens"]))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    vlm = "vision_config" in json.loads((base / "config.json").read_text())
+    auto = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(str(base), dtype=torch.float32)
     with torch.no_grad():
         states = model(ids, output_hidden_states=True).hidden_states
     assert len(states) == LAYERS + 1

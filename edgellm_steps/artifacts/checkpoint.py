@@ -111,6 +111,22 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
         ) from err
 
 
+def draft_widths(cfg: dict[str, Any]) -> tuple[int, int]:
+    """(target_hidden_size, draft_vocab_size) of an EAGLE3 draft ``config.json``.
+
+    Drafts trained for a VLM base may nest every key under ``text_config``: the top level is read
+    first, then ``text_config``, then the draft's own hidden size and vocabulary (older drafts
+    that share both with their base omit the keys).
+    """
+    dims = decoder_dims(cfg)
+    text = cfg.get("text_config") or {}
+
+    def key(name: str, default: int) -> int:
+        return int(cfg.get(name) or text.get(name) or default)
+
+    return key("target_hidden_size", dims.hidden_size), key("draft_vocab_size", dims.vocab_size)
+
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 #: Pickled weight files: named only to say why such a checkpoint is refused.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.artifacts.checkpoint import decoder_dims, draft_widths
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import EAGLE3_DRAFT
 
@@ -18,7 +18,7 @@ def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], 
             f"expected one of {', '.join(EAGLE3_DRAFT.architectures)}"
         )
     dims, base = decoder_dims(draft_config), decoder_dims(base_config)
-    target = int(draft_config.get("target_hidden_size") or dims.hidden_size)
+    target, draft_vocab = draft_widths(draft_config)
     if target != base.hidden_size:
         raise SourceError(
             f"{where}: the draft reads hidden states of width {target} (target_hidden_size), but the base's "
@@ -31,5 +31,4 @@ def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], 
         )
     if dims.num_layers != 1:
         raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
-    draft_vocab = int(draft_config.get("draft_vocab_size") or dims.vocab_size)
     return target, draft_vocab

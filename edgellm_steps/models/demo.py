@@ -312,6 +312,7 @@ def make_eagle3_draft(
     seed: int = 0,
     std: float = 0.02,
     qkv_bias: bool = False,
+    nested_config: bool = False,
 ) -> Path:
     """Write a random EAGLE3 draft for the tiny base ``base_dir``, in the published layout.
 
@@ -320,7 +321,8 @@ def make_eagle3_draft(
     ``model.safetensors`` with ``midlayer.*`` (q/k/v/o, gate/up/down, ``input_layernorm``,
     ``hidden_norm``, ``post_attention_layernorm``), ``fc`` [H, 3H], ``norm``, ``lm_head``
     [draft vocab, H], ``d2t`` (int64 offsets, base id = draft id + d2t) and ``t2d`` (bool over
-    the base vocabulary). ``qkv_bias`` gives Qwen-style q/k/v biases.
+    the base vocabulary). ``qkv_bias`` gives Qwen-style q/k/v biases. ``nested_config`` writes every
+    key but ``architectures`` and ``model_type`` under ``text_config``, as drafts trained for a VLM do.
     """
     import json
 
@@ -388,6 +390,9 @@ def make_eagle3_draft(
         "target_hidden_size": hidden,
         "torch_dtype": "float16",
     }
+    if nested_config:
+        top = ("architectures", "model_type")
+        config = {**{k: config[k] for k in top}, "text_config": {k: v for k, v in config.items() if k not in top}}
     (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     log.info("wrote a tiny EAGLE3 draft (draft vocabulary %d) to %s", draft_vocab_size, output_dir)
     return output_dir

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
+from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims, draft_widths
 
 
 class RMSNorm(nn.Module):
@@ -79,8 +79,7 @@ class Eagle3Draft(nn.Module):
     def __init__(self, config: dict[str, Any], *, qkv_bias: bool) -> None:
         super().__init__()
         dims = decoder_dims(config)
-        width, target = dims.hidden_size, int(config.get("target_hidden_size") or dims.hidden_size)
-        draft_vocab = int(config.get("draft_vocab_size") or dims.vocab_size)
+        width, (target, draft_vocab) = dims.hidden_size, draft_widths(config)
         self.fc = nn.Linear(3 * target, width, bias=False)
         self.midlayer = nn.Module()
         layer = self.midlayer

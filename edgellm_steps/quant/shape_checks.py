@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.artifacts.checkpoint import decoder_dims, draft_widths
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.quant.precision import INT4_ROW_GROUP, Precision
 from edgellm_steps.quant.recipes import BLOCK_SIZES, INT4_FORMATS
@@ -59,7 +59,7 @@ def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: 
 def check_draft_block_dims(draft_config: dict[str, Any], precision: Precision, *, where: str) -> None:
     """As :func:`check_block_dims` for an EAGLE3 draft: ``fc`` reads 3 x target_hidden_size, q/k/v read 2H."""
     dims = decoder_dims(draft_config)
-    target = int(draft_config.get("target_hidden_size") or dims.hidden_size)
+    target, _ = draft_widths(draft_config)
     q_width, kv_width = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
     inputs = (
         ("fc (3 x target_hidden_size)", 3 * target),
