@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 # export_bench.py is a sibling script, not a package module: import its helpers from this directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import CASES, measure_command, write_checkpoint
+from export_bench import CASES, measure_command, print_export_table, run_export, write_checkpoint
 
 log = logging.getLogger("eagle_export_bench")
 
@@ -128,23 +128,6 @@ def write_draft(directory: Path, config: dict[str, Any] = DRAFT_CONFIG) -> int:
     return total
 
 
-def export(name: str, command: list[str], output: Path, log_path: Path) -> tuple[int, dict[str, float], float | None]:
-    """Run one export alone; returns its exit code, wall s and peak RSS, and the size of its onnx_model.data."""
-    log.info("%s export: %s (log %s)", name, " ".join(command), log_path)
-    with log_path.open("w") as stderr:
-        code, result = measure_command(command, stderr=stderr)
-    data = output / "onnx_model.data"
-    data_gb = data.stat().st_size / 1e9 if code == 0 and data.is_file() else None
-    if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        log.error("%s export failed (exit %d); end of %s:\n%s", name, code, log_path, "\n".join(tail))
-    else:
-        log.info(
-            "%s export: %s s, %s GB peak RSS, %.2f GB data", name, result["wall_s"], result["peak_rss_gb"], data_gb
-        )
-    return code, result, data_gb
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
@@ -196,19 +179,13 @@ def main() -> int:
     for name, command in commands.items():
         output = out / name
         shutil.rmtree(output, ignore_errors=True)
-        rows.append((name, *export(name, command, output, args.workdir / f"eagle3-8b-{name}.log")))
+        rows.append((name, *run_export(name, command, output, args.workdir / f"eagle3-8b-{name}.log")))
     if not args.keep:
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(draft, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     print(f"base: {args.layers} layers; checkpoint generation: {generated}")
-    print("| export | wall (s) | peak RSS (GB) | onnx_model.data (GB) | targets (32 layers) |")
-    print("|---|---|---|---|---|")
-    for name, code, result, data_gb in rows:
-        goal = ", ".join(f"{k} <= {v}" for k, v in TARGETS[name].items())
-        size = f"{data_gb:.2f}" if data_gb is not None else f"failed (exit {code})"
-        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {size} | {goal} |")
-    return 0 if all(code == 0 for _, code, _, _ in rows) else 1
+    return print_export_table(rows, TARGETS, "targets (32 layers)")
 
 
 if __name__ == "__main__":

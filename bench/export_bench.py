@@ -160,6 +160,36 @@ def measure_command(command: list[str], stderr: Any = subprocess.DEVNULL) -> tup
     return os.waitstatus_to_exitcode(status), {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
 
 
+def run_export(
+    name: str, command: list[str], output: Path, log_path: Path
+) -> tuple[int, dict[str, float], float | None]:
+    """Run one export command alone; returns its exit code, wall s and peak RSS, and its onnx_model.data size (GB)."""
+    log.info("%s export: %s (log %s)", name, " ".join(command), log_path)
+    with log_path.open("w") as stderr:
+        code, result = measure_command(command, stderr=stderr)
+    data = output / "onnx_model.data"
+    data_gb = data.stat().st_size / 1e9 if code == 0 and data.is_file() else None
+    if code != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        log.error("%s export failed (exit %d); end of %s:\n%s", name, code, log_path, "\n".join(tail))
+    else:
+        log.info(
+            "%s export: %s s, %s GB peak RSS, %.2f GB data", name, result["wall_s"], result["peak_rss_gb"], data_gb
+        )
+    return code, result, data_gb
+
+
+def print_export_table(rows: list[tuple], targets: dict[str, dict[str, float]], targets_label: str = "targets") -> int:
+    """Print (name, exit code, measurement, data GB) rows as a Markdown table; 0 when every export succeeded."""
+    print(f"| export | wall (s) | peak RSS (GB) | onnx_model.data (GB) | {targets_label} |")
+    print("|---|---|---|---|---|")
+    for name, code, result, data_gb in rows:
+        goal = ", ".join(f"{k} <= {v}" for k, v in targets[name].items())
+        size = f"{data_gb:.2f}" if data_gb is not None else f"failed (exit {code})"
+        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {size} | {goal} |")
+    return 0 if all(code == 0 for _, code, _, _ in rows) else 1
+
+
 def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
     command = [
         str(Path(sys.executable).parent / "edgellm-export-llm"),

@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 # export_bench.py is a sibling script, not a package module: import its helpers from this directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import layer_tensors, measure_command, write_shards
+from export_bench import layer_tensors, measure_command, print_export_table, run_export, write_shards
 
 from edgellm_steps.models.demo import QWEN_VL_TEMPLATE, make_checkpoint, train_tokenizer
 
@@ -192,20 +192,6 @@ def write_vlm_checkpoint(directory: Path, shard_bytes: int = 2 << 30) -> int:
     return total
 
 
-def export(name: str, checkpoint: Path, output: Path, log_path: Path) -> tuple[int, dict[str, float], float | None]:
-    """Run one export alone; returns its exit code, wall s and peak RSS, and the size of its onnx_model.data."""
-    command = [sys.executable, "-m", EXPORTS[name], "--model_dir", str(checkpoint), "--output_dir", str(output)]
-    log.info("%s export: %s (log %s)", name, " ".join(command), log_path)
-    with log_path.open("w") as stderr:
-        code, result = measure_command(command, stderr=stderr)
-    data = output / "onnx_model.data"
-    data_gb = data.stat().st_size / 1e9 if code == 0 and data.is_file() else None
-    if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        log.error("%s export failed (exit %d); end of %s:\n%s", name, code, log_path, "\n".join(tail))
-    return code, result, data_gb
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
@@ -230,18 +216,13 @@ def main() -> int:
     for name in EXPORTS:
         output = args.workdir / f"{FAMILY}-3b-onnx" / name
         shutil.rmtree(output, ignore_errors=True)
-        rows.append((name, *export(name, checkpoint, output, args.workdir / f"{FAMILY}-3b-{name}.log")))
+        command = [sys.executable, "-m", EXPORTS[name], "--model_dir", str(checkpoint), "--output_dir", str(output)]
+        rows.append((name, *run_export(name, command, output, args.workdir / f"{FAMILY}-3b-{name}.log")))
     if not args.keep:
         shutil.rmtree(checkpoint, ignore_errors=True)
         shutil.rmtree(args.workdir / f"{FAMILY}-3b-onnx", ignore_errors=True)
     print(f"checkpoint generation: {generated}")
-    print("| export | wall (s) | peak RSS (GB) | onnx_model.data (GB) | targets |")
-    print("|---|---|---|---|---|")
-    for name, code, result, data_gb in rows:
-        goal = ", ".join(f"{k} <= {v}" for k, v in TARGETS[name].items())
-        size = f"{data_gb:.2f}" if data_gb is not None else f"failed (exit {code})"
-        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {size} | {goal} |")
-    return 0 if all(code == 0 for _, code, _, _ in rows) else 1
+    return print_export_table(rows, TARGETS)
 
 
 if __name__ == "__main__":
