@@ -16,6 +16,9 @@ from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.workflow.digests import file_digest
 
 MANIFEST_NAME = "manifest.json"
+#: Files a later step writes into an earlier step's directory, by contract: insert-lora's
+#: ``lora_model.onnx`` beside export-llm's ``model.onnx``. A manifest neither lists nor forbids them.
+LATER_STEP_FILES = frozenset({"lora_model.onnx"})
 
 
 class ManifestMismatchError(EdgeLLMError):
@@ -36,12 +39,12 @@ def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) ->
 
 
 def _file_names(directory: Path) -> list[str]:
-    """Every file under ``directory`` but the manifest itself, as sorted relative POSIX paths.
+    """Every file under ``directory`` but the manifest itself and later steps' files, as sorted relative POSIX paths.
 
     Subdirectories count (an engine directory holds its vision engine in ``visual/``).
     """
     names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
-    return sorted(name for name in names if name != MANIFEST_NAME)
+    return sorted(name for name in names if name != MANIFEST_NAME and name not in LATER_STEP_FILES)
 
 
 def check_step_output(directory: Path, step: str) -> dict[str, Any]:
@@ -52,6 +55,30 @@ def check_step_output(directory: Path, step: str) -> dict[str, Any]:
     finished. Raises :class:`ManifestMismatchError` naming the first difference.
     """
     directory = Path(directory)
+    manifest = _step_manifest(directory, step)
+    listed: dict[str, dict] = manifest["files"]
+    if extra := sorted(set(_file_names(directory)) - set(listed)):
+        raise ManifestMismatchError(
+            f"{directory} holds {extra[0]}, which its manifest does not list; {_rerun_hint(step)}"
+        )
+    for name in sorted(listed):
+        _check_file(directory, manifest, step, name)
+    return manifest
+
+
+def check_listed_file(directory: Path, step: str, name: str) -> dict[str, Any]:
+    """Prove one file of ``step``'s output ``directory`` is what the step wrote, reading that file only.
+
+    For a consumer that must not read the rest (insert-lora reads ``model.onnx``, never the
+    weights beside it); returns the manifest.
+    """
+    manifest = _step_manifest(Path(directory), step)
+    _check_file(Path(directory), manifest, step, name)
+    return manifest
+
+
+def _step_manifest(directory: Path, step: str) -> dict[str, Any]:
+    """``directory``'s manifest, refused unless ``step`` wrote it."""
     rerun = _rerun_hint(step)
     try:
         manifest = _read_manifest(directory)
@@ -61,7 +88,21 @@ def check_step_output(directory: Path, step: str) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not valid JSON ({err}); {rerun}") from None
-    return _check_against(directory, manifest, step)
+    if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
+        raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not a manifest written by {step}; {rerun}")
+    return manifest
+
+
+def _check_file(directory: Path, manifest: dict[str, Any], step: str, name: str) -> None:
+    path, entry = directory / name, manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        raise ManifestMismatchError(f"{path} is not listed in the {step} manifest; {_rerun_hint(step)}")
+    if not path.is_file():
+        raise ManifestMismatchError(f"{path} is listed in its manifest but missing; {_rerun_hint(step)}")
+    if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("xxh3_128"):
+        raise ManifestMismatchError(
+            f"{path} changed after {step} wrote it (size or digest differs); {_rerun_hint(step)}"
+        )
 
 
 def _rerun_hint(step: str) -> str:
@@ -70,23 +111,6 @@ def _rerun_hint(step: str) -> str:
 
 def _read_manifest(directory: Path) -> Any:
     return json.loads((directory / MANIFEST_NAME).read_text())
-
-
-def _check_against(directory: Path, manifest: Any, step: str) -> dict[str, Any]:
-    rerun = _rerun_hint(step)
-    if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
-        raise ManifestMismatchError(f"{directory / MANIFEST_NAME} is not a manifest written by {step}; {rerun}")
-    listed: dict[str, dict] = manifest["files"]
-    present = set(_file_names(directory))
-    if extra := sorted(present - set(listed)):
-        raise ManifestMismatchError(f"{directory} holds {extra[0]}, which its manifest does not list; {rerun}")
-    for name, entry in sorted(listed.items()):
-        path = directory / name
-        if not path.is_file():
-            raise ManifestMismatchError(f"{path} is listed in its manifest but missing; {rerun}")
-        if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("xxh3_128"):
-            raise ManifestMismatchError(f"{path} changed after {step} wrote it (size or digest differs); {rerun}")
-    return manifest
 
 
 def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
@@ -98,4 +122,4 @@ def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
         return None
     if not isinstance(manifest, dict) or manifest.get("step") != step:
         return None
-    return _check_against(directory, manifest, step)
+    return check_step_output(directory, step)

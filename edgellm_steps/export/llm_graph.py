@@ -20,6 +20,7 @@ from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export import llm_io
 from edgellm_steps.export.graph_ops import add_bias, rms_norm
+from edgellm_steps.export.lora_sites import LoraSite, record_sites
 from edgellm_steps.export.onnx_builder import GraphBuilder
 from edgellm_steps.models.families import FamilySpec
 from edgellm_steps.plugins.attention import emit_attention_plugin
@@ -63,6 +64,9 @@ class DecoderGraph:
         self.eagle_base = eagle_base
         #: Reduced vocabulary: the lm_head keeps these rows (ascending base ids), the logits these columns.
         self.vocab_map = vocab_map
+        #: The GEMMs LoRA may adapt, and the sites the graph records for insert-lora as it emits them.
+        self.lora_shapes = spec.linear_shapes(dims)
+        self.lora_sites: list[LoraSite] = []
 
     @property
     def tree_attention(self) -> bool:
@@ -79,7 +83,10 @@ class DecoderGraph:
             w = weight if weight is not None else self.store.get(f"{module}.weight")
             y = emit_linear(self.g, self.store, module, path, x, w, fmt)
             del w
-        return add_bias(self.g, self.store, module, y, path)
+        y = add_bias(self.g, self.store, module, y, path)
+        if module in self.lora_shapes:  # x is the activation before any quantization, y the Linear's output
+            self.lora_sites.append(LoraSite(module, x, y, *self.lora_shapes[module]))
+        return y
 
     def rms_norm(self, weight_name: str, x: str, path: str) -> str:
         return rms_norm(self.g, self.store, weight_name, x, path, self.dims.rms_norm_eps)
@@ -189,4 +196,6 @@ class DecoderGraph:
         out_dims = d if self.vocab_map is None else replace(d, vocab_size=len(self.vocab_map))
         for spec in llm_io.llm_outputs(out_dims, kv_type, eagle_base=self.eagle_base):
             g.add_output(spec.name, spec.elem_type, list(spec.dims))
-        return g.to_model("edgellm_llm", opset=self.quant.opset)
+        model = g.to_model("edgellm_llm", opset=self.quant.opset)
+        record_sites(model, self.lora_sites)
+        return model

@@ -30,7 +30,8 @@ KV_START_BATCH_SIZE = "kv_cache_start_batch_size"
 NUM_SELECTED_TOKENS = "num_selected_tokens"
 Q_LEN = "q_len"
 Q_LEN_PADDED = "q_len_padded"
-#: The rank dim of LoRA inputs (contract 6); any dim named ``lora_rank*`` or ``*_rank`` is one.
+#: The rank dim of LoRA inputs (contract 6). insert-lora names one per module, ``<prefix>.rank``;
+#: any dim named ``lora_rank*``, ``*.rank`` or ``*_rank`` is one.
 LORA_RANK = "lora_rank"
 
 # Input names, then output names.
@@ -64,7 +65,22 @@ def present_name(layer: int) -> str:
 
 def is_lora_rank(dim: str) -> bool:
     """Whether a symbolic dim is the rank of a LoRA input."""
-    return dim.startswith(LORA_RANK) or dim.endswith("_rank")
+    return dim.startswith(LORA_RANK) or dim.endswith((".rank", "_rank"))
+
+
+def lora_a_name(module: str) -> str:
+    """The LoRA A input of GEMM ``module`` (float16 [K, rank]); process-lora's key for it is the same."""
+    return f"{module}.lora_A.weight"
+
+
+def lora_b_name(module: str) -> str:
+    """The LoRA B input of GEMM ``module`` (float16 [rank, N], alpha/r folded in)."""
+    return f"{module}.lora_B.weight"
+
+
+def lora_rank_dim(module: str) -> str:
+    """The symbolic rank dim of GEMM ``module``'s LoRA inputs."""
+    return f"{module}.rank"
 
 
 class GraphDims(Protocol):

@@ -105,6 +105,31 @@ class FamilySpec:
         if dims.rotary_dim % 2:
             raise SourceError(f"rotary dim {dims.rotary_dim} (head_dim x partial_rotary_factor) must be even")
 
+    def linear_shapes(self, dims: DecoderDims) -> dict[str, tuple[int, int]]:
+        """Every decoder GEMM: module path -> (in_features, out_features), the layers in order.
+
+        These are the GEMMs LoRA may adapt (lm_head excepted), named as the checkpoint and PEFT
+        name them: fused families (Phi-3) have ``qkv_proj`` and ``gate_up_proj``, the others
+        ``q_proj`` / ``k_proj`` / ``v_proj`` and ``gate_proj`` / ``up_proj``.
+        """
+        h, inter = dims.hidden_size, dims.intermediate_size
+        q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+        if self.fused_qkv:
+            attention = {"qkv_proj": (h, q + 2 * kv)}
+        else:
+            attention = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv)}
+        attention["o_proj"] = (q, h)
+        mlp = (
+            {"gate_up_proj": (h, 2 * inter)} if self.fused_gate_up else {"gate_proj": (h, inter), "up_proj": (h, inter)}
+        )
+        mlp["down_proj"] = (inter, h)
+        shapes = {}
+        for layer in range(dims.num_layers):
+            prefix = self.layer_prefix.format(i=layer)
+            shapes.update({f"{prefix}.self_attn.{name}": shape for name, shape in attention.items()})
+            shapes.update({f"{prefix}.mlp.{name}": shape for name, shape in mlp.items()})
+        return shapes
+
     def resolved(self, names: Iterable[str]) -> FamilySpec:
         """This spec with its decoder weight names matched to a checkpoint holding tensors ``names``."""
         if self.text_prefixes == ("model.",):

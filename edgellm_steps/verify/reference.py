@@ -19,14 +19,45 @@ from edgellm_steps.export import llm_io
 from edgellm_steps.plugins import REFERENCE_OPS
 
 
+def lora_feeds(inputs, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Feeds for a graph's LoRA inputs: the adapter's tensors by name, rank 0 for the rest.
+
+    A tensor the graph has no input for is an error here (the runtime would silently ignore it).
+    """
+    feeds: dict[str, np.ndarray] = {}
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != 2 or not any(llm_io.is_lora_rank(d.dim_param) for d in dims if d.dim_param):
+            continue
+        if value.name in adapter:
+            feeds[value.name] = np.asarray(adapter[value.name], np.float16)
+        else:
+            feeds[value.name] = np.zeros([0 if d.dim_param else d.dim_value for d in dims], np.float16)
+    if unknown := sorted(set(adapter) - set(feeds)):
+        raise ValueError(f"adapter tensor {unknown[0]} is no LoRA input of the graph")
+    return feeds
+
+
 class LLMRunner:
     """Feeds an exported LLM directory the way the runtime does: embeddings in, logits out."""
 
-    def __init__(self, onnx_dir: Path, rope_table: np.ndarray, *, batch: int, capacity: int) -> None:
+    def __init__(
+        self,
+        onnx_dir: Path,
+        rope_table: np.ndarray,
+        *,
+        batch: int,
+        capacity: int,
+        graph: str = "model.onnx",
+        lora: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """``graph`` names the ONNX file to run; a LoRA graph (``lora_model.onnx``) gets ``lora``'s tensors
+        (a processed adapter) and, for every LoRA input the adapter lacks, rank 0, as the runtime binds it."""
         onnx_dir = Path(onnx_dir)
         self.config = json.loads((onnx_dir / "config.json").read_text())
         self.embedding = load_file(str(onnx_dir / "embedding.safetensors"))["embedding"]
-        self.session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
+        self.session = ReferenceEvaluator(str(onnx_dir / graph), new_ops=list(REFERENCE_OPS))
+        self.lora = lora_feeds(self.session.proto_.graph.input, lora or {})
         self.rope = rope_table.astype(np.float32)
         layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
         past = next(i for i in self.session.proto_.graph.input if i.name == llm_io.past_name(0))
@@ -83,6 +114,7 @@ class LLMRunner:
         }
         for i, cache in enumerate(self.caches):
             feeds[llm_io.past_name(i)] = cache
+        feeds.update(self.lora)
         if self.eagle:
             pos_ids, mask = tree if tree is not None else (np.zeros((batch, 1)), np.zeros((batch, 1, 1)))
             feeds[llm_io.ATTENTION_POS_ID] = np.asarray(pos_ids, np.int32)

@@ -28,6 +28,8 @@ STEP_ENTRY_POINTS = {
     "reduce-vocab": f"{PACKAGE}.cli.reduce_vocab",
     "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
     "quantize-draft": f"{PACKAGE}.cli.quantize_draft",
+    "insert-lora": f"{PACKAGE}.cli.insert_lora",
+    "process-lora": f"{PACKAGE}.cli.process_lora",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",
 }

@@ -1,0 +1,110 @@
+"""process-lora: a PEFT LoRA adapter -> ``processed_adapter_model.safetensors`` + ``config.json`` (contract 6).
+
+Each adapted module's A becomes ``<module>.lora_A.weight`` [in, r] and its B, scaled by PEFT's
+scaling (alpha / r, or alpha / sqrt(r) with rsLoRA, per ``rank_pattern`` / ``alpha_pattern``),
+``<module>.lora_B.weight`` [r, out], both float16: exactly the inputs insert-lora adds, so the
+runtime binds every tensor by name. ``<module>`` is PEFT's key with ``base_model.model.``
+stripped and a leading ``model.`` ensured. LoRA on norms or lm_head has no graph input and is
+dropped, with a warning naming it. Given the model, every other module must be a GEMM of its
+graph with the adapter's shapes, or the adapter is refused naming the key, because the
+runtime would silently give an unmatched name rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.errors import SourceError
+from edgellm_steps.export import llm_io
+from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter
+from edgellm_steps.models.families import family_for
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+PROCESSED_WEIGHTS = "processed_adapter_model.safetensors"
+
+
+def graph_module(peft_module: str) -> str:
+    """The graph's module path of a PEFT module key (``base_model.model.`` already stripped)."""
+    return peft_module if peft_module.startswith("model.") else f"model.{peft_module}"
+
+
+def _dropped(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last == "lm_head" or "norm" in last
+
+
+def adaptable_gemms(model_config: dict[str, Any], where: str) -> dict[str, tuple[int, int]]:
+    """The GEMMs of a model's LLM graph that take LoRA inputs: module -> (in_features, out_features)."""
+    spec = family_for(model_config, where=where)
+    if spec.vision_language:
+        raise SourceError(f"{where}: LoRA on a vision-language model ({spec.family}) is not supported")
+    return spec.linear_shapes(decoder_dims(model_config))
+
+
+def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int, int]], where: str) -> None:
+    """Refuse, naming the key, an adapted module that is not one of ``gemms`` or has other shapes."""
+    for m in modules:
+        name = graph_module(m.module)
+        key = f"{PEFT_PREFIX}{m.module}.lora_A.weight"
+        if name not in gemms:
+            raise SourceError(
+                f"{where}: adapter key {key} targets {name}, which is not a LoRA input of the model's graph "
+                f"(its GEMMs are e.g. {next(iter(gemms))}); was the adapter trained for another model?"
+            )
+        shape = (int(m.a.shape[1]), int(m.b.shape[0]))
+        if shape != gemms[name]:
+            raise SourceError(
+                f"{where}: adapter key {key} adapts {name} as {shape[0]} -> {shape[1]}, but the model's is "
+                f"{gemms[name][0]} -> {gemms[name][1]}; was the adapter trained for another model?"
+            )
+
+
+def processed_tensors(modules: list[AdapterModule]) -> dict[str, Any]:
+    """The runtime's tensors: A as [in, r], B scaled and as [r, out], float16."""
+    import torch
+
+    tensors = {}
+    for m in modules:
+        name = graph_module(m.module)
+        tensors[llm_io.lora_a_name(name)] = m.a.float().T.contiguous().to(torch.float16)
+        tensors[llm_io.lora_b_name(name)] = (m.b.float() * m.scaling).T.contiguous().to(torch.float16)
+    return tensors
+
+
+def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: str | Path | None = None) -> Path:
+    """Process the PEFT adapter ``input_dir`` into ``output_dir``, checked against ``model_dir`` when given."""
+    from safetensors.torch import save_file
+
+    adapter = resolve_source(str(input_dir), allow_download=True)
+    config, modules = read_adapter(adapter)
+    if dropped := [m.module for m in modules if _dropped(m.module)]:
+        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
+        modules = [m for m in modules if not _dropped(m.module)]
+    if not modules:
+        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
+    if model_dir is not None:
+        checkpoint = resolve_source(str(model_dir), allow_download=True)
+        check_adapter_fits(modules, adaptable_gemms(read_hf_config(checkpoint), str(checkpoint)), str(adapter))
+    ranks = {graph_module(m.module): m.rank for m in modules}
+    processed = {
+        "r": max(ranks.values()),
+        "lora_alpha": config.get("lora_alpha"),
+        "use_rslora": bool(config.get("use_rslora")),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in ranks}),
+        "ranks": ranks,
+        "base_model_name_or_path": config.get("base_model_name_or_path"),
+    }
+    with staged_directory(Path(output_dir)) as staging:
+        save_file(processed_tensors(modules), str(staging / PROCESSED_WEIGHTS), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(processed, indent=2) + "\n")
+        write_manifest(staging, step="process-lora", parameters={"adapter": str(input_dir), "max_rank": processed["r"]})
+    log.info("processed %d LoRA modules (max rank %d) into %s", len(modules), processed["r"], output_dir)
+    return Path(output_dir)

@@ -1,0 +1,253 @@
+"""insert-lora and process-lora (contract 6) against transformers with the PEFT adapter applied.
+
+Adapters are made here by ``peft`` on tiny real checkpoints, with random A and B
+(``init_lora_weights=False``), so every adapted GEMM changes the logits; the reference is PEFT's
+own forward, which shares no code with the graph rewrite or the processing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import onnx
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file, save_file
+
+from edgellm_steps.errors import EdgeLLMError, SourceError
+from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.export.lora_sites import read_sites
+from edgellm_steps.lora.insert_lora import add_lora, insert_lora
+from edgellm_steps.lora.process_lora import process_lora
+from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
+from edgellm_steps.verify.reference import LLMRunner
+
+from .conftest import BIN, tool_env
+
+#: case -> (checkpoint case, the modules an adapter targets). Phi-3 fuses q/k/v and gate/up.
+CASES = {
+    "llama": ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "phi3": ("phi3-partial-rotary", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+}
+SEQ = 12
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def lora_export(request, checkpoint_factory, tmp_path_factory):
+    """(case, checkpoint, export dir with lora_model.onnx)."""
+    checkpoint = checkpoint_factory(CASES[request.param][0])
+    out = tmp_path_factory.mktemp(f"lora-{request.param}") / "llm"
+    export_llm(checkpoint, out)
+    insert_lora(out)
+    return request.param, checkpoint, out
+
+
+def make_adapter(checkpoint, directory, targets, *, seed=0, r=4, alpha=8, **options):
+    """A PEFT adapter with random A and B on ``targets``; returns (PEFT model, directory)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **options)
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():  # keep the delta comparable to the base GEMMs' outputs
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.1)
+    peft_model.save_pretrained(str(directory))
+    return peft_model.eval(), directory
+
+
+def graph_logits(onnx_dir, checkpoint, ids, lora=None, graph="lora_model.onnx"):
+    table = hf_rope_table(transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)), 32)
+    runner = LLMRunner(onnx_dir, table, batch=len(ids), capacity=32, graph=graph, lora=lora)
+    return runner.step(ids, all_logits=True)
+
+
+def reference_logits(model, ids) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def token_ids(seed=3):
+    return np.random.default_rng(seed).integers(0, 300, (2, SEQ)).tolist()
+
+
+def test_the_lora_graph_is_the_contracts(lora_export):
+    case, _, out = lora_export
+    path = out / "lora_model.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    base = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    # The same weights file, not a copy: every initializer of both graphs points at onnx_model.data alike.
+    assert [t.external_data for t in model.graph.initializer] == [t.external_data for t in base.graph.initializer]
+    assert {p.name for p in out.iterdir()} == {
+        *("model.onnx", "lora_model.onnx", "onnx_model.data", "config.json", "embedding.safetensors"),
+        *("tokenizer.json", "tokenizer_config.json", "processed_chat_template.json", "manifest.json"),
+    }
+    lora_inputs = {i.name: i for i in model.graph.input[len(base.graph.input) :]}
+    layers = json.loads((out / "config.json").read_text())["num_hidden_layers"]
+    assert len(lora_inputs) == 2 * layers * len(CASES[case][1])
+    prefix = "model.layers.0.self_attn.qkv_proj" if case == "phi3" else "model.layers.0.self_attn.q_proj"
+    a, b = lora_inputs[f"{prefix}.lora_A.weight"], lora_inputs[f"{prefix}.lora_B.weight"]
+    a_dims = [d.dim_value or d.dim_param for d in a.type.tensor_type.shape.dim]
+    b_dims = [d.dim_value or d.dim_param for d in b.type.tensor_type.shape.dim]
+    hf = json.loads((lora_export[1] / "config.json").read_text())
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    fused = head_dim * (hf["num_attention_heads"] + 2 * hf["num_key_value_heads"])
+    out_features = fused if case == "phi3" else head_dim * hf["num_attention_heads"]
+    assert a_dims == [hf["hidden_size"], f"{prefix}.rank"] and b_dims == [f"{prefix}.rank", out_features]
+    assert a.type.tensor_type.elem_type == b.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert not any("lm_head" in name for name in lora_inputs)
+
+
+def test_the_lora_graph_with_an_adapter_matches_peft(lora_export, tmp_path, record_property):
+    case, checkpoint, out = lora_export
+    model, adapter = make_adapter(checkpoint, tmp_path / "adapter", CASES[case][1])
+    processed = process_lora(adapter, tmp_path / "processed", model_dir=checkpoint)
+    tensors = load_numpy(str(processed / "processed_adapter_model.safetensors"))
+    ids = token_ids()
+    expected = reference_logits(model, ids)
+    got = graph_logits(out, checkpoint, ids, tensors)
+    result = compare_logits(got, expected)
+    record_property("relative_error", result.relative_error)
+    assert result.passed(TOLERANCES["fp16"]), result
+    # The adapter matters: the base model's logits are far from the adapted ones.
+    with model.disable_adapter():
+        base = reference_logits(model, ids)
+    assert not compare_logits(base, expected).passed(TOLERANCES["fp16"])
+
+
+def test_rank_zero_is_the_base_graph_bit_for_bit(lora_export):
+    _, checkpoint, out = lora_export
+    ids = token_ids(4)
+    lora = graph_logits(out, checkpoint, ids)  # every LoRA input bound with rank 0
+    plain = graph_logits(out, checkpoint, ids, graph="model.onnx")
+    assert np.array_equal(lora, plain)
+
+
+def test_two_adapters_through_one_graph(lora_export, tmp_path):
+    """Different adapters (other targets, ranks, rsLoRA) through the same graph, each matching PEFT."""
+    case, checkpoint, out = lora_export
+    targets = CASES[case][1]
+    first, first_dir = make_adapter(checkpoint, tmp_path / "a", targets[:2], seed=1, r=2, alpha=16)
+    second, second_dir = make_adapter(checkpoint, tmp_path / "b", targets[-2:], seed=2, r=8, alpha=4, use_rslora=True)
+    ids = token_ids(5)
+    results = []
+    for model, adapter in ((first, first_dir), (second, second_dir)):
+        processed = process_lora(adapter, adapter.parent / f"{adapter.name}-processed", model_dir=checkpoint)
+        tensors = load_numpy(str(processed / "processed_adapter_model.safetensors"))
+        results.append((graph_logits(out, checkpoint, ids, tensors), reference_logits(model, ids)))
+    for got, expected in results:
+        assert compare_logits(got, expected).passed(TOLERANCES["fp16"])
+    assert not compare_logits(results[0][0], results[1][0]).passed(TOLERANCES["fp16"])
+
+
+def test_rank_and_alpha_patterns_scale_as_peft_does(checkpoint_factory, tmp_path):
+    """Per-module r and alpha: the processed B equals PEFT's B x PEFT's own scaling of that module."""
+    checkpoint = checkpoint_factory("llama")
+    model, adapter = make_adapter(
+        checkpoint,
+        tmp_path / "adapter",
+        ["q_proj", "v_proj", "down_proj"],
+        r=4,
+        alpha=8,
+        rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+        alpha_pattern={"down_proj": 3},
+        use_rslora=True,
+    )
+    tensors = load_file(str(process_lora(adapter, tmp_path / "out") / "processed_adapter_model.safetensors"))
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            key = name.removeprefix("base_model.model.")
+            a = module.lora_A["default"].weight.detach()
+            b = module.lora_B["default"].weight.detach() * module.scaling["default"]
+            torch.testing.assert_close(tensors[f"{key}.lora_A.weight"].float(), a.T.half().float())
+            torch.testing.assert_close(tensors[f"{key}.lora_B.weight"].float(), b.T.half().float())
+            checked += 1
+    assert checked == 3 * 2
+    assert tensors["model.layers.1.mlp.down_proj.lora_A.weight"].shape[1] == 6
+    assert tensors["model.layers.0.self_attn.v_proj.lora_A.weight"].shape[1] == 2
+    config = json.loads((tmp_path / "out/config.json").read_text())
+    assert config["r"] == 6 and config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+
+
+def test_processed_keys_are_the_graph_inputs(lora_export, tmp_path):
+    case, checkpoint, out = lora_export
+    _, adapter = make_adapter(checkpoint, tmp_path / "adapter", CASES[case][1])
+    keys = set(load_numpy(str(process_lora(adapter, tmp_path / "p") / "processed_adapter_model.safetensors")))
+    model = onnx.load(str(out / "lora_model.onnx"), load_external_data=False)
+    lora_inputs = {i.name for i in model.graph.input if ".lora_" in i.name}
+    assert keys == lora_inputs
+
+
+def test_adapters_the_runtime_cannot_apply_are_refused(checkpoint_factory, tmp_path):
+    checkpoint = checkpoint_factory("llama")
+    _, dora = make_adapter(checkpoint, tmp_path / "dora", ["q_proj"], use_dora=True)
+    with pytest.raises(SourceError, match="use_dora is set"):
+        process_lora(dora, tmp_path / "o1")
+    _, biased = make_adapter(checkpoint, tmp_path / "bias", ["q_proj"], bias="lora_only")
+    with pytest.raises(SourceError, match="bias 'lora_only'"):
+        process_lora(biased, tmp_path / "o2")
+    _, saved = make_adapter(checkpoint, tmp_path / "saved", ["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(SourceError, match="modules_to_save"):
+        process_lora(saved, tmp_path / "o3")
+    # A key the graph has no input for, named in the error (the runtime would give it rank 0, silently).
+    _, plain = make_adapter(checkpoint, tmp_path / "plain", ["q_proj"])
+    weights = plain / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[key.replace("q_proj", "rotary_proj")] = tensors.pop(key)
+    tensors[key.replace("q_proj", "rotary_proj").replace("lora_A", "lora_B")] = tensors.pop(
+        key.replace("lora_A", "lora_B")
+    )
+    save_file(tensors, str(weights))
+    with pytest.raises(SourceError, match=r"adapter key .*layers\.0\.self_attn\.rotary_proj\.lora_A\.weight targets"):
+        process_lora(plain, tmp_path / "o4", model_dir=checkpoint)
+    # An adapter for another model (other widths) is refused against this one.
+    _, other = make_adapter(
+        checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "o", ["o_proj"]
+    )
+    with pytest.raises(SourceError, match=r"adapts model\.layers\.0\.self_attn\.o_proj as 128 -> 128"):
+        process_lora(other, tmp_path / "o5", model_dir=checkpoint)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 6))
+
+
+def test_insert_lora_never_reads_the_weights(checkpoint_factory, tmp_path):
+    """With onnx_model.data moved away, insert-lora still writes the same LoRA graph."""
+    out = tmp_path / "llm"
+    export_llm(checkpoint_factory("llama"), out)
+    expected = insert_lora(out).read_bytes()
+    (out / "lora_model.onnx").unlink()
+    (out / "onnx_model.data").rename(tmp_path / "weights")
+    try:
+        assert insert_lora(out).read_bytes() == expected
+    finally:
+        (tmp_path / "weights").rename(out / "onnx_model.data")
+    # A LoRA graph is not adapted twice; an edited model.onnx is refused.
+    model = onnx.load(str(out / "lora_model.onnx"), load_external_data=False)
+    with pytest.raises(EdgeLLMError, match="already has LoRA inputs"):
+        add_lora(model, read_sites(model, "lora_model.onnx"))
+    with open(out / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(EdgeLLMError, match=r"model\.onnx changed after export-llm wrote it"):
+        insert_lora(out)
+
+
+def test_the_clis(lora_export, tmp_path):
+    out = lora_export[2]
+    result = subprocess.run(
+        [str(BIN / "edgellm-process-lora"), "--input_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "o")],
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "does not exist" in result.stderr.strip().splitlines()[-1]
+    result = subprocess.run(
+        [str(BIN / "edgellm-insert-lora"), "--onnx_dir", str(out)], env=tool_env(), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
