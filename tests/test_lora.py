@@ -19,13 +19,15 @@ import transformers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
-from edgellm_steps.errors import EdgeLLMError, SourceError
+from edgellm_steps.errors import EdgeLLMError, ParityError, SourceError
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.export.lora_sites import read_sites
 from edgellm_steps.lora.insert_lora import add_lora, insert_lora
 from edgellm_steps.lora.process_lora import process_lora
+from edgellm_steps.quant.quantize_llm import quantize_llm
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
+from edgellm_steps.verify.verify_onnx import verify_onnx
 
 from .conftest import BIN, tool_env
 
@@ -251,3 +253,30 @@ def test_the_clis(lora_export, tmp_path):
         [str(BIN / "edgellm-insert-lora"), "--onnx_dir", str(out)], env=tool_env(), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+#: Quantized bases: the LoRA delta reads the activation before quantization (and before SmoothQuant's or AWQ's
+#: input scaling), as PEFT's LoRA layer around ModelOpt's quantized Linear does.
+QUANTIZED = {"fp8-kvfp8": ("fp8", "fp8"), "int8_sq": ("int8_sq", None), "int4_awq": ("int4_awq", None)}
+QUANTIZED["nvfp4"] = ("nvfp4", None)
+
+
+@pytest.mark.parametrize("precision", sorted(QUANTIZED))
+def test_a_quantized_export_with_an_adapter_matches_modelopt_with_peft(
+    checkpoint_factory, tmp_path, precision, monkeypatch
+):
+    base = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    weights, kv = QUANTIZED[precision]
+    quantize_llm(
+        base, tmp_path / "q", quantization=weights, kv_cache_quantization=kv, calib_size=8, calib_max_tokens=32
+    )
+    export_llm(tmp_path / "q", tmp_path / "llm")
+    insert_lora(tmp_path / "llm")
+    _, adapter = make_adapter(base, tmp_path / "adapter", CASES["llama"][1])  # trained on the float model
+    summary = verify_onnx(tmp_path / "llm", tmp_path / "q", adapter=adapter, report=tmp_path / "verify.json")
+    assert summary["passed"] and summary["precision"] == precision and summary["adapter"] == str(adapter)
+    record_property("relative_error", max(case["relative_error"] for case in summary["cases"].values()))
+    # Negative control: the graph fed rank 0 everywhere (an adapter the runtime would not bind) misses PEFT's model.
+    monkeypatch.setattr("edgellm_steps.verify.verify_onnx.processed_tensors", lambda modules: {})
+    with pytest.raises(ParityError):
+        verify_onnx(tmp_path / "llm", tmp_path / "q", adapter=adapter)

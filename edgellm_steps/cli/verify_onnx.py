@@ -17,6 +17,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
     parser.add_argument("--report", default=None, help="write the JSON report here")
     parser.add_argument(
+        "--adapter", default=None, help="a PEFT LoRA adapter: run lora_model.onnx with it, against PEFT's model"
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -31,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     return run_cli(
         lambda: verify_onnx(
-            args.onnx_dir, args.model_dir, prefill=args.prefill, decode=args.decode, seed=args.seed, report=args.report
+            args.onnx_dir,
+            args.model_dir,
+            prefill=args.prefill,
+            decode=args.decode,
+            seed=args.seed,
+            report=args.report,
+            adapter=args.adapter,
         )
     )
 

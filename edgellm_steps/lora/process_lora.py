@@ -22,7 +22,7 @@ from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export import llm_io
-from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter
+from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter, read_adapter_config
 from edgellm_steps.models.families import family_for
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
@@ -67,6 +67,19 @@ def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int,
             )
 
 
+def adapter_modules(adapter: Path, model_config: dict[str, Any] | None, model_where: str = "") -> list[AdapterModule]:
+    """The adapter's modules the graph can take (norm / lm_head LoRA dropped), checked against the model if given."""
+    _, modules = read_adapter(adapter)
+    if dropped := [m.module for m in modules if _dropped(m.module)]:
+        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
+        modules = [m for m in modules if not _dropped(m.module)]
+    if not modules:
+        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
+    if model_config is not None:
+        check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
+    return modules
+
+
 def processed_tensors(modules: list[AdapterModule]) -> dict[str, Any]:
     """The runtime's tensors: A as [in, r], B scaled and as [r, out], float16."""
     import torch
@@ -84,15 +97,10 @@ def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: st
     from safetensors.torch import save_file
 
     adapter = resolve_source(str(input_dir), allow_download=True)
-    config, modules = read_adapter(adapter)
-    if dropped := [m.module for m in modules if _dropped(m.module)]:
-        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
-        modules = [m for m in modules if not _dropped(m.module)]
-    if not modules:
-        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
-    if model_dir is not None:
-        checkpoint = resolve_source(str(model_dir), allow_download=True)
-        check_adapter_fits(modules, adaptable_gemms(read_hf_config(checkpoint), str(checkpoint)), str(adapter))
+    config = read_adapter_config(adapter)
+    checkpoint = resolve_source(str(model_dir), allow_download=True) if model_dir is not None else None
+    model_config = read_hf_config(checkpoint) if checkpoint is not None else None
+    modules = adapter_modules(adapter, model_config, str(checkpoint))
     ranks = {graph_module(m.module): m.rank for m in modules}
     processed = {
         "r": max(ranks.values()),

@@ -29,6 +29,9 @@ from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.errors import ParityError
+from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME
+from edgellm_steps.lora.process_lora import adapter_modules, processed_tensors
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision
@@ -105,6 +108,19 @@ def _text_token_ids(hf_config: dict[str, Any], vocab_size: int, count: int, seed
     return allowed[rng.integers(0, len(allowed), count)].tolist()
 
 
+def _with_adapter(onnx_dir: Path, model, adapter: str | Path, hf_config: dict, where: str):
+    """(graph file, LoRA feeds, reference model with the PEFT adapter applied) for verifying an adapter."""
+    import peft
+
+    if not (onnx_dir / LORA_ONNX_NAME).is_file():
+        raise ParityError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
+    directory = resolve_source(str(adapter), allow_download=True)
+    tensors = processed_tensors(adapter_modules(directory, hf_config, where))
+    lora = {name: tensor.numpy() for name, tensor in tensors.items()}
+    # PEFT loads the adapter as data: safetensors only (read_adapter refused anything else).
+    return LORA_ONNX_NAME, lora, peft.PeftModel.from_pretrained(model, str(directory)).eval()
+
+
 def verify_onnx(
     onnx_dir: str | Path,
     model_dir: str | Path,
@@ -113,8 +129,13 @@ def verify_onnx(
     decode: int = 3,
     seed: int = 0,
     report: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the parity scenarios; write ``report`` (JSON) if given; raise :class:`ParityError` on a miss."""
+    """Run the parity scenarios; write ``report`` (JSON) if given; raise :class:`ParityError` on a miss.
+
+    With ``adapter`` (a PEFT LoRA adapter) the export's ``lora_model.onnx`` runs fed with the processed
+    adapter, against the reference model with PEFT's adapter applied.
+    """
     import torch
 
     if check_if_step_output(Path(onnx_dir), "export-visual") is not None:
@@ -135,9 +156,12 @@ def verify_onnx(
     model = load_reference_model(checkpoint, held, torch.float32)
     capacity = prefill + decode + 1
     rope = hf_rope_table(model, capacity)
+    graph, lora = ONNX_NAME, None
+    if adapter is not None:
+        graph, lora, model = _with_adapter(Path(onnx_dir), model, adapter, hf_config, str(checkpoint))
 
     def runner_for(batch: int) -> LLMRunner:
-        return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity)
+        return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity, graph=graph, lora=lora)
 
     kept = _kept_columns(Path(onnx_dir))
 
@@ -159,6 +183,7 @@ def verify_onnx(
         "onnx_dir": str(onnx_dir),
         "model_dir": str(model_dir),
         "precision": str(precision),
+        "adapter": None if adapter is None else str(adapter),
         "tolerances": {
             "max_abs_error_over_max_abs_logit": tolerance.rel_tol,
             "min_cosine": tolerance.min_cosine,
