@@ -263,7 +263,7 @@ QUANTIZED["nvfp4"] = ("nvfp4", None)
 
 @pytest.mark.parametrize("precision", sorted(QUANTIZED))
 def test_a_quantized_export_with_an_adapter_matches_modelopt_with_peft(
-    checkpoint_factory, tmp_path, precision, monkeypatch
+    checkpoint_factory, tmp_path, precision, monkeypatch, record_property
 ):
     base = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
     weights, kv = QUANTIZED[precision]
