@@ -8,6 +8,7 @@ own forward, which shares no code with the graph rewrite or the processing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import numpy as np
@@ -280,3 +281,60 @@ def test_a_quantized_export_with_an_adapter_matches_modelopt_with_peft(
     monkeypatch.setattr("edgellm_steps.verify.verify_onnx.processed_tensors", lambda modules: {})
     with pytest.raises(ParityError):
         verify_onnx(tmp_path / "llm", tmp_path / "q", adapter=adapter)
+
+
+def test_lora_engine_profiles_span_rank_zero_to_the_max(lora_export):
+    from edgellm_steps.engine.profiles import engine_profiles
+    from edgellm_steps.workflow.config import BuildLimits
+
+    out = lora_export[2]
+    graph = onnx.load(str(out / "lora_model.onnx"), load_external_data=False)
+    name = "model.layers.1.mlp.down_proj"
+    for profile in engine_profiles(graph, BuildLimits(max_lora_rank=16)):
+        a, b = profile[f"{name}.lora_A.weight"], profile[f"{name}.lora_B.weight"]
+        assert [dims[1] for dims in a] == [0, 8, 16] and [dims[0] for dims in b] == [0, 8, 16]
+
+
+def test_a_lora_engine_directory_links_its_processed_adapters(checkpoint_factory, tmp_path):
+    """Engine bytes stand in for TensorRT's; the checks, the layout and the links are real."""
+    from edgellm_steps.artifacts.manifest import check_step_output
+    from edgellm_steps.engine import build_engine as step
+    from edgellm_steps.workflow.config import BuildLimits
+
+    checkpoint = checkpoint_factory("llama")
+    out = tmp_path / "onnx/llm"
+    export_llm(checkpoint, out)
+    limits = BuildLimits(max_lora_rank=8)
+    with pytest.raises(EdgeLLMError, match=r"has no lora_model\.onnx; run edgellm-insert-lora"):
+        step.check_lora_graph(out, limits)
+    insert_lora(out)
+    assert step.check_lora_graph(out, limits) == out / "lora_model.onnx"
+    with pytest.raises(EdgeLLMError, match="max_lora_rank is 0"):
+        step.check_lora_graph(out, BuildLimits())
+    _, adapter = make_adapter(checkpoint, tmp_path / "adapter", ["q_proj", "v_proj"], r=8)
+    processed = process_lora(adapter, tmp_path / "lora/tiny/chat", model_dir=checkpoint)
+    with pytest.raises(EdgeLLMError, match=r"adapter 'chat' .* has rank 8 but the engine's max_lora_rank is 4"):
+        step.check_lora_adapters({"chat": processed}, BuildLimits(max_lora_rank=4))
+    adapters = step.check_lora_adapters({"chat": processed}, limits)
+    engine = step.write_engine_dir(
+        tmp_path / "engines/sm87/tiny_fp16.engine", out, "llm", b"engine", sm=87, limits=limits, lora_adapters=adapters
+    )
+    link = engine / "lora/chat"
+    assert link.is_symlink() and not os.path.isabs(os.readlink(link))
+    assert (link / "processed_adapter_model.safetensors").read_bytes() == (
+        processed / "processed_adapter_model.safetensors"
+    ).read_bytes()
+    manifest = check_step_output(engine, "build-engine")
+    assert manifest["parameters"]["lora_adapters"] == ["chat"] and manifest["parameters"]["max_lora_rank"] == 8
+    # Reprocessing the adapter changes what the engine directory serves, and the engine stays valid.
+    _, again = make_adapter(checkpoint, tmp_path / "adapter2", ["q_proj"], seed=7, r=2)
+    process_lora(again, processed, model_dir=checkpoint)
+    check_step_output(engine, "build-engine")
+    assert set(load_numpy(str(link / "processed_adapter_model.safetensors"))) == {
+        f"model.layers.{i}.self_attn.q_proj.lora_{side}.weight" for i in range(2) for side in "AB"
+    }
+    # A lora_model.onnx made from another model.onnx is refused.
+    export_llm(checkpoint_factory("qwen2"), tmp_path / "other")
+    (tmp_path / "other/lora_model.onnx").write_bytes((out / "lora_model.onnx").read_bytes())
+    with pytest.raises(EdgeLLMError, match=r"was made from another model\.onnx"):
+        step.check_lora_graph(tmp_path / "other", limits)

@@ -9,6 +9,7 @@ directory they check that its files are exactly the ones the manifest lists.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,18 @@ class ManifestMismatchError(EdgeLLMError):
 def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) -> Path:
     """Digest every file in ``directory`` and write the manifest there."""
     directory = Path(directory)
-    files = {
-        name: {"bytes": (directory / name).stat().st_size, "xxh3_128": file_digest(directory / name)}
-        for name in _file_names(directory)
-    }
+    files = {name: _file_entry(directory / name) for name in _file_names(directory)}
     manifest = {"step": step, "parameters": parameters, "files": files}
     path = directory / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    """A file by size and digest; a symbolic link by its target (an engine directory links its LoRA adapters)."""
+    if path.is_symlink():
+        return {"symlink": os.readlink(path)}
+    return {"bytes": path.stat().st_size, "xxh3_128": file_digest(path)}
 
 
 def _file_names(directory: Path) -> list[str]:
@@ -97,6 +102,10 @@ def _check_file(directory: Path, manifest: dict[str, Any], step: str, name: str)
     path, entry = directory / name, manifest["files"].get(name)
     if not isinstance(entry, dict):
         raise ManifestMismatchError(f"{path} is not listed in the {step} manifest; {_rerun_hint(step)}")
+    if "symlink" in entry or path.is_symlink():
+        if not path.is_symlink() or os.readlink(path) != entry.get("symlink"):
+            raise ManifestMismatchError(f"{path} is not the link {step} made; {_rerun_hint(step)}")
+        return
     if not path.is_file():
         raise ManifestMismatchError(f"{path} is listed in its manifest but missing; {_rerun_hint(step)}")
     if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("xxh3_128"):

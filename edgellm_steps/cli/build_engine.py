@@ -22,10 +22,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--draft_engine_dir", default=None, help="an EAGLE base's draft engine directory (same SM), placed beside it"
     )
+    parser.add_argument("--lora", action="store_true", help="build from lora_model.onnx (insert-lora's graph)")
+    parser.add_argument(
+        "--lora_adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a process-lora output to link in lora/NAME (repeatable; implies --lora)",
+    )
     for limit in fields(BuildLimits):
         parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {limit.default})")
     args = parser.parse_args(argv)
     limits = BuildLimits(**{limit.name: getattr(args, limit.name) for limit in fields(BuildLimits)})
+    adapters = dict(entry.split("=", 1) for entry in args.lora_adapter if "=" in entry)
+    if len(adapters) != len(args.lora_adapter):
+        parser.error("--lora_adapter takes NAME=DIR, once per name")
     return run_cli(
         lambda: build_engine(
             args.onnx_dir,
@@ -35,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             plugin_path=args.plugin_path,
             visual_engine_dir=args.visual_engine_dir,
             draft_engine_dir=args.draft_engine_dir,
+            lora=args.lora,
+            lora_adapters=adapters,
         )
     )
 

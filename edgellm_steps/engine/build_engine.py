@@ -28,6 +28,8 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output, write_manifest
 from edgellm_steps.engine.profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
+from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME, SOURCE_KEY
 from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,8 @@ _ROLE_DESCRIPTIONS = {
 EXPORT_STEPS = {"export-llm": "llm", "export-draft": "llm", "export-visual": "visual"}
 #: Where a vision-language model's engine directory holds its vision engine directory.
 VISUAL_SUBDIR = "visual"
+#: Where an engine built from ``lora_model.onnx`` links each processed adapter: ``lora/<adapter name>/``.
+LORA_SUBDIR = "lora"
 SIDECARS = (
     "preprocessor_config.json",
     "tokenizer.json",
@@ -173,6 +177,39 @@ def check_component_engine(engine_dir: Path, sm: int, role: str) -> Path:
     return engine_dir
 
 
+def check_lora_graph(onnx_dir: Path, limits: BuildLimits) -> Path:
+    """``lora_model.onnx`` of the finished LLM export ``onnx_dir``, made from its ``model.onnx``, and limits that
+    admit LoRA; returns its path."""
+    path = onnx_dir / LORA_ONNX_NAME
+    if not path.is_file():
+        raise EdgeLLMError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
+    model_digest = check_step_output(onnx_dir, "export-llm")["files"][ONNX_NAME]["xxh3_128"]
+    made_from = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if made_from.get(SOURCE_KEY) != model_digest:
+        raise EdgeLLMError(f"{path} was made from another model.onnx than the export's; run edgellm-insert-lora again")
+    if limits.max_lora_rank < 1:
+        raise EdgeLLMError(
+            "max_lora_rank is 0, so the engine would take no LoRA rank; set it to the largest rank served"
+        )
+    return path
+
+
+def check_lora_adapters(adapters: dict[str, str | Path], limits: BuildLimits) -> dict[str, Path]:
+    """Finished process-lora outputs whose rank the engine's ``max_lora_rank`` admits."""
+    checked = {}
+    for name, directory in sorted(adapters.items()):
+        directory = Path(directory)
+        check_step_output(directory, "process-lora")
+        rank = json.loads((directory / "config.json").read_text())["r"]
+        if rank > limits.max_lora_rank:
+            raise EdgeLLMError(
+                f"adapter '{name}' ({directory}) has rank {rank} but the engine's max_lora_rank is "
+                f"{limits.max_lora_rank}; raise max_lora_rank"
+            )
+        checked[name] = directory
+    return checked
+
+
 def check_visual_engine(engine_dir: Path, sm: int) -> Path:
     """A finished vision engine directory built for ``sm``, to be placed into an LLM engine directory."""
     return check_component_engine(engine_dir, sm, "visual")
@@ -196,10 +233,15 @@ def write_engine_dir(
     limits: BuildLimits,
     visual_engine_dir: Path | None = None,
     draft_engine_dir: Path | None = None,
+    lora_adapters: dict[str, Path] | None = None,
 ) -> Path:
     """Write the runtime's engine directory: the engine, its config, the export's sidecars, ``visual/``,
     and for an EAGLE base the draft engine's files beside its own (``eagle_draft.engine``,
-    ``draft_config.json``, ``d2t.safetensors``)."""
+    ``draft_config.json``, ``d2t.safetensors``).
+
+    ``lora_adapters`` (name -> processed adapter directory) become relative links ``lora/<name>``:
+    reprocessing an adapter updates what the engine directory serves without rebuilding the engine
+    (copy the directory with links dereferenced, e.g. ``cp -rL``, to move it to a device)."""
     export_config = json.loads((onnx_dir / "config.json").read_text())
     builder_config = builder_config_of(kind, limits, export_config)
     engine_name, config_name = ROLE_FILES[engine_role(kind, export_config)]
@@ -219,6 +261,12 @@ def write_engine_dir(
             for source in sorted(draft_engine_dir.iterdir()):
                 if source.name != "manifest.json" and not (staging / source.name).exists():
                     _place(source, staging / source.name)
+        if lora_adapters:
+            (staging / LORA_SUBDIR).mkdir()
+            final = Path(os.path.abspath(engine_dir)) / LORA_SUBDIR
+            for name, adapter in sorted(lora_adapters.items()):
+                (staging / LORA_SUBDIR / name).symlink_to(os.path.relpath(os.path.abspath(adapter), final))
+            parameters["lora_adapters"] = sorted(lora_adapters)
         write_manifest(staging, step="build-engine", parameters=parameters)
     return engine_dir
 
@@ -232,11 +280,15 @@ def build_engine(
     plugin_path: str | None = None,
     visual_engine_dir: str | Path | None = None,
     draft_engine_dir: str | Path | None = None,
+    lora: bool = False,
+    lora_adapters: dict[str, str | Path] | None = None,
 ) -> Path:
     """Build the engine of ``onnx_dir`` for SM ``sm`` into the directory ``engine_dir``.
 
     ``visual_engine_dir`` (an LLM engine of a vision-language model) is placed in ``visual/``;
-    ``draft_engine_dir`` (an EAGLE base's draft engine) beside the base engine.
+    ``draft_engine_dir`` (an EAGLE base's draft engine) beside the base engine. ``lora`` builds
+    from ``lora_model.onnx`` (LoRA rank profiles 0 / R/2 / R); ``lora_adapters`` (name -> a
+    process-lora output, implying ``lora``) are linked in ``lora/<name>``.
     """
     onnx_dir, engine_dir = Path(onnx_dir), Path(engine_dir)
     kind = check_export(onnx_dir)
@@ -247,11 +299,24 @@ def build_engine(
     role = engine_role(kind, json.loads((onnx_dir / "config.json").read_text()))
     if draft is not None and role != "eagle_base":
         raise EdgeLLMError(f"{onnx_dir} is not an EAGLE base export; only an EAGLE base engine holds a draft engine")
+    lora = lora or bool(lora_adapters)
+    if lora and role != "llm":
+        raise EdgeLLMError(f"{onnx_dir} is not a plain LLM export; LoRA engines build from an export-llm output")
+    graph_path = check_lora_graph(onnx_dir, limits) if lora else onnx_dir / ONNX_NAME
+    adapters = check_lora_adapters(lora_adapters or {}, limits)
     plugin = check_build_host(sm, plugin_path)
-    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    graph = onnx.load(str(graph_path), load_external_data=False)
     if engine_kind(graph) != kind:
         raise EdgeLLMError(f"{onnx_dir}: its manifest says a {kind} export but the graph makes a {engine_kind(graph)}")
-    engine = _serialize(onnx_dir / "model.onnx", engine_profiles(graph, limits), plugin)
+    engine = _serialize(graph_path, engine_profiles(graph, limits), plugin)
     return write_engine_dir(
-        engine_dir, onnx_dir, kind, engine, sm=sm, limits=limits, visual_engine_dir=visual, draft_engine_dir=draft
+        engine_dir,
+        onnx_dir,
+        kind,
+        engine,
+        sm=sm,
+        limits=limits,
+        visual_engine_dir=visual,
+        draft_engine_dir=draft,
+        lora_adapters=adapters,
     )
