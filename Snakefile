@@ -7,6 +7,7 @@ min_version("9.0")
 include: "rules/common.smk"
 include: "rules/quantize.smk"
 include: "rules/export.smk"
+include: "rules/lora.smk"
 include: "rules/engine.smk"
 include: "rules/verify.smk"
 

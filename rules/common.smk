@@ -28,6 +28,7 @@ wildcard_constraints:
     precision=r"[A-Za-z0-9_\-]+",
     sm=r"\d+",
     draft_precision=r"[A-Za-z0-9_\-]+",
+    adapter=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
 
 
 def ask(question, *args):
@@ -120,7 +121,32 @@ def export_visual_options(wildcards):
 
 
 def engine_inputs(wildcards):
-    return ask(PLAN.engine_inputs, wildcards.model, wildcards.precision, wildcards.sm)
+    inputs = ask(PLAN.engine_inputs, wildcards.model, wildcards.precision, wildcards.sm)
+    # Processed adapters are linked into the engine directory, not built in: reprocessing one reruns no engine.
+    return {k: ancient(v) if k.startswith("adapter_") else v for k, v in inputs.items()}
+
+
+def engine_lora_option(wildcards, input):
+    # A function of `input`: which adapters are linked follows the inputs, whose set is tracked.
+    adapters = [
+        k.removeprefix("adapter_") for k in input.keys() if k.startswith("adapter_")
+    ]
+    return " ".join(
+        f"--lora_adapter {a}={os.path.dirname(input[f'adapter_{a}'])}" for a in adapters
+    )
+
+
+def insert_lora_inputs(wildcards):
+    return ask(PLAN.lora_graph_inputs, wildcards.model, wildcards.precision)
+
+
+def process_lora_inputs(wildcards):
+    return ask(PLAN.process_lora_inputs, wildcards.model, wildcards.adapter)
+
+
+def adapter_checkpoint(wildcards, input):
+    # Not recorded: the adapter's content is, through its stamps.
+    return str(ask(PLAN.adapter_checkpoint, wildcards.model, wildcards.adapter))
 
 
 def visual_engine_sm(wildcards):

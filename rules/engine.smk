@@ -1,7 +1,8 @@
 # TensorRT engines: one per (model, precision, SM target), built on a GPU of that SM.
 # The `.engine` target is the runtime's engine directory (llm.engine, config.json, sidecars);
 # a vision-language model's also holds visual/, its vision engine (built once per model and SM,
-# whatever the language model's precision, and linked in).
+# whatever the language model's precision, and linked in); a model with LoRA adapters builds from
+# lora_model.onnx and links each processed adapter in lora/<adapter>.
 
 
 localrules:
@@ -32,11 +33,13 @@ rule build_engine:
         plugin=engine_plugin,
         visual=engine_visual_option,
         draft=engine_draft_option,
+        lora=engine_lora_option,
     shell:
         # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
         # (profiles/local runs one GPU job at a time).
         "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
-        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} {params.draft} > {log:q} 2>&1"
+        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} {params.draft} {params.lora}"
+        " > {log:q} 2>&1"
 
 
 rule build_draft_engine:

@@ -25,6 +25,7 @@ from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.export.lora_sites import read_sites
 from edgellm_steps.lora.insert_lora import add_lora, insert_lora
 from edgellm_steps.lora.process_lora import process_lora
+from edgellm_steps.models.demo import make_lora_adapter
 from edgellm_steps.quant.quantize_llm import quantize_llm
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
@@ -52,16 +53,7 @@ def lora_export(request, checkpoint_factory, tmp_path_factory):
 
 def make_adapter(checkpoint, directory, targets, *, seed=0, r=4, alpha=8, **options):
     """A PEFT adapter with random A and B on ``targets``; returns (PEFT model, directory)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **options)
-    peft_model = peft.get_peft_model(model, config)
-    with torch.no_grad():  # keep the delta comparable to the base GEMMs' outputs
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.1)
-    peft_model.save_pretrained(str(directory))
-    return peft_model.eval(), directory
+    return make_lora_adapter(directory, checkpoint, targets, seed=seed, r=r, lora_alpha=alpha, **options), directory
 
 
 def graph_logits(onnx_dir, checkpoint, ids, lora=None, graph="lora_model.onnx"):

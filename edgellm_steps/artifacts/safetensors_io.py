@@ -20,26 +20,44 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from edgellm_steps.errors import SourceError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+#: Bytes per element of each safetensors dtype; the header is checked with these alone, so opening a
+#: file (planning reads adapter headers) needs no torch. Tensors become torch tensors when read.
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+_TORCH_NAMES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
 _NUMPY_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
 
@@ -52,7 +70,7 @@ MAX_HEADER_BYTES = 100_000_000
 class _Entry:
     """One tensor's validated header entry; ``begin``/``end`` are offsets into the data section."""
 
-    dtype: torch.dtype
+    dtype: str
     shape: tuple[int, ...]
     begin: int
     end: int
@@ -129,9 +147,9 @@ def _check_entry(path: Path, name: str, entry: Any) -> _Entry:
     if not isinstance(entry, dict):
         raise _invalid(path, f"{where} has a JSON {type(entry).__name__} entry, not an object")
     dtype = entry.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SourceError(
-            f"{path}: {where} has unsupported dtype {_short(dtype)} (supported: {', '.join(DTYPES)}); "
+            f"{path}: {where} has unsupported dtype {_short(dtype)} (supported: {', '.join(DTYPE_SIZES)}); "
             "re-save the checkpoint in one of them"
         )
     shape = entry.get("shape")
@@ -144,11 +162,11 @@ def _check_entry(path: Path, name: str, entry: Any) -> _Entry:
     if not 0 <= begin <= end:
         raise _invalid(path, f"{where} has data_offsets [{begin}, {end}], not 0 <= begin <= end")
     span = end - begin
-    expected = _byte_count(shape, DTYPES[dtype].itemsize)
+    expected = _byte_count(shape, DTYPE_SIZES[dtype])
     if expected != span:
         needs = "more than 2**64 bytes" if expected is None else f"{expected} bytes"
         raise _invalid(path, f"{where} spans {span} bytes but its shape {_short(shape)} of {dtype} needs {needs}")
-    return _Entry(DTYPES[dtype], tuple(shape), begin, end)
+    return _Entry(dtype, tuple(shape), begin, end)
 
 
 def _check_layout(path: Path, entries: dict[str, _Entry], data_size: int) -> None:
@@ -204,9 +222,12 @@ class SafetensorsFile:
         return buffer
 
     def _tensor(self, entry: _Entry, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
+        dtype = getattr(torch, _TORCH_NAMES[entry.dtype])
         if end == begin:
-            return torch.empty(shape, dtype=entry.dtype)
-        return torch.frombuffer(self._read(begin, end - begin), dtype=entry.dtype).reshape(shape)
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._read(begin, end - begin), dtype=dtype).reshape(shape)
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]

@@ -16,11 +16,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from edgellm_steps.errors import SourceError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,16 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 @dataclass(frozen=True)
 class AdapterModule:
-    """One adapted Linear: A [r, in], B [out, r] as PEFT stores them, and PEFT's scaling of B(A x)."""
+    """One adapted Linear: its rank and widths, PEFT's scaling of B(A x), and (when read) A [r, in] and B [out, r]."""
 
     module: str
-    a: torch.Tensor
-    b: torch.Tensor
     rank: int
+    in_features: int
+    out_features: int
     alpha: float
     scaling: float
+    a: torch.Tensor | None = None
+    b: torch.Tensor | None = None
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -73,9 +76,12 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def read_adapter(directory: str | Path) -> tuple[dict[str, Any], list[AdapterModule]]:
-    """The adapter's config and its adapted modules (named as PEFT names them, ``base_model.model.`` stripped)."""
-    from safetensors.torch import load_file
+def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[str, Any], list[AdapterModule]]:
+    """The adapter's config and its adapted modules (named as PEFT names them, ``base_model.model.`` stripped).
+
+    With ``tensors=False`` only the safetensors header is read (planning checks an adapter that way).
+    """
+    from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 
     directory = Path(directory)
     config = read_adapter_config(directory)
@@ -84,33 +90,35 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, Any], list[AdapterMod
         pickled = directory / "adapter_model.bin"
         hint = f" ({pickled.name} is pickled and is not read: save the adapter with safe_serialization)"
         raise SourceError(f"{directory} has no {ADAPTER_WEIGHTS}{hint if pickled.is_file() else ''}")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(weights)).items():
+    store = SafetensorsFile(weights)
+    pairs: dict[str, dict[str, str]] = {}
+    for key in store.names():
         match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if not key.startswith(PEFT_PREFIX) or match is None:
             raise SourceError(
                 f"{directory}: adapter key {key} is not a LoRA A/B weight of a Linear; the runtime applies "
                 "LoRA to Linear weights only (no DoRA magnitudes, biases, embedding LoRA or saved modules)"
             )
-        pairs.setdefault(match["module"], {})[match["side"]] = tensor
+        pairs.setdefault(match["module"], {})[match["side"]] = key
     modules = []
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             missing = "B" if "A" in pair else "A"
             raise SourceError(f"{directory}: {PEFT_PREFIX}{module}.lora_{missing}.weight is missing")
-        a, b = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+        a_shape, b_shape = store.shape(pair["A"]), store.shape(pair["B"])
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] == 0:
             raise SourceError(
-                f"{directory}: {PEFT_PREFIX}{module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                f"{directory}: {PEFT_PREFIX}{module}: lora_A {a_shape} and lora_B {b_shape} "
                 "are not [r, in] and [out, r]"
             )
-        rank = int(a.shape[0])
+        rank = int(a_shape[0])
         configured = int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank)))
         if configured != rank:
             raise SourceError(f"{directory}: {module} has rank {rank} but its config says r = {configured}")
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules.append(AdapterModule(module, a, b, rank, alpha, scaling))
+        a, b = (store.read(pair["A"]), store.read(pair["B"])) if tensors else (None, None)
+        modules.append(AdapterModule(module, rank, int(a_shape[1]), int(b_shape[0]), alpha, scaling, a, b))
     if not modules:
         raise SourceError(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA weights")
     return config, modules

@@ -18,66 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.errors import SourceError
 from edgellm_steps.export import llm_io
-from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter, read_adapter_config
-from edgellm_steps.models.families import family_for
+from edgellm_steps.lora.adapter_fit import adapter_modules, graph_module
+from edgellm_steps.lora.peft_adapter import AdapterModule, read_adapter_config
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
 PROCESSED_WEIGHTS = "processed_adapter_model.safetensors"
-
-
-def graph_module(peft_module: str) -> str:
-    """The graph's module path of a PEFT module key (``base_model.model.`` already stripped)."""
-    return peft_module if peft_module.startswith("model.") else f"model.{peft_module}"
-
-
-def _dropped(module: str) -> bool:
-    last = module.rsplit(".", 1)[-1]
-    return last == "lm_head" or "norm" in last
-
-
-def adaptable_gemms(model_config: dict[str, Any], where: str) -> dict[str, tuple[int, int]]:
-    """The GEMMs of a model's LLM graph that take LoRA inputs: module -> (in_features, out_features)."""
-    spec = family_for(model_config, where=where)
-    if spec.vision_language:
-        raise SourceError(f"{where}: LoRA on a vision-language model ({spec.family}) is not supported")
-    return spec.linear_shapes(decoder_dims(model_config))
-
-
-def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int, int]], where: str) -> None:
-    """Refuse, naming the key, an adapted module that is not one of ``gemms`` or has other shapes."""
-    for m in modules:
-        name = graph_module(m.module)
-        key = f"{PEFT_PREFIX}{m.module}.lora_A.weight"
-        if name not in gemms:
-            raise SourceError(
-                f"{where}: adapter key {key} targets {name}, which is not a LoRA input of the model's graph "
-                f"(its GEMMs are e.g. {next(iter(gemms))}); was the adapter trained for another model?"
-            )
-        shape = (int(m.a.shape[1]), int(m.b.shape[0]))
-        if shape != gemms[name]:
-            raise SourceError(
-                f"{where}: adapter key {key} adapts {name} as {shape[0]} -> {shape[1]}, but the model's is "
-                f"{gemms[name][0]} -> {gemms[name][1]}; was the adapter trained for another model?"
-            )
-
-
-def adapter_modules(adapter: Path, model_config: dict[str, Any] | None, model_where: str = "") -> list[AdapterModule]:
-    """The adapter's modules the graph can take (norm / lm_head LoRA dropped), checked against the model if given."""
-    _, modules = read_adapter(adapter)
-    if dropped := [m.module for m in modules if _dropped(m.module)]:
-        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
-        modules = [m for m in modules if not _dropped(m.module)]
-    if not modules:
-        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
-    if model_config is not None:
-        check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
-    return modules
 
 
 def processed_tensors(modules: list[AdapterModule]) -> dict[str, Any]:

@@ -30,8 +30,9 @@ from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.errors import ParityError
 from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.lora.adapter_fit import adapter_modules
 from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME
-from edgellm_steps.lora.process_lora import adapter_modules, processed_tensors
+from edgellm_steps.lora.process_lora import processed_tensors
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision

@@ -73,6 +73,14 @@ class DraftSettings:
 
 
 @dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter configured for a model."""
+
+    source: str
+    merge: bool = False
+
+
+@dataclass(frozen=True)
 class ReducedVocab:
     """A reduced vocabulary for a model's LLM exports."""
 
@@ -95,6 +103,8 @@ class ModelSettings:
     draft: DraftSettings | None
     #: The reduced vocabulary of its LLM exports, if any.
     reduced_vocab: ReducedVocab | None
+    #: LoRA adapters its engines serve, by name.
+    lora: dict[str, LoraAdapter]
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
@@ -172,6 +182,10 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         visual_precision=merged["visual_precision"],
         draft=DraftSettings(**merged["draft"]) if merged["draft"] else None,
         reduced_vocab=ReducedVocab(**merged["reduced_vocab"]) if merged["reduced_vocab"] else None,
+        lora={
+            name: LoraAdapter(source=entry) if isinstance(entry, str) else LoraAdapter(**entry)
+            for name, entry in (merged["lora"] or {}).items()
+        },
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),

@@ -19,6 +19,7 @@ from edgellm_steps.artifacts.draft_weights import draft_weight_files
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
 from edgellm_steps.export.draft_fit import check_draft_fits
+from edgellm_steps.lora.adapter_fit import adapter_modules
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
@@ -70,6 +71,7 @@ class Planner:
         self._drafts: dict[str, Path] = {}
         #: model -> (the draft's precision, whether it needs the quantize-draft step)
         self._draft_precisions: dict[str, tuple[Precision, bool]] = {}
+        self._adapters: dict[tuple[str, str], Path] = {}
         self._digests: DigestCache | None = None
 
     def settings(self, model: str) -> ModelSettings:
@@ -357,6 +359,59 @@ class Planner:
             raise PrecisionError(f"model '{model}' draft: {err}") from None
         return target
 
+    def adapter_checkpoint(self, model: str, adapter: str) -> Path:
+        """A LoRA adapter of the model, checked against it (its modules and widths, its rank) from headers only."""
+        key = (model, adapter)
+        if key not in self._adapters:
+            settings = self.settings(model)
+            entry = settings.lora.get(adapter)
+            if entry is None:
+                raise ConfigError(
+                    f"model '{model}' has no LoRA adapter '{adapter}'; add lora: {{{adapter}: <PEFT adapter directory "
+                    f"or hub id>}} under models.{model}"
+                )
+            where = f"model '{model}' adapter '{adapter}' ({entry.source})"
+            if entry.merge:
+                raise ConfigError(f"{where}: merge: true is not supported yet; merge it with PEFT and use a new model")
+            if settings.draft is not None:
+                raise ConfigError(f"model '{model}' has a draft and LoRA adapters; EAGLE engines take no LoRA")
+            path = resolve_source(entry.source, model=model)
+            try:
+                modules = adapter_modules(path, self._source(model)[1], f"model '{model}'", tensors=False)
+            except SourceError as err:
+                raise SourceError(f"{where}: {err}") from err
+            rank, limit = max(m.rank for m in modules), settings.build.max_lora_rank
+            if rank > limit:
+                raise ConfigError(
+                    f"{where}: its rank is {rank} but build.max_lora_rank is {limit}; set build.max_lora_rank: {rank} "
+                    f"(or more) for model '{model}'"
+                )
+            self._adapters[key] = path
+        return self._adapters[key]
+
+    def lora_adapters(self, model: str) -> list[str]:
+        """The names of the adapters the model's engines serve, each checked."""
+        names = sorted(self.settings(model).lora)
+        for name in names:
+            self.adapter_checkpoint(model, name)
+        return names
+
+    def process_lora_inputs(self, model: str, adapter: str) -> dict[str, Any]:
+        """Inputs of process_lora: the adapter's stamps, and the model's (its config decides the check)."""
+        path = self.adapter_checkpoint(model, adapter)
+        stamps = self._stamps_of(f"{model}/lora/{adapter}", path, self.state_dir / "adapters" / model / adapter)
+        return {"adapter": stamps, "source": self.source_inputs(model)}
+
+    def lora_graph_inputs(self, model: str, precision: str) -> dict[str, str]:
+        """Inputs of insert_lora: the LLM export of a model with adapters."""
+        self.precision(model, precision)
+        if not self.lora_adapters(model):
+            raise ConfigError(
+                f"model '{model}' has no LoRA adapters, so onnx/{model}_{precision}/llm/lora_model.onnx is not a "
+                f"target; add lora: {{<name>: <PEFT adapter>}} under models.{model}"
+            )
+        return {"manifest": f"onnx/{model}_{precision}/llm/manifest.json"}
+
     def engine_inputs(self, model: str, precision: str, sm: str | int | None) -> dict[str, str]:
         """Inputs of build_engine: the LLM export (the EAGLE base's, with its draft engine, for a model with
         a draft), and for a VLM the vision engine of the same SM."""
@@ -369,6 +424,9 @@ class Planner:
         if self.vision_language(model):
             self.visual_engine_sm(model, target)
             inputs["visual"] = f"engines/sm{target}/visual/{model}.engine"
+        for adapter in self.lora_adapters(model):
+            inputs["lora_graph"] = f"onnx/{model}_{precision}/llm/lora_model.onnx"
+            inputs[f"adapter_{adapter}"] = f"lora/{model}/{adapter}/manifest.json"
         return inputs
 
     def verify_inputs(self, model: str, precision: str) -> dict[str, Any]:
@@ -468,4 +526,7 @@ class Planner:
             if self.settings(model).draft is not None:
                 for precision in self.settings(model).precisions:
                     targets += [f"onnx/{model}_{precision}/{kind}/model.onnx" for kind in ("eagle_base", "draft")]
+            if adapters := self.lora_adapters(model):
+                targets += [f"onnx/{model}_{p}/llm/lora_model.onnx" for p in self.settings(model).precisions]
+                targets += [f"lora/{model}/{a}/processed_adapter_model.safetensors" for a in adapters]
         return targets

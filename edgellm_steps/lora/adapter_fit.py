@@ -1,0 +1,69 @@
+"""Whether a LoRA adapter fits a model: its modules against the model's GEMMs, from configs and headers only.
+
+Planning asks this before anything runs (no tensor is read, no torch imported); process-lora
+and verify-onnx ask it again on the adapter they read.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.artifacts.checkpoint import decoder_dims
+from edgellm_steps.errors import SourceError
+from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter
+from edgellm_steps.models.families import family_for
+
+log = logging.getLogger(__name__)
+
+
+def graph_module(peft_module: str) -> str:
+    """The graph's module path of a PEFT module key (``base_model.model.`` already stripped)."""
+    return peft_module if peft_module.startswith("model.") else f"model.{peft_module}"
+
+
+def _dropped(module: str) -> bool:
+    last = module.rsplit(".", 1)[-1]
+    return last == "lm_head" or "norm" in last
+
+
+def adaptable_gemms(model_config: dict[str, Any], where: str) -> dict[str, tuple[int, int]]:
+    """The GEMMs of a model's LLM graph that take LoRA inputs: module -> (in_features, out_features)."""
+    spec = family_for(model_config, where=where)
+    if spec.vision_language:
+        raise SourceError(f"{where}: LoRA on a vision-language model ({spec.family}) is not supported")
+    return spec.linear_shapes(decoder_dims(model_config))
+
+
+def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int, int]], where: str) -> None:
+    """Refuse, naming the key, an adapted module that is not one of ``gemms`` or has other shapes."""
+    for m in modules:
+        name = graph_module(m.module)
+        key = f"{PEFT_PREFIX}{m.module}.lora_A.weight"
+        if name not in gemms:
+            raise SourceError(
+                f"{where}: adapter key {key} targets {name}, which is not a LoRA input of the model's graph "
+                f"(its GEMMs are e.g. {next(iter(gemms))}); was the adapter trained for another model?"
+            )
+        shape = (m.in_features, m.out_features)
+        if shape != gemms[name]:
+            raise SourceError(
+                f"{where}: adapter key {key} adapts {name} as {shape[0]} -> {shape[1]}, but the model's is "
+                f"{gemms[name][0]} -> {gemms[name][1]}; was the adapter trained for another model?"
+            )
+
+
+def adapter_modules(
+    adapter: Path, model_config: dict[str, Any] | None, model_where: str = "", *, tensors: bool = True
+) -> list[AdapterModule]:
+    """The adapter's modules the graph can take (norm / lm_head LoRA dropped), checked against the model if given."""
+    _, modules = read_adapter(adapter, tensors=tensors)
+    if dropped := [m.module for m in modules if _dropped(m.module)]:
+        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
+        modules = [m for m in modules if not _dropped(m.module)]
+    if not modules:
+        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
+    if model_config is not None:
+        check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
+    return modules

@@ -1,0 +1,93 @@
+"""A model with LoRA adapters through the real workflow: insert_lora, process_lora, the engine plan, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from edgellm_steps.models.demo import make_lora_adapter
+
+from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+
+pytestmark = pytest.mark.workflow
+
+CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    sm_targets: [110]
+    build: {max_lora_rank: 8}
+    lora:
+      chat: adapters/chat
+      code: {source: adapters/code}
+"""
+TARGETS = (
+    "onnx/tiny_fp16/llm/lora_model.onnx",
+    "lora/tiny/chat/processed_adapter_model.safetensors",
+    "lora/tiny/code/processed_adapter_model.safetensors",
+)
+
+
+@pytest.fixture
+def workdir(tmp_path, checkpoint_factory):
+    base = checkpoint_factory("llama")
+    copy_checkpoint(base, tmp_path / "ckpt")
+    make_lora_adapter(tmp_path / "adapters/chat", base, ["q_proj", "v_proj"], r=4)
+    make_lora_adapter(tmp_path / "adapters/code", base, ["o_proj", "down_proj"], seed=1, r=8)
+    write_config(tmp_path, CONFIG)
+    return tmp_path
+
+
+def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir):
+    assert planned_jobs(run_snakemake(workdir, "-n", *TARGETS).output) == {
+        "export_llm": 1,
+        "insert_lora": 1,
+        "process_lora": 2,
+    }
+    run_snakemake(workdir, *TARGETS)
+    config = json.loads((workdir / "lora/tiny/code/config.json").read_text())
+    assert config["r"] == 8 and config["target_modules"] == ["down_proj", "o_proj"]
+    assert NOTHING in run_snakemake(workdir, "-n", *TARGETS).output
+    plan = run_snakemake(workdir, "-n", "--printshellcmds", "engines/sm110/tiny_fp16.engine")
+    job = next(j for j in plan.output.split("rule ") if j.startswith("build_engine:"))
+    assert "--lora_adapter chat=lora/tiny/chat" in job and "--lora_adapter code=lora/tiny/code" in job
+    assert "--max_lora_rank 8" in job
+    # Stand in for a built engine (no TensorRT here), newer than everything it was built from.
+    engine = workdir / "engines/sm110/tiny_fp16.engine"
+    engine.mkdir(parents=True)
+    (engine / "llm.engine").write_bytes(b"engine")
+    later = time.time() + 5
+    os.utime(engine, (later, later))
+    assert NOTHING in run_snakemake(workdir, "-n", "engines/sm110/tiny_fp16.engine").output
+    # Editing one adapter reprocesses that adapter only: no graph, no engine.
+    make_lora_adapter(workdir / "adapters/chat", workdir / "ckpt", ["q_proj", "v_proj"], seed=5, r=4)
+    replan = run_snakemake(workdir, "-n", *TARGETS, "engines/sm110/tiny_fp16.engine")
+    assert planned_jobs(replan.output) == {"process_lora": 1}
+    assert "adapter=chat" in replan.output and "adapter=code" not in replan.output
+
+
+def test_an_adapter_the_model_cannot_serve_fails_at_planning(workdir, checkpoint_factory):
+    write_config(workdir, CONFIG.replace("max_lora_rank: 8", "max_lora_rank: 4"))
+    refused = run_snakemake(workdir, "-n", "engines/sm110/tiny_fp16.engine", check=False)
+    assert refused.returncode != 0
+    assert "model 'tiny' adapter 'code' (adapters/code): its rank is 8 but build.max_lora_rank is 4" in refused.output
+    # An adapter trained for another model (other widths) is refused before anything runs.
+    other = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    make_lora_adapter(workdir / "adapters/code", other, ["o_proj"], r=8)
+    write_config(workdir, CONFIG)
+    refused = run_snakemake(workdir, "-n", TARGETS[2], check=False)
+    assert refused.returncode != 0
+    assert "adapts model.layers.0.self_attn.o_proj as 128 -> 128, but the model's is 64 -> 64" in refused.output
+    assert not (workdir / "lora").exists()
+
+
+def test_lora_targets_need_adapters(tmp_path, checkpoint_factory):
+    copy_checkpoint(checkpoint_factory("llama"), tmp_path / "ckpt")
+    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
+    refused = run_snakemake(tmp_path, "-n", TARGETS[0], check=False)
+    assert refused.returncode != 0 and "model 'tiny' has no LoRA adapters" in refused.output
+    refused = run_snakemake(tmp_path, "-n", TARGETS[1], check=False)
+    assert refused.returncode != 0 and "model 'tiny' has no LoRA adapter 'chat'; add lora:" in refused.output
