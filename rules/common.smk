@@ -24,11 +24,13 @@ except EdgeLLMError as err:
 
 
 wildcard_constraints:
-    model=r"[A-Za-z0-9][A-Za-z0-9.\-]*",
+    # A model, or a merged variant <model>+<adapter> (the model with a merge: true adapter folded in).
+    model=r"[A-Za-z0-9][A-Za-z0-9.\-]*(\+[A-Za-z0-9][A-Za-z0-9.\-]*)?",
+    base=r"[A-Za-z0-9][A-Za-z0-9.\-]*",
     precision=r"[A-Za-z0-9_\-]+",
     sm=r"\d+",
     draft_precision=r"[A-Za-z0-9_\-]+",
-    adapter=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
+    adapter=r"[A-Za-z0-9][A-Za-z0-9.\-]*",
 
 
 def ask(question, *args):
@@ -142,6 +144,23 @@ def insert_lora_inputs(wildcards):
 
 def process_lora_inputs(wildcards):
     return ask(PLAN.process_lora_inputs, wildcards.model, wildcards.adapter)
+
+
+def merge_lora_inputs(wildcards):
+    return ask(PLAN.merge_lora_inputs, wildcards.base, wildcards.adapter)
+
+
+def merge_lora_mem_mb(wildcards):
+    return ask(PLAN.merge_lora_mem_mb, wildcards.base)
+
+
+def merge_base_checkpoint(wildcards, input):
+    # Not recorded: the model's content is, through its stamps.
+    return str(ask(PLAN.checkpoint, wildcards.base))
+
+
+def merge_adapter_checkpoint(wildcards, input):
+    return str(ask(PLAN.adapter_checkpoint, wildcards.base, wildcards.adapter))
 
 
 def adapter_checkpoint(wildcards, input):

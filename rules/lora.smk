@@ -42,3 +42,26 @@ rule process_lora:
     shell:
         "{params.command} --input_dir {params.adapter:q} --output_dir $(dirname {output.manifest:q})"
         " --model_dir {params.checkpoint:q} > {log:q} 2>&1"
+
+
+rule merge_lora:
+    input:
+        unpack(merge_lora_inputs),
+    output:
+        manifest="merged/{base}+{adapter}/manifest.json",
+    log:
+        "logs/merge_lora/{base}+{adapter}.log",
+    benchmark:
+        "benchmarks/merge_lora/{base}+{adapter}.tsv"
+    conda:
+        "../envs/export.yaml"
+    resources:
+        mem_mb=merge_lora_mem_mb,
+    params:
+        code=step_code("merge-lora"),
+        command=step_command("merge-lora"),
+        checkpoint=merge_base_checkpoint,
+        adapter=merge_adapter_checkpoint,
+    shell:
+        "{params.command} --model_dir {params.checkpoint:q} --adapter_dir {params.adapter:q}"
+        " --output_dir $(dirname {output.manifest:q}) > {log:q} 2>&1"

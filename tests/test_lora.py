@@ -330,3 +330,26 @@ def test_a_lora_engine_directory_links_its_processed_adapters(checkpoint_factory
     (tmp_path / "other/lora_model.onnx").write_bytes((out / "lora_model.onnx").read_bytes())
     with pytest.raises(EdgeLLMError, match=r"was made from another model\.onnx"):
         step.check_lora_graph(tmp_path / "other", limits)
+
+
+def test_a_merged_adapter_exports_as_the_peft_merged_model(checkpoint_factory, tmp_path):
+    """merge-lora then export-llm, against PEFT's own merge_and_unload of the same adapter, run by transformers."""
+    from edgellm_steps.lora.merge_lora import merge_lora
+
+    checkpoint = checkpoint_factory("phi3-partial-rotary")
+    model, adapter = make_adapter(checkpoint, tmp_path / "adapter", CASES["phi3"][1])
+    merged = merge_lora(checkpoint, adapter, tmp_path / "merged")
+    export_llm(merged, tmp_path / "llm")
+    ids = token_ids(6)
+    expected = reference_logits(model.merge_and_unload(), ids)
+    got = graph_logits(tmp_path / "llm", checkpoint, ids, graph="model.onnx")
+    assert compare_logits(got, expected).passed(TOLERANCES["fp16"])
+    base = reference_logits(transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint)), ids)
+    assert not compare_logits(got, base).passed(TOLERANCES["fp16"])  # the merge changed the model
+    onnx_inputs = {i.name for i in onnx.load(str(tmp_path / "llm/model.onnx"), load_external_data=False).graph.input}
+    assert not any(".lora_" in name for name in onnx_inputs)
+    # A quantized model has no float weights to merge into.
+    quantize_llm(checkpoint, tmp_path / "q", quantization="fp8", calib_size=2, calib_max_tokens=8)
+    with pytest.raises(EdgeLLMError, match="already quantized as fp8; an adapter merges into float weights only"):
+        merge_lora(tmp_path / "q", adapter, tmp_path / "merged2")
+    assert not (tmp_path / "merged2").exists()

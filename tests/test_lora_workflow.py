@@ -91,3 +91,47 @@ def test_lora_targets_need_adapters(tmp_path, checkpoint_factory):
     assert refused.returncode != 0 and "model 'tiny' has no LoRA adapters" in refused.output
     refused = run_snakemake(tmp_path, "-n", TARGETS[1], check=False)
     assert refused.returncode != 0 and "model 'tiny' has no LoRA adapter 'chat'; add lora:" in refused.output
+
+
+MERGED_CONFIG = """\
+models:
+  tiny:
+    source: ckpt
+    sm_targets: [110]
+    precisions: [fp16, fp8]
+    quantization: {calib_size: 2, calib_max_tokens: 8, threads: 1}
+    lora:
+      chat: {source: adapters/chat, merge: true}
+"""
+
+
+def test_a_merged_adapter_is_a_model_variant(workdir):
+    import numpy as np
+    import peft
+    import transformers
+
+    from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
+    from edgellm_steps.verify.reference import LLMRunner
+
+    write_config(workdir, MERGED_CONFIG)
+    plan = run_snakemake(workdir, "-n", "engines/sm110/tiny+chat_fp8.engine")
+    assert planned_jobs(plan.output) == {"merge_lora": 1, "quantize_llm": 1, "export_llm": 1, "build_engine": 1}
+    everything = run_snakemake(workdir, "-n").output
+    assert "engines/sm110/tiny+chat_fp16.engine" in everything and "engines/sm110/tiny_fp8.engine" in everything
+    run_snakemake(workdir, "onnx/tiny+chat_fp16/llm/model.onnx", "onnx/tiny_fp16/llm/model.onnx")
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(workdir / "ckpt"))
+    merged = peft.PeftModel.from_pretrained(base, str(workdir / "adapters/chat")).merge_and_unload().eval()
+    ids = np.random.default_rng(0).integers(0, 300, (1, 10)).tolist()
+    runner = LLMRunner(workdir / "onnx/tiny+chat_fp16/llm", hf_rope_table(merged, 16), batch=1, capacity=16)
+    import torch
+
+    with torch.no_grad():
+        expected = merged(torch.tensor(ids)).logits.numpy()
+    assert compare_logits(runner.step(ids, all_logits=True), expected).passed(TOLERANCES["fp16"])
+    # Editing the adapter remerges and re-exports the variant; the model itself is untouched.
+    make_lora_adapter(workdir / "adapters/chat", workdir / "ckpt", ["q_proj", "v_proj"], seed=5, r=4)
+    replan = run_snakemake(workdir, "-n", "onnx/tiny+chat_fp16/llm/model.onnx", "onnx/tiny_fp16/llm/model.onnx")
+    assert planned_jobs(replan.output) == {"merge_lora": 1, "export_llm": 1}
+    assert "model=tiny+chat" in replan.output
+    refused = run_snakemake(workdir, "-n", "onnx/tiny+code_fp16/llm/model.onnx", check=False)
+    assert refused.returncode != 0 and "'tiny+code' is no merged variant" in refused.output

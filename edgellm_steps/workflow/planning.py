@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ from edgellm_steps.workflow.digests import DigestCache
 from edgellm_steps.workflow.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 
 CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
+#: ``<model>+<adapter>``: the variant of a model with one of its ``merge: true`` adapters folded in.
+VARIANT_SEPARATOR = "+"
+
+
+def split_variant(model: str) -> tuple[str, str | None]:
+    """(the configured model, the merged adapter or None) of a target's ``{model}``."""
+    base, _, adapter = model.partition(VARIANT_SEPARATOR)
+    return base, adapter or None
 
 
 def load_workflow_config(config: dict[str, Any], workdir: Path = Path()) -> dict[str, Any]:
@@ -75,7 +84,18 @@ class Planner:
         self._digests: DigestCache | None = None
 
     def settings(self, model: str) -> ModelSettings:
-        return model_settings(self.config, model, self._schema)
+        """A model's settings; a merged variant's are its model's, with the merged checkpoint as source."""
+        base, adapter = split_variant(model)
+        settings = model_settings(self.config, base, self._schema)
+        if adapter is None:
+            return settings
+        entry = settings.lora.get(adapter)
+        if entry is None or not entry.merge:
+            raise ConfigError(
+                f"'{model}' is no merged variant: model '{base}' has no adapter '{adapter}' with merge: true; "
+                f"add lora: {{{adapter}: {{source: <PEFT adapter>, merge: true}}}} under models.{base}"
+            )
+        return replace(settings, name=model, source=f"merged/{model}", lora={})
 
     def precision(self, model: str, text: str) -> Precision:
         self.settings(model)
@@ -89,6 +109,16 @@ class Planner:
         architecture, the tokenizer, which weight files the checkpoint has, and whether it is
         already quantized.
         """
+        base, adapter = split_variant(model)
+        if adapter is not None and model not in self._sources:
+            self.adapter_checkpoint(base, adapter)
+            _, hf_config, held = self._source(base)
+            if held is not None:
+                raise PrecisionError(
+                    f"model '{base}' is already quantized as {held.precision}; adapter '{adapter}' merges into float "
+                    "weights only: use an unquantized source or serve the adapter unmerged"
+                )
+            self._sources[model] = (Path(self.settings(model).source), hf_config, None)
         if model not in self._sources:
             settings = self.settings(model)
             where = f"model '{model}' ({settings.source})"
@@ -130,7 +160,9 @@ class Planner:
         check_block_dims(hf_config, precision, where=where)
 
     def source_inputs(self, model: str) -> list[str]:
-        """The stamps standing for the model's source checkpoint (checked first)."""
+        """The stamps standing for the model's source checkpoint (checked first); a merged variant's manifest."""
+        if split_variant(model)[1] is not None:
+            return [f"{self.checkpoint(model)}/manifest.json"]
         return self._stamps_of(model, self.checkpoint(model), self.state_dir / "sources" / model)
 
     def _stamps_of(self, key: str, checkpoint: Path, stamp_dir: Path) -> list[str]:
@@ -371,9 +403,7 @@ class Planner:
                     f"or hub id>}} under models.{model}"
                 )
             where = f"model '{model}' adapter '{adapter}' ({entry.source})"
-            if entry.merge:
-                raise ConfigError(f"{where}: merge: true is not supported yet; merge it with PEFT and use a new model")
-            if settings.draft is not None:
+            if settings.draft is not None and not entry.merge:
                 raise ConfigError(f"model '{model}' has a draft and LoRA adapters; EAGLE engines take no LoRA")
             path = resolve_source(entry.source, model=model)
             try:
@@ -381,7 +411,7 @@ class Planner:
             except SourceError as err:
                 raise SourceError(f"{where}: {err}") from err
             rank, limit = max(m.rank for m in modules), settings.build.max_lora_rank
-            if rank > limit:
+            if rank > limit and not entry.merge:
                 raise ConfigError(
                     f"{where}: its rank is {rank} but build.max_lora_rank is {limit}; set build.max_lora_rank: {rank} "
                     f"(or more) for model '{model}'"
@@ -390,11 +420,22 @@ class Planner:
         return self._adapters[key]
 
     def lora_adapters(self, model: str) -> list[str]:
-        """The names of the adapters the model's engines serve, each checked."""
-        names = sorted(self.settings(model).lora)
+        """The names of the adapters the model's engines serve (not the merged ones), each checked."""
+        names = sorted(name for name, entry in self.settings(model).lora.items() if not entry.merge)
         for name in names:
             self.adapter_checkpoint(model, name)
         return names
+
+    def merged_variants(self, model: str) -> list[str]:
+        """``<model>+<adapter>`` for each of the model's ``merge: true`` adapters."""
+        merged = sorted(name for name, entry in self.settings(model).lora.items() if entry.merge)
+        return [f"{model}{VARIANT_SEPARATOR}{name}" for name in merged]
+
+    def merge_lora_inputs(self, model: str, adapter: str) -> dict[str, Any]:
+        """Inputs of merge_lora: the adapter's stamps and the model's."""
+        variant = f"{model}{VARIANT_SEPARATOR}{adapter}"
+        self._source(variant)  # a merge: true adapter of a float source
+        return self.process_lora_inputs(model, adapter)
 
     def process_lora_inputs(self, model: str, adapter: str) -> dict[str, Any]:
         """Inputs of process_lora: the adapter's stamps, and the model's (its config decides the check)."""
@@ -459,8 +500,8 @@ class Planner:
         return max(4096, math.ceil(factor * self.weight_bytes(model) / 2**20))
 
     def weight_bytes(self, model: str) -> int:
-        """Bytes of the source checkpoint's weight files."""
-        return sum(p.stat().st_size for p in weight_files(self.checkpoint(model)))
+        """Bytes of the source checkpoint's weight files (a merged variant's: its model's, merged or not yet)."""
+        return sum(p.stat().st_size for p in weight_files(self.checkpoint(split_variant(model)[0])))
 
     def quantize_mem_mb(self, model: str, precision: str) -> int:
         """Host RAM of a quantize job: measured peaks per weight format and calibration batch (resources.py)."""
@@ -491,6 +532,10 @@ class Planner:
             weight_bytes *= resources.GPTQ_EXPANSION
         return resources.verify_mem_mb(weight_bytes)
 
+    def merge_lora_mem_mb(self, model: str) -> int:
+        """Host RAM of a merge-lora job: the model in float32 with the adapter, as a verify job holds it."""
+        return resources.verify_mem_mb(self.weight_bytes(model))
+
     def verify_visual_inputs(self, model: str) -> dict[str, Any]:
         """Inputs of verify_visual: the vision export's manifest and the source it must match."""
         return {"manifest": f"onnx/{model}/visual/manifest.json", **self.visual_inputs(model)}
@@ -509,9 +554,13 @@ class Planner:
         """The mapped partition, or "" (the executor's default partition)."""
         return str(self._section("cluster").get("partitions", {}).get(str(sm), ""))
 
+    def _models(self) -> list[str]:
+        """Every configured model, then its merged variants."""
+        return [name for model in self.config["models"] for name in (model, *self.merged_variants(model))]
+
     def all_engines(self) -> list[str]:
         targets = []
-        for model in self.config["models"]:
+        for model in self._models():
             settings = self.settings(model)
             for precision in settings.precisions:
                 targets += [f"engines/sm{sm}/{model}_{precision}.engine" for sm in settings.sm_targets]
@@ -519,7 +568,7 @@ class Planner:
 
     def all_exports(self) -> list[str]:
         targets = []
-        for model in self.config["models"]:
+        for model in self._models():
             targets += [f"onnx/{model}_{precision}/llm/model.onnx" for precision in self.settings(model).precisions]
             if self.vision_language(model):
                 targets.append(f"onnx/{model}/visual/model.onnx")

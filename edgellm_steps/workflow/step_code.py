@@ -30,6 +30,7 @@ STEP_ENTRY_POINTS = {
     "quantize-draft": f"{PACKAGE}.cli.quantize_draft",
     "insert-lora": f"{PACKAGE}.cli.insert_lora",
     "process-lora": f"{PACKAGE}.cli.process_lora",
+    "merge-lora": f"{PACKAGE}.cli.merge_lora",
     "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
     "build-engine": f"{PACKAGE}.cli.build_engine",
 }

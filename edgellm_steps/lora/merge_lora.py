@@ -1,0 +1,56 @@
+"""merge-lora: a model and one of its PEFT LoRA adapters -> an HF checkpoint with the adapter folded in.
+
+The classic test matrix's ``merge_lora``: a model variant that serves one adapter with no LoRA
+inputs at all. PEFT folds B A x scaling into each adapted weight (``merge_and_unload``) in
+float32, and the result is saved in the source's dtype with its tokenizer files, so quantize-llm
+and export-llm read it as any checkpoint: a quantized variant quantizes the merged weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.errors import PrecisionError
+from edgellm_steps.lora.adapter_fit import adapter_modules
+from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
+    """Fold the PEFT adapter ``adapter_dir`` into ``model_dir``'s weights, writing the checkpoint ``output_dir``."""
+    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    adapter = resolve_source(str(adapter_dir), allow_download=True)
+    config = read_hf_config(checkpoint)
+    spec = family_for(config, where=str(checkpoint))
+    held = held_precision(checkpoint, config)
+    if held is not None:
+        raise PrecisionError(
+            f"{checkpoint} is already quantized as {held.precision}; an adapter merges into float weights only"
+        )
+    adapter_modules(adapter, config, str(checkpoint), tensors=False)  # the adapter fits, before any loading
+    check_tokenizer(checkpoint)
+    TensorStore(checkpoint)  # every shard header checked before transformers reads them
+
+    import peft
+    import torch
+    import transformers
+
+    dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
+    auto = getattr(transformers, spec.hf_auto_class)
+    model = auto.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)
+    # The adapter is data: read_adapter accepted safetensors weights only, and PEFT loads those.
+    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().to(dtype)
+    with staged_directory(Path(output_dir)) as staging:
+        merged.save_pretrained(str(staging), safe_serialization=True)
+        copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
+        write_manifest(staging, step="merge-lora", parameters={"model": str(model_dir), "adapter": str(adapter_dir)})
+    log.info("merged %s into %s -> %s", adapter, checkpoint, output_dir)
+    return Path(output_dir)
