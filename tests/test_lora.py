@@ -353,3 +353,16 @@ def test_a_merged_adapter_exports_as_the_peft_merged_model(checkpoint_factory, t
     with pytest.raises(EdgeLLMError, match="already quantized as fp8; an adapter merges into float weights only"):
         merge_lora(tmp_path / "q", adapter, tmp_path / "merged2")
     assert not (tmp_path / "merged2").exists()
+
+
+def test_a_gptq_export_takes_an_adapter(checkpoint_factory, tmp_path):
+    """int4_gptq GEMMs (the repacked plugin) get LoRA inputs too; the reference holds the dequantized weights."""
+    from .gptq_checkpoint import write_gptq_checkpoint
+
+    base = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    write_gptq_checkpoint(base, tmp_path / "gptq", tmp_path / "dequantized")
+    export_llm(tmp_path / "gptq", tmp_path / "llm")
+    insert_lora(tmp_path / "llm")
+    _, adapter = make_adapter(base, tmp_path / "adapter", CASES["llama"][1])
+    summary = verify_onnx(tmp_path / "llm", tmp_path / "dequantized", adapter=adapter)
+    assert summary["passed"], summary
