@@ -146,6 +146,12 @@ def process_lora_inputs(wildcards):
     return ask(PLAN.process_lora_inputs, wildcards.model, wildcards.adapter)
 
 
+def verify_lora_inputs(wildcards):
+    return ask(
+        PLAN.verify_lora_inputs, wildcards.model, wildcards.precision, wildcards.adapter
+    )
+
+
 def merge_lora_inputs(wildcards):
     return ask(PLAN.merge_lora_inputs, wildcards.base, wildcards.adapter)
 

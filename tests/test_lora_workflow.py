@@ -48,6 +48,9 @@ def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir)
         "process_lora": 2,
     }
     run_snakemake(workdir, *TARGETS)
+    run_snakemake(workdir, "reports/tiny_fp16/lora/chat/verify.json")
+    report = json.loads((workdir / "reports/tiny_fp16/lora/chat/verify.json").read_text())
+    assert report["passed"] and report["adapter"].endswith("adapters/chat")
     config = json.loads((workdir / "lora/tiny/code/config.json").read_text())
     assert config["r"] == 8 and config["target_modules"] == ["down_proj", "o_proj"]
     assert NOTHING in run_snakemake(workdir, "-n", *TARGETS).output

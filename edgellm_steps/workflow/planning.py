@@ -443,6 +443,17 @@ class Planner:
         stamps = self._stamps_of(f"{model}/lora/{adapter}", path, self.state_dir / "adapters" / model / adapter)
         return {"adapter": stamps, "source": self.source_inputs(model)}
 
+    def verify_lora_inputs(self, model: str, precision: str, adapter: str) -> dict[str, Any]:
+        """Inputs of verify_lora: those of verify_onnx, the LoRA graph and one served adapter's stamps."""
+        if adapter not in self.lora_adapters(model):
+            self.adapter_checkpoint(model, adapter)  # an unknown adapter: the error names the fix
+            raise ConfigError(f"model '{model}' adapter '{adapter}' is merged (merge: true); verify {model}+{adapter}")
+        return {
+            **self.verify_inputs(model, precision),
+            "lora_graph": f"onnx/{model}_{precision}/llm/lora_model.onnx",
+            "adapter": self.process_lora_inputs(model, adapter)["adapter"],
+        }
+
     def lora_graph_inputs(self, model: str, precision: str) -> dict[str, str]:
         """Inputs of insert_lora: the LLM export of a model with adapters."""
         self.precision(model, precision)
