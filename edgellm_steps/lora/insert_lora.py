@@ -34,12 +34,12 @@ LORA_ONNX_NAME = "lora_model.onnx"
 SOURCE_KEY = "edgellm.lora_source_xxh3_128"
 
 
-def _lora_nodes(site: LoraSite, delta_out: str) -> list[onnx.NodeProto]:
+def _lora_nodes(site: LoraSite, x: str, delta_out: str) -> list[onnx.NodeProto]:
     path = "/" + site.module.replace(".", "/")
     down = f"{path}/lora_A/MatMul_output_0"
     up = f"{path}/lora_B/MatMul_output_0"
     return [
-        helper.make_node("MatMul", [site.input, llm_io.lora_a_name(site.module)], [down], f"{path}/lora_A/MatMul"),
+        helper.make_node("MatMul", [x, llm_io.lora_a_name(site.module)], [down], f"{path}/lora_A/MatMul"),
         helper.make_node("MatMul", [down, llm_io.lora_b_name(site.module)], [up], f"{path}/lora_B/MatMul"),
         helper.make_node("Add", [site.output, up], [delta_out], f"{path}/lora/Add"),
     ]
@@ -62,7 +62,10 @@ def add_lora(model: onnx.ModelProto, sites: list[LoraSite]) -> None:
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
         nodes.append(node)
-        nodes += [n for out in node.output if out in by_output for n in _lora_nodes(by_output[out], adapted[out])]
+        for out in node.output:
+            if (site := by_output.get(out)) is not None:
+                # A site reading another site's output reads it adapted, as every other consumer does.
+                nodes += _lora_nodes(site, adapted.get(site.input, site.input), adapted[out])
     if (placed := sum(n.op_type == "Add" and n.name.endswith("/lora/Add") for n in nodes)) != len(sites):
         raise EdgeLLMError(f"{len(sites) - placed} LoRA sites name outputs no node of the graph produces")
     del graph.node[:]
