@@ -19,10 +19,10 @@ from edgellm_steps.quant.recipes import BLOCK_SIZES, INT4_FORMATS
 Widths = tuple[tuple[str, int], ...]
 
 
-def _check(precision: Precision, inputs: Widths, outputs: Widths, lm_head: int, where: str) -> None:
-    fix = "use fp8 or int8_sq weights for this model"
+def _check(precision: Precision, inputs: Widths, outputs: Widths, lm_head: int, where: str, what: str) -> None:
+    fix = f"use fp8 or int8_sq weights for this {what}"
     checks = [(precision.weights, layer, size, fix) for layer, size in inputs]
-    checks.append((precision.lm_head, "lm_head (hidden_size)", lm_head, "use -lmfp8 for this model"))
+    checks.append((precision.lm_head, "lm_head (hidden_size)", lm_head, f"use -lmfp8 for this {what}"))
     for fmt, layer, size, fix in checks:
         block = BLOCK_SIZES.get(fmt or "")
         if block and size % block:
@@ -53,7 +53,7 @@ def check_block_dims(hf_config: dict[str, Any], precision: Precision, *, where: 
         ("model.layers.*.mlp.gate_proj/up_proj (intermediate_size)", dims.intermediate_size),
         ("model.layers.*.self_attn.o_proj/mlp.down_proj (hidden_size)", dims.hidden_size),
     )
-    _check(precision, inputs, outputs, dims.hidden_size, where)
+    _check(precision, inputs, outputs, dims.hidden_size, where, "model")
 
 
 def check_draft_block_dims(draft_config: dict[str, Any], precision: Precision, *, where: str) -> None:
@@ -74,4 +74,4 @@ def check_draft_block_dims(draft_config: dict[str, Any], precision: Precision, *
         ("midlayer.self_attn.k_proj/v_proj (num_key_value_heads x head_dim)", kv_width),
         ("midlayer.mlp.gate_proj/up_proj (intermediate_size)", dims.intermediate_size),
     )
-    _check(precision, inputs, outputs, dims.hidden_size, where)
+    _check(precision, inputs, outputs, dims.hidden_size, where, "draft")
