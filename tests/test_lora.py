@@ -366,3 +366,17 @@ def test_a_gptq_export_takes_an_adapter(checkpoint_factory, tmp_path):
     _, adapter = make_adapter(base, tmp_path / "adapter", CASES["llama"][1])
     summary = verify_onnx(tmp_path / "llm", tmp_path / "dequantized", adapter=adapter)
     assert summary["passed"], summary
+
+
+def test_lora_on_lm_head_is_dropped_with_a_warning(checkpoint_factory, tmp_path, caplog):
+    """Contract 6: the graph has no lm_head LoRA input, so process-lora drops those keys, and says so."""
+    checkpoint = checkpoint_factory("llama")
+    _, adapter = make_adapter(checkpoint, tmp_path / "adapter", ["q_proj", "lm_head"])
+    with caplog.at_level("WARNING"):
+        processed = process_lora(adapter, tmp_path / "p", model_dir=checkpoint)
+    keys = set(load_numpy(str(processed / "processed_adapter_model.safetensors")))
+    assert keys and all(".self_attn.q_proj." in key for key in keys)
+    assert "dropping" in caplog.text and "base_model.model.lm_head." in caplog.text
+    _, only_head = make_adapter(checkpoint, tmp_path / "head", ["lm_head"])
+    with pytest.raises(SourceError, match="holds no LoRA weights once lm_head and norm tensors are dropped"):
+        process_lora(only_head, tmp_path / "p2")

@@ -23,11 +23,6 @@ def graph_module(peft_module: str) -> str:
     return peft_module if peft_module.startswith("model.") else f"model.{peft_module}"
 
 
-def _dropped(module: str) -> bool:
-    last = module.rsplit(".", 1)[-1]
-    return last == "lm_head" or "norm" in last
-
-
 def adaptable_gemms(model_config: dict[str, Any], where: str) -> dict[str, tuple[int, int]]:
     """The GEMMs of a model's LLM graph that take LoRA inputs: module -> (in_features, out_features)."""
     spec = family_for(model_config, where=where)
@@ -57,13 +52,8 @@ def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int,
 def adapter_modules(
     adapter: Path, model_config: dict[str, Any] | None, model_where: str = "", *, tensors: bool = True
 ) -> list[AdapterModule]:
-    """The adapter's modules the graph can take (norm / lm_head LoRA dropped), checked against the model if given."""
+    """The adapter's modules (lm_head / norm tensors dropped), checked against the model if given."""
     _, modules = read_adapter(adapter, tensors=tensors)
-    if dropped := [m.module for m in modules if _dropped(m.module)]:
-        log.warning("%s: dropping LoRA on %s (no graph input: the runtime adapts GEMMs but lm_head)", adapter, dropped)
-        modules = [m for m in modules if not _dropped(m.module)]
-    if not modules:
-        raise SourceError(f"{adapter}: no LoRA module is left once norms and lm_head are dropped")
     if model_config is not None:
         check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
     return modules

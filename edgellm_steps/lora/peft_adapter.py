@@ -31,6 +31,11 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
 
 
+def _without_graph_input(key: str) -> bool:
+    """A key of lm_head or a norm: the graph has no LoRA input there (contract 6 drops them)."""
+    return any(part == "lm_head" or "norm" in part for part in key.split("."))
+
+
 @dataclass(frozen=True)
 class AdapterModule:
     """One adapted Linear: its rank and widths, PEFT's scaling of B(A x), and (when read) A [r, in] and B [out, r]."""
@@ -92,7 +97,15 @@ def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[s
         raise SourceError(f"{directory} has no {ADAPTER_WEIGHTS}{hint if pickled.is_file() else ''}")
     store = SafetensorsFile(weights)
     pairs: dict[str, dict[str, str]] = {}
-    for key in store.names():
+    dropped = sorted(k for k in store.names() if k.startswith(PEFT_PREFIX) and _without_graph_input(k))
+    if dropped:
+        log.warning(
+            "%s: dropping %d tensors of lm_head / norms (no LoRA input in the graph), e.g. %s",
+            directory,
+            len(dropped),
+            dropped[0],
+        )
+    for key in sorted(set(store.names()) - set(dropped)):
         match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if not key.startswith(PEFT_PREFIX) or match is None:
             raise SourceError(
@@ -120,5 +133,6 @@ def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[s
         a, b = (store.read(pair["A"]), store.read(pair["B"])) if tensors else (None, None)
         modules.append(AdapterModule(module, rank, int(a_shape[1]), int(b_shape[0]), alpha, scaling, a, b))
     if not modules:
-        raise SourceError(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+        left = " once lm_head and norm tensors are dropped" if dropped else ""
+        raise SourceError(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA weights{left}")
     return config, modules
