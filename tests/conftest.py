@@ -54,6 +54,15 @@ TINY_CASES = {
 }
 
 
+def pytest_collection_modifyitems(items):
+    """Modules that drive Snakemake first (they take most of the suite's time), each module's tests in order.
+
+    xdist's loadfile hands out modules in collection order, so a long module collected last
+    would leave one worker running alone at the end.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("workflow") is None)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory):
     """``checkpoint_factory(case)`` -> a tiny checkpoint directory, made once per session."""
