@@ -25,7 +25,12 @@ from pathlib import Path
 import onnx
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output, write_manifest
+from edgellm_steps.artifacts.manifest import (
+    check_if_step_output,
+    check_listed_file,
+    check_step_output,
+    write_manifest,
+)
 from edgellm_steps.engine.profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export.onnx_builder import ONNX_NAME
@@ -183,7 +188,8 @@ def check_lora_graph(onnx_dir: Path, limits: BuildLimits) -> Path:
     path = onnx_dir / LORA_ONNX_NAME
     if not path.is_file():
         raise EdgeLLMError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
-    model_digest = check_step_output(onnx_dir, "export-llm")["files"][ONNX_NAME]["xxh3_128"]
+    # model.onnx alone: check_export has already proven the whole export (the weights are digested once).
+    model_digest = check_listed_file(onnx_dir, "export-llm", ONNX_NAME)["files"][ONNX_NAME]["xxh3_128"]
     made_from = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     if made_from.get(SOURCE_KEY) != model_digest:
         raise EdgeLLMError(f"{path} was made from another model.onnx than the export's; run edgellm-insert-lora again")

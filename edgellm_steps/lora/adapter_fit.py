@@ -6,7 +6,6 @@ and verify-onnx ask it again on the adapter they read.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,6 @@ from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.errors import SourceError
 from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule, read_adapter
 from edgellm_steps.models.families import family_for
-
-log = logging.getLogger(__name__)
 
 
 def graph_module(peft_module: str) -> str:
@@ -49,11 +46,11 @@ def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int,
             )
 
 
-def adapter_modules(
+def read_fitting_adapter(
     adapter: Path, model_config: dict[str, Any] | None, model_where: str = "", *, tensors: bool = True
-) -> list[AdapterModule]:
-    """The adapter's modules (lm_head / norm tensors dropped), checked against the model if given."""
-    _, modules = read_adapter(adapter, tensors=tensors)
+) -> tuple[dict[str, Any], list[AdapterModule]]:
+    """The adapter's config and modules (lm_head / norm tensors dropped), checked against the model if given."""
+    config, modules = read_adapter(adapter, tensors=tensors)
     if model_config is not None:
         check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
-    return modules
+    return config, modules

@@ -16,7 +16,7 @@ from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
 from edgellm_steps.errors import PrecisionError
-from edgellm_steps.lora.adapter_fit import adapter_modules
+from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
@@ -35,7 +35,7 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str |
         raise PrecisionError(
             f"{checkpoint} is already quantized as {held.precision}; an adapter merges into float weights only"
         )
-    adapter_modules(adapter, config, str(checkpoint), tensors=False)  # the adapter fits, before any loading
+    read_fitting_adapter(adapter, config, str(checkpoint), tensors=False)  # the adapter fits, before any loading
     check_tokenizer(checkpoint)
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
 

@@ -20,8 +20,8 @@ from typing import Any
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.export import llm_io
-from edgellm_steps.lora.adapter_fit import adapter_modules, graph_module
-from edgellm_steps.lora.peft_adapter import AdapterModule, read_adapter_config
+from edgellm_steps.lora.adapter_fit import graph_module, read_fitting_adapter
+from edgellm_steps.lora.peft_adapter import AdapterModule
 from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,9 @@ def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: st
     from safetensors.torch import save_file
 
     adapter = resolve_source(str(input_dir), allow_download=True)
-    config = read_adapter_config(adapter)
     checkpoint = resolve_source(str(model_dir), allow_download=True) if model_dir is not None else None
     model_config = read_hf_config(checkpoint) if checkpoint is not None else None
-    modules = adapter_modules(adapter, model_config, str(checkpoint))
+    config, modules = read_fitting_adapter(adapter, model_config, str(checkpoint))
     ranks = {graph_module(m.module): m.rank for m in modules}
     processed = {
         "r": max(ranks.values()),

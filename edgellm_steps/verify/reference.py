@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
 from edgellm_steps.export import llm_io
+from edgellm_steps.export.onnx_builder import ONNX_NAME
 from edgellm_steps.plugins import REFERENCE_OPS
 
 
@@ -48,7 +49,7 @@ class LLMRunner:
         *,
         batch: int,
         capacity: int,
-        graph: str = "model.onnx",
+        graph: str = ONNX_NAME,
         lora: dict[str, np.ndarray] | None = None,
     ) -> None:
         """``graph`` names the ONNX file to run; a LoRA graph (``lora_model.onnx``) gets ``lora``'s tensors

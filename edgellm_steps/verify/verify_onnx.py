@@ -30,7 +30,7 @@ from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.errors import ParityError
 from edgellm_steps.export.onnx_builder import ONNX_NAME
-from edgellm_steps.lora.adapter_fit import adapter_modules
+from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME
 from edgellm_steps.lora.process_lora import processed_tensors
 from edgellm_steps.models.families import family_for
@@ -116,7 +116,7 @@ def _with_adapter(onnx_dir: Path, model, adapter: str | Path, hf_config: dict, w
     if not (onnx_dir / LORA_ONNX_NAME).is_file():
         raise ParityError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
     directory = resolve_source(str(adapter), allow_download=True)
-    tensors = processed_tensors(adapter_modules(directory, hf_config, where))
+    tensors = processed_tensors(read_fitting_adapter(directory, hf_config, where)[1])
     lora = {name: tensor.numpy() for name, tensor in tensors.items()}
     # PEFT loads the adapter as data: safetensors only (read_adapter refused anything else).
     return LORA_ONNX_NAME, lora, peft.PeftModel.from_pretrained(model, str(directory)).eval()

@@ -20,7 +20,7 @@ from edgellm_steps.artifacts.draft_weights import draft_weight_files
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
 from edgellm_steps.export.draft_fit import check_draft_fits
-from edgellm_steps.lora.adapter_fit import adapter_modules
+from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
@@ -407,7 +407,7 @@ class Planner:
                 raise ConfigError(f"model '{model}' has a draft and LoRA adapters; EAGLE engines take no LoRA")
             path = resolve_source(entry.source, model=model)
             try:
-                modules = adapter_modules(path, self._source(model)[1], f"model '{model}'", tensors=False)
+                _, modules = read_fitting_adapter(path, self._source(model)[1], f"model '{model}'", tensors=False)
             except SourceError as err:
                 raise SourceError(f"{where}: {err}") from err
             rank, limit = max(m.rank for m in modules), settings.build.max_lora_rank
@@ -450,16 +450,21 @@ class Planner:
             raise ConfigError(f"model '{model}' adapter '{adapter}' is merged (merge: true); verify {model}+{adapter}")
         return {
             **self.verify_inputs(model, precision),
-            "lora_graph": f"onnx/{model}_{precision}/llm/lora_model.onnx",
+            "lora_graph": self._lora_graph(model, precision),
             "adapter": self.process_lora_inputs(model, adapter)["adapter"],
         }
+
+    @staticmethod
+    def _lora_graph(model: str, precision: str) -> str:
+        """The insert-lora target of a model's LLM export."""
+        return f"onnx/{model}_{precision}/llm/lora_model.onnx"
 
     def lora_graph_inputs(self, model: str, precision: str) -> dict[str, str]:
         """Inputs of insert_lora: the LLM export of a model with adapters."""
         self.precision(model, precision)
         if not self.lora_adapters(model):
             raise ConfigError(
-                f"model '{model}' has no LoRA adapters, so onnx/{model}_{precision}/llm/lora_model.onnx is not a "
+                f"model '{model}' has no LoRA adapters, so {self._lora_graph(model, precision)} is not a "
                 f"target; add lora: {{<name>: <PEFT adapter>}} under models.{model}"
             )
         return {"manifest": f"onnx/{model}_{precision}/llm/manifest.json"}
@@ -476,9 +481,9 @@ class Planner:
         if self.vision_language(model):
             self.visual_engine_sm(model, target)
             inputs["visual"] = f"engines/sm{target}/visual/{model}.engine"
-        for adapter in self.lora_adapters(model):
-            inputs["lora_graph"] = f"onnx/{model}_{precision}/llm/lora_model.onnx"
-            inputs[f"adapter_{adapter}"] = f"lora/{model}/{adapter}/manifest.json"
+        if adapters := self.lora_adapters(model):
+            inputs["lora_graph"] = self._lora_graph(model, precision)
+            inputs.update({f"adapter_{adapter}": f"lora/{model}/{adapter}/manifest.json" for adapter in adapters})
         return inputs
 
     def verify_inputs(self, model: str, precision: str) -> dict[str, Any]:
@@ -587,6 +592,6 @@ class Planner:
                 for precision in self.settings(model).precisions:
                     targets += [f"onnx/{model}_{precision}/{kind}/model.onnx" for kind in ("eagle_base", "draft")]
             if adapters := self.lora_adapters(model):
-                targets += [f"onnx/{model}_{p}/llm/lora_model.onnx" for p in self.settings(model).precisions]
+                targets += [self._lora_graph(model, p) for p in self.settings(model).precisions]
                 targets += [f"lora/{model}/{a}/processed_adapter_model.safetensors" for a in adapters]
         return targets
