@@ -89,7 +89,7 @@ def main() -> int:
                     "--output_dir",
                     str(quantized),
                 ]
-                command += ["--quantization", precision, "--calib_size", str(samples), "--device", "cpu"]
+                command += ["--precision", precision, "--calib_size", str(samples), "--device", "cpu"]
                 command += ["--calib_max_tokens", str(args.tokens)]
                 command += ["--calib_batch_size", str(batch)] if batch else []
                 wall, rss = run_measured(command + threads)

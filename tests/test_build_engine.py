@@ -17,9 +17,9 @@ import pytest
 
 from edgellm_steps.artifacts.manifest import ManifestMismatchError
 from edgellm_steps.engine import build_engine as step
+from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export.export_llm import export_llm
-from edgellm_steps.workflow.config import BuildLimits
 
 LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32)
 

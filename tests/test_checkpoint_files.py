@@ -401,7 +401,7 @@ def test_every_step_reports_a_bad_shard_in_one_line(checkpoint_factory, tmp_path
         export_llm(checkpoint_factory("qwen2"), tmp_path / "export")
     args = {
         "edgellm-export-llm": ["--output_dir", str(tmp_path / "out")],
-        "edgellm-quantize-llm": ["--output_dir", str(tmp_path / "out"), "--quantization", "fp8"],
+        "edgellm-quantize-llm": ["--output_dir", str(tmp_path / "out"), "--precision", "fp8"],
         "edgellm-verify-onnx": ["--onnx_dir", str(tmp_path / "export"), "--report", str(tmp_path / "out")],
     }[tool]
     result = subprocess.run(

@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
+from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import ConfigError
-from edgellm_steps.workflow.config import BuildLimits, model_settings, validate_config
+from edgellm_steps.workflow.config import model_settings, validate_config
 from edgellm_steps.workflow.planning import load_workflow_config
 
 from .conftest import REPO
@@ -72,10 +73,7 @@ def test_quantize_flags_follow_the_config():
     config = {"models": {"m": {"source": "x", "quantization": {"calib_size": 64, "batch_size": 4}}}}
     validate_config(config)
     flags = Planner(config).quantize_options("m", "int4_awq-lmfp8-kvfp8")
-    assert flags == (
-        "--quantization int4_awq --lm_head_quantization fp8 --kv_cache_quantization fp8"
-        " --calib_size 64 --calib_max_tokens 512 --calib_batch_size 4"
-    )
+    assert flags == ("--precision int4_awq-lmfp8-kvfp8 --calib_size 64 --calib_max_tokens 512 --calib_batch_size 4")
 
 
 def test_an_engine_reads_only_the_limits_of_its_kind():

@@ -64,15 +64,11 @@ def test_cpu_nvfp4_equals_modelopt_cuda_kernel(case):
 
 @pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq", "nvfp4-lmnvfp4-kvfp8"])
 def test_quantize_on_cuda_exports_and_verifies(checkpoint_factory, tmp_path, precision):
-    weights, *rest = precision.split("-")
-    overrides = {part[:2]: part[2:] for part in rest}
     base = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
     quantize_llm(
         base,
         tmp_path / "q",
-        quantization=weights,
-        lm_head_quantization=overrides.get("lm"),
-        kv_cache_quantization=overrides.get("kv"),
+        precision=precision,
         device="cuda",
         calib_size=16,
         calib_max_tokens=64,

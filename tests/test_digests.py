@@ -4,8 +4,8 @@ import json
 import os
 import time
 
-from edgellm_steps.workflow import digests
-from edgellm_steps.workflow.digests import DigestCache, file_digest
+from edgellm_steps.artifacts import digests
+from edgellm_steps.artifacts.digests import DigestCache, file_digest
 
 
 def edit_in_place_keeping_mtime(path, offset: int) -> None:

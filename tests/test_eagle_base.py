@@ -18,6 +18,7 @@ import torch
 
 from edgellm_steps.export import llm_io
 from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.models.eagle import eagle_hidden_state_indices
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
 
@@ -103,7 +104,7 @@ def test_hidden_states_are_the_three_hf_hidden_states_at_every_position(eagle_ba
     runner.step([ids], all_logits=True)
     with torch.no_grad():
         states = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
-    assert llm_io.eagle_hidden_state_indices(LAYERS) == (2, 4, 5)
+    assert eagle_hidden_state_indices(LAYERS) == (2, 4, 5)
     expected = torch.cat([states[2], states[4], states[5]], dim=-1).numpy()
     got = runner.hidden_states.astype(np.float32)
     assert got.shape == expected.shape == (1, PROMPT, 3 * model.config.hidden_size)

@@ -201,8 +201,8 @@ def test_the_draft_engine_profiles_span_the_tree(draft):
     import onnx
 
     from edgellm_steps.engine import build_engine
+    from edgellm_steps.engine.limits import BuildLimits
     from edgellm_steps.engine.profiles import engine_profiles
-    from edgellm_steps.workflow.config import BuildLimits
 
     _, _, _, onnx_dir = draft
     assert build_engine.check_export(onnx_dir) == "llm"

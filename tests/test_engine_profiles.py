@@ -9,10 +9,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.engine.profiles import engine_kind, engine_profiles, llm_profiles
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export.export_llm import export_llm
-from edgellm_steps.workflow.config import BuildLimits
 
 DEFAULTS = BuildLimits()
 H = 64

@@ -250,8 +250,7 @@ def test_the_clis(lora_export, tmp_path):
 
 #: Quantized bases: the LoRA delta reads the activation before quantization (and before SmoothQuant's or AWQ's
 #: input scaling), as PEFT's LoRA layer around ModelOpt's quantized Linear does.
-QUANTIZED = {"fp8-kvfp8": ("fp8", "fp8"), "int8_sq": ("int8_sq", None), "int4_awq": ("int4_awq", None)}
-QUANTIZED["nvfp4"] = ("nvfp4", None)
+QUANTIZED = ("fp8-kvfp8", "int8_sq", "int4_awq", "nvfp4")
 
 
 @pytest.mark.parametrize("precision", sorted(QUANTIZED))
@@ -259,10 +258,7 @@ def test_a_quantized_export_with_an_adapter_matches_modelopt_with_peft(
     checkpoint_factory, tmp_path, precision, monkeypatch, record_property
 ):
     base = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
-    weights, kv = QUANTIZED[precision]
-    quantize_llm(
-        base, tmp_path / "q", quantization=weights, kv_cache_quantization=kv, calib_size=8, calib_max_tokens=32
-    )
+    quantize_llm(base, tmp_path / "q", precision=precision, calib_size=8, calib_max_tokens=32)
     export_llm(tmp_path / "q", tmp_path / "llm")
     insert_lora(tmp_path / "llm")
     _, adapter = make_adapter(base, tmp_path / "adapter", CASES["llama"][1])  # trained on the float model
@@ -276,8 +272,8 @@ def test_a_quantized_export_with_an_adapter_matches_modelopt_with_peft(
 
 
 def test_lora_engine_profiles_span_rank_zero_to_the_max(lora_export):
+    from edgellm_steps.engine.limits import BuildLimits
     from edgellm_steps.engine.profiles import engine_profiles
-    from edgellm_steps.workflow.config import BuildLimits
 
     out = lora_export[2]
     graph = onnx.load(str(out / "lora_model.onnx"), load_external_data=False)
@@ -291,7 +287,7 @@ def test_a_lora_engine_directory_links_its_processed_adapters(checkpoint_factory
     """Engine bytes stand in for TensorRT's; the checks, the layout and the links are real."""
     from edgellm_steps.artifacts.manifest import check_step_output
     from edgellm_steps.engine import build_engine as step
-    from edgellm_steps.workflow.config import BuildLimits
+    from edgellm_steps.engine.limits import BuildLimits
 
     checkpoint = checkpoint_factory("llama")
     out = tmp_path / "onnx/llm"
@@ -349,7 +345,7 @@ def test_a_merged_adapter_exports_as_the_peft_merged_model(checkpoint_factory, t
     onnx_inputs = {i.name for i in onnx.load(str(tmp_path / "llm/model.onnx"), load_external_data=False).graph.input}
     assert not any(".lora_" in name for name in onnx_inputs)
     # A quantized model has no float weights to merge into.
-    quantize_llm(checkpoint, tmp_path / "q", quantization="fp8", calib_size=2, calib_max_tokens=8)
+    quantize_llm(checkpoint, tmp_path / "q", precision="fp8", calib_size=2, calib_max_tokens=8)
     with pytest.raises(EdgeLLMError, match="already quantized as fp8; an adapter merges into float weights only"):
         merge_lora(tmp_path / "q", adapter, tmp_path / "merged2")
     assert not (tmp_path / "merged2").exists()

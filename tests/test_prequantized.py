@@ -46,7 +46,7 @@ def base(checkpoint_factory):
 def classic(base, tmp_path_factory):
     """A classic-layout FP8 + FP8-KV checkpoint, calibrated by ModelOpt."""
     root = tmp_path_factory.mktemp("classic")
-    quantize_llm(base, root / "ours", quantization="fp8", kv_cache_quantization="fp8", **CALIB)
+    quantize_llm(base, root / "ours", precision="fp8-kvfp8", **CALIB)
     return as_classic_checkpoint(root / "ours", root / "classic", hf_quant_config("FP8", "FP8"))
 
 
@@ -127,7 +127,7 @@ def test_our_own_quantized_checkpoint_as_a_source(classic, tmp_path):
 
 def test_quantize_refuses_a_quantized_source(classic, tmp_path):
     with pytest.raises(PrecisionError, match="already quantized as fp8-kvfp8"):
-        quantize_llm(classic, tmp_path / "again", quantization="fp8", **CALIB)
+        quantize_llm(classic, tmp_path / "again", precision="fp8", **CALIB)
     assert not (tmp_path / "again").exists()
 
 
@@ -179,7 +179,7 @@ def test_a_crafted_modelopt_state_is_never_unpickled(classic, base, tmp_path):
     plain = shutil.copytree(base, tmp_path / "plain")
     shutil.copyfile(crafted / MODELOPT_STATE, plain / MODELOPT_STATE)
     quantized = run_cli(
-        "edgellm-quantize-llm", "--model_dir", str(plain), "--output_dir", str(tmp_path / "q"), "--quantization", "fp8"
+        "edgellm-quantize-llm", "--model_dir", str(plain), "--output_dir", str(tmp_path / "q"), "--precision", "fp8"
     )
     assert quantized.returncode == 2 and "Traceback" not in quantized.stderr
     assert "carries modelopt_state.pth but no hf_quant_config.json" in quantized.stderr.strip().splitlines()[-1]
@@ -192,7 +192,7 @@ def test_quantize_copies_tokenizer_files_byte_for_byte(checkpoint_factory, case,
     source = checkpoint_factory(case)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("A few words of calibration text, enough for one short sample.\n")
-    quantize_llm(source, tmp_path / "q", quantization="fp8", dataset_dir=str(corpus), calib_size=1, calib_max_tokens=8)
+    quantize_llm(source, tmp_path / "q", precision="fp8", dataset_dir=str(corpus), calib_size=1, calib_max_tokens=8)
     present = [name for name in TOKENIZER_ASSETS if (source / name).is_file()]
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(present)
     for name in present:

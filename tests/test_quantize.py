@@ -70,14 +70,11 @@ def quantized(base, tmp_path_factory):
 
     def make(precision: str):
         if precision not in done:
-            weights, lm_head, kv = VARIANTS[precision]
             root = tmp_path_factory.mktemp(precision)
             quantize_llm(
                 base,
                 root / "quantized",
-                quantization=weights,
-                lm_head_quantization=lm_head,
-                kv_cache_quantization=kv,
+                precision=precision,
                 **CALIB,
             )
             export_llm(root / "quantized", root / "llm")
@@ -197,9 +194,9 @@ def test_nvfp4_gemm_matches_the_modelopt_linear(quantized, tmp_path):
     from onnx.reference import ReferenceEvaluator
 
     from edgellm_steps.artifacts.checkpoint import TensorStore
-    from edgellm_steps.export.onnx_builder import FP4_OPSET, ExternalDataWriter, GraphBuilder
+    from edgellm_steps.export.quantized_linear import nvfp4_linear
+    from edgellm_steps.graph.onnx_builder import FP4_OPSET, ExternalDataWriter, GraphBuilder
     from edgellm_steps.plugins import REFERENCE_OPS
-    from edgellm_steps.quant.linear import nvfp4_linear
 
     checkpoint, _ = quantized("nvfp4")
     store = TensorStore(checkpoint)
@@ -224,7 +221,7 @@ def test_tied_lm_head_is_untied_for_nvfp4(checkpoint_factory, tmp_path):
     from safetensors.numpy import load_file
 
     tied = checkpoint_factory("llama-tied", hidden_size=128, intermediate_size=256)
-    quantize_llm(tied, tmp_path / "q", quantization="fp16", lm_head_quantization="nvfp4", **CALIB)
+    quantize_llm(tied, tmp_path / "q", precision="fp16-lmnvfp4", **CALIB)
     export_llm(tmp_path / "q", tmp_path / "llm")
     assert verify_onnx(tmp_path / "llm", tmp_path / "q")["passed"]
     init = {t.name: t for t in load_graph(tmp_path / "llm").graph.initializer}
@@ -289,20 +286,20 @@ def test_quantized_checkpoint_records_its_precision(quantized):
 
 
 def test_calibration_batch_size_can_be_lowered(base, tmp_path):
-    quantize_llm(base, tmp_path / "q", quantization="int4_awq", calib_batch_size=2, **CALIB)
+    quantize_llm(base, tmp_path / "q", precision="int4_awq", calib_batch_size=2, **CALIB)
     info = json.loads((tmp_path / "q" / "edgellm_quantization.json").read_text())
     assert info["calibration"]["batch_size"] == 2
 
 
 def test_int4_refuses_dims_that_are_not_multiples_of_128(checkpoint_factory, tmp_path):
     with pytest.raises(PrecisionError, match=r"multiples of 128.*has 64"):
-        quantize_llm(checkpoint_factory("qwen2"), tmp_path / "q", quantization="int4_awq", **CALIB)
+        quantize_llm(checkpoint_factory("qwen2"), tmp_path / "q", precision="int4_awq", **CALIB)
     assert not (tmp_path / "q").exists()
 
 
 def test_quantize_cli_rejects_a_precision_without_a_quantize_step(checkpoint_factory, tmp_path):
     command = [str(BIN / "edgellm-quantize-llm"), "--model_dir", str(checkpoint_factory("qwen2"))]
-    command += ["--output_dir", str(tmp_path / "q"), "--quantization", "fp16"]
+    command += ["--output_dir", str(tmp_path / "q"), "--precision", "fp16"]
     result = subprocess.run(command, env=tool_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert "needs no quantize step" in result.stderr.strip().splitlines()[-1]

@@ -60,7 +60,7 @@ def quantized(bases, tmp_path_factory):
 
     def make(variant: str):
         if variant not in done:
-            family, bias, nested, (weights, lm_head, kv), _ = VARIANTS[variant]
+            family, bias, nested, _, precision = VARIANTS[variant]
             root = tmp_path_factory.mktemp(f"qdraft-{variant}")
             # std 0.02 (the default): sharper random drafts put fp8's own float16 noise floor above any tolerance.
             draft = make_eagle3_draft(root / "draft", bases[family], qkv_bias=bias, nested_config=nested)
@@ -68,9 +68,7 @@ def quantized(bases, tmp_path_factory):
                 bases[family],
                 draft,
                 root / "q",
-                quantization=weights,
-                lm_head_quantization=lm_head,
-                kv_cache_quantization=kv,
+                precision=precision,
                 **CALIB,
             )
             export_draft(out, bases[family], root / "onnx")
@@ -188,30 +186,30 @@ def test_refusals_leave_nothing_behind(bases, quantized, checkpoint_factory, tmp
     base = bases["llama"]
     _, draft, quantized_draft, _ = quantized("int4_awq")
     with pytest.raises(PrecisionError, match="needs no quantize step"):
-        quantize_draft(base, draft, tmp_path / "a", quantization="fp16", **CALIB)
+        quantize_draft(base, draft, tmp_path / "a", precision="fp16", **CALIB)
     with pytest.raises(PrecisionError, match="the draft is already quantized as int4_awq"):
-        quantize_draft(base, quantized_draft, tmp_path / "b", quantization="fp8", **CALIB)
+        quantize_draft(base, quantized_draft, tmp_path / "b", precision="fp8", **CALIB)
     small = checkpoint_factory("qwen2")  # hidden 64: fc reads 192 columns
     with pytest.raises(PrecisionError, match=r"fc \(3 x target_hidden_size\).*192"):
         quantize_draft(
-            small, make_eagle3_draft(tmp_path / "small", small), tmp_path / "c", quantization="int4_awq", **CALIB
+            small, make_eagle3_draft(tmp_path / "small", small), tmp_path / "c", precision="int4_awq", **CALIB
         )
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_a_quantized_base_is_refused(bases, quantized, tmp_path):
     base = bases["llama"]
-    quantize_llm(base, tmp_path / "qbase", quantization="fp8", **CALIB)
+    quantize_llm(base, tmp_path / "qbase", precision="fp8", **CALIB)
     _, draft, _, _ = quantized("int4_awq")
     with pytest.raises(PrecisionError, match=r"the base is already quantized as fp8.*unquantized base"):
-        quantize_draft(tmp_path / "qbase", draft, tmp_path / "q", quantization="fp8", **CALIB)
+        quantize_draft(tmp_path / "qbase", draft, tmp_path / "q", precision="fp8", **CALIB)
     assert not (tmp_path / "q").exists()
 
 
 def test_the_cli_reports_a_refusal_in_one_line(bases, quantized, tmp_path):
     _, draft, _, _ = quantized("int4_awq")
     command = [str(BIN / "edgellm-quantize-draft"), "--base_model_dir", str(bases["llama"])]
-    command += ["--draft_model_dir", str(draft), "--output_dir", str(tmp_path / "q"), "--quantization", "fp16"]
+    command += ["--draft_model_dir", str(draft), "--output_dir", str(tmp_path / "q"), "--precision", "fp16"]
     result = subprocess.run(command, env=tool_env(), capture_output=True, text=True)
     assert result.returncode == 2
     assert "needs no quantize step" in result.stderr.strip().splitlines()[-1]
@@ -222,7 +220,7 @@ def test_calibration_on_another_draft_gives_other_scales(quantized, tmp_path):
     """The scales come from this draft's activations: a differently seeded draft calibrates differently."""
     base, _, checkpoint, _ = quantized("fp8-kvfp8")
     other = make_eagle3_draft(tmp_path / "other", base, seed=1, qkv_bias=True)
-    out = quantize_draft(base, other, tmp_path / "q", quantization="fp8", kv_cache_quantization="fp8", **CALIB)
+    out = quantize_draft(base, other, tmp_path / "q", precision="fp8-kvfp8", **CALIB)
     ours, theirs = load_file(str(checkpoint / "model.safetensors")), load_file(str(out / "model.safetensors"))
     name = "midlayer.mlp.down_proj.input_quantizer._amax"
     assert not np.isclose(ours[name].item(), theirs[name].item(), rtol=1e-3)

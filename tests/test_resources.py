@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from edgellm_steps.quant.formats import FORMATS
 from edgellm_steps.workflow import resources
 from edgellm_steps.workflow.config import validate_config
 from edgellm_steps.workflow.planning import Planner
@@ -133,7 +134,9 @@ def test_gptq_source_counts_as_its_dequantized_weights(checkpoint_factory, tmp_p
     gptq = tmp_path / "gptq"
     write_gptq_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), gptq, tmp_path / "f")
     os.truncate(gptq / "model.safetensors", 2 * 10**9)  # sparse: a size above the floor, no disk used
-    assert planner(gptq).verify_mem_mb("m", "int4_gptq") == verify_mem_mb(2 * 10**9 * resources.GPTQ_EXPANSION)
+    assert planner(gptq).verify_mem_mb("m", "int4_gptq") == verify_mem_mb(
+        2 * 10**9 * FORMATS["int4_gptq"].verify_expansion
+    )
 
 
 # A real dry run: the resources Snakemake shows (and a cluster executor gets) per job.

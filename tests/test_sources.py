@@ -9,12 +9,12 @@ import huggingface_hub
 import huggingface_hub.constants
 import pytest
 
+from edgellm_steps.artifacts import digests
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.claims import claim_path
-from edgellm_steps.workflow import digests
-from edgellm_steps.workflow.digests import DigestCache, file_digest
+from edgellm_steps.artifacts.digests import DigestCache, file_digest
+from edgellm_steps.artifacts.sources import STAMP_SUFFIX, refresh_stamps
 from edgellm_steps.workflow.planning import Planner, load_workflow_config
-from edgellm_steps.workflow.sources import STAMP_SUFFIX, refresh_stamps
 
 
 def make_tree(root):

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from edgellm_steps.errors import PrecisionError, SourceError
-from edgellm_steps.export import visual_graph as io
-from edgellm_steps.export.export_visual import export_visual, load_vision_dims
+from edgellm_steps.export import visual_io as io
+from edgellm_steps.export.export_visual import export_visual
 from edgellm_steps.models.families import family_for
-from edgellm_steps.verify.visual_inputs import patchify, visual_feeds
+from edgellm_steps.models.vision_geometry import load_vision_dims, patchify
+from edgellm_steps.verify.visual_inputs import visual_feeds
 
 VLM_CASES = ("qwen2_vl", "qwen2_5_vl")
 #: (t, h, w) patch grids: one image, and two images of different sizes (one not a whole number of windows).

@@ -18,10 +18,9 @@ import onnx
 import pytest
 import torch
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.export.export_visual import export_visual, load_vision_dims
-from edgellm_steps.export.visual_graph import tower_prefix
+from edgellm_steps.export.export_visual import export_visual
 from edgellm_steps.models.families import family_for
+from edgellm_steps.models.vision_geometry import load_vision_dims, open_vision_tower
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.quant.calibration_images import (
     calibration_images,
@@ -56,13 +55,13 @@ def fp8_case(checkpoint_factory, tmp_path_factory):
             root = tmp_path_factory.mktemp(f"visual-fp8-{case}")
             export_visual(checkpoint, root / "fp8", quantization="fp8")
             export_visual(checkpoint, root / "fp16")
-            store = TensorStore(checkpoint)
-            prefix = tower_prefix(store, spec_of(checkpoint))
+            tower = open_vision_tower(checkpoint)
+            store, prefix = tower.store, tower.prefix
             done[case] = {
                 "checkpoint": checkpoint,
                 "fp8": root / "fp8",
                 "fp16": root / "fp16",
-                "fake_quant": calibrated_tower(checkpoint, store, prefix),
+                "fake_quant": calibrated_tower(tower),
                 "float": load_vision_tower(checkpoint, spec_of(checkpoint), store, prefix),
                 "prefix": prefix,
             }
@@ -122,8 +121,9 @@ def test_fp8_graph_stores_linears_in_fp8_and_the_patch_embedding_in_fp16(fp8_cas
 def test_calibration_overlays_the_towers_scales_on_the_checkpoint(fp8_case, case):
     made = fp8_case(case)
     checkpoint, prefix = made["checkpoint"], made["prefix"]
-    store = TensorStore(checkpoint)
-    overlay, modules = calibrate_fp8_tower(checkpoint, store, prefix)
+    tower = open_vision_tower(checkpoint)
+    store = tower.store
+    overlay, modules = calibrate_fp8_tower(tower)
     tensors, tower_modules = quantizer_tensors(made["fake_quant"], prefix)
     assert modules == tower_modules and f"{prefix}patch_embed.proj" not in modules
     for name, value in tensors.items():

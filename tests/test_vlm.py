@@ -286,7 +286,7 @@ def test_quantize_llm_quantizes_only_the_decoder(checkpoint_factory, tmp_path):
     from edgellm_steps.quant.quantize_llm import quantize_llm
 
     source = with_all_processor_files(checkpoint_factory("qwen2_5_vl"), tmp_path / "src")
-    quantized = quantize_llm(source, tmp_path / "q", quantization="int8_sq", calib_size=8, calib_max_tokens=32)
+    quantized = quantize_llm(source, tmp_path / "q", precision="int8_sq", calib_size=8, calib_max_tokens=32)
     names = tensor_names(quantized)
     quantizers = [n for n in names if "_quantizer." in n]
     assert any(n.startswith("model.layers.0.mlp.down_proj.weight_quantizer") for n in quantizers)

@@ -26,11 +26,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgellm_steps.export import visual_graph as io
+from edgellm_steps.export import visual_io as io
 from edgellm_steps.export.export_llm import export_llm
-from edgellm_steps.export.export_visual import export_visual, load_vision_dims
-from edgellm_steps.export.visual_graph import VisionDims
+from edgellm_steps.export.export_visual import export_visual
 from edgellm_steps.models.families import VisionSpec, family_for
+from edgellm_steps.models.vision_geometry import VisionDims, load_vision_dims
 from edgellm_steps.verify.mrope import export_mrope_table, mrope_positions, mrope_table
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, compare_logits
 from edgellm_steps.verify.reference import LLMRunner

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts.digests import file_digest
 from edgellm_steps.errors import EdgeLLMError
-from edgellm_steps.workflow.digests import file_digest
 
 MANIFEST_NAME = "manifest.json"
 #: Files a later step writes into an earlier step's directory, by contract: insert-lora's

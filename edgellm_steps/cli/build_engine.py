@@ -7,7 +7,7 @@ from dataclasses import fields
 
 from edgellm_steps.cli import run_cli
 from edgellm_steps.engine.build_engine import PLUGIN_ENV, build_engine
-from edgellm_steps.workflow.config import BuildLimits
+from edgellm_steps.engine.limits import BuildLimits
 
 
 def main(argv: list[str] | None = None) -> int:

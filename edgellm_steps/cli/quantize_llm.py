@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 
 from edgellm_steps.cli import run_cli
-from edgellm_steps.quant.precision import KV_CACHE_PRECISIONS, LM_HEAD_PRECISIONS, WEIGHT_PRECISIONS
+from edgellm_steps.quant.precision import GRAMMAR
 from edgellm_steps.quant.quantize_llm import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE, quantize_llm
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
     """The precision, calibration and device flags quantize-llm and quantize-draft share."""
-    parser.add_argument("--quantization", required=True, choices=WEIGHT_PRECISIONS)
-    parser.add_argument("--lm_head_quantization", default=None, choices=LM_HEAD_PRECISIONS)
-    parser.add_argument("--kv_cache_quantization", default=None, choices=KV_CACHE_PRECISIONS)
+    parser.add_argument("--precision", required=True, help=f"the precision to make: {GRAMMAR}")
     parser.add_argument(
         "--dataset_dir",
         default=None,
@@ -41,7 +39,7 @@ def quantization_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         import torch
 
         torch.set_num_threads(args.threads)
-    names = ("quantization", "lm_head_quantization", "kv_cache_quantization", "dataset_dir", "device")
+    names = ("precision", "dataset_dir", "device")
     names += ("calib_size", "calib_max_tokens", "calib_batch_size")
     return {name: getattr(args, name) for name in names}
 

@@ -31,11 +31,11 @@ from edgellm_steps.artifacts.manifest import (
     check_step_output,
     write_manifest,
 )
+from edgellm_steps.engine.limits import LIMITS_READ, BuildLimits
 from edgellm_steps.engine.profiles import engine_kind, engine_profiles
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
-from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME, SOURCE_KEY
-from edgellm_steps.workflow.config import LIMITS_READ, BuildLimits
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import onnx
 
+from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export import llm_io
-from edgellm_steps.workflow.config import BuildLimits
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]

@@ -31,7 +31,7 @@ class DraftGraph(DecoderGraph):
 
     def build(self) -> onnx.ModelProto:
         d, g = self.dims, self.g
-        kv_type = TensorProto.FLOAT8E4M3FN if self.quant.kv_cache == "fp8" else TensorProto.FLOAT16
+        kv_type = self.quant.kv_elem_type
         for spec in llm_io.draft_inputs(d, self.target_hidden_size, kv_type):
             g.add_input(spec.name, spec.elem_type, list(spec.dims))
         layer = self.spec.layer_prefix

@@ -21,15 +21,16 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.errors import SourceError
-from edgellm_steps.export.draft_fit import check_draft_fits
 from edgellm_steps.export.draft_graph import DraftGraph
-from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import runtime_config, write_json
-from edgellm_steps.models.families import EAGLE3_DRAFT, family_for
-from edgellm_steps.quant.linear import QuantPlan
+from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
+from edgellm_steps.models.eagle import check_draft_fits
+from edgellm_steps.models.families import EAGLE3_DRAFT
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.prequantized import held_precision
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+from edgellm_steps.quant.quant_plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,15 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
 
     started = time.monotonic()
     draft = resolve_source(str(draft_dir), allow_download=True)
-    base = resolve_source(str(base_dir), allow_download=True)
-    draft_config, base_config = read_hf_config(draft), read_hf_config(base)
-    family_for(base_config, where=str(base))
+    base = open_checkpoint(base_dir)
+    draft_config, base_config = read_hf_config(draft), base.hf_config
     target, draft_vocab = check_draft_fits(draft_config, base_config, str(draft))
     dims = decoder_dims(draft_config)
     EAGLE3_DRAFT.check_dims(dims)
     store = open_draft_store(draft)
     quant = QuantPlan.from_held(held_precision(draft, draft_config), "lm_head")
     quant.check_tensors(store, str(draft))
-    d2t = read_d2t(store, draft_vocab, decoder_dims(base_config).vocab_size, str(draft))
+    d2t = read_d2t(store, draft_vocab, base.dims.vocab_size, str(draft))
     output_dir = Path(output_dir)
     log.info(
         "exporting the EAGLE3 draft %s (%s, draft vocabulary %d) to %s", draft, quant.precision, draft_vocab, output_dir

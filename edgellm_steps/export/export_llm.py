@@ -15,19 +15,17 @@ import time
 from pathlib import Path
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
-from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
-from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, copy_tokenizer_files
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
-from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
 from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE, load_vocab_map
-from edgellm_steps.models.families import family_for
+from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.gptq import check_gptq_config
-from edgellm_steps.quant.linear import QuantPlan
-from edgellm_steps.quant.prequantized import held_precision
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+from edgellm_steps.quant.quant_plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +49,8 @@ def export_llm(
     and written straight into the graph's external data.
     """
     started = time.monotonic()
-    checkpoint = resolve_source(str(model_dir), allow_download=True)
-    check_if_step_output(checkpoint, "quantize-llm")
-    hf_config = read_hf_config(checkpoint)
-    spec = family_for(hf_config, where=str(checkpoint))
-    dims = decoder_dims(hf_config)
-    spec.check_dims(dims)
-    check_tokenizer(checkpoint)
+    opened = open_checkpoint(model_dir)
+    checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
 
     from transformers import AutoTokenizer
@@ -67,7 +60,6 @@ def export_llm(
         processed_template = process_chat_template(tokenizer, vision_language=spec.vision_language)
     store = TensorStore(checkpoint)
     spec = spec.resolved(store.names())
-    held = held_precision(checkpoint, hf_config)
     if held is not None and held.gptq is not None:
         check_gptq_config(held.gptq, where=str(checkpoint))
     quant = QuantPlan.from_held(held, spec.lm_head.removesuffix(".weight"))

@@ -17,15 +17,15 @@ from typing import Any
 
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokenizer_files
 from edgellm_steps.errors import PrecisionError, SourceError
-from edgellm_steps.export.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.export.sidecars import write_json
-from edgellm_steps.export.visual_graph import VisionDims, VisualGraph, tower_prefix, vision_dims
-from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+from edgellm_steps.export.visual_graph import VisualGraph
+from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
+from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.quant.visual_calibration import calibrate_fp8_tower
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +33,6 @@ log = logging.getLogger(__name__)
 VISUAL_PRECISIONS = ("fp16", "fp8")
 #: The runtime reads the preprocessor config beside the vision engine (patch, merge, mean, std).
 REQUIRED_PROCESSOR_FILE = "preprocessor_config.json"
-
-
-def vision_spec(hf_config: dict, where: str) -> tuple[FamilySpec, VisionSpec]:
-    """The family and vision spec of a VLM checkpoint, or a one-line refusal for a text-only model."""
-    family = family_for(hf_config, where=where)
-    if family.vision is None:
-        vlms = ", ".join(sorted(arch for spec in FAMILIES if spec.vision is not None for arch in spec.architectures))
-        raise SourceError(
-            f"{where} is a {family.family} language model with no vision tower; export-visual takes {vlms}"
-        )
-    return family, family.vision
 
 
 def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -67,14 +56,6 @@ def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:
     return config
 
 
-def load_vision_dims(checkpoint: Path, spec: VisionSpec) -> VisionDims:
-    """The tower's sizes, through transformers' config class (which fills its defaults)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(str(checkpoint))
-    return vision_dims(config.vision_config, spec)
-
-
 def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16") -> Path:
     """Export the vision tower of ``model_dir`` (local directory or hub id) into ``output_dir``."""
     started = time.monotonic()
@@ -83,28 +64,23 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
             f"vision encoder precision {quantization!r} is not supported; use one of {', '.join(VISUAL_PRECISIONS)}"
         )
     checkpoint = resolve_source(str(model_dir), allow_download=True)
-    hf_config = read_hf_config(checkpoint)
-    _, spec = vision_spec(hf_config, str(checkpoint))
+    tower = open_vision_tower(checkpoint)
     if not (checkpoint / REQUIRED_PROCESSOR_FILE).is_file():
         raise SourceError(
             f"{checkpoint} has no {REQUIRED_PROCESSOR_FILE}, which the runtime reads beside the vision engine "
             "(patch size, merge size, mean and std); add the model's processor files to the checkpoint"
         )
-    dims = load_vision_dims(checkpoint, spec)
-    store = TensorStore(checkpoint)
-    prefix = tower_prefix(store, spec)
+    spec, dims, store, prefix = tower.spec, tower.dims, tower.store, tower.prefix
     fp8_modules: frozenset[str] = frozenset()
     if quantization == "fp8":
-        from edgellm_steps.quant.visual_calibration import calibrate_fp8_tower
-
-        store, fp8_modules = calibrate_fp8_tower(checkpoint, store, prefix)
+        store, fp8_modules = calibrate_fp8_tower(tower)
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
         write_graph(
             staging, lambda builder: VisualGraph(builder, store, spec, dims, prefix, fp8_modules=fp8_modules).build()
         )
-        write_json(staging / "config.json", visual_config(hf_config, quantization))
+        write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step="export-visual", parameters={"precision": quantization})
     log.info("vision export finished in %.1f s", time.monotonic() - started)

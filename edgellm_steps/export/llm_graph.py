@@ -19,12 +19,15 @@ from onnx import TensorProto
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export import llm_io
-from edgellm_steps.export.graph_ops import add_bias, rms_norm
 from edgellm_steps.export.lora_sites import LoraSite, record_sites
-from edgellm_steps.export.onnx_builder import GraphBuilder
+from edgellm_steps.export.quantized_linear import HELD_EMITTERS, emit_linear
+from edgellm_steps.graph.graph_ops import add_bias, rms_norm
+from edgellm_steps.graph.onnx_builder import GraphBuilder
+from edgellm_steps.models.eagle import eagle_hidden_state_indices
 from edgellm_steps.models.families import FamilySpec
 from edgellm_steps.plugins.attention import emit_attention_plugin
-from edgellm_steps.quant.linear import QuantPlan, emit_linear, gptq_linear
+from edgellm_steps.quant.formats import FORMATS
+from edgellm_steps.quant.quant_plan import QuantPlan
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +77,11 @@ class DecoderGraph:
         return self.eagle_base
 
     def linear(self, module: str, x: str, *, weight: torch.Tensor | None = None) -> str:
-        """The GEMM of one Linear in its format (see quant_linear), plus the bias when the checkpoint has one."""
+        """The GEMM of one Linear in its format (quantized_linear), plus the bias when the checkpoint has one."""
         path = _node_path(module)
         fmt = self.quant.linear_format(module, self.store)
-        if fmt == "int4_gptq":
-            y = gptq_linear(self.g, self.store, module, path, x, self.quant.gptq)
+        if fmt is not None and not FORMATS[fmt].made_here:
+            y = HELD_EMITTERS[FORMATS[fmt].onnx_emitter](self.g, self.store, module, path, x, self.quant.gptq)
         else:
             w = weight if weight is not None else self.store.get(f"{module}.weight")
             y = emit_linear(self.g, self.store, module, path, x, w, fmt)
@@ -173,7 +176,7 @@ class DecoderGraph:
 
     def build(self) -> onnx.ModelProto:
         d, g = self.dims, self.g
-        kv_type = TensorProto.FLOAT8E4M3FN if self.quant.kv_cache == "fp8" else TensorProto.FLOAT16
+        kv_type = self.quant.kv_elem_type
         for spec in llm_io.llm_inputs(d, kv_type, eagle_base=self.eagle_base):
             g.add_input(spec.name, spec.elem_type, list(spec.dims))
         x = llm_io.INPUTS_EMBEDS
@@ -185,7 +188,7 @@ class DecoderGraph:
         h = self.rms_norm(self.spec.final_norm, x, "/model/norm")
         states[-1] = h  # HF's last hidden state is the final norm's output
         if self.eagle_base:
-            picked = [states[i] for i in llm_io.eagle_hidden_state_indices(d.num_layers)]
+            picked = [states[i] for i in eagle_hidden_state_indices(d.num_layers)]
             g.node("Concat", picked, "/eagle/Concat", outputs=[llm_io.HIDDEN_STATES], axis=-1)
         axes = g.constant(np.array([-1], dtype=np.int64), "axes_last")
         indices = g.op("Unsqueeze", [llm_io.LAST_TOKEN_IDS, axes], "/model/Unsqueeze_last_token_ids")

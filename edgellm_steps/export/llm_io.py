@@ -165,13 +165,3 @@ def draft_outputs(dims: GraphDims, draft_vocab_size: int, kv_type: int = TensorP
         TensorSpec(HIDDEN_STATES, TensorProto.FLOAT16, (BATCH_SIZE, NUM_SELECTED_TOKENS, dims.hidden_size)),
         *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
     ]
-
-
-def eagle_hidden_state_indices(num_layers: int) -> tuple[int, int, int]:
-    """Which HF ``output_hidden_states`` entries an EAGLE3 base exposes (contract 5): [2, (n-1)//2, n-4], n = L+1.
-
-    Entry 0 is the input embeddings, entry i (1 <= i < L) the output of decoder layer i-1, entry L
-    the final norm's output. Negative values count from the end, as Python (and HF) index.
-    """
-    n = num_layers + 1
-    return tuple(i % n for i in (2, (n - 1) // 2, n - 4))

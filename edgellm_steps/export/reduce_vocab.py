@@ -20,9 +20,9 @@ import numpy as np
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore
 from edgellm_steps.artifacts.safetensors_io import write_single_tensor
-from edgellm_steps.export.weight_streams import CHUNK_ELEMENTS
+from edgellm_steps.graph.weight_streams import CHUNK_ELEMENTS
 from edgellm_steps.models.families import FamilySpec
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,108 +28,25 @@ import onnx
 from onnx import TensorProto
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.errors import SourceError
-from edgellm_steps.export.graph_ops import add_bias, rms_norm
-from edgellm_steps.export.onnx_builder import GraphBuilder
-from edgellm_steps.export.weight_streams import fp16_transposed_chunks
+from edgellm_steps.export.quantized_linear import emit_linear
+from edgellm_steps.export.visual_io import (
+    ATTENTION_MASK,
+    HW,
+    IMAGE_TOKENS,
+    INPUT,
+    OUTPUT,
+    REVERSE_WINDOW_INDEX,
+    ROTARY_POS_EMB,
+    WINDOW_ATTENTION_MASK,
+    WINDOW_INDEX,
+)
+from edgellm_steps.graph.graph_ops import add_bias, rms_norm
+from edgellm_steps.graph.onnx_builder import GraphBuilder
+from edgellm_steps.graph.weight_streams import fp16_transposed_chunks
 from edgellm_steps.models.families import VisionSpec
-from edgellm_steps.quant.linear import emit_linear
+from edgellm_steps.models.vision_geometry import VisionDims
 
 log = logging.getLogger(__name__)
-
-# Graph I/O names and symbolic dims (contract section 7).
-INPUT = "input"
-ROTARY_POS_EMB = "rotary_pos_emb"
-ATTENTION_MASK = "attention_mask"
-WINDOW_ATTENTION_MASK = "window_attention_mask"
-WINDOW_INDEX = "window_index"
-REVERSE_WINDOW_INDEX = "reverse_window_index"
-OUTPUT = "output"
-HW = "hw"
-IMAGE_TOKENS = "image_token_len"
-#: The runtime computes the vision rotary angles with this base (it does not read the config).
-RUNTIME_VISION_ROPE_THETA = 10000.0
-#: The activations the vision MLPs use (HF ``hidden_act``).
-ACTIVATIONS = ("silu", "quick_gelu", "gelu")
-
-
-@dataclass(frozen=True)
-class VisionDims:
-    """Sizes of a vision tower, from the checkpoint's ``vision_config``."""
-
-    width: int
-    out_width: int
-    depth: int
-    num_heads: int
-    mlp_width: int
-    hidden_act: str
-    in_channels: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    window_size: int | None
-    fullatt_blocks: tuple[int, ...]
-    norm_eps: float = 1e-6
-
-    @property
-    def head_dim(self) -> int:
-        return self.width // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        """C * T * P * P: the length of one flattened patch."""
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def merge_unit(self) -> int:
-        """Patches per image token (2 x 2)."""
-        return self.merge_size**2
-
-
-def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
-    """Sizes of the tower described by a transformers vision config object (defaults filled in)."""
-    width = getattr(vision_config, spec.width_key)
-    mlp_width = getattr(vision_config, "intermediate_size", None) if spec.gated_mlp else None
-    if mlp_width is None:
-        mlp_width = int(width * vision_config.mlp_ratio)
-    rope = getattr(vision_config, "rope_parameters", None) or {}
-    theta = float(rope.get("rope_theta", RUNTIME_VISION_ROPE_THETA))
-    if theta != RUNTIME_VISION_ROPE_THETA:
-        raise SourceError(
-            f"vision rope_theta is {theta}, but the Edge-LLM runtime computes the vision rotary angles with "
-            f"{RUNTIME_VISION_ROPE_THETA:g}; this checkpoint cannot run there"
-        )
-    dims = VisionDims(
-        width=width,
-        out_width=getattr(vision_config, spec.out_width_key),
-        depth=vision_config.depth,
-        num_heads=vision_config.num_heads,
-        mlp_width=mlp_width,
-        hidden_act=vision_config.hidden_act,
-        in_channels=vision_config.in_channels,
-        patch_size=vision_config.patch_size,
-        temporal_patch_size=vision_config.temporal_patch_size,
-        merge_size=vision_config.spatial_merge_size,
-        window_size=getattr(vision_config, "window_size", None) if spec.window_attention else None,
-        fullatt_blocks=tuple(getattr(vision_config, "fullatt_block_indexes", None) or ()),
-    )
-    if dims.hidden_act not in ACTIVATIONS:
-        raise SourceError(f"vision hidden_act {dims.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
-    if dims.width % dims.num_heads or dims.head_dim % 4:
-        raise SourceError(
-            f"vision width {dims.width} over {dims.num_heads} heads must give a head dim divisible by 4 "
-            "(two rotary axes of cos|sin halves)"
-        )
-    return dims
-
-
-def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
-    """Which of the spec's prefixes the checkpoint stores the vision tower under."""
-    for prefix in spec.prefixes:
-        if f"{prefix}patch_embed.proj.weight" in store:
-            return prefix
-    tried = ", ".join(f"{prefix}patch_embed.proj.weight" for prefix in spec.prefixes)
-    raise SourceError(f"checkpoint holds no vision tower (looked for {tried}); is it complete?")
 
 
 def _node_path(module: str) -> str:

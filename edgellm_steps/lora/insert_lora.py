@@ -20,12 +20,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgellm_steps.artifacts.atomic import write_if_changed
+from edgellm_steps.artifacts.digests import file_digest
 from edgellm_steps.artifacts.manifest import check_listed_file
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export import llm_io
 from edgellm_steps.export.lora_sites import LoraSite, read_sites
-from edgellm_steps.export.onnx_builder import ONNX_NAME
-from edgellm_steps.workflow.digests import file_digest
+from edgellm_steps.graph.onnx_builder import ONNX_NAME
 
 log = logging.getLogger(__name__)
 

@@ -14,29 +14,25 @@ from pathlib import Path
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.artifacts.sources import resolve_source
+from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
-from edgellm_steps.models.families import family_for
-from edgellm_steps.quant.prequantized import held_precision
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
     """Fold the PEFT adapter ``adapter_dir`` into ``model_dir``'s weights, writing the checkpoint ``output_dir``."""
-    checkpoint = resolve_source(str(model_dir), allow_download=True)
+    opened = open_checkpoint(model_dir)
+    checkpoint, config, spec, held = opened.path, opened.hf_config, opened.spec, opened.held
     adapter = resolve_source(str(adapter_dir), allow_download=True)
-    config = read_hf_config(checkpoint)
-    spec = family_for(config, where=str(checkpoint))
-    held = held_precision(checkpoint, config)
     if held is not None:
         raise PrecisionError(
             f"{checkpoint} is already quantized as {held.precision}; an adapter merges into float weights only"
         )
     read_fitting_adapter(adapter, config, str(checkpoint), tensors=False)  # the adapter fits, before any loading
-    check_tokenizer(checkpoint)
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
 
     import peft

@@ -19,10 +19,10 @@ from typing import Any
 
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.export import llm_io
 from edgellm_steps.lora.adapter_fit import graph_module, read_fitting_adapter
 from edgellm_steps.lora.peft_adapter import AdapterModule
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 

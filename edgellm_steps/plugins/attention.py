@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
-from edgellm_steps.quant.precision import FP8_E4M3_MAX
+from edgellm_steps.graph.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.quant.formats import FP8_E4M3_MAX
 
 OP_TYPE = "AttentionPlugin"
 

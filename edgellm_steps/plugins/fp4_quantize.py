@@ -14,9 +14,9 @@ import numpy as np
 from onnx import TensorProto
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.graph.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
 from edgellm_steps.quant import nvfp4
-from edgellm_steps.quant.precision import NVFP4_BLOCK_SIZE
+from edgellm_steps.quant.formats import NVFP4_BLOCK_SIZE
 
 OP_TYPE = "TRT_FP4DynamicQuantize"
 

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 from onnx.reference.op_run import OpRun
 
-from edgellm_steps.export.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
-from edgellm_steps.quant.precision import INT4_GROUP_SIZE, INT4_ROW_GROUP, INT4_ZERO_POINT
+from edgellm_steps.graph.onnx_builder import PLUGIN_DOMAIN, GraphBuilder
+from edgellm_steps.quant.formats import INT4_GROUP_SIZE, INT4_ROW_GROUP, INT4_ZERO_POINT
 
 OP_TYPE = "Int4GroupwiseGemmPlugin"
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_steps.errors import SourceError
-from edgellm_steps.export.visual_graph import VisionDims
-from edgellm_steps.verify.visual_inputs import Grid, patchify
+from edgellm_steps.models.vision_geometry import Grid, VisionDims, patchify
 
 PROCESSOR_CONFIG = "preprocessor_config.json"
 #: Image shapes, in merge blocks (rows, columns): square, landscape, portrait and elongated, so that

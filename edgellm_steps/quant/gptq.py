@@ -16,7 +16,7 @@ import numpy as np
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.quant.precision import INT4_GROUP_SIZE, INT4_ZERO_POINT
+from edgellm_steps.quant.formats import INT4_GROUP_SIZE, INT4_ZERO_POINT
 
 
 def gptq_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from edgellm_steps.quant.precision import FP4_E2M1_MAX, FP8_E4M3_MAX, NVFP4_BLOCK_SIZE
+from edgellm_steps.quant.formats import FP4_E2M1_MAX, FP8_E4M3_MAX, NVFP4_BLOCK_SIZE
 
 #: ModelOpt's guard: a dequantized block scale below this is replaced by 1.
 MIN_BLOCK_SCALE = 1e-5

@@ -1,10 +1,8 @@
 """The precision grammar: ``<weights>[-lm<lm_head>][-kv<kv_cache>]``, and the facts of each format.
 
 Examples: ``fp16``, ``fp8``, ``int4_awq-lmfp8``, ``nvfp4-kvfp8``,
-``int8_sq-lmnvfp4-kvfp8``. Facts about each precision (which SM can run it,
-whether it needs a quantize job) and the numbers of each numeric format (code
-ranges, block and group sizes) are defined here once; the quantizers, the graph
-and the CPU references import them.
+``int8_sq-lmnvfp4-kvfp8``. Which format each part admits and which SM runs it
+come from the format table (``quant/formats.py``).
 """
 
 from __future__ import annotations
@@ -13,33 +11,16 @@ import re
 from dataclasses import dataclass
 
 from edgellm_steps.errors import PrecisionError
+from edgellm_steps.quant.formats import FORMATS, formats_for
 
-WEIGHT_PRECISIONS = ("fp16", "fp8", "int8_sq", "int4_awq", "int4_gptq", "nvfp4")
-LM_HEAD_PRECISIONS = ("fp8", "nvfp4")
-KV_CACHE_PRECISIONS = ("fp8",)
+WEIGHT_PRECISIONS = formats_for("weights")
+LM_HEAD_PRECISIONS = formats_for("lm_head")
+KV_CACHE_PRECISIONS = formats_for("kv_cache")
 
 #: Lowest SM that can run a quantized format (contract section 1).
-SM_FLOOR = {"fp8": 89, "nvfp4": 100}
+SM_FLOOR = {name: row.sm_floor for name, row in FORMATS.items() if row.sm_floor}
 
 KNOWN_SM_TARGETS = (80, 86, 87, 89, 90, 100, 110, 120, 121)
-
-#: Largest finite float8 e4m3fn value: the range of fp8 weights, activations and KV caches,
-#: and of NVFP4's block scales.
-FP8_E4M3_MAX = 448.0
-#: Largest float4 e2m1 magnitude: the range of NVFP4 codes.
-FP4_E2M1_MAX = 6.0
-#: NVFP4 scales the last axis in blocks of this many values, one E4M3 scale per block.
-NVFP4_BLOCK_SIZE = 16
-#: Largest int8 code (int8_sq, symmetric): codes are round(x * 127 / amax), clamped to [-128, 127].
-INT8_MAX = 127.0
-#: Largest int4 code (int4_awq, int4_gptq, symmetric): codes lie in [-8, 7].
-INT4_MAX = 7.0
-#: int4 codes are stored unsigned as code + 8 (``trt::Int4GroupwiseGemmPlugin``, GPTQ's qzeros).
-INT4_ZERO_POINT = 8
-#: int4 weights carry one scale per group of this many consecutive inputs.
-INT4_GROUP_SIZE = 128
-#: The int4 plugin packs output rows in groups of this many, one group per 16-bit word (contract 3.5).
-INT4_ROW_GROUP = 4
 
 GRAMMAR = "<weights>[-lm<lm_head>][-kv<kv_cache>] with weights in {}, lm_head in {}, kv_cache in {}".format(
     "|".join(WEIGHT_PRECISIONS), "|".join(LM_HEAD_PRECISIONS), "|".join(KV_CACHE_PRECISIONS)
@@ -66,8 +47,8 @@ class Precision:
 
     @property
     def needs_quantize_step(self) -> bool:
-        """fp16 exports the checkpoint as is; int4_gptq is quantized already."""
-        return self.weights not in ("fp16", "int4_gptq") or bool(self.lm_head or self.kv_cache)
+        """Weights made by quantize-llm, or any override; float weights export as is, held formats are quantized."""
+        return FORMATS[self.weights].made == "quantize" or bool(self.lm_head or self.kv_cache)
 
     def formats(self) -> tuple[str, ...]:
         """Every numeric format the graph carries, for SM floor checks and parity tolerances."""

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.quant.formats import FORMATS, formats_for, held_format
 from edgellm_steps.quant.gptq import gptq_config
 from edgellm_steps.quant.precision import Precision, parse_precision
 
@@ -35,18 +36,26 @@ QUANT_INFO = "edgellm_quantization.json"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 MODELOPT_STATE = "modelopt_state.pth"
 
+
+def _algos(role: str) -> dict[str, str]:
+    """``hf_quant_config.json`` spelling -> format name, for the formats the grammar admits in ``role``."""
+    return {FORMATS[name].hf_quant_algo: name for name in formats_for(role) if FORMATS[name].hf_quant_algo}
+
+
 #: ``quant_algo`` of ``hf_quant_config.json`` -> weight format of the fake-quantized layout.
-WEIGHT_ALGOS = {"FP8": "fp8", "W8A8_SQ_PER_CHANNEL": "int8_sq", "W4A16_AWQ": "int4_awq", "NVFP4": "nvfp4"}
+WEIGHT_ALGOS = _algos("weights")
 #: ``kv_cache_quant_algo`` -> KV-cache format.
-KV_ALGOS = {"FP8": "fp8"}
+KV_ALGOS = _algos("kv_cache")
 #: LM-head formats by their ``quant_algo`` spelling (``quantized_layers.lm_head``).
-LM_HEAD_ALGOS = {"FP8": "fp8", "NVFP4": "nvfp4"}
+LM_HEAD_ALGOS = _algos("lm_head")
+#: The format a GPTQ checkpoint holds (``quantization_config.quant_method: gptq``).
+GPTQ = held_format("gptq")
 LM_HEAD_MODULE = "lm_head"
 
 SUPPORTED = (
     "supported pre-quantized sources: ModelOpt's fake-quantized checkpoint (hf_quant_config.json with quant_algo "
     f"{'|'.join(WEIGHT_ALGOS)} and modelopt_state.pth, as quantize-llm writes it), this project's quantized "
-    "checkpoints, and GPTQ (int4_gptq)"
+    f"checkpoints, and GPTQ ({GPTQ.name})"
 )
 
 
@@ -56,7 +65,7 @@ class HeldPrecision:
 
     precision: Precision
     origin: str
-    #: GPTQ's quantization config, for int4_gptq checkpoints.
+    #: GPTQ's quantization config, for GPTQ checkpoints.
     gptq: dict[str, Any] | None = None
 
 
@@ -111,7 +120,7 @@ def held_precision(checkpoint: Path, hf_config: dict[str, Any]) -> HeldPrecision
     checkpoint = Path(checkpoint)
     gptq = gptq_config(hf_config)
     if gptq is not None:
-        return HeldPrecision(Precision("int4_gptq"), "config.json quantization_config", gptq)
+        return HeldPrecision(Precision(GPTQ.name), "config.json quantization_config", gptq)
     method = (hf_config.get("quantization_config") or {}).get("quant_method")
     if method not in (None, "modelopt"):
         raise SourceError(f"{checkpoint}: quantization_config.quant_method {method!r} is not supported; {SUPPORTED}")

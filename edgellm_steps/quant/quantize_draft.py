@@ -29,19 +29,18 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.errors import EdgeLLMError, PrecisionError
-from edgellm_steps.export.draft_fit import check_draft_fits
-from edgellm_steps.export.llm_io import eagle_hidden_state_indices
-from edgellm_steps.models.families import EAGLE3_DRAFT, family_for
+from edgellm_steps.models.eagle import check_draft_fits, eagle_hidden_state_indices
+from edgellm_steps.models.families import EAGLE3_DRAFT
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.draft_quantizers import register_draft_attention
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
-from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
-from edgellm_steps.quant.quantize_llm import compose_precision, device_and_dtype, quantization_record
+from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, HeldPrecision, held_precision
+from edgellm_steps.quant.quantize_llm import device_and_dtype, quantizable_precision, quantization_record
 from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
 from edgellm_steps.quant.shape_checks import check_draft_block_dims
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,7 @@ DEFAULT_DRAFT_CALIB_MAX_TOKENS = 512
 DRAFT_WEIGHTS = "model.safetensors"
 
 
-def _refuse_quantized(checkpoint: Path, config: dict, role: str, fix: str) -> None:
-    held = held_precision(checkpoint, config)
+def _refuse_quantized(checkpoint: Path, held: HeldPrecision | None, role: str, fix: str) -> None:
     if held is not None:
         raise PrecisionError(
             f"{checkpoint}: the {role} is already quantized as {held.precision} ({held.origin}); {fix}"
@@ -64,9 +62,7 @@ def quantize_draft(
     draft_model_dir: str | Path,
     output_dir: str | Path,
     *,
-    quantization: str,
-    lm_head_quantization: str | None = None,
-    kv_cache_quantization: str | None = None,
+    precision: str,
     dataset_dir: str | None = None,
     device: str = "cpu",
     calib_size: int = DEFAULT_DRAFT_CALIB_SIZE,
@@ -75,20 +71,19 @@ def quantize_draft(
 ) -> Path:
     """Quantize the EAGLE3 draft ``draft_model_dir`` of ``base_model_dir`` with ModelOpt."""
     started = time.monotonic()
-    precision = compose_precision(quantization, lm_head_quantization, kv_cache_quantization)
+    precision = quantizable_precision(precision)
     if calib_max_tokens < 2:
         raise EdgeLLMError("draft calibration needs samples of at least 2 tokens (a token and the next one)")
     device, dtype = device_and_dtype(device)
-    base = resolve_source(str(base_model_dir), allow_download=True)
+    opened = open_checkpoint(base_model_dir)
+    base, base_config, spec = opened.path, opened.hf_config, opened.spec
     draft = resolve_source(str(draft_model_dir), allow_download=True)
-    base_config, draft_config = read_hf_config(base), read_hf_config(draft)
-    spec = family_for(base_config, where=str(base))
-    _refuse_quantized(base, base_config, "base", "calibrate the draft through the unquantized base checkpoint")
-    _refuse_quantized(draft, draft_config, "draft", "export it directly")
+    draft_config = read_hf_config(draft)
+    _refuse_quantized(base, opened.held, "base", "calibrate the draft through the unquantized base checkpoint")
+    _refuse_quantized(draft, held_precision(draft, draft_config), "draft", "export it directly")
     check_draft_fits(draft_config, base_config, str(draft))
     EAGLE3_DRAFT.check_dims(decoder_dims(draft_config))
     check_draft_block_dims(draft_config, precision, where=str(draft))
-    check_tokenizer(base)
     TensorStore(base)  # every shard header checked before calibration
     store = open_draft_store(draft)
 

@@ -19,16 +19,16 @@ from typing import Any
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, check_tokenizer, copy_tokenizer_files
+from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
-from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
+from edgellm_steps.quant.formats import FORMATS
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision, parse_precision
-from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, held_precision
+from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO
 from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
 from edgellm_steps.quant.shape_checks import check_block_dims
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +36,16 @@ DEFAULT_CALIB_SIZE = 512
 DEFAULT_CALIB_MAX_TOKENS = 512
 
 
-def compose_precision(quantization: str, lm_head: str | None, kv_cache: str | None) -> Precision:
-    text = quantization + (f"-lm{lm_head}" if lm_head else "") + (f"-kv{kv_cache}" if kv_cache else "")
+def quantizable_precision(text: str) -> Precision:
+    """``text`` parsed, or a refusal when the quantize step cannot make it (nothing to calibrate, a held format)."""
     precision = parse_precision(text)
     if not precision.needs_quantize_step:
         raise PrecisionError(f"precision '{precision}' needs no quantize step: export the checkpoint directly")
-    if precision.weights == "int4_gptq":
-        raise PrecisionError("int4_gptq means a checkpoint already quantized with GPTQ: export it directly")
+    weights = FORMATS[precision.weights]
+    if not weights.made_here:
+        raise PrecisionError(
+            f"{weights.name} means a checkpoint already quantized with {weights.quant_method_label}: export it directly"
+        )
     return precision
 
 
@@ -77,9 +80,7 @@ def quantize_llm(
     model_dir: str | Path,
     output_dir: str | Path,
     *,
-    quantization: str,
-    lm_head_quantization: str | None = None,
-    kv_cache_quantization: str | None = None,
+    precision: str,
     dataset_dir: str | None = None,
     device: str = "cpu",
     calib_size: int = DEFAULT_CALIB_SIZE,
@@ -88,19 +89,16 @@ def quantize_llm(
 ) -> Path:
     """Quantize ``model_dir`` with ModelOpt, calibrating on ``dataset_dir`` (built-in corpus when None)."""
     started = time.monotonic()
-    precision = compose_precision(quantization, lm_head_quantization, kv_cache_quantization)
+    precision = quantizable_precision(precision)
     device, dtype = device_and_dtype(device)
-    checkpoint = resolve_source(str(model_dir), allow_download=True)
-    hf_config = read_hf_config(checkpoint)
-    spec = family_for(hf_config, where=str(checkpoint))
-    held = held_precision(checkpoint, hf_config)
+    opened = open_checkpoint(model_dir)
+    checkpoint, hf_config, spec, held = opened.path, opened.hf_config, opened.spec, opened.held
     if held is not None:
         raise PrecisionError(
             f"{checkpoint} is already quantized as {held.precision} ({held.origin}); it is not quantized again: "
             f"export it directly (precision {held.precision} in the workflow)"
         )
     check_block_dims(hf_config, precision, where=str(checkpoint))
-    check_tokenizer(checkpoint)
     TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
     import modelopt.torch.opt as mto

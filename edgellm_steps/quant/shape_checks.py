@@ -12,11 +12,16 @@ from typing import Any
 
 from edgellm_steps.artifacts.checkpoint import decoder_dims, draft_widths
 from edgellm_steps.errors import PrecisionError
-from edgellm_steps.quant.precision import INT4_ROW_GROUP, Precision
-from edgellm_steps.quant.recipes import BLOCK_SIZES, INT4_FORMATS
+from edgellm_steps.quant.formats import FORMATS, INT4_ROW_GROUP
+from edgellm_steps.quant.precision import Precision
 
 #: (layers, width) pairs: a GEMM's input widths, or its output widths.
 Widths = tuple[tuple[str, int], ...]
+
+#: Formats that quantize GEMM inputs in blocks, and the block size: input dims must be multiples of it.
+BLOCK_SIZES = {name: row.block_size for name, row in FORMATS.items() if row.block_size}
+#: Weight formats stored through ``trt::Int4GroupwiseGemmPlugin``.
+INT4_FORMATS = tuple(name for name, row in FORMATS.items() if row.int4_plugin)
 
 
 def _check(precision: Precision, inputs: Widths, outputs: Widths, lm_head: int, where: str, what: str) -> None:

@@ -8,7 +8,7 @@ the contract requires. Calibration runs the tower over generated images
 (:mod:`edgellm_steps.quant.calibration_images`), so export-visual needs no data set and
 gives the same scales on every run.
 
-The result is what :func:`edgellm_steps.quant.linear.fp8_linear` reads: per fp8 Linear,
+The result is what :func:`edgellm_steps.export.quantized_linear.fp8_linear` reads: per fp8 Linear,
 ``<module>.weight_quantizer._amax`` and ``<module>.input_quantizer._amax`` (and a
 ``_pre_quant_scale`` when a recipe makes one), under the names the checkpoint spells,
 answered by an overlay in front of the checkpoint's own tensors.
@@ -22,16 +22,13 @@ from typing import Any
 
 import torch
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.memory_store import MemoryStore
 from edgellm_steps.errors import SourceError
-from edgellm_steps.export.export_visual import load_vision_dims, vision_spec
+from edgellm_steps.models.vision_geometry import Grid, VisionDims, VisionTower
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.quant.calibration_images import calibration_images, image_patches, read_image_processing
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import modelopt_config
-from edgellm_steps.verify.visual_inputs import Grid
-from edgellm_steps.workflow.sources import read_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +43,10 @@ FLOAT_CLASSES = ("nn.LayerNorm",)
 QUANTIZERS = ("weight_quantizer", "input_quantizer")
 
 
-def calibration_inputs(checkpoint: Path, count: int = DEFAULT_CALIB_IMAGES) -> list[tuple[torch.Tensor, Grid]]:
+def calibration_inputs(
+    checkpoint: Path, dims: VisionDims, count: int = DEFAULT_CALIB_IMAGES
+) -> list[tuple[torch.Tensor, Grid]]:
     """The tower's input patches and grid for each of ``count`` generated images, sized for this checkpoint."""
-    _, spec = vision_spec(read_hf_config(checkpoint), str(checkpoint))
-    dims = load_vision_dims(checkpoint, spec)
     processing = read_image_processing(checkpoint)
     block = dims.patch_size * dims.merge_size
     images = calibration_images(count, block, min_pixels=processing.min_pixels, max_pixels=processing.max_pixels)
@@ -72,31 +69,31 @@ def fp8_tower_config() -> dict[str, Any]:
     return config
 
 
-def calibrated_tower(
-    checkpoint: Path, store: Any, prefix: str, *, images: int = DEFAULT_CALIB_IMAGES
-) -> torch.nn.Module:
+def calibrated_tower(tower: VisionTower, *, store: Any = None, images: int = DEFAULT_CALIB_IMAGES) -> torch.nn.Module:
     """The checkpoint's vision tower, fake-quantized to fp8 by ModelOpt and calibrated on generated images.
 
-    Also the reference the tests hold the fp8 graph to: the same call gives the same scales.
+    Also the reference the tests hold the fp8 graph to: the same call gives the same scales. ``store``
+    replaces the tower's own tensors when given.
     """
     import modelopt.torch.quantization as mtq
 
-    _, spec = vision_spec(read_hf_config(checkpoint), str(checkpoint))
-    tower = load_vision_tower(checkpoint, spec, store, prefix, dtype=torch.float32)
-    inputs = calibration_inputs(checkpoint, images)
+    model = load_vision_tower(
+        tower.checkpoint, tower.spec, tower.store if store is None else store, tower.prefix, dtype=torch.float32
+    )
+    inputs = calibration_inputs(tower.checkpoint, tower.dims, images)
 
     def forward_loop(model: torch.nn.Module) -> None:
         with torch.no_grad():
             for patches, grid in inputs:
                 model(patches, grid_thw=torch.tensor([grid]))
 
-    mtq.quantize(tower, fp8_tower_config(), forward_loop=forward_loop)
+    mtq.quantize(model, fp8_tower_config(), forward_loop=forward_loop)
     log.info(
         "calibrated the vision tower on %d generated images (%d patches)",
         len(inputs),
         sum(patches.shape[0] for patches, _ in inputs),
     )
-    return tower
+    return model
 
 
 def _enabled(module: torch.nn.Module, quantizer: str) -> bool:
@@ -144,10 +141,10 @@ def quantizer_tensors(tower: torch.nn.Module, prefix: str) -> tuple[dict[str, to
     return tensors, frozenset(modules)
 
 
-def calibrate_fp8_tower(checkpoint: Path, store: TensorStore, prefix: str) -> tuple[MemoryStore, frozenset[str]]:
-    """``store`` with the fp8 tower's calibrated quantizer tensors in front, and the fp8 Linears' module names."""
-    tower = calibrated_tower(checkpoint, store, prefix)
-    tensors, modules = quantizer_tensors(tower, prefix)
+def calibrate_fp8_tower(tower: VisionTower) -> tuple[MemoryStore, frozenset[str]]:
+    """The tower's tensors with its calibrated fp8 quantizer tensors in front, and the fp8 Linears' module names."""
+    checkpoint, store = tower.checkpoint, tower.store
+    tensors, modules = quantizer_tensors(calibrated_tower(tower), tower.prefix)
     if not modules:
         raise SourceError(
             f"{checkpoint}: ModelOpt's fp8 recipe quantized no Linear of the vision tower (a recipe pattern such as "

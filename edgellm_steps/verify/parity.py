@@ -13,43 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-REL_TOL = 3e-2
-MIN_COSINE = 0.999
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, Tolerance
 
-
-@dataclass(frozen=True)
-class Tolerance:
-    rel_tol: float = REL_TOL
-    min_cosine: float = MIN_COSINE
-    greedy: bool = True
-    why: str = "same weights; only float16 arithmetic differs from the float32 reference"
-
-
-#: Per format, the loosest wins. Weight-only int4 holds ModelOpt's exact codes, so it keeps the fp16
-#: criterion. With quantized activations a value at a rounding boundary lands on either side when the
-#: graph computes in float16 and the reference in float32: one int8 step is 1/127 of the range, one
-#: e4m3 step 6-12% of the value. Measured on the tiny test models, ModelOpt's fake-quantized model run
-#: in bfloat16 differs from itself in float32 by 1.7% (int8_sq), 3.5% (fp8) and 5.6% (fp8 with fp8
-#: KV and fp8 lm_head) of max |logit|, so greedy ties may flip and the bounds sit above that floor.
-TOLERANCES = {
-    "fp16": Tolerance(),
-    "int4_awq": Tolerance(),
-    "int8_sq": Tolerance(REL_TOL, MIN_COSINE, False, "int8 activation quantization noise (floor 1.7%)"),
-    "fp8": Tolerance(8e-2, 0.995, False, "fp8 activation and KV quantization noise (floor 3.5-5.6%)"),
-    # One E2M1 step is 25-33% of a value, so activations near a rounding boundary move a lot. Over six
-    # random tiny models (nvfp4 and nvfp4-lmnvfp4-kvfp8), the fake-quantized model run in float16 differs
-    # from itself in float32 by 7.9-22.9% (cosine >= 0.973), in bfloat16 by 13-26% (cosine >= 0.961); the
-    # exported graph's own error tracks the float16 figure (9.3-23.7%). Layer tests hold its weights
-    # (exact codes) and GEMMs (0.5% of max |y|) to tight bounds.
-    "nvfp4": Tolerance(0.30, 0.96, False, "nvfp4 activation quantization noise (floor 8-26%)"),
-}
+#: Per format, from the format table (where each bound is measured and justified); a graph takes its loosest.
+TOLERANCES: dict[str, Tolerance] = {name: row.tolerance for name, row in FORMATS.items()}
 
 
 def tolerance_for(formats: tuple[str, ...]) -> Tolerance:
     """The criterion of the loosest format a graph carries."""
-    chosen = TOLERANCES["fp16"]
+    chosen = TOLERANCES[FLOAT_WEIGHTS]
     for fmt in formats:
-        candidate = TOLERANCES.get(fmt, chosen)
+        candidate = TOLERANCES[fmt]
         if candidate.rel_tol > chosen.rel_tol or (not candidate.greedy and chosen.greedy):
             chosen = candidate
     return chosen
@@ -67,7 +41,7 @@ class ParityResult:
     def relative_error(self) -> float:
         return self.max_abs_error / max(self.max_abs_logit, 1e-12)
 
-    def passed(self, tolerance: Tolerance = Tolerance()) -> bool:
+    def passed(self, tolerance: Tolerance = TOLERANCES[FLOAT_WEIGHTS]) -> bool:
         greedy_ok = self.greedy_match or not tolerance.greedy
         return self.relative_error <= tolerance.rel_tol and self.min_cosine >= tolerance.min_cosine and greedy_ok
 

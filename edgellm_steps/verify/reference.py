@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
 from edgellm_steps.export import llm_io
-from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.plugins import REFERENCE_OPS
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.sources import read_hf_config
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.formats import INT4_GROUP_SIZE
 from edgellm_steps.quant.gptq import gptq_codes
-from edgellm_steps.quant.precision import INT4_GROUP_SIZE
 from edgellm_steps.quant.prequantized import HeldPrecision, load_modelopt_state
-from edgellm_steps.workflow.sources import read_hf_config
 
 _GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 

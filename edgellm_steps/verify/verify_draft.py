@@ -23,6 +23,7 @@ from onnx import helper
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.export import llm_io
 from edgellm_steps.models.eagle3_draft import Eagle3Draft
 from edgellm_steps.plugins import REFERENCE_OPS
@@ -32,7 +33,6 @@ from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import Tolerance, compare_logits, tolerance_for
 from edgellm_steps.verify.report import conclude
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 FC_INPUT_AMAX = "fc.input_quantizer._amax"
 

@@ -28,22 +28,21 @@ import numpy as np
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
+from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.errors import ParityError
-from edgellm_steps.export.onnx_builder import ONNX_NAME
+from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME
 from edgellm_steps.lora.process_lora import processed_tensors
 from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
-from edgellm_steps.quant.precision import Precision
-from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.report import conclude
 from edgellm_steps.verify.verify_draft import verify_draft
 from edgellm_steps.verify.verify_visual import verify_visual
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +146,9 @@ def verify_onnx(
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None
     check_step_output(Path(onnx_dir), "export-llm")
-    checkpoint = resolve_source(str(model_dir), allow_download=True)
-    check_if_step_output(checkpoint, "quantize-llm")
-    hf_config = read_hf_config(checkpoint)
-    held = held_precision(checkpoint, hf_config)
+    opened = open_checkpoint(model_dir)
+    checkpoint, hf_config, held, precision = opened.path, opened.hf_config, opened.held, opened.precision
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
-    precision = held.precision if held else Precision("fp16")
     tolerance = tolerance_for(precision.formats())
     model = load_reference_model(checkpoint, held, torch.float32)
     capacity = prefill + decode + 1

@@ -21,16 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_step_output
-from edgellm_steps.export.export_visual import load_vision_dims, vision_spec
-from edgellm_steps.export.visual_graph import OUTPUT, tower_prefix
+from edgellm_steps.artifacts.sources import resolve_source
+from edgellm_steps.export.visual_io import OUTPUT
+from edgellm_steps.models.vision_geometry import open_vision_tower
 from edgellm_steps.models.vision_tower import load_vision_tower
+from edgellm_steps.quant.visual_calibration import calibrated_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
 from edgellm_steps.verify.report import conclude
 from edgellm_steps.verify.visual_inputs import visual_feeds
-from edgellm_steps.workflow.sources import read_hf_config, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +55,13 @@ def verify_visual(
     manifest = check_step_output(onnx_dir, "export-visual")
     precision = manifest["parameters"]["precision"]
     checkpoint = resolve_source(str(model_dir), allow_download=True)
-    _, spec = vision_spec(read_hf_config(checkpoint), str(checkpoint))
-    dims = load_vision_dims(checkpoint, spec)
-    store = TensorStore(checkpoint)
-    prefix = tower_prefix(store, spec)
+    opened = open_vision_tower(checkpoint)
+    spec, dims = opened.spec, opened.dims
     if precision == "fp8":
         # As for LLM exports, a quantized graph answers to ModelOpt's fake-quantized model, calibrated as it was.
-        from edgellm_steps.quant.visual_calibration import calibrated_tower
-
-        tower = calibrated_tower(checkpoint, store, prefix)
+        tower = calibrated_tower(opened)
     else:
-        tower = load_vision_tower(checkpoint, spec, store, prefix)
+        tower = load_vision_tower(checkpoint, spec, opened.store, opened.prefix)
     session = ReferenceEvaluator(str(onnx_dir / "model.onnx"))
     tolerance = _tolerance(precision)
     rng = np.random.default_rng(seed)

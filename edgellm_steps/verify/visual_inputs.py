@@ -14,28 +14,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgellm_steps.export import visual_graph as io
-from edgellm_steps.export.visual_graph import RUNTIME_VISION_ROPE_THETA, VisionDims
+from edgellm_steps.export import visual_io as io
+from edgellm_steps.models.vision_geometry import RUNTIME_VISION_ROPE_THETA, Grid, VisionDims
 
 #: Added to the scores of patch pairs that must not attend to each other.
 MASKED = np.float16(np.finfo(np.float16).min)
-Grid = tuple[int, int, int]
-
-
-def patchify(frames: np.ndarray, dims: VisionDims) -> tuple[np.ndarray, Grid]:
-    """Normalized frames [T, C, H, W] (T a multiple of the temporal patch) -> patches [hw, C*T*P*P] and (t, h, w).
-
-    A still image is its one frame repeated ``temporal_patch_size`` times. Patches are
-    ordered by merge block (row-major), then row-major within the block.
-    """
-    t, c, h, w = frames.shape
-    tp, p, m = dims.temporal_patch_size, dims.patch_size, dims.merge_size
-    if t % tp or h % (p * m) or w % (p * m) or c != dims.in_channels:
-        raise ValueError(f"frames {frames.shape} do not tile into {tp} x {p * m} x {p * m} blocks of {c} channels")
-    gt, gh, gw = t // tp, h // p, w // p
-    blocks = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    patches = blocks.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c * tp * p * p)
-    return np.ascontiguousarray(patches), (gt, gh, gw)
 
 
 def rotary_angles(grids: Sequence[Grid], dims: VisionDims) -> np.ndarray:

@@ -15,32 +15,10 @@ from typing import Any
 import jsonschema
 import yaml
 
+from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import ConfigError
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "config.schema.yaml"
-
-
-@dataclass(frozen=True)
-class BuildLimits:
-    """Engine build limits (contract section 8); the defaults are the contract's."""
-
-    max_batch_size: int = 4
-    max_input_len: int = 1024
-    max_kv_cache_capacity: int = 4096
-    max_lora_rank: int = 0
-    #: EAGLE base and draft engines: tokens of the speculation tree in one decode step.
-    max_tree_size: int = 60
-    #: Vision engines: image tokens in one run (all images), and per image.
-    min_image_tokens: int = 4
-    max_image_tokens: int = 1024
-    max_image_tokens_per_image: int = 512
-
-
-#: The build limits each kind of engine reads (changing another leaves it up to date).
-LIMITS_READ = {
-    "llm": ("max_batch_size", "max_input_len", "max_kv_cache_capacity", "max_lora_rank", "max_tree_size"),
-    "visual": ("min_image_tokens", "max_image_tokens", "max_image_tokens_per_image"),
-}
 
 
 @dataclass(frozen=True)

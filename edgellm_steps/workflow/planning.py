@@ -16,21 +16,23 @@ from typing import Any
 import yaml
 
 from edgellm_steps.artifacts.checkpoint import decoder_dims, weight_files
+from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.artifacts.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
+from edgellm_steps.engine.limits import LIMITS_READ
 from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
-from edgellm_steps.export.draft_fit import check_draft_fits
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
+from edgellm_steps.models.eagle import check_draft_fits
 from edgellm_steps.models.families import family_for
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
 from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.quant.shape_checks import check_block_dims, check_draft_block_dims
 from edgellm_steps.workflow import resources
-from edgellm_steps.workflow.config import LIMITS_READ, ModelSettings, load_schema, model_settings, validate_config
-from edgellm_steps.workflow.digests import DigestCache
-from edgellm_steps.workflow.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
+from edgellm_steps.workflow.config import ModelSettings, load_schema, model_settings, validate_config
 
 CONFIG_CANDIDATES = ("config.yaml", "config/config.yaml")
 #: ``<model>+<adapter>``: the variant of a model with one of its ``merge: true`` adapters folded in.
@@ -143,11 +145,13 @@ class Planner:
         """A pre-quantized source is exported as the precision it holds, and only as that one."""
         _, hf_config, held = self._source(model)
         where = f"model '{model}'"
+        weights = FORMATS[precision.weights]
         if held is None:
-            if precision.weights == "int4_gptq":
+            if not weights.made_here:
                 raise PrecisionError(
-                    f"{where}: int4_gptq exports a checkpoint already quantized with GPTQ "
-                    "(quantization_config.quant_method: gptq), and this one is not; use int4_awq to quantize it"
+                    f"{where}: {weights.name} exports a checkpoint already quantized with {weights.quant_method_label} "
+                    f"(quantization_config.quant_method: {weights.quant_method}), and this one is not; "
+                    f"use {weights.quantize_instead} to quantize it"
                 )
         elif precision != held.precision:
             raise PrecisionError(
@@ -194,11 +198,7 @@ class Planner:
     def _quantize_flags(self, model: str, parsed: Precision) -> str:
         """The precision and calibration flags quantize-llm and quantize-draft share."""
         quant = self.settings(model).quantization
-        flags = [f"--quantization {parsed.weights}"]
-        if parsed.lm_head:
-            flags.append(f"--lm_head_quantization {parsed.lm_head}")
-        if parsed.kv_cache:
-            flags.append(f"--kv_cache_quantization {parsed.kv_cache}")
+        flags = [f"--precision {parsed}"]
         flags.append(f"--calib_size {quant.calib_size} --calib_max_tokens {quant.calib_max_tokens}")
         if quant.batch_size:
             flags.append(f"--calib_batch_size {quant.batch_size}")
@@ -323,8 +323,12 @@ class Planner:
                     f"{where}: the draft is already quantized as {held.precision} ({held.origin}); "
                     f"set its precision: {held.precision}"
                 )
-            if held is None and parsed.weights == "int4_gptq":
-                raise PrecisionError(f"{where}: int4_gptq means a GPTQ-quantized draft; use int4_awq to quantize it")
+            weights = FORMATS[parsed.weights]
+            if held is None and not weights.made_here:
+                raise PrecisionError(
+                    f"{where}: {weights.name} means a {weights.quant_method_label}-quantized draft; "
+                    f"use {weights.quantize_instead} to quantize it"
+                )
             if held is None and parsed.needs_quantize_step and self._source(model)[2] is not None:
                 raise PrecisionError(
                     f"{where}: quantize-draft calibrates through the unquantized base, but the source is already "
@@ -542,11 +546,8 @@ class Planner:
     def verify_mem_mb(self, model: str, precision: str) -> int:
         """Host RAM of a verify job: a measured multiple of the source's bytes (resources.py)."""
         self.precision(model, precision)
-        weight_bytes = self.weight_bytes(model)
         held = self._source(model)[2]
-        if held is not None and held.precision.weights == "int4_gptq":
-            weight_bytes *= resources.GPTQ_EXPANSION
-        return resources.verify_mem_mb(weight_bytes)
+        return resources.verify_mem_mb(self.weight_bytes(model), held.precision.weights if held else FLOAT_WEIGHTS)
 
     def merge_lora_mem_mb(self, model: str) -> int:
         """Host RAM of a merge-lora job: the model in float32 with the adapter, as a verify job holds it."""

@@ -42,6 +42,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, PeakModel
+
 MIB = 2**20
 
 #: Requests are the modelled peak times this margin (allocator slack, other corpora, other shapes).
@@ -51,31 +53,14 @@ MARGIN = 1.25
 FLOOR_MB = 4096
 
 
-@dataclass(frozen=True)
-class PeakModel:
-    """Peak RSS = ``factor`` x checkpoint weight bytes + ``logit_bytes`` x batch x tokens x vocab_size."""
-
-    factor: float
-    logit_bytes: float = 0.0
-
-
 #: Job kind -> measured peak model (see the module docstring). Keys: quantize-llm's weight
-#: format (a job with an LM-head or KV-cache override uses its weights' row: the overrides add
-#: a few quantizers to the same calibration; fp16 weights with overrides only calibrate like
-#: fp8, measured: fp16-lmfp8-kvfp8 3.3 GiB), and "verify" for verify-onnx (any precision).
+#: format (the format table's ``quantize_peak``; a job with an LM-head or KV-cache override uses its
+#: weights' row: the overrides add a few quantizers to the same calibration), and "verify" for
+#: verify-onnx (any precision; a held format's bytes count ``verify_expansion`` times).
 PEAKS: dict[str, PeakModel] = {
-    "fp8": PeakModel(factor=3.3, logit_bytes=4),
-    "int8_sq": PeakModel(factor=3.3, logit_bytes=4),
-    "nvfp4": PeakModel(factor=3.3, logit_bytes=4),
-    "fp16": PeakModel(factor=3.3, logit_bytes=4),
-    "int4_awq": PeakModel(factor=5.9, logit_bytes=4.5),
+    **{name: row.quantize_peak for name, row in FORMATS.items() if row.quantize_peak is not None},
     "verify": PeakModel(factor=8.9),
 }
-
-#: A GPTQ source holds int4 codes, but verify runs the float model holding the dequantized
-#: weights: its bytes count this many times (int4 -> 16 bits; an upper bound, since its
-#: embeddings and norms are 16-bit already). Derived, not measured.
-GPTQ_EXPANSION = 4
 
 
 @dataclass(frozen=True)
@@ -118,6 +103,6 @@ def quantize_mem_mb(weight_bytes: int, weights: str, *, batch: int, tokens: int,
     return request_mb(peak.factor * weight_bytes + peak.logit_bytes * batch * tokens * vocab_size)
 
 
-def verify_mem_mb(weight_bytes: int) -> int:
-    """mem_mb of a verify-onnx job (a prompt of a few tokens: no batch term)."""
-    return request_mb(PEAKS["verify"].factor * weight_bytes)
+def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS) -> int:
+    """mem_mb of a verify-onnx job (a prompt of a few tokens: no batch term) of a checkpoint in ``weights``."""
+    return request_mb(PEAKS["verify"].factor * FORMATS[weights].verify_expansion * weight_bytes)

@@ -15,7 +15,7 @@ import ast
 from functools import cache
 from pathlib import Path
 
-from edgellm_steps.workflow import digests
+from edgellm_steps.artifacts import digests
 
 PACKAGE = "edgellm_steps"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent

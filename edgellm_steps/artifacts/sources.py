@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from edgellm_steps.artifacts.atomic import write_if_changed
+from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.errors import SourceError
-from edgellm_steps.workflow.digests import DigestCache
 
 log = logging.getLogger(__name__)
 

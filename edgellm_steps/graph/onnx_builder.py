@@ -17,11 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgellm_steps.graph.opsets import FP4_OPSET, OPSET
+
 log = logging.getLogger(__name__)
 
-OPSET = 19
-#: FP4 tensors (NVFP4) first exist in opset 23; graphs that carry them import it instead.
-FP4_OPSET = 23
 #: The lowest IR version that knows each opset's types (FLOAT4E2M1 needs IR 11).
 IR_VERSION = {OPSET: 9, FP4_OPSET: 11}
 PLUGIN_DOMAIN = "trt"

@@ -1,4 +1,5 @@
-"""Whether an EAGLE3 draft fits its base: read from the two configs only, so planning can ask it."""
+"""EAGLE3 facts: whether a draft fits its base (read from the two configs only, so planning can ask it),
+and which of the base's hidden states a draft reads."""
 
 from __future__ import annotations
 
@@ -32,3 +33,13 @@ def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], 
     if dims.num_layers != 1:
         raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
     return target, draft_vocab
+
+
+def eagle_hidden_state_indices(num_layers: int) -> tuple[int, int, int]:
+    """Which HF ``output_hidden_states`` entries an EAGLE3 base exposes (contract 5): [2, (n-1)//2, n-4], n = L+1.
+
+    Entry 0 is the input embeddings, entry i (1 <= i < L) the output of decoder layer i-1, entry L
+    the final norm's output. Negative values count from the end, as Python (and HF) index.
+    """
+    n = num_layers + 1
+    return tuple(i % n for i in (2, (n - 1) // 2, n - 4))

@@ -21,82 +21,18 @@ ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from onnx import TensorProto
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.errors import SourceError
-from edgellm_steps.export.onnx_builder import FP4_OPSET, OPSET, GraphBuilder
-from edgellm_steps.export.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
+from edgellm_steps.graph.onnx_builder import GraphBuilder
+from edgellm_steps.graph.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
 from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
 from edgellm_steps.plugins.int4_gemm import emit_int4_gemm, pack_int4
 from edgellm_steps.quant import nvfp4
+from edgellm_steps.quant.formats import FORMATS, FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE
 from edgellm_steps.quant.gptq import gptq_codes
-from edgellm_steps.quant.precision import FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE, Precision
-from edgellm_steps.quant.prequantized import HeldPrecision
-
-
-@dataclass(frozen=True)
-class QuantPlan:
-    """Which format each Linear and the KV cache get, from the precision the checkpoint holds."""
-
-    weights: str | None = None
-    lm_head: str | None = None
-    kv_cache: str | None = None
-    lm_head_module: str = "lm_head"
-    #: The checkpoint's GPTQ quantization config when it is a pre-quantized GPTQ checkpoint.
-    gptq: dict | None = None
-
-    @classmethod
-    def from_held(cls, held: HeldPrecision | None, lm_head_module: str) -> QuantPlan:
-        """The plan for a checkpoint holding ``held`` (None: a float checkpoint, exported as fp16)."""
-        if held is None:
-            return cls(lm_head_module=lm_head_module)
-        precision = held.precision
-        weights = None if precision.weights == "fp16" else precision.weights
-        return cls(weights, precision.lm_head, precision.kv_cache, lm_head_module, held.gptq)
-
-    def check_tensors(self, store: TensorStore, where: str) -> None:
-        """The checkpoint's quantizer tensors must be the ones its precision record promises."""
-        calibrated = f"{self.lm_head_module}.weight_quantizer._amax" in store
-        if calibrated != bool(self.lm_head):
-            state = "carries" if calibrated else "lacks"
-            raise SourceError(
-                f"{where}: the lm_head {state} calibrated quantizer tensors, but the precision record says "
-                f"{self.precision}; the record and the weights disagree: re-create the quantized checkpoint"
-            )
-        if any(name.endswith(".weight_scale") for name in store.names()):
-            raise SourceError(
-                f"{where} holds real low-precision weights (weight_scale tensors, a ModelOpt unified export), which "
-                "this release does not read; give the unquantized checkpoint to quantize here"
-            )
-
-    @property
-    def opset(self) -> int:
-        """FP4 tensors need opset 23; every other graph keeps the contract's opset 19."""
-        return FP4_OPSET if "nvfp4" in (self.weights, self.lm_head) else OPSET
-
-    @property
-    def precision(self) -> str:
-        return str(Precision(self.weights or "fp16", self.lm_head, self.kv_cache))
-
-    def linear_format(self, module: str, store: TensorStore) -> str | None:
-        """A Linear is quantized when ModelOpt calibrated its weight quantizer (or GPTQ packed it)."""
-        if self.gptq is not None and f"{module}.qweight" in store:
-            return "int4_gptq"
-        if f"{module}.weight_quantizer._amax" not in store:
-            return None
-        return self.lm_head if module == self.lm_head_module else self.weights
-
-    def kv_scales(self, attention_module: str, store: TensorStore) -> tuple[float, float] | None:
-        """[k_amax / 448, v_amax / 448] for an fp8 KV cache, else None."""
-        if self.kv_cache != "fp8":
-            return None
-        amax = [float(store.get(f"{attention_module}.{kv}_bmm_quantizer._amax").float()) for kv in ("k", "v")]
-        return amax[0] / FP8_E4M3_MAX, amax[1] / FP8_E4M3_MAX
 
 
 def _fp16(value: torch.Tensor) -> np.ndarray:
@@ -245,15 +181,15 @@ def gptq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: 
 def emit_linear(
     g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor, fmt: str | None
 ) -> str:
-    """The MatMul (or plugin) of one Linear in format ``fmt``; bias is the caller's."""
-    if fmt == "fp8":
-        return fp8_linear(g, store, module, path, x, weight)
-    if fmt == "int8_sq":
-        return int8_sq_linear(g, store, module, path, x, weight)
-    if fmt == "int4_awq":
-        return int4_awq_linear(g, store, module, path, x, weight)
-    if fmt == "nvfp4":
-        return nvfp4_linear(g, store, module, path, x, weight)
+    """The MatMul (or plugin) of one Linear in format ``fmt`` (None: float16); bias is the caller's."""
+    if fmt is not None:
+        return EMITTERS[FORMATS[fmt].onnx_emitter](g, store, module, path, x, weight)
     rows, cols = weight.shape
     name = g.weight_chunks(f"{module}.weight", np.float16, (cols, rows), fp16_transposed_chunks(weight))
     return g.op("MatMul", [x, name], f"{path}/MatMul")
+
+
+#: Emitters of the formats quantized from float weights, by the format table's ``onnx_emitter``.
+EMITTERS = {"fp8": fp8_linear, "int8_sq": int8_sq_linear, "int4_awq": int4_awq_linear, "nvfp4": nvfp4_linear}
+#: Emitters of the formats a checkpoint holds: codes read from the checkpoint with its quantization config.
+HELD_EMITTERS = {"gptq": gptq_linear}

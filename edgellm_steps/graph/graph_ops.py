@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from onnx import TensorProto
 
-from edgellm_steps.export.onnx_builder import GraphBuilder
+from edgellm_steps.graph.onnx_builder import GraphBuilder
 
 
 def fp16(tensor: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Graph plumbing: the ONNX builder, small graph ops and weight streams every exporter shares."""

@@ -1,0 +1,73 @@
+"""One opened, checked HF checkpoint: what the planner and every step used to work out separately.
+
+:func:`open_checkpoint` resolves a source (a directory or a hub id), reads ``config.json``,
+finds the family and its normalized dims, checks them, lists the weight files, checks the
+tokenizer and reads the precision the checkpoint already holds. It reads JSON and file
+headers only, so planning calls it as cheaply as a step does; what it finds wrong is a
+:class:`~edgellm_steps.errors.SourceError` (or ``PrecisionError``) in one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims, weight_files
+from edgellm_steps.artifacts.manifest import check_if_step_output
+from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
+from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
+from edgellm_steps.errors import SourceError
+from edgellm_steps.models.families import FamilySpec, family_for
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS
+from edgellm_steps.quant.precision import Precision
+from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
+
+
+@dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A local checkpoint of a supported decoder family, checked."""
+
+    path: Path
+    hf_config: dict[str, Any]
+    spec: FamilySpec
+    dims: DecoderDims
+    #: The files that hold its weights (safetensors shards).
+    weight_files: tuple[Path, ...]
+    #: The precision it already holds; None for a float checkpoint.
+    held: HeldPrecision | None
+
+    @property
+    def precision(self) -> Precision:
+        """What an export of it carries: the held precision, or float weights."""
+        return self.held.precision if self.held is not None else Precision(FLOAT_WEIGHTS)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.weight_files)
+
+
+def open_checkpoint(
+    source: str | Path, *, model: str | None = None, where: str | None = None, allow_download: bool = True
+) -> OpenedCheckpoint:
+    """Open ``source`` and check everything a step would otherwise find out only after loading the model.
+
+    ``model`` names the workflow model in messages (planning passes it, and resolves without
+    downloading); ``where`` names the checkpoint in a refused architecture's message (default: its path).
+    A directory written by quantize-llm must be complete (its manifest checked) before it is read.
+    """
+    path = resolve_source(str(source), model=model, allow_download=allow_download)
+    check_if_step_output(path, "quantize-llm")
+    hf_config = read_hf_config(path, model=model)
+    spec = family_for(hf_config, where=where or str(path))
+    try:
+        dims = decoder_dims(hf_config)
+        spec.check_dims(dims)
+        files = tuple(weight_files(path))
+        check_tokenizer(path)
+        held = held_precision(path, hf_config)
+    except SourceError as err:
+        if model is None:
+            raise
+        raise SourceError(f"model '{model}': {err}") from err
+    return OpenedCheckpoint(path, hf_config, spec, dims, files, held)
