@@ -6,10 +6,8 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-complete
 DEMO_DIR := .demo
-# The demo model (written by edgellm-make-demo, edgellm_steps/cli/make_demo.py) and what `make demo` builds.
-DEMO_MODEL := demo-qwen2.5-vl
-DEMO_TARGETS := onnx/$(DEMO_MODEL)_fp8/llm/model.onnx onnx/$(DEMO_MODEL)/visual/model.onnx \
-	reports/$(DEMO_MODEL)_fp8/verify.json reports/$(DEMO_MODEL)/visual/verify.json
+# The demo (edgellm-make-demo, edgellm_steps/workflow/demo_workdir.py) names its own targets.
+DEMO := $(BIN)/edgellm-make-demo
 SNAKEMAKE := $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(DEMO_DIR) --configfile $(DEMO_DIR)/config.yaml
 export PATH := $(BIN):$(PATH)
 
@@ -28,11 +26,11 @@ $(SETUP_STAMP): pyproject.toml constraints.txt
 # The headline: a tiny Qwen2.5-VL quantized to fp8, its language model and vision encoder exported
 # and verified, then the plan of its engine target (both engines; building them needs a GPU host).
 demo: setup
-	$(BIN)/edgellm-make-demo --workdir $(DEMO_DIR)
-	$(SNAKEMAKE) --cores 2 $(DEMO_TARGETS)
-	$(SNAKEMAKE) --dry-run engines/$(DEMO_MODEL)_fp8.engine
+	$(DEMO) --workdir $(DEMO_DIR)
+	$(SNAKEMAKE) --cores 2 $$($(DEMO) --targets build)
+	$(SNAKEMAKE) --dry-run $$($(DEMO) --targets engine)
 	@echo
-	$(BIN)/edgellm-make-demo --workdir $(DEMO_DIR) --summary
+	$(DEMO) --workdir $(DEMO_DIR) --summary
 
 # Test files run side by side (one file per worker at a time: module fixtures such as the Slurm cluster
 # are set up once); `make test PYTEST_WORKERS=0` runs them one after another.

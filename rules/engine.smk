@@ -13,7 +13,7 @@ rule build_engine:
     input:
         unpack(engine_inputs),
     output:
-        engine=directory("engines/sm{sm}/{model}_{precision}.engine"),
+        engine=directory(targets.ENGINE),
     log:
         "logs/build_engine/sm{sm}/{model}_{precision}.log",
     benchmark:
@@ -22,85 +22,65 @@ rule build_engine:
         "../envs/engine.yaml"
     resources:
         gpu=1,
-        mem_mb=engine_mem_mb,
-        constraint=engine_constraint,
-        slurm_partition=engine_partition,
+        mem_mb=ask(RESOURCES.engine_mem_mb, "model"),
+        constraint=ask(RESOURCES.engine_constraint, "sm"),
+        slurm_partition=ask(RESOURCES.engine_partition, "sm"),
     params:
         code=step_code("build-engine"),
         command=step_command("build-engine"),
-        sm=engine_sm,
-        limits=engine_limits,
-        plugin=engine_plugin,
-        visual=engine_visual_option,
-        draft=engine_draft_option,
-        lora=engine_lora_option,
+        sm=ask(INPUTS.engine_sm, "model", "precision", "sm"),
+        limits=ask(INPUTS.engine_limits, "model"),
+        plugin=ask_unrecorded(INPUTS.engine_plugin),
+        parts=ask_unrecorded(INPUTS.engine_parts, "model", "precision", "sm"),
     shell:
         # Slurm sets CUDA_VISIBLE_DEVICES for the GPU it allocated; a local run uses GPU 0
         # (profiles/local runs one GPU job at a time).
-        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
-        " --sm {params.sm} {params.limits} {params.plugin} {params.visual} {params.draft} {params.lora}"
+        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q})"
+        " --engine_dir {output.engine:q} --sm {params.sm} {params.limits} {params.plugin} {params.parts}"
         " > {log:q} 2>&1"
 
 
-rule build_draft_engine:
+use rule build_engine as build_draft_engine with:
     input:
-        manifest="onnx/{model}_{precision}/draft/manifest.json",
+        unpack(ask(INPUTS.draft_engine, "model", "precision")),
     output:
-        engine=directory("engines/sm{sm}/draft/{model}_{precision}.engine"),
+        engine=directory(targets.DRAFT_ENGINE),
     log:
         "logs/build_draft_engine/sm{sm}/{model}_{precision}.log",
     benchmark:
         "benchmarks/build_draft_engine/sm{sm}/{model}_{precision}.tsv"
-    conda:
-        "../envs/engine.yaml"
-    resources:
-        gpu=1,
-        mem_mb=engine_mem_mb,
-        constraint=engine_constraint,
-        slurm_partition=engine_partition,
     params:
         code=step_code("build-engine"),
         command=step_command("build-engine"),
-        sm=draft_engine_sm,
-        limits=engine_limits,
-        plugin=engine_plugin,
-    shell:
-        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
-        " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
+        sm=ask(INPUTS.draft_engine_sm, "model", "precision", "sm"),
+        limits=ask(INPUTS.engine_limits, "model"),
+        plugin=ask_unrecorded(INPUTS.engine_plugin),
+        parts="",
 
 
-rule build_visual_engine:
+use rule build_engine as build_visual_engine with:
     input:
-        manifest="onnx/{model}/visual/manifest.json",
+        unpack(ask(INPUTS.visual_engine, "model")),
     output:
-        engine=directory("engines/sm{sm}/visual/{model}.engine"),
+        engine=directory(targets.VISUAL_ENGINE),
     log:
         "logs/build_visual_engine/sm{sm}/{model}.log",
     benchmark:
         "benchmarks/build_visual_engine/sm{sm}/{model}.tsv"
-    conda:
-        "../envs/engine.yaml"
-    resources:
-        gpu=1,
-        mem_mb=engine_mem_mb,
-        constraint=engine_constraint,
-        slurm_partition=engine_partition,
     params:
         code=step_code("build-engine"),
         command=step_command("build-engine"),
-        sm=visual_engine_sm,
-        limits=visual_engine_limits,
-        plugin=engine_plugin,
-    shell:
-        "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES:-0}} {params.command} --onnx_dir $(dirname {input.manifest:q}) --engine_dir {output.engine:q}"
-        " --sm {params.sm} {params.limits} {params.plugin} > {log:q} 2>&1"
+        sm=ask(INPUTS.visual_engine_sm, "model", "sm"),
+        limits=ask(INPUTS.visual_engine_limits, "model"),
+        plugin=ask_unrecorded(INPUTS.engine_plugin),
+        parts="",
 
 
 rule link_default_engine:
     input:
-        engine=default_sm_engine,
+        engine=ask(INPUTS.default_engine, "model", "precision"),
     output:
-        link=directory("engines/{model}_{precision}.engine"),
+        link=directory(targets.DEFAULT_ENGINE),
     log:
         "logs/link_default_engine/{model}_{precision}.log",
     conda:

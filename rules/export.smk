@@ -1,20 +1,14 @@
 # export-llm: HF checkpoint -> Edge-LLM ONNX directory (contract sections 3-4).
 # export-visual: a VLM's vision tower -> the vision encoder ONNX directory (contract section 7).
 # EAGLE3 (contract section 5), for a model with a draft: the base graph and the draft graph.
+# Each export's files are declared by its kind (edgellm_steps/export/kinds.py).
 
 
 rule export_llm:
     input:
-        unpack(export_llm_inputs),
+        unpack(ask(INPUTS.export_llm, "model", "precision")),
     output:
-        onnx="onnx/{model}_{precision}/llm/model.onnx",
-        data="onnx/{model}_{precision}/llm/onnx_model.data",
-        config="onnx/{model}_{precision}/llm/config.json",
-        embedding="onnx/{model}_{precision}/llm/embedding.safetensors",
-        tokenizer="onnx/{model}_{precision}/llm/tokenizer.json",
-        tokenizer_config="onnx/{model}_{precision}/llm/tokenizer_config.json",
-        chat_template="onnx/{model}_{precision}/llm/processed_chat_template.json",
-        manifest="onnx/{model}_{precision}/llm/manifest.json",
+        **export_outputs(LLM),
     log:
         "logs/export_llm/{model}_{precision}.log",
     benchmark:
@@ -24,22 +18,36 @@ rule export_llm:
     params:
         code=step_code("export-llm"),
         command=step_command("export-llm"),
-        checkpoint=export_checkpoint,
-        options=export_options,
+        checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
+        options=ask_unrecorded(INPUTS.export_options, "model", "precision"),
+        eagle_base="",
     shell:
-        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
-        " {params.options} > {log:q} 2>&1"
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.model:q})"
+        " {params.eagle_base} {params.options} > {log:q} 2>&1"
+
+
+use rule export_llm as export_eagle_base with:
+    input:
+        unpack(ask(INPUTS.eagle_base, "model", "precision")),
+    output:
+        **export_outputs(EAGLE_BASE),
+    log:
+        "logs/export_eagle_base/{model}_{precision}.log",
+    benchmark:
+        "benchmarks/export_eagle_base/{model}_{precision}.tsv"
+    params:
+        code=step_code("export-llm"),
+        command=step_command("export-llm"),
+        checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
+        options=ask_unrecorded(INPUTS.export_options, "model", "precision"),
+        eagle_base="--is_eagle_base",
 
 
 rule export_visual:
     input:
-        unpack(export_visual_inputs),
+        unpack(ask(INPUTS.export_visual, "model")),
     output:
-        onnx="onnx/{model}/visual/model.onnx",
-        data="onnx/{model}/visual/onnx_model.data",
-        config="onnx/{model}/visual/config.json",
-        preprocessor="onnx/{model}/visual/preprocessor_config.json",
-        manifest="onnx/{model}/visual/manifest.json",
+        **export_outputs(VISUAL),
     log:
         "logs/export_visual/{model}.log",
     benchmark:
@@ -49,47 +57,18 @@ rule export_visual:
     params:
         code=step_code("export-visual"),
         command=step_command("export-visual"),
-        checkpoint=source_checkpoint,
-        options=export_visual_options,
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+        options=ask(INPUTS.visual_options, "model"),
     shell:
-        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.model:q})"
         " {params.options} > {log:q} 2>&1"
-
-
-rule export_eagle_base:
-    input:
-        unpack(eagle_base_inputs),
-    output:
-        onnx="onnx/{model}_{precision}/eagle_base/model.onnx",
-        data="onnx/{model}_{precision}/eagle_base/onnx_model.data",
-        config="onnx/{model}_{precision}/eagle_base/config.json",
-        embedding="onnx/{model}_{precision}/eagle_base/embedding.safetensors",
-        manifest="onnx/{model}_{precision}/eagle_base/manifest.json",
-    log:
-        "logs/export_eagle_base/{model}_{precision}.log",
-    benchmark:
-        "benchmarks/export_eagle_base/{model}_{precision}.tsv"
-    conda:
-        "../envs/export.yaml"
-    params:
-        code=step_code("export-llm"),
-        command=step_command("export-llm"),
-        checkpoint=export_checkpoint,
-        options=export_options,
-    shell:
-        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.onnx:q})"
-        " --is_eagle_base {params.options} > {log:q} 2>&1"
 
 
 rule export_draft:
     input:
-        unpack(export_draft_inputs),
+        unpack(ask(INPUTS.export_draft, "model", "precision")),
     output:
-        onnx="onnx/{model}_{precision}/draft/model.onnx",
-        data="onnx/{model}_{precision}/draft/onnx_model.data",
-        config="onnx/{model}_{precision}/draft/config.json",
-        d2t="onnx/{model}_{precision}/draft/d2t.safetensors",
-        manifest="onnx/{model}_{precision}/draft/manifest.json",
+        **export_outputs(DRAFT),
     log:
         "logs/export_draft/{model}_{precision}.log",
     benchmark:
@@ -99,19 +78,19 @@ rule export_draft:
     params:
         code=step_code("export-draft"),
         command=step_command("export-draft"),
-        draft=draft_export_checkpoint,
-        base=source_checkpoint,
+        draft=ask_unrecorded(INPUTS.draft_export_checkpoint, "model"),
+        base=ask_unrecorded(INPUTS.checkpoint, "model"),
     shell:
         "{params.command} --draft_model_dir {params.draft:q} --base_model_dir {params.base:q}"
-        " --output_dir $(dirname {output.onnx:q}) > {log:q} 2>&1"
+        " --output_dir $(dirname {output.model:q}) > {log:q} 2>&1"
 
 
 rule reduce_vocab:
     input:
-        unpack(reduce_vocab_inputs),
+        unpack(ask(INPUTS.reduce_vocab, "model")),
     output:
-        vocab_map="vocab/{model}/vocab_map.safetensors",
-        manifest="vocab/{model}/manifest.json",
+        vocab_map=targets.VOCAB_MAP,
+        manifest=targets.VOCAB_MANIFEST,
     log:
         "logs/reduce_vocab/{model}.log",
     conda:
@@ -119,9 +98,9 @@ rule reduce_vocab:
     params:
         code=step_code("reduce-vocab"),
         command=step_command("reduce-vocab"),
-        checkpoint=source_checkpoint,
-        options=reduce_vocab_options,
-        draft=reduce_vocab_draft,
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+        options=ask(INPUTS.reduce_vocab_options, "model"),
+        draft=ask_unrecorded(INPUTS.reduce_vocab_draft, "model"),
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.vocab_map:q})"
         " {params.options} {params.draft} > {log:q} 2>&1"

@@ -1,13 +1,14 @@
 # LoRA (contract 6), for a model with `lora:` adapters: insert-lora adds the LoRA inputs to each LLM
 # export (lora_model.onnx beside model.onnx, reading no weights), process-lora turns each PEFT adapter
-# into the runtime's tensors once per model, whatever the precision.
+# into the runtime's tensors once per model, whatever the precision; merge-lora folds a `merge: true`
+# adapter into the model's weights (the variant <model>+<adapter>).
 
 
 rule insert_lora:
     input:
-        unpack(insert_lora_inputs),
+        unpack(ask(INPUTS.insert_lora, "model", "precision")),
     output:
-        lora="onnx/{model}_{precision}/llm/lora_model.onnx",
+        lora=targets.LORA_GRAPH,
     log:
         "logs/insert_lora/{model}_{precision}.log",
     benchmark:
@@ -23,11 +24,11 @@ rule insert_lora:
 
 rule process_lora:
     input:
-        unpack(process_lora_inputs),
+        unpack(ask(INPUTS.process_lora, "model", "adapter")),
     output:
-        weights="lora/{model}/{adapter}/processed_adapter_model.safetensors",
-        config="lora/{model}/{adapter}/config.json",
-        manifest="lora/{model}/{adapter}/manifest.json",
+        weights=targets.LORA_ADAPTER,
+        config=targets.LORA_CONFIG,
+        manifest=targets.LORA_MANIFEST,
     log:
         "logs/process_lora/{model}/{adapter}.log",
     benchmark:
@@ -37,8 +38,8 @@ rule process_lora:
     params:
         code=step_code("process-lora"),
         command=step_command("process-lora"),
-        adapter=adapter_checkpoint,
-        checkpoint=source_checkpoint,
+        adapter=ask_unrecorded(INPUTS.adapter_checkpoint, "model", "adapter"),
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
     shell:
         "{params.command} --input_dir {params.adapter:q} --output_dir $(dirname {output.manifest:q})"
         " --model_dir {params.checkpoint:q} > {log:q} 2>&1"
@@ -46,9 +47,9 @@ rule process_lora:
 
 rule merge_lora:
     input:
-        unpack(merge_lora_inputs),
+        unpack(ask(INPUTS.merge_lora, "base", "adapter")),
     output:
-        manifest="merged/{base}+{adapter}/manifest.json",
+        manifest=targets.MERGED_MANIFEST,
     log:
         "logs/merge_lora/{base}+{adapter}.log",
     benchmark:
@@ -56,12 +57,12 @@ rule merge_lora:
     conda:
         "../envs/export.yaml"
     resources:
-        mem_mb=merge_lora_mem_mb,
+        mem_mb=ask(RESOURCES.merge_lora_mem_mb, "base"),
     params:
         code=step_code("merge-lora"),
         command=step_command("merge-lora"),
-        checkpoint=merge_base_checkpoint,
-        adapter=merge_adapter_checkpoint,
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "base"),
+        adapter=ask_unrecorded(INPUTS.adapter_checkpoint, "base", "adapter"),
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --adapter_dir {params.adapter:q}"
         " --output_dir $(dirname {output.manifest:q}) > {log:q} 2>&1"

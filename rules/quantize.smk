@@ -4,25 +4,25 @@
 
 rule quantize_llm:
     input:
-        unpack(quantize_llm_inputs),
+        unpack(ask(INPUTS.quantize_llm, "model", "precision")),
     output:
-        manifest="quantized/{model}_{precision}/manifest.json",
+        manifest=targets.QUANTIZED,
     log:
         "logs/quantize_llm/{model}_{precision}.log",
     benchmark:
         "benchmarks/quantize_llm/{model}_{precision}.tsv"
     conda:
         "../envs/export.yaml"
-    threads: quantize_threads
+    threads: ask(RESOURCES.quantize_threads, "model")
     resources:
-        mem_mb=quantize_mem_mb,
-        gpu=quantize_gpus,
+        mem_mb=ask(RESOURCES.quantize_mem_mb, "model", "precision"),
+        gpu=ask(RESOURCES.quantize_gpus, "model"),
     params:
         code=step_code("quantize-llm"),
         command=step_command("quantize-llm"),
-        checkpoint=source_checkpoint,
-        options=quantize_options,
-        device=quantize_device,
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+        options=ask(INPUTS.quantize_options, "model", "precision"),
+        device=ask_unrecorded(INPUTS.quantize_device, "model"),
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.manifest:q})"
         " {params.options} --device {params.device} --threads {threads} > {log:q} 2>&1"
@@ -30,26 +30,26 @@ rule quantize_llm:
 
 rule quantize_draft:
     input:
-        unpack(quantize_draft_inputs),
+        unpack(ask(INPUTS.quantize_draft, "model", "draft_precision")),
     output:
-        manifest="quantized/{model}/draft_{draft_precision}/manifest.json",
+        manifest=targets.QUANTIZED_DRAFT,
     log:
         "logs/quantize_draft/{model}_{draft_precision}.log",
     benchmark:
         "benchmarks/quantize_draft/{model}_{draft_precision}.tsv"
     conda:
         "../envs/export.yaml"
-    threads: quantize_threads
+    threads: ask(RESOURCES.quantize_threads, "model")
     resources:
-        mem_mb=quantize_draft_mem_mb,
-        gpu=quantize_gpus,
+        mem_mb=ask(RESOURCES.quantize_draft_mem_mb, "model"),
+        gpu=ask(RESOURCES.quantize_gpus, "model"),
     params:
         code=step_code("quantize-draft"),
         command=step_command("quantize-draft"),
-        base=source_checkpoint,
-        draft=draft_checkpoint,
-        options=quantize_draft_options,
-        device=quantize_device,
+        base=ask_unrecorded(INPUTS.checkpoint, "model"),
+        draft=ask_unrecorded(INPUTS.draft_checkpoint, "model"),
+        options=ask(INPUTS.quantize_draft_options, "model"),
+        device=ask_unrecorded(INPUTS.quantize_device, "model"),
     shell:
         "{params.command} --base_model_dir {params.base:q} --draft_model_dir {params.draft:q}"
         " --output_dir $(dirname {output.manifest:q}) {params.options} --device {params.device}"

@@ -5,69 +5,57 @@
 
 rule verify_onnx:
     input:
-        unpack(verify_onnx_inputs),
+        unpack(ask(INPUTS.verify_onnx, "model", "precision")),
     output:
-        report="reports/{model}_{precision}/verify.json",
+        report=targets.VERIFY_REPORT,
     log:
         "logs/verify_onnx/{model}_{precision}.log",
     benchmark:
         "benchmarks/verify_onnx/{model}_{precision}.tsv"
     conda:
         "../envs/export.yaml"
-    threads: verify_threads
+    threads: ask(RESOURCES.verify_threads, "model")
     resources:
-        mem_mb=verify_mem_mb,
+        mem_mb=ask(RESOURCES.verify_mem_mb, "model", "precision"),
     params:
         code=step_code("verify-onnx"),
         command=step_command("verify-onnx"),
-        checkpoint=export_checkpoint,
+        checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
+        adapter="",
     shell:
         "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
-        " --report {output.report:q} --threads {threads} > {log:q} 2>&1"
+        " {params.adapter} --report {output.report:q} --threads {threads} > {log:q} 2>&1"
 
 
-rule verify_visual:
+use rule verify_onnx as verify_visual with:
     input:
-        unpack(verify_visual_inputs),
+        unpack(ask(INPUTS.verify_visual, "model")),
     output:
-        report="reports/{model}/visual/verify.json",
+        report=targets.VISUAL_REPORT,
     log:
         "logs/verify_visual/{model}.log",
     benchmark:
         "benchmarks/verify_visual/{model}.tsv"
-    conda:
-        "../envs/export.yaml"
-    threads: verify_threads
     resources:
-        mem_mb=verify_visual_mem_mb,
+        mem_mb=ask(RESOURCES.verify_visual_mem_mb, "model"),
     params:
         code=step_code("verify-onnx"),
         command=step_command("verify-onnx"),
-        checkpoint=source_checkpoint,
-    shell:
-        "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
-        " --report {output.report:q} --threads {threads} > {log:q} 2>&1"
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+        adapter="",
 
 
-rule verify_lora:
+use rule verify_onnx as verify_lora with:
     input:
-        unpack(verify_lora_inputs),
+        unpack(ask(INPUTS.verify_lora, "model", "precision", "adapter")),
     output:
-        report="reports/{model}_{precision}/lora/{adapter}/verify.json",
+        report=targets.LORA_REPORT,
     log:
         "logs/verify_lora/{model}_{precision}/{adapter}.log",
     benchmark:
         "benchmarks/verify_lora/{model}_{precision}/{adapter}.tsv"
-    conda:
-        "../envs/export.yaml"
-    threads: verify_threads
-    resources:
-        mem_mb=verify_mem_mb,
     params:
         code=step_code("verify-onnx"),
         command=step_command("verify-onnx"),
-        checkpoint=export_checkpoint,
-        adapter=adapter_checkpoint,
-    shell:
-        "{params.command} --onnx_dir $(dirname {input.manifest:q}) --model_dir {params.checkpoint:q}"
-        " --adapter {params.adapter:q} --report {output.report:q} --threads {threads} > {log:q} 2>&1"
+        checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
+        adapter=ask_unrecorded(INPUTS.adapter_option, "model", "adapter"),

@@ -122,13 +122,18 @@ def _read_manifest(directory: Path) -> Any:
     return json.loads((directory / MANIFEST_NAME).read_text())
 
 
+def read_manifest_step(directory: Path) -> str | None:
+    """The step ``directory``'s manifest names (its files unchecked); None without a readable manifest."""
+    try:
+        manifest = _read_manifest(Path(directory))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return manifest.get("step") if isinstance(manifest, dict) else None
+
+
 def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
     """:func:`check_step_output` for a directory that may instead be a user's own (no manifest of ``step``)."""
     directory = Path(directory)
-    try:
-        manifest = _read_manifest(directory)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    if not isinstance(manifest, dict) or manifest.get("step") != step:
+    if read_manifest_step(directory) != step:
         return None
     return check_step_output(directory, step)

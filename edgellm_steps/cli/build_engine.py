@@ -6,7 +6,8 @@ import argparse
 from dataclasses import fields
 
 from edgellm_steps.cli import run_cli
-from edgellm_steps.engine.build_engine import PLUGIN_ENV, build_engine
+from edgellm_steps.engine.build_engine import build_engine
+from edgellm_steps.engine.host import PLUGIN_ENV
 from edgellm_steps.engine.limits import BuildLimits
 
 

@@ -1,102 +1,31 @@
-"""``edgellm-make-demo``: write the demo work directory (tiny VLM checkpoint + config.yaml), or summarize it.
-
-The checkpoint is a real Qwen2.5-VL architecture (decoder and vision tower) with seeded
-random weights and a locally trained tokenizer, so the demo needs no network. Existing
-files are kept: re-running the demo must not make its artifacts stale. ``--summary``
-reports what the demo built, where, how large, and the parity its reports measured.
-"""
+"""``edgellm-make-demo``: write the demo work directory (tiny VLM checkpoint + config.yaml), summarize it,
+or print the targets ``make demo`` builds."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 from pathlib import Path
 
-from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.cli import run_cli
-from edgellm_steps.models.demo import make_checkpoint
-
-log = logging.getLogger(__name__)
-
-DEMO_MODEL = "demo-qwen2.5-vl"
-DEMO_PRECISION = "fp8"
-DEMO_CONFIG = f"""\
-# Demo workflow config: one tiny local Qwen2.5-VL checkpoint, its language model in fp8
-# (Jetson Thor, SM110, runs fp8) and its vision encoder in fp16.
-models:
-  {DEMO_MODEL}:
-    source: checkpoints/{DEMO_MODEL}
-    precisions: [{DEMO_PRECISION}]
-    sm_targets: [110]
-    quantization:
-      calib_size: 16
-      calib_max_tokens: 64
-      threads: 2
-"""
-#: What the demo builds, in the work directory: (what, directory).
-DEMO_ARTIFACTS = (
-    ("quantized checkpoint (ModelOpt fp8)", f"quantized/{DEMO_MODEL}_{DEMO_PRECISION}"),
-    ("language model ONNX export", f"onnx/{DEMO_MODEL}_{DEMO_PRECISION}/llm"),
-    ("vision encoder ONNX export", f"onnx/{DEMO_MODEL}/visual"),
-)
-DEMO_REPORTS = (
-    ("language model vs transformers (fake-quantized)", f"reports/{DEMO_MODEL}_{DEMO_PRECISION}/verify.json"),
-    ("vision encoder vs the transformers tower", f"reports/{DEMO_MODEL}/visual/verify.json"),
-)
-DEMO_ENGINE = f"engines/{DEMO_MODEL}_{DEMO_PRECISION}.engine"
-
-
-def make_demo(workdir: Path) -> None:
-    checkpoint = workdir / "checkpoints" / DEMO_MODEL
-    if (checkpoint / "config.json").is_file():
-        log.info("demo checkpoint already at %s", checkpoint)
-    else:
-        make_checkpoint(
-            checkpoint,
-            family="qwen2_5_vl",
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            # head_dim 32: the temporal, height and width sections cover its 16 rotary frequencies.
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-        )
-    write_if_changed(workdir / "config.yaml", DEMO_CONFIG.encode())
-
-
-def _size(directory: Path) -> str:
-    files = [p for p in directory.rglob("*") if p.is_file()]
-    total = sum(p.stat().st_size for p in files)
-    return f"{total / 1e6:.1f} MB in {len(files)} files"
-
-
-def demo_summary(workdir: Path) -> str:
-    """What the demo built and where, with sizes and the parity figures of its reports."""
-    workdir = workdir.resolve()
-    lines = [f"Demo work directory: {workdir}", "Built:"]
-    for what, path in DEMO_ARTIFACTS:
-        directory = workdir / path
-        state = _size(directory) if directory.is_dir() else "missing"
-        lines.append(f"  {what:<38} {directory}/  ({state})")
-    lines.append("Verified (max |error| / max |output|, min cosine over rows):")
-    for what, path in DEMO_REPORTS:
-        report = json.loads((workdir / path).read_text())
-        cases = ", ".join(
-            f"{name} {case['relative_error']:.2%} / {case['min_cosine']:.4f}" for name, case in report["cases"].items()
-        )
-        verdict = "passed" if report["passed"] else "FAILED"
-        lines.append(f"  {what:<48} {report['precision']}: {verdict}; {cases}")
-    lines.append(f"Engine target (planned above, built on an SM110 GPU host): {workdir / DEMO_ENGINE}/")
-    lines.append(f"  holds llm.engine and visual/visual.engine; logs in {workdir / 'logs'}/")
-    return "\n".join(lines)
+from edgellm_steps.workflow.demo_workdir import DEMO_ENGINE, DEMO_TARGETS, demo_summary, make_demo
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgellm-make-demo", description=__doc__)
-    parser.add_argument("--workdir", required=True, type=Path)
+    parser.add_argument("--workdir", type=Path, help="the demo work directory (required unless --targets)")
     parser.add_argument("--summary", action="store_true", help="report what the demo built instead of setting it up")
+    parser.add_argument(
+        "--targets",
+        choices=("build", "engine"),
+        help="print the targets `make demo` builds (build) or plans (engine), one per line",
+    )
     args = parser.parse_args(argv)
+    if args.targets:
+        chosen = DEMO_TARGETS if args.targets == "build" else (DEMO_ENGINE,)
+        return run_cli(lambda: sys.stdout.write("\n".join(chosen) + "\n"))
+    if args.workdir is None:
+        parser.error("--workdir is required")
     if args.summary:
         return run_cli(lambda: sys.stdout.write(demo_summary(args.workdir) + "\n"))
     return run_cli(lambda: make_demo(args.workdir))

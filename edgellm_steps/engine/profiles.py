@@ -29,16 +29,14 @@ import onnx
 
 from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import EdgeLLMError
-from edgellm_steps.export import llm_io
+from edgellm_steps.export import llm_io, visual_io
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 Ranges = dict[str, tuple[int, int, int]]
 
-#: The input of a vision encoder graph (contract section 7).
-VISUAL_INPUT = "input"
 #: The graph input that says which kind of engine a graph makes.
-KIND_INPUTS = {llm_io.INPUTS_EMBEDS: "llm", VISUAL_INPUT: "visual"}
+KIND_INPUTS = {llm_io.INPUTS_EMBEDS: "llm", visual_io.INPUT: "visual"}
 #: Present only in EAGLE base and draft graphs, whose decode profile spans a token tree.
 TREE_INPUT = llm_io.ATTENTION_POS_ID
 #: Tree-attention masks are padded to whole 32-bit words of tree slots.
@@ -86,7 +84,7 @@ def visual_symbol_ranges(limits: BuildLimits) -> Ranges:
             f"image token limits min {low} / max {high} are not a range; set min_image_tokens <= max_image_tokens"
         )
     tokens = (low, (low + high) // 2, high)
-    return {"image_token_len": tokens, "hw": tuple(PATCHES_PER_IMAGE_TOKEN * n for n in tokens)}
+    return {visual_io.IMAGE_TOKENS: tokens, visual_io.HW: tuple(PATCHES_PER_IMAGE_TOKEN * n for n in tokens)}
 
 
 def engine_kind(model: onnx.ModelProto) -> str:

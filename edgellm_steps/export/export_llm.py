@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
+from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, copy_tokenizer_files
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
@@ -49,6 +50,8 @@ def export_llm(
     and written straight into the graph's external data.
     """
     started = time.monotonic()
+    # A quantize-llm output must be complete (its manifest checked) before it is read.
+    check_if_step_output(resolve_source(str(model_dir), allow_download=True), "quantize-llm")
     opened = open_checkpoint(model_dir)
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None

@@ -31,14 +31,14 @@ from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.export.quantized_linear import emit_linear
 from edgellm_steps.export.visual_io import (
     ATTENTION_MASK,
-    HW,
-    IMAGE_TOKENS,
     INPUT,
     OUTPUT,
     REVERSE_WINDOW_INDEX,
     ROTARY_POS_EMB,
     WINDOW_ATTENTION_MASK,
     WINDOW_INDEX,
+    visual_inputs,
+    visual_outputs,
 )
 from edgellm_steps.graph.graph_ops import add_bias, rms_norm
 from edgellm_steps.graph.onnx_builder import GraphBuilder
@@ -159,15 +159,10 @@ class VisualGraph:
         return g.op("Reshape", [gathered, self.const([-1, width], f"rows_{width}")], f"{path}/Reshape_1")
 
     def declare_io(self) -> None:
-        g, d = self.g, self.dims
-        g.add_input(INPUT, TensorProto.FLOAT16, [HW, d.patch_dim])
-        g.add_input(ROTARY_POS_EMB, TensorProto.FLOAT, [HW, d.head_dim // 2])
-        g.add_input(ATTENTION_MASK, TensorProto.FLOAT16, [1, HW, HW])
-        if self.spec.window_attention:
-            g.add_input(WINDOW_ATTENTION_MASK, TensorProto.FLOAT16, [1, HW, HW])
-            g.add_input(WINDOW_INDEX, TensorProto.INT64, [IMAGE_TOKENS])
-            g.add_input(REVERSE_WINDOW_INDEX, TensorProto.INT64, [IMAGE_TOKENS])
-        g.add_output(OUTPUT, TensorProto.FLOAT16, [IMAGE_TOKENS, d.out_width])
+        for spec in visual_inputs(self.dims, windowed=self.spec.window_attention):
+            self.g.add_input(spec.name, spec.elem_type, list(spec.dims))
+        for spec in visual_outputs(self.dims):
+            self.g.add_output(spec.name, spec.elem_type, list(spec.dims))
 
     def build(self) -> onnx.ModelProto:
         g, d, p = self.g, self.dims, self.prefix

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims, weight_files
-from edgellm_steps.artifacts.manifest import check_if_step_output
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import SourceError
@@ -54,10 +53,8 @@ def open_checkpoint(
 
     ``model`` names the workflow model in messages (planning passes it, and resolves without
     downloading); ``where`` names the checkpoint in a refused architecture's message (default: its path).
-    A directory written by quantize-llm must be complete (its manifest checked) before it is read.
     """
     path = resolve_source(str(source), model=model, allow_download=allow_download)
-    check_if_step_output(path, "quantize-llm")
     hf_config = read_hf_config(path, model=model)
     spec = family_for(hf_config, where=where or str(path))
     try:

@@ -20,9 +20,9 @@ TOLERANCES: dict[str, Tolerance] = {name: row.tolerance for name, row in FORMATS
 
 
 def tolerance_for(formats: tuple[str, ...]) -> Tolerance:
-    """The criterion of the loosest format a graph carries."""
-    chosen = TOLERANCES[FLOAT_WEIGHTS]
-    for fmt in formats:
+    """The criterion of the loosest format a graph carries (the weights' row when none is looser)."""
+    chosen = TOLERANCES[formats[0]] if formats else TOLERANCES[FLOAT_WEIGHTS]
+    for fmt in formats[1:]:
         candidate = TOLERANCES[fmt]
         if candidate.rel_tol > chosen.rel_tol or (not candidate.greedy and chosen.greedy):
             chosen = candidate

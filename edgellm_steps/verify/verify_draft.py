@@ -25,6 +25,7 @@ from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.export import llm_io
+from edgellm_steps.export.kinds import DRAFT
 from edgellm_steps.models.eagle3_draft import Eagle3Draft
 from edgellm_steps.plugins import REFERENCE_OPS
 from edgellm_steps.quant.draft_quantizers import fake_quantized_draft
@@ -33,6 +34,7 @@ from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import Tolerance, compare_logits, tolerance_for
 from edgellm_steps.verify.report import conclude
+from edgellm_steps.verify.report import report as report_of
 
 FC_INPUT_AMAX = "fc.input_quantizer._amax"
 
@@ -106,22 +108,13 @@ def verify_draft(
         hidden_in, from_draft = np.zeros_like(hidden_in), ref_hidden.numpy().astype(np.float16)
     chosen = tolerance_for(precision.formats())
     tolerance = Tolerance(chosen.rel_tol, chosen.min_cosine, False, chosen.why)
-    summary = {
-        "onnx_dir": str(onnx_dir),
-        "model_dir": str(model_dir),
-        "kind": "eagle3_draft",
-        "precision": str(precision),
-        "tolerances": {"max_abs_error_over_max_abs": tolerance.rel_tol, "min_cosine": tolerance.min_cosine},
-        "tokens": tokens,
-        "seed": seed,
-        "cases": {
-            name: {
-                "max_abs_error": r.max_abs_error,
-                "relative_error": r.relative_error,
-                "min_cosine": r.min_cosine,
-                "passed": r.passed(tolerance),
-            }
-            for name, r in results.items()
-        },
-    }
+    summary = report_of(
+        kind=DRAFT.model_type,
+        onnx_dir=onnx_dir,
+        model_dir=model_dir,
+        precision=precision,
+        tolerance=tolerance,
+        inputs={"tokens": tokens, "seed": seed},
+        results=results,
+    )
     return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the draft {model_dir}")

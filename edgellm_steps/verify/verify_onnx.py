@@ -41,6 +41,7 @@ from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_ta
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.report import conclude
+from edgellm_steps.verify.report import report as report_of
 from edgellm_steps.verify.verify_draft import verify_draft
 from edgellm_steps.verify.verify_visual import verify_visual
 
@@ -146,6 +147,8 @@ def verify_onnx(
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None
     check_step_output(Path(onnx_dir), "export-llm")
+    # A quantize-llm output must be complete (its manifest checked) before it is read.
+    check_if_step_output(resolve_source(str(model_dir), allow_download=True), "quantize-llm")
     opened = open_checkpoint(model_dir)
     checkpoint, hf_config, held, precision = opened.path, opened.hf_config, opened.held, opened.precision
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
@@ -176,29 +179,14 @@ def verify_onnx(
         }
     for name, result in results.items():
         log.info("%s: %s -> %s", name, result, "pass" if result.passed(tolerance) else "FAIL")
-    summary = {
-        "onnx_dir": str(onnx_dir),
-        "model_dir": str(model_dir),
-        "precision": str(precision),
-        "adapter": None if adapter is None else str(adapter),
-        "tolerances": {
-            "max_abs_error_over_max_abs_logit": tolerance.rel_tol,
-            "min_cosine": tolerance.min_cosine,
-            "greedy_must_match": tolerance.greedy,
-            "why": tolerance.why,
-        },
-        "tokens": {"prefill": prefill, "decode": decode, "seed": seed},
-        "cases": {
-            name: {
-                "max_abs_error": r.max_abs_error,
-                "max_abs_logit": r.max_abs_logit,
-                "relative_error": r.relative_error,
-                "min_cosine": r.min_cosine,
-                "greedy_match": r.greedy_match,
-                "greedy_agreement": r.greedy_agreement,
-                "passed": r.passed(tolerance),
-            }
-            for name, r in results.items()
-        },
-    }
+    summary = report_of(
+        kind=json.loads((Path(onnx_dir) / "config.json").read_text()).get("model_type", "llm"),
+        onnx_dir=onnx_dir,
+        model_dir=model_dir,
+        precision=precision,
+        tolerance=tolerance,
+        inputs={"prefill": prefill, "decode": decode, "seed": seed},
+        results=results,
+        adapter=adapter,
+    )
     return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match {model_dir}")

@@ -24,12 +24,14 @@ import numpy as np
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
+from edgellm_steps.export.kinds import VISUAL
 from edgellm_steps.export.visual_io import OUTPUT
 from edgellm_steps.models.vision_geometry import open_vision_tower
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrated_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
 from edgellm_steps.verify.report import conclude
+from edgellm_steps.verify.report import report as report_of
 from edgellm_steps.verify.visual_inputs import visual_feeds
 
 log = logging.getLogger(__name__)
@@ -74,27 +76,14 @@ def verify_visual(
         got = session.run([OUTPUT], feeds)[0].astype(np.float32)
         results[name] = compare_logits(got, expected)
         log.info("%s: %s -> %s", name, results[name], "pass" if results[name].passed(tolerance) else "FAIL")
-    summary = {
-        "onnx_dir": str(onnx_dir),
-        "model_dir": str(model_dir),
-        "kind": "visual",
-        "precision": precision,
-        "tolerances": {
-            "max_abs_error_over_max_abs_output": tolerance.rel_tol,
-            "min_cosine": tolerance.min_cosine,
-            "why": tolerance.why,
-        },
-        "seed": seed,
-        "cases": {
-            name: {
-                "grids": SCENARIOS[name],
-                "max_abs_error": r.max_abs_error,
-                "max_abs_output": r.max_abs_logit,
-                "relative_error": r.relative_error,
-                "min_cosine": r.min_cosine,
-                "passed": r.passed(tolerance),
-            }
-            for name, r in results.items()
-        },
-    }
+    summary = report_of(
+        kind=VISUAL.name,
+        onnx_dir=onnx_dir,
+        model_dir=model_dir,
+        precision=precision,
+        tolerance=tolerance,
+        inputs={"seed": seed},
+        results=results,
+        case_inputs={name: {"grids": SCENARIOS[name]} for name in results},
+    )
     return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the vision tower of {model_dir}")

@@ -1,0 +1,103 @@
+"""Tiny real checkpoints: a transformers architecture from a small config, seeded weights, a local tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.models.demo.families import TINY_FAMILIES, TINY_SIZES
+from edgellm_steps.models.demo.tokenizer import train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def make_checkpoint(
+    output_dir: str | Path,
+    *,
+    family: str = "qwen2",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    dtype: str = "float16",
+    **overrides: Any,
+) -> Path:
+    """Write a tiny random-weight checkpoint of ``family`` with tokenizer and chat template.
+
+    ``dtype`` is what the weights are saved in and ``config.json`` records: ``float16``,
+    ``bfloat16`` (what most HF checkpoints ship) or ``float32``.
+
+    A vision-language family (``qwen2_vl``, ``qwen2_5_vl``) gets a transformers 5 config
+    (``text_config`` with the tiny decoder sizes and ``overrides``, ``vision_config`` with a
+    2-block vision tower whose merger outputs the decoder's width), top-level
+    ``image_token_id`` / ``video_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id``
+    pointing at the tokenizer's own special tokens, and a ``preprocessor_config.json``.
+    transformers 5 saves its weights as ``model.embed_tokens`` / ``model.layers.*`` /
+    ``model.norm``, ``visual.*`` and ``lm_head``.
+    """
+    if dtype not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
+    import torch
+    import transformers
+
+    spec = TINY_FAMILIES[family]
+    tokenizer = train_tokenizer(family)
+    sizes = copy.deepcopy({**TINY_SIZES, **spec["config"], **overrides})
+    sizes.setdefault("vocab_size", len(tokenizer))
+    token_ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config_class = getattr(transformers, spec["config_class"])
+    if "vision" in spec:
+        # A VLM: the decoder sizes go to text_config, the tiny vision tower to vision_config, and
+        # the image / video / vision start-end ids to the tokenizer's special tokens.
+        vision_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in spec["token_ids"].items()}
+        config = config_class(text_config={**sizes, **token_ids}, vision_config=spec["vision"], **vision_ids)
+    else:
+        config = config_class(**sizes, **token_ids)
+    torch.manual_seed(seed)
+    if "model_class" in spec:
+        model = getattr(transformers, spec["model_class"])._from_config(config)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    model = model.to(getattr(torch, dtype))
+    output_dir = Path(output_dir)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(output_dir), **save_kwargs)
+    tokenizer.save_pretrained(str(output_dir))
+    if "vision" in spec:
+        _save_image_processor(output_dir, config, spec["processor_class"])
+    log.info("wrote a tiny %s checkpoint (%d parameters) to %s", family, model.num_parameters(), output_dir)
+    return output_dir
+
+
+def _save_image_processor(output_dir: Path, config: Any, processor_class: str) -> None:
+    """``preprocessor_config.json`` of the Qwen-VL image processor, sized to the tiny vision tower.
+
+    Written as the hub's Qwen2-VL / Qwen2.5-VL checkpoints hold it (CLIP mean and std). It is
+    written directly: transformers' ``Qwen2VLImageProcessor`` needs torchvision and Pillow,
+    which this project does not install.
+    """
+    import json
+
+    vision = config.vision_config
+    processor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": processor_class,
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "patch_size": vision.patch_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+        "merge_size": vision.spatial_merge_size,
+        # Small images: 4 to 64 merged tokens, each covering (patch_size * merge_size)^2 pixels.
+        "min_pixels": 4 * (vision.patch_size * vision.spatial_merge_size) ** 2,
+        "max_pixels": 64 * (vision.patch_size * vision.spatial_merge_size) ** 2,
+    }
+    (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,178 @@
+"""The tiny checkpoints' families: configs, chat templates, special tokens, and the tokenizer corpus."""
+
+from __future__ import annotations
+
+from typing import Any
+
+CORPUS = """\
+TensorRT Edge-LLM runs large language models on NVIDIA Jetson Orin and Jetson Thor.
+A build system remembers what is already done and rebuilds only what changed.
+Quantization trades a little accuracy for a lot of memory: fp8, int8, int4 and nvfp4.
+The exporter writes an ONNX graph, an embedding table, a tokenizer and a chat template.
+Each engine is built for one GPU, named by its streaming multiprocessor version.
+The quick brown fox jumps over the lazy dog while the compiler hums along.
+Attention reads the key value cache; rotary embeddings encode each position.
+Hello! How are you today? I am fine, thank you. What would you like to build?
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2.71 42.
+"""
+
+CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+#: Qwen2-VL's ChatML: a message's content is a string or a list of parts; an image (video)
+#: part renders as its pad token between the vision start and end tokens.
+QWEN_VL_TEMPLATE = (
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part %}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + render(messages[0]['content']) + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] != 'system' %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + render(message['content']) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+PHI3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}"
+)
+
+#: family -> (transformers config class name, chat template, special tokens, tiny config overrides);
+#: vision-language families add model_class, processor_class, vision (vision_config) and token_ids.
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen2": {
+        "config_class": "Qwen2Config",
+        "template": CHATML_TEMPLATE,
+        "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "config": {},
+    },
+    "llama": {
+        "config_class": "LlamaConfig",
+        "template": LLAMA3_TEMPLATE,
+        "special": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
+        "config": {},
+    },
+    "qwen3": {
+        "config_class": "Qwen3Config",
+        "template": CHATML_TEMPLATE,
+        "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "bos": None,
+        "eos": "<|im_end|>",
+        "config": {"head_dim": 32},
+    },
+    "phi3": {
+        "config_class": "Phi3Config",
+        "template": PHI3_TEMPLATE,
+        "special": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        "bos": None,
+        "eos": "<|end|>",
+        "config": {},
+    },
+}
+
+#: Special tokens of the Qwen-VL tokenizers; the tiny VLM configs point their ``*_token_id`` keys at them.
+QWEN_VL_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+#: Top-level config key -> the special token it names (Qwen2-VL and Qwen2.5-VL configs).
+QWEN_VL_TOKEN_IDS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+}
+#: MRoPE of the tiny VLMs: head_dim 16, so the (temporal, height, width) sections sum to 8.
+TINY_MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+
+TINY_FAMILIES.update(
+    {
+        "qwen2_vl": {
+            "config_class": "Qwen2VLConfig",
+            "model_class": "Qwen2VLForConditionalGeneration",
+            "processor_class": "Qwen2VLProcessor",
+            "template": QWEN_VL_TEMPLATE,
+            "special": QWEN_VL_SPECIAL,
+            "bos": None,
+            "eos": "<|im_end|>",
+            "config": {"rope_parameters": TINY_MROPE},
+            # Qwen2-VL's vision tower: embed_dim wide blocks, a merger out to the decoder's hidden size.
+            "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 64},
+            "token_ids": QWEN_VL_TOKEN_IDS,
+        },
+        "qwen2_5_vl": {
+            "config_class": "Qwen2_5_VLConfig",
+            "model_class": "Qwen2_5_VLForConditionalGeneration",
+            "processor_class": "Qwen2_5_VLProcessor",
+            "template": QWEN_VL_TEMPLATE,
+            "special": QWEN_VL_SPECIAL,
+            "bos": None,
+            "eos": "<|im_end|>",
+            "config": {"rope_parameters": TINY_MROPE},
+            # Block 1 full attention, block 0 windowed, as Qwen2.5-VL alternates them.
+            "vision": {
+                "depth": 2,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "fullatt_block_indexes": [1],
+                "window_size": 56,
+            },
+            "token_ids": QWEN_VL_TOKEN_IDS,
+        },
+    }
+)
+
+TINY_SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}

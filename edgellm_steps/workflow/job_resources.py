@@ -1,0 +1,83 @@
+"""What each job asks of the scheduler: host memory, threads, GPUs, and the SM-specific cluster placement.
+
+Memory comes from the measured peak models of ``workflow/resources.py``; threads and devices from
+the config. None of these is recorded: where and how a job runs does not change what it builds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS
+from edgellm_steps.quant.precision import Precision
+from edgellm_steps.quant.recipes import calibration_batch_size
+from edgellm_steps.workflow import resources
+from edgellm_steps.workflow.model_facts import Facts
+
+
+class JobResources:
+    """Resources of every rule's jobs, answered from the checked facts."""
+
+    def __init__(self, facts: Facts) -> None:
+        self.facts = facts
+
+    def _quantize_mem_mb(self, model: str, precision: Precision, weight_bytes: int) -> int:
+        checked = self.facts.model(model)
+        quant = checked.settings.quantization
+        batch = min(quant.batch_size or calibration_batch_size(precision), quant.calib_size)
+        return resources.quantize_mem_mb(
+            weight_bytes,
+            precision.weights,
+            batch=batch,
+            tokens=quant.calib_max_tokens,
+            vocab_size=checked.checkpoint.dims.vocab_size,
+        )
+
+    def quantize_mem_mb(self, model: str, precision: str) -> int:
+        """Host RAM of a quantize job: measured peaks per weight format and calibration batch (resources.py)."""
+        checked = self.facts.model(model)
+        return self._quantize_mem_mb(model, checked.precision(precision), checked.weight_bytes)
+
+    def quantize_draft_mem_mb(self, model: str) -> int:
+        """Host RAM of a quantize-draft job: the float base runs beside the draft being calibrated."""
+        checked = self.facts.model(model)
+        draft_bytes = sum(p.stat().st_size for p in draft_weight_files(checked.draft_checkpoint))
+        return self._quantize_mem_mb(model, checked.draft_precision, checked.weight_bytes + draft_bytes)
+
+    def quantize_threads(self, model: str) -> int:
+        return self.facts.model(model).settings.quantization.threads
+
+    def quantize_gpus(self, model: str) -> int:
+        """1 when calibration runs on a GPU (any GPU: the quantized checkpoint is not SM-specific)."""
+        return int(self.facts.model(model).settings.quantization.device == "cuda")
+
+    def verify_mem_mb(self, model: str, precision: str) -> int:
+        """Host RAM of a verify job: a measured multiple of the source's bytes (resources.py)."""
+        checked = self.facts.model(model)
+        checked.precision(precision)
+        held = checked.checkpoint.held
+        return resources.verify_mem_mb(checked.weight_bytes, held.precision.weights if held else FLOAT_WEIGHTS)
+
+    def verify_visual_mem_mb(self, model: str) -> int:
+        """Host RAM of a vision verify job: bounded by the verify of the whole model (the tower is a part)."""
+        return resources.verify_mem_mb(self.facts.model(model).weight_bytes)
+
+    def merge_lora_mem_mb(self, model: str) -> int:
+        """Host RAM of a merge-lora job: the model in float32 with the adapter, as a verify job holds it."""
+        return resources.verify_mem_mb(self.facts.model(model).weight_bytes)
+
+    def verify_threads(self, model: str) -> int:
+        return self.facts.model(model).settings.verify.threads
+
+    def engine_mem_mb(self, model: str) -> int:
+        """Host RAM of an engine job: a multiple of the source checkpoint's weight bytes, at least 4 GB."""
+        factor = float(self.facts.section("engine").get("host_memory_factor", 4))
+        return max(4096, math.ceil(factor * self.facts.model(model).weight_bytes / 2**20))
+
+    def engine_constraint(self, sm: int | str) -> str:
+        return str(self.facts.section("cluster").get("constraints", {}).get(str(sm), f"sm{sm}"))
+
+    def engine_partition(self, sm: int | str) -> str:
+        """The mapped partition, or "" (the executor's default partition)."""
+        return str(self.facts.section("cluster").get("partitions", {}).get(str(sm), ""))

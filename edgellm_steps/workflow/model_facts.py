@@ -1,0 +1,299 @@
+"""The checked facts of each model a plan asks about: one record per model, each fact worked out once.
+
+Snakemake asks about the same model for every job of a DAG build; a :class:`CheckedModel`
+opens its checkpoint, its draft and its adapters the first time a rule needs them (a broken
+draft does not stop a plan that never reaches an EAGLE target) and keeps the answer. Every
+check raises :class:`~edgellm_steps.errors.EdgeLLMError` in one line naming the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.artifacts.digests import DigestCache
+from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.artifacts.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
+from edgellm_steps.engine.limits import LIMITS_READ
+from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
+from edgellm_steps.lora.adapter_fit import read_fitting_adapter
+from edgellm_steps.models.eagle import check_draft_fits
+from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
+from edgellm_steps.quant.gptq import check_gptq_config
+from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
+from edgellm_steps.quant.prequantized import held_precision
+from edgellm_steps.quant.shape_checks import check_block_dims, check_draft_block_dims
+from edgellm_steps.workflow import targets
+from edgellm_steps.workflow.config import ModelSettings, load_schema, model_settings
+
+
+class CheckedModel:
+    """One model (or merged variant ``<model>+<adapter>``) of the config, checked as far as a plan needs."""
+
+    def __init__(self, name: str, facts: Facts) -> None:
+        self.name = name
+        self.facts = facts
+        self.base, self.merged_adapter = targets.split_variant(name)
+        self._adapters: dict[str, Path] = {}
+
+    @cached_property
+    def settings(self) -> ModelSettings:
+        """The model's settings; a merged variant's are its model's, with the merged checkpoint as source."""
+        settings = model_settings(self.facts.config, self.base, self.facts.schema)
+        adapter = self.merged_adapter
+        if adapter is None:
+            return settings
+        entry = settings.lora.get(adapter)
+        if entry is None or not entry.merge:
+            raise ConfigError(
+                f"'{self.name}' is no merged variant: model '{self.base}' has no adapter '{adapter}' with merge: true; "
+                f"add lora: {{{adapter}: {{source: <PEFT adapter>, merge: true}}}} under models.{self.base}"
+            )
+        return replace(settings, name=self.name, source=targets.path(targets.MERGED, base=self.base, adapter=adapter))
+
+    def precision(self, text: str) -> Precision:
+        self.settings  # noqa: B018 (an unknown model is named before its precision)
+        return parse_precision(text)
+
+    @cached_property
+    def checkpoint(self) -> OpenedCheckpoint:
+        """The model's local checkpoint, checked: architecture, dims, weight files, tokenizer, held precision.
+
+        A merged variant's is its model's (checked float, and its adapter checked to fit), at the merged path.
+        """
+        if self.merged_adapter is not None:
+            base = self.facts.model(self.base)
+            base.adapter_checkpoint(self.merged_adapter)
+            held = base.checkpoint.held
+            if held is not None:
+                raise PrecisionError(
+                    f"model '{self.base}' is already quantized as {held.precision}; adapter '{self.merged_adapter}' "
+                    "merges into float weights only: use an unquantized source or serve the adapter unmerged"
+                )
+            return replace(base.checkpoint, path=Path(self.settings.source))
+        where = f"model '{self.name}' ({self.settings.source})"
+        return open_checkpoint(self.settings.source, model=self.name, where=where, allow_download=False)
+
+    def check_source_fits(self, precision: Precision) -> None:
+        """A pre-quantized source is exported as the precision it holds, and only as that one."""
+        held, where = self.checkpoint.held, f"model '{self.name}'"
+        weights = FORMATS[precision.weights]
+        if held is None:
+            if not weights.made_here:
+                raise PrecisionError(
+                    f"{where}: {weights.name} exports a checkpoint already quantized with {weights.quant_method_label} "
+                    f"(quantization_config.quant_method: {weights.quant_method}), and this one is not; "
+                    f"use {weights.quantize_instead} to quantize it"
+                )
+        elif precision != held.precision:
+            raise PrecisionError(
+                f"{where}: the source is already quantized as {held.precision} ({held.origin}) and is never read as "
+                f"fp16 or quantized again; request precision {held.precision} "
+                f"(onnx/{self.name}_{held.precision}/llm/model.onnx)"
+            )
+        elif held.gptq is not None:
+            check_gptq_config(held.gptq, where=where)
+        check_block_dims(self.checkpoint.hf_config, precision, where=where)
+
+    def needs_quantize(self, text: str) -> bool:
+        """Whether ``precision`` is made by the quantize step (checked to fit the source first)."""
+        precision = self.precision(text)
+        self.check_source_fits(precision)
+        return self.checkpoint.held is None and precision.needs_quantize_step
+
+    @property
+    def source_stamps(self) -> list[str]:
+        """The stamps standing for the model's source checkpoint (checked first); a merged variant's manifest."""
+        if self.merged_adapter is not None:
+            return [f"{self.checkpoint.path}/manifest.json"]
+        return self.facts.stamps(self.checkpoint.path, self.facts.state_dir / "sources" / self.name)
+
+    @property
+    def vision_language(self) -> bool:
+        """Whether the model's family has a vision tower (its engines hold a vision engine too)."""
+        return self.checkpoint.spec.vision is not None
+
+    def require_vision_language(self) -> None:
+        if not self.vision_language:
+            raise SourceError(
+                f"model '{self.name}' is a text-only {self.checkpoint.spec.family} model with no vision encoder, so "
+                f"onnx/{self.name}/visual/ cannot be built; request its LLM targets "
+                f"(onnx/{self.name}_<precision>/llm/model.onnx) instead"
+            )
+
+    @cached_property
+    def draft_checkpoint(self) -> Path:
+        """The model's EAGLE3 draft checkpoint, checked to fit the base (hidden size, vocabulary)."""
+        draft = self.settings.draft
+        if draft is None:
+            raise ConfigError(
+                f"model '{self.name}' has no draft; add draft: {{source: <EAGLE3 draft directory or hub id>}} under "
+                f"models.{self.name} to build its EAGLE targets"
+            )
+        path = resolve_source(draft.source, model=self.name)
+        where = f"model '{self.name}' draft ({draft.source})"
+        try:
+            check_draft_fits(read_hf_config(path, model=self.name), self.checkpoint.hf_config, where)
+            draft_weight_files(path)
+        except SourceError as err:
+            raise SourceError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
+        return path
+
+    @property
+    def draft_stamps(self) -> list[str]:
+        return self.facts.stamps(self.draft_checkpoint, self.facts.state_dir / "drafts" / self.name)
+
+    @cached_property
+    def _draft(self) -> tuple[Precision, bool]:
+        """The draft's own precision, checked against the draft (block dims, a precision it holds) and the base;
+        and whether the quantize-draft step makes it."""
+        path = self.draft_checkpoint
+        where = f"model '{self.name}' draft"
+        parsed = parse_precision(self.settings.draft.precision)
+        draft_config = read_hf_config(path, model=self.name)
+        held = held_precision(path, draft_config)
+        if held is not None and held.precision != parsed:
+            raise PrecisionError(
+                f"{where}: the draft is already quantized as {held.precision} ({held.origin}); "
+                f"set its precision: {held.precision}"
+            )
+        weights = FORMATS[parsed.weights]
+        if held is None and not weights.made_here:
+            raise PrecisionError(
+                f"{where}: {weights.name} means a {weights.quant_method_label}-quantized draft; "
+                f"use {weights.quantize_instead} to quantize it"
+            )
+        if held is None and parsed.needs_quantize_step and self.checkpoint.held is not None:
+            raise PrecisionError(
+                f"{where}: quantize-draft calibrates through the unquantized base, but the source is already "
+                f"quantized ({self.checkpoint.held.precision}); use draft precision fp16 or an unquantized source"
+            )
+        check_draft_block_dims(draft_config, parsed, where=where)
+        return parsed, held is None and parsed.needs_quantize_step
+
+    @property
+    def draft_precision(self) -> Precision:
+        return self._draft[0]
+
+    @property
+    def draft_needs_quantize(self) -> bool:
+        return self._draft[1]
+
+    def adapter_checkpoint(self, adapter: str) -> Path:
+        """A LoRA adapter of the model, checked against it (its modules and widths, its rank) from headers only."""
+        if adapter not in self._adapters:
+            entry = self.settings.lora.get(adapter)
+            if entry is None:
+                raise ConfigError(
+                    f"model '{self.name}' has no LoRA adapter '{adapter}'; add lora: {{{adapter}: <PEFT adapter "
+                    f"directory or hub id>}} under models.{self.name}"
+                )
+            where = f"model '{self.name}' adapter '{adapter}' ({entry.source})"
+            if self.settings.draft is not None and not entry.merge:
+                raise ConfigError(f"model '{self.name}' has a draft and LoRA adapters; EAGLE engines take no LoRA")
+            path = resolve_source(entry.source, model=self.name)
+            try:
+                _, modules = read_fitting_adapter(
+                    path, self.checkpoint.hf_config, f"model '{self.name}'", tensors=False
+                )
+            except SourceError as err:
+                raise SourceError(f"{where}: {err}") from err
+            rank, limit = max(m.rank for m in modules), self.settings.build.max_lora_rank
+            if rank > limit and not entry.merge:
+                raise ConfigError(
+                    f"{where}: its rank is {rank} but build.max_lora_rank is {limit}; set build.max_lora_rank: "
+                    f"{rank} (or more) for model '{self.name}'"
+                )
+            self._adapters[adapter] = path
+        return self._adapters[adapter]
+
+    def adapter_stamps(self, adapter: str) -> list[str]:
+        path = self.adapter_checkpoint(adapter)
+        return self.facts.stamps(path, self.facts.state_dir / "adapters" / self.name / adapter)
+
+    @cached_property
+    def lora_adapters(self) -> list[str]:
+        """The names of the adapters the model's engines serve (not the merged ones), each checked."""
+        names = sorted(name for name, entry in self.settings.lora.items() if not entry.merge)
+        for name in names:
+            self.adapter_checkpoint(name)
+        return names
+
+    @property
+    def merged_variants(self) -> list[str]:
+        """``<model>+<adapter>`` for each of the model's ``merge: true`` adapters."""
+        return [targets.variant(self.name, a) for a, entry in sorted(self.settings.lora.items()) if entry.merge]
+
+    def engine_sm(self, precision: str, sm: str | int | None) -> int:
+        """The SM target of an engine target (the model's default when ``sm`` is None), checked."""
+        target = self.settings.default_sm if sm is None else int(sm)
+        check_sm_supports(self.precision(precision), target)
+        return target
+
+    def visual_engine_sm(self, sm: str | int) -> int:
+        """The SM of a vision engine, checked against the model's visual_precision."""
+        self.require_vision_language()
+        target, visual = int(sm), self.settings.visual_precision
+        check_sm_supports(Precision(FLOAT_WEIGHTS), target)  # a known target at all
+        floor = SM_FLOOR.get(visual, 0)
+        if target < floor:
+            raise PrecisionError(
+                f"model '{self.name}': visual_precision {visual} needs SM >= {floor}, but this engine is for "
+                f"sm{target}; set visual_precision: fp16 or target sm{floor} or newer"
+            )
+        return target
+
+    def draft_engine_sm(self, precision: str, sm: str | int) -> int:
+        """The SM of a draft engine, checked against the base's precision and the draft's own."""
+        target = self.engine_sm(precision, sm)
+        try:
+            check_sm_supports(self.draft_precision, target)
+        except PrecisionError as err:
+            raise PrecisionError(f"model '{self.name}' draft: {err}") from None
+        return target
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the source checkpoint's weight files (a merged variant's: its model's, merged or not yet)."""
+        return self.facts.model(self.base).checkpoint.weight_bytes
+
+    def build_limits(self, kind: str = "llm") -> dict[str, int]:
+        """The limits an engine of ``kind`` reads: changing another one leaves it up to date."""
+        limits = vars(self.settings.build)
+        return {key: limits[key] for key in LIMITS_READ[kind]}
+
+
+class Facts:
+    """The checked models of one validated config, and the digest cache their stamps share."""
+
+    def __init__(self, config: dict[str, Any], state_dir: Path = STATE_DIR) -> None:
+        self.config = config
+        self.state_dir = state_dir
+        self.schema = load_schema()
+        self._models: dict[str, CheckedModel] = {}
+        self._stamps: dict[Path, list[str]] = {}
+        self._digests: DigestCache | None = None
+
+    def model(self, name: str) -> CheckedModel:
+        if name not in self._models:
+            self._models[name] = CheckedModel(name, self)
+        return self._models[name]
+
+    def stamps(self, checkpoint: Path, stamp_dir: Path) -> list[str]:
+        """The stamps of ``checkpoint`` in ``stamp_dir``, brought up to date once per plan."""
+        if stamp_dir not in self._stamps:
+            if self._digests is None:
+                self._digests = DigestCache(self.state_dir / "digest-cache.json")
+            self._stamps[stamp_dir] = [str(p) for p in refresh_stamps(checkpoint, stamp_dir, self._digests)]
+        return self._stamps[stamp_dir]
+
+    def section(self, name: str) -> dict[str, Any]:
+        """A top-level section of the config (``engine``, ``cluster``), empty when absent."""
+        return self.config.get(name) or {}
+
+    def names(self) -> list[str]:
+        """Every configured model, then its merged variants."""
+        return [name for model in self.config["models"] for name in (model, *self.model(model).merged_variants)]

@@ -1,0 +1,73 @@
+"""The workflow's file paths, its user interface, each spelled once: the rules, the planner and the demo read them.
+
+Templates hold Snakemake wildcards (``{model}``, ``{precision}``, ``{sm}``, ...); :func:`path` fills
+them. The wildcard patterns below keep every path unambiguous; a precision is matched loosely
+here and checked against the format table at planning, so a misspelled one gets the grammar in one
+line instead of "no rule to produce".
+"""
+
+from __future__ import annotations
+
+from edgellm_steps.export.kinds import VISUAL, ExportKind
+
+#: ``<model>+<adapter>``: the variant of a model with one of its ``merge: true`` adapters folded in.
+VARIANT_SEPARATOR = "+"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9.\-]*"
+
+#: Snakemake's ``wildcard_constraints``.
+WILDCARDS = {
+    # A model, or a merged variant <model>+<adapter> (the model with a merge: true adapter folded in).
+    "model": rf"{_NAME}(\{VARIANT_SEPARATOR}{_NAME})?",
+    "base": _NAME,
+    "precision": r"[A-Za-z0-9_\-]+",
+    "sm": r"\d+",
+    "draft_precision": r"[A-Za-z0-9_\-]+",
+    "adapter": _NAME,
+}
+
+QUANTIZED = "quantized/{model}_{precision}/manifest.json"
+QUANTIZED_DRAFT = "quantized/{model}/draft_{draft_precision}/manifest.json"
+VOCAB_MAP = "vocab/{model}/vocab_map.safetensors"
+VOCAB_MANIFEST = "vocab/{model}/manifest.json"
+MERGED = "merged/{base}" + VARIANT_SEPARATOR + "{adapter}"
+MERGED_MANIFEST = MERGED + "/manifest.json"
+LORA_ADAPTER = "lora/{model}/{adapter}/processed_adapter_model.safetensors"
+LORA_CONFIG = "lora/{model}/{adapter}/config.json"
+LORA_MANIFEST = "lora/{model}/{adapter}/manifest.json"
+LORA_GRAPH = "onnx/{model}_{precision}/llm/lora_model.onnx"
+ENGINE = "engines/sm{sm}/{model}_{precision}.engine"
+DEFAULT_ENGINE = "engines/{model}_{precision}.engine"
+DRAFT_ENGINE = "engines/sm{sm}/draft/{model}_{precision}.engine"
+VISUAL_ENGINE = "engines/sm{sm}/visual/{model}.engine"
+VERIFY_REPORT = "reports/{model}_{precision}/verify.json"
+VISUAL_REPORT = "reports/{model}/visual/verify.json"
+LORA_REPORT = "reports/{model}_{precision}/lora/{adapter}/verify.json"
+
+
+def export_dir(kind: ExportKind) -> str:
+    """An export's directory: per precision, but the vision encoder's is shared by every precision."""
+    return f"onnx/{{model}}/{kind.directory}" if kind is VISUAL else f"onnx/{{model}}_{{precision}}/{kind.directory}"
+
+
+def export_file(kind: ExportKind, name: str) -> str:
+    return f"{export_dir(kind)}/{name}"
+
+
+def export_outputs(kind: ExportKind) -> dict[str, str]:
+    """The files an export rule declares, by name (``model.onnx`` -> ``model``; the manifest as ``manifest``)."""
+    return {name.split(".")[0]: export_file(kind, name) for name in kind.files}
+
+
+def path(template: str, **wildcards: object) -> str:
+    """``template`` with its wildcards filled."""
+    return template.format(**wildcards)
+
+
+def variant(model: str, adapter: str) -> str:
+    return f"{model}{VARIANT_SEPARATOR}{adapter}"
+
+
+def split_variant(model: str) -> tuple[str, str | None]:
+    """(the configured model, the merged adapter or None) of a target's ``{model}``."""
+    base, _, adapter = model.partition(VARIANT_SEPARATOR)
+    return base, adapter or None
