@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from edgellm_steps.export.export_visual import VISUAL_PRECISIONS
 from edgellm_steps.export.quantized_linear import EMITTERS, HELD_EMITTERS
 from edgellm_steps.graph import opsets
 from edgellm_steps.quant.formats import FORMATS, Format, formats_for
@@ -83,6 +84,8 @@ def test_the_config_schema_and_wildcards_agree_with_the_table():
         assert parse_precision(precision) and pattern.match(precision) and wildcard.match(precision), precision
     for malformed in ("fp8-lm", "fp8-kv", "-lmfp8", "fp8-kvfp8-lmfp8"):  # negative controls
         assert not pattern.match(malformed), malformed
+    visual = schema["$defs"]["settings"]["properties"]["visual_precision"]["enum"]
+    assert tuple(visual) == VISUAL_PRECISIONS and all(name in FORMATS for name in visual)
 
 
 def test_at_most_one_literal_of_a_held_format_outside_the_table():

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import decoder_dims
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
+from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.errors import SourceError
 from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE
+from edgellm_steps.quant.checkpoint_record import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,8 @@ def reduce_vocab(
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer
 
-    checkpoint = resolve_source(str(model_dir), allow_download=True)
-    hf_config = read_hf_config(checkpoint)
-    vocab_size = decoder_dims(hf_config).vocab_size
+    opened = open_checkpoint(model_dir)
+    checkpoint, hf_config, vocab_size = opened.path, opened.hf_config, opened.dims.vocab_size
     draft = resolve_source(str(draft_dir), allow_download=True) if draft_dir else None
     tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
     vocab_map = choose_vocab(

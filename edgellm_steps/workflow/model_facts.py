@@ -52,7 +52,8 @@ class CheckedModel:
                 f"'{self.name}' is no merged variant: model '{self.base}' has no adapter '{adapter}' with merge: true; "
                 f"add lora: {{{adapter}: {{source: <PEFT adapter>, merge: true}}}} under models.{self.base}"
             )
-        return replace(settings, name=self.name, source=targets.path(targets.MERGED, base=self.base, adapter=adapter))
+        source = targets.path(targets.MERGED, base=self.base, adapter=adapter)
+        return replace(settings, name=self.name, source=source, lora={})
 
     def precision(self, text: str) -> Precision:
         self.settings  # noqa: B018 (an unknown model is named before its precision)
