@@ -7,6 +7,7 @@ import sys
 
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, LLM, VISUAL
 from edgellm_steps.workflow import targets
@@ -69,9 +70,9 @@ def all_export_targets():
     return _answer(PLAN.all_exports, {}, ())
 
 
-def step_code(step):
+def step_code(name):
     """A recorded param: editing a step's implementation reruns its jobs."""
-    version = f"{step} implementation {step_code_digest(step)}"
+    version = f"{name} implementation {step_code_digest(name)}"
     return lambda wildcards: version
 
 
@@ -82,15 +83,20 @@ if USES_CONDA:
     os.environ.update(EDGELLM_STEPS_ROOT=workflow.basedir)
 
 
-def step_command(step):
+def step_command(name):
     """The step's command: run by the interpreter that runs Snakemake (no activated venv or PATH
     needed), or by the conda env's python when Snakemake deploys the rules' conda envs.
 
     A function of `input`, so not recorded: where the venv lives does not change what is built.
     """
     python = "python" if USES_CONDA else shlex.quote(sys.executable)
-    command = f"{python} -m {STEP_ENTRY_POINTS[step]}"
+    command = f"{python} -m {STEP_ENTRY_POINTS[name]}"
     return lambda wildcards, input: command
+
+
+def step(name):
+    """The params of every rule: the step's code (recorded) and its command (not recorded)."""
+    return {"code": step_code(name), "command": step_command(name)}
 
 
 def engine_inputs(wildcards):

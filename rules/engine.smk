@@ -26,8 +26,7 @@ rule build_engine:
         constraint=ask(RESOURCES.engine_constraint, "sm"),
         slurm_partition=ask(RESOURCES.engine_partition, "sm"),
     params:
-        code=step_code("build-engine"),
-        command=step_command("build-engine"),
+        **step(steps.BUILD_ENGINE),
         sm=ask(INPUTS.engine_sm, "model", "precision", "sm"),
         limits=ask(INPUTS.engine_limits, "model"),
         plugin=ask_unrecorded(INPUTS.engine_plugin),
@@ -50,8 +49,7 @@ use rule build_engine as build_draft_engine with:
     benchmark:
         "benchmarks/build_draft_engine/sm{sm}/{model}_{precision}.tsv"
     params:
-        code=step_code("build-engine"),
-        command=step_command("build-engine"),
+        **step(steps.BUILD_ENGINE),
         sm=ask(INPUTS.draft_engine_sm, "model", "precision", "sm"),
         limits=ask(INPUTS.engine_limits, "model"),
         plugin=ask_unrecorded(INPUTS.engine_plugin),
@@ -68,8 +66,7 @@ use rule build_engine as build_visual_engine with:
     benchmark:
         "benchmarks/build_visual_engine/sm{sm}/{model}.tsv"
     params:
-        code=step_code("build-engine"),
-        command=step_command("build-engine"),
+        **step(steps.BUILD_ENGINE),
         sm=ask(INPUTS.visual_engine_sm, "model", "sm"),
         limits=ask(INPUTS.visual_engine_limits, "model"),
         plugin=ask_unrecorded(INPUTS.engine_plugin),

@@ -16,8 +16,7 @@ rule export_llm:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("export-llm"),
-        command=step_command("export-llm"),
+        **step(steps.EXPORT_LLM),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
         options=ask_unrecorded(INPUTS.export_options, "model", "precision"),
         eagle_base="",
@@ -36,8 +35,7 @@ use rule export_llm as export_eagle_base with:
     benchmark:
         "benchmarks/export_eagle_base/{model}_{precision}.tsv"
     params:
-        code=step_code("export-llm"),
-        command=step_command("export-llm"),
+        **step(steps.EXPORT_LLM),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
         options=ask_unrecorded(INPUTS.export_options, "model", "precision"),
         eagle_base="--is_eagle_base",
@@ -55,8 +53,7 @@ rule export_visual:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("export-visual"),
-        command=step_command("export-visual"),
+        **step(steps.EXPORT_VISUAL),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
         options=ask(INPUTS.visual_options, "model"),
     shell:
@@ -76,8 +73,7 @@ rule export_draft:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("export-draft"),
-        command=step_command("export-draft"),
+        **step(steps.EXPORT_DRAFT),
         draft=ask_unrecorded(INPUTS.draft_export_checkpoint, "model"),
         base=ask_unrecorded(INPUTS.checkpoint, "model"),
     shell:
@@ -96,8 +92,7 @@ rule reduce_vocab:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("reduce-vocab"),
-        command=step_command("reduce-vocab"),
+        **step(steps.REDUCE_VOCAB),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
         options=ask(INPUTS.reduce_vocab_options, "model"),
         draft=ask_unrecorded(INPUTS.reduce_vocab_draft, "model"),

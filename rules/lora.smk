@@ -16,8 +16,7 @@ rule insert_lora:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("insert-lora"),
-        command=step_command("insert-lora"),
+        **step(steps.INSERT_LORA),
     shell:
         "{params.command} --onnx_dir $(dirname {input.manifest:q}) > {log:q} 2>&1"
 
@@ -36,8 +35,7 @@ rule process_lora:
     conda:
         "../envs/export.yaml"
     params:
-        code=step_code("process-lora"),
-        command=step_command("process-lora"),
+        **step(steps.PROCESS_LORA),
         adapter=ask_unrecorded(INPUTS.adapter_checkpoint, "model", "adapter"),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
     shell:
@@ -59,8 +57,7 @@ rule merge_lora:
     resources:
         mem_mb=ask(RESOURCES.merge_lora_mem_mb, "base"),
     params:
-        code=step_code("merge-lora"),
-        command=step_command("merge-lora"),
+        **step(steps.MERGE_LORA),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "base"),
         adapter=ask_unrecorded(INPUTS.adapter_checkpoint, "base", "adapter"),
     shell:

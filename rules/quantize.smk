@@ -18,8 +18,7 @@ rule quantize_llm:
         mem_mb=ask(RESOURCES.quantize_mem_mb, "model", "precision"),
         gpu=ask(RESOURCES.quantize_gpus, "model"),
     params:
-        code=step_code("quantize-llm"),
-        command=step_command("quantize-llm"),
+        **step(steps.QUANTIZE_LLM),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
         options=ask(INPUTS.quantize_options, "model", "precision"),
         device=ask_unrecorded(INPUTS.quantize_device, "model"),
@@ -44,8 +43,7 @@ rule quantize_draft:
         mem_mb=ask(RESOURCES.quantize_draft_mem_mb, "model"),
         gpu=ask(RESOURCES.quantize_gpus, "model"),
     params:
-        code=step_code("quantize-draft"),
-        command=step_command("quantize-draft"),
+        **step(steps.QUANTIZE_DRAFT),
         base=ask_unrecorded(INPUTS.checkpoint, "model"),
         draft=ask_unrecorded(INPUTS.draft_checkpoint, "model"),
         options=ask(INPUTS.quantize_draft_options, "model"),

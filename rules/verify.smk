@@ -18,8 +18,7 @@ rule verify_onnx:
     resources:
         mem_mb=ask(RESOURCES.verify_mem_mb, "model", "precision"),
     params:
-        code=step_code("verify-onnx"),
-        command=step_command("verify-onnx"),
+        **step(steps.VERIFY_ONNX),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
         adapter="",
     shell:
@@ -39,8 +38,7 @@ use rule verify_onnx as verify_visual with:
     resources:
         mem_mb=ask(RESOURCES.verify_visual_mem_mb, "model"),
     params:
-        code=step_code("verify-onnx"),
-        command=step_command("verify-onnx"),
+        **step(steps.VERIFY_ONNX),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
         adapter="",
 
@@ -55,7 +53,6 @@ use rule verify_onnx as verify_lora with:
     benchmark:
         "benchmarks/verify_lora/{model}_{precision}/{adapter}.tsv"
     params:
-        code=step_code("verify-onnx"),
-        command=step_command("verify-onnx"),
+        **step(steps.VERIFY_ONNX),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
         adapter=ask_unrecorded(INPUTS.adapter_option, "model", "adapter"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.manifest import check_listed_file, check_step_output, read_manifest_step
 from edgellm_steps.engine import host
 from edgellm_steps.engine.layout import check_component_engine, export_kind_of, write_engine_dir
@@ -57,7 +58,7 @@ def check_lora_adapters(adapters: dict[str, str | Path], limits: BuildLimits) ->
     checked = {}
     for name, directory in sorted(adapters.items()):
         directory = Path(directory)
-        check_step_output(directory, "process-lora")
+        check_step_output(directory, steps.PROCESS_LORA)
         rank = json.loads((directory / "config.json").read_text())["r"]
         if rank > limits.max_lora_rank:
             raise EdgeLLMError(

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import check_step_output, read_manifest_step, write_manifest
 from edgellm_steps.engine.limits import LIMITS_READ, BuildLimits
@@ -48,7 +49,7 @@ def export_kind_of(onnx_dir: Path) -> ExportKind:
 
 def check_component_engine(engine_dir: Path, sm: int, kind: ExportKind) -> Path:
     """A finished engine directory of ``kind`` built for ``sm``, to be placed into another engine directory."""
-    manifest = check_step_output(engine_dir, "build-engine")
+    manifest = check_step_output(engine_dir, steps.BUILD_ENGINE)
     built_for = manifest.get("parameters", {}).get("sm")
     if not (engine_dir / kind.engine_file).is_file() or built_for != sm:
         held = sorted(p.name for p in engine_dir.iterdir())
@@ -110,5 +111,5 @@ def write_engine_dir(
             for name, adapter in sorted(lora_adapters.items()):
                 (staging / LORA_SUBDIR / name).symlink_to(os.path.relpath(os.path.abspath(adapter), final))
             parameters["lora_adapters"] = sorted(lora_adapters)
-        write_manifest(staging, step="build-engine", parameters=parameters)
+        write_manifest(staging, step=steps.BUILD_ENGINE, parameters=parameters)
     return engine_dir

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
@@ -94,6 +95,6 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
         )
         write_json(staging / "config.json", draft_config_json(dims, draft_config, target, draft_vocab))
         save_file({"d2t": d2t}, str(staging / D2T_FILE))
-        write_manifest(staging, step="export-draft", parameters={"precision": quant.precision})
+        write_manifest(staging, step=steps.EXPORT_DRAFT, parameters={"precision": quant.precision})
     log.info("draft export finished in %.1f s", time.monotonic() - started)
     return output_dir / ONNX_NAME

@@ -14,6 +14,7 @@ import shutil
 import time
 from pathlib import Path
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
@@ -51,7 +52,7 @@ def export_llm(
     """
     started = time.monotonic()
     # A quantize-llm output must be complete (its manifest checked) before it is read.
-    check_if_step_output(resolve_source(str(model_dir), allow_download=True), "quantize-llm")
+    check_if_step_output(resolve_source(str(model_dir), allow_download=True), steps.QUANTIZE_LLM)
     opened = open_checkpoint(model_dir)
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
@@ -88,7 +89,7 @@ def export_llm(
         write_json(staging / "processed_chat_template.json", processed_template)
         write_manifest(
             staging,
-            step="export-llm",
+            step=steps.EXPORT_LLM,
             parameters={
                 "precision": precision,
                 "chat_template": str(chat_template) if chat_template else None,

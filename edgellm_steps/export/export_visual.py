@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps import EDGELLM_VERSION
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
@@ -82,6 +83,6 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
         )
         write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
-        write_manifest(staging, step="export-visual", parameters={"precision": quantization})
+        write_manifest(staging, step=steps.EXPORT_VISUAL, parameters={"precision": quantization})
     log.info("vision export finished in %.1f s", time.monotonic() - started)
     return output_dir / ONNX_NAME

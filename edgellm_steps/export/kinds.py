@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.errors import EdgeLLMError
 
 #: Every export holds its graph, the graph's external data, config.json and manifest.json.
@@ -52,7 +53,7 @@ class ExportKind:
 LLM = ExportKind(
     name="llm",
     directory="llm",
-    step="export-llm",
+    step=steps.EXPORT_LLM,
     model_type=None,
     sidecars=("embedding.safetensors", "tokenizer.json", "tokenizer_config.json", "processed_chat_template.json"),
     engine_file="llm.engine",
@@ -63,7 +64,7 @@ LLM = ExportKind(
 EAGLE_BASE = ExportKind(
     name="eagle_base",
     directory="eagle_base",
-    step="export-llm",
+    step=steps.EXPORT_LLM,
     model_type="eagle3_base",
     sidecars=("embedding.safetensors",),
     engine_file="eagle_base.engine",
@@ -74,7 +75,7 @@ EAGLE_BASE = ExportKind(
 DRAFT = ExportKind(
     name="draft",
     directory="draft",
-    step="export-draft",
+    step=steps.EXPORT_DRAFT,
     model_type="eagle3_draft",
     sidecars=("d2t.safetensors",),
     engine_file="eagle_draft.engine",
@@ -85,7 +86,7 @@ DRAFT = ExportKind(
 VISUAL = ExportKind(
     name="visual",
     directory="visual",
-    step="export-visual",
+    step=steps.EXPORT_VISUAL,
     model_type=None,
     sidecars=("preprocessor_config.json",),
     engine_file="visual.engine",

@@ -165,3 +165,12 @@ def draft_outputs(dims: GraphDims, draft_vocab_size: int, kv_type: int = TensorP
         TensorSpec(HIDDEN_STATES, TensorProto.FLOAT16, (BATCH_SIZE, NUM_SELECTED_TOKENS, dims.hidden_size)),
         *(TensorSpec(present_name(i), kv_type, kv_dims) for i in range(dims.num_layers)),
     ]
+
+
+def lora_inputs(module: str, in_features: int, out_features: int) -> list[TensorSpec]:
+    """The LoRA inputs of GEMM ``module`` (contract 6): A [K, rank] and B [rank, N], float16, one rank dim."""
+    rank = lora_rank_dim(module)
+    return [
+        TensorSpec(lora_a_name(module), TensorProto.FLOAT16, (in_features, rank)),
+        TensorSpec(lora_b_name(module), TensorProto.FLOAT16, (rank, out_features)),
+    ]

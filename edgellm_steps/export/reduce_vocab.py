@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
@@ -94,5 +95,5 @@ def reduce_vocab(
     output_dir = Path(output_dir)
     with staged_directory(output_dir) as staging:
         save_file({"vocab_map": vocab_map}, str(staging / VOCAB_MAP_FILE))
-        write_manifest(staging, step="reduce-vocab", parameters={"size": size, "corpus": corpus})
+        write_manifest(staging, step=steps.REDUCE_VOCAB, parameters={"size": size, "corpus": corpus})
     return output_dir / VOCAB_MAP_FILE

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.manifest import check_if_step_output
 from edgellm_steps.errors import SourceError
 
@@ -17,7 +18,7 @@ def load_vocab_map(directory: str | Path, vocab_size: int) -> np.ndarray:
     from safetensors.numpy import load_file
 
     path = Path(directory) / VOCAB_MAP_FILE
-    check_if_step_output(Path(directory), "reduce-vocab")
+    check_if_step_output(Path(directory), steps.REDUCE_VOCAB)
     if not path.is_file():
         raise SourceError(f"{directory} has no {VOCAB_MAP_FILE}; make it with edgellm-reduce-vocab")
     ids = load_file(str(path)).get("vocab_map")

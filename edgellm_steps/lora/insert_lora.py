@@ -17,8 +17,9 @@ import logging
 from pathlib import Path
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.artifacts.digests import file_digest
 from edgellm_steps.artifacts.manifest import check_listed_file
@@ -71,23 +72,14 @@ def add_lora(model: onnx.ModelProto, sites: list[LoraSite]) -> None:
     del graph.node[:]
     graph.node.extend(nodes)
     for site in sites:
-        rank = llm_io.lora_rank_dim(site.module)
-        graph.input.extend(
-            [
-                helper.make_tensor_value_info(
-                    llm_io.lora_a_name(site.module), TensorProto.FLOAT16, [site.in_features, rank]
-                ),
-                helper.make_tensor_value_info(
-                    llm_io.lora_b_name(site.module), TensorProto.FLOAT16, [rank, site.out_features]
-                ),
-            ]
-        )
+        for spec in llm_io.lora_inputs(site.module, site.in_features, site.out_features):
+            graph.input.append(helper.make_tensor_value_info(spec.name, spec.elem_type, list(spec.dims)))
 
 
 def insert_lora(onnx_dir: str | Path) -> Path:
     """Write ``lora_model.onnx`` beside the export-llm output ``onnx_dir``'s ``model.onnx``; returns its path."""
     onnx_dir = Path(onnx_dir)
-    check_listed_file(onnx_dir, "export-llm", ONNX_NAME)  # model.onnx only: the weights are never read
+    check_listed_file(onnx_dir, steps.EXPORT_LLM, ONNX_NAME)  # model.onnx only: the weights are never read
     source = onnx_dir / ONNX_NAME
     model = onnx.load(str(source), load_external_data=False)
     sites = read_sites(model, str(source))

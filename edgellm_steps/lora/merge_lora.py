@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
@@ -47,6 +48,8 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str |
     with staged_directory(Path(output_dir)) as staging:
         merged.save_pretrained(str(staging), safe_serialization=True)
         copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
-        write_manifest(staging, step="merge-lora", parameters={"model": str(model_dir), "adapter": str(adapter_dir)})
+        write_manifest(
+            staging, step=steps.MERGE_LORA, parameters={"model": str(model_dir), "adapter": str(adapter_dir)}
+        )
     log.info("merged %s into %s -> %s", adapter, checkpoint, output_dir)
     return Path(output_dir)

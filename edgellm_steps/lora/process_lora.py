@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
@@ -61,6 +62,8 @@ def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: st
     with staged_directory(Path(output_dir)) as staging:
         save_file(processed_tensors(modules), str(staging / PROCESSED_WEIGHTS), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(processed, indent=2) + "\n")
-        write_manifest(staging, step="process-lora", parameters={"adapter": str(input_dir), "max_rank": processed["r"]})
+        write_manifest(
+            staging, step=steps.PROCESS_LORA, parameters={"adapter": str(input_dir), "max_rank": processed["r"]}
+        )
     log.info("processed %d LoRA modules (max rank %d) into %s", len(modules), processed["r"], output_dir)
     return Path(output_dir)

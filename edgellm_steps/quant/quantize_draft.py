@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
@@ -136,6 +137,6 @@ def quantize_draft(
         shutil.copyfile(draft / "config.json", staging / "config.json")
         torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        write_manifest(staging, step="quantize-draft", parameters=info)
+        write_manifest(staging, step=steps.QUANTIZE_DRAFT, parameters=info)
     log.info("draft quantization finished in %.1f s", time.monotonic() - started)
     return Path(output_dir)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
@@ -137,6 +138,6 @@ def quantize_llm(
         torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
         copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        write_manifest(staging, step="quantize-llm", parameters=info)
+        write_manifest(staging, step=steps.QUANTIZE_LLM, parameters=info)
     log.info("quantization finished in %.1f s", time.monotonic() - started)
     return Path(output_dir)

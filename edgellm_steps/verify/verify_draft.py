@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from onnx import helper
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import check_step_output
@@ -76,7 +77,7 @@ def verify_draft(
 
     claim = take_claim(Path(report)) if report is not None else None
     onnx_dir = Path(onnx_dir)
-    check_step_output(onnx_dir, "export-draft")
+    check_step_output(onnx_dir, steps.EXPORT_DRAFT)
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     draft_config = read_hf_config(checkpoint)
     held = held_precision(checkpoint, draft_config)

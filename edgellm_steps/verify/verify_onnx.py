@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
@@ -139,16 +140,16 @@ def verify_onnx(
     """
     import torch
 
-    if check_if_step_output(Path(onnx_dir), "export-visual") is not None:
+    if check_if_step_output(Path(onnx_dir), steps.EXPORT_VISUAL) is not None:
         return verify_visual(onnx_dir, model_dir, seed=seed, report=report)
-    if check_if_step_output(Path(onnx_dir), "export-draft") is not None:
+    if check_if_step_output(Path(onnx_dir), steps.EXPORT_DRAFT) is not None:
         return verify_draft(onnx_dir, model_dir, tokens=prefill, seed=seed, report=report)
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None
-    check_step_output(Path(onnx_dir), "export-llm")
+    check_step_output(Path(onnx_dir), steps.EXPORT_LLM)
     # A quantize-llm output must be complete (its manifest checked) before it is read.
-    check_if_step_output(resolve_source(str(model_dir), allow_download=True), "quantize-llm")
+    check_if_step_output(resolve_source(str(model_dir), allow_download=True), steps.QUANTIZE_LLM)
     opened = open_checkpoint(model_dir)
     checkpoint, hf_config, held, precision = opened.path, opened.hf_config, opened.held, opened.precision
     TensorStore(checkpoint)  # every shard header checked before transformers reads them

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
@@ -54,7 +55,7 @@ def verify_visual(
 
     claim = take_claim(Path(report)) if report is not None else None
     onnx_dir = Path(onnx_dir)
-    manifest = check_step_output(onnx_dir, "export-visual")
+    manifest = check_step_output(onnx_dir, steps.EXPORT_VISUAL)
     precision = manifest["parameters"]["precision"]
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     opened = open_vision_tower(checkpoint)

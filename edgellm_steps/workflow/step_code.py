@@ -15,24 +15,24 @@ import ast
 from functools import cache
 from pathlib import Path
 
-from edgellm_steps.artifacts import digests
+from edgellm_steps.artifacts import digests, steps
 
 PACKAGE = "edgellm_steps"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 #: The command module of each step that the workflow runs.
 STEP_ENTRY_POINTS = {
-    "export-llm": f"{PACKAGE}.cli.export_llm",
-    "export-visual": f"{PACKAGE}.cli.export_visual",
-    "export-draft": f"{PACKAGE}.cli.export_draft",
-    "reduce-vocab": f"{PACKAGE}.cli.reduce_vocab",
-    "quantize-llm": f"{PACKAGE}.cli.quantize_llm",
-    "quantize-draft": f"{PACKAGE}.cli.quantize_draft",
-    "insert-lora": f"{PACKAGE}.cli.insert_lora",
-    "process-lora": f"{PACKAGE}.cli.process_lora",
-    "merge-lora": f"{PACKAGE}.cli.merge_lora",
-    "verify-onnx": f"{PACKAGE}.cli.verify_onnx",
-    "build-engine": f"{PACKAGE}.cli.build_engine",
+    steps.EXPORT_LLM: f"{PACKAGE}.cli.export_llm",
+    steps.EXPORT_VISUAL: f"{PACKAGE}.cli.export_visual",
+    steps.EXPORT_DRAFT: f"{PACKAGE}.cli.export_draft",
+    steps.REDUCE_VOCAB: f"{PACKAGE}.cli.reduce_vocab",
+    steps.QUANTIZE_LLM: f"{PACKAGE}.cli.quantize_llm",
+    steps.QUANTIZE_DRAFT: f"{PACKAGE}.cli.quantize_draft",
+    steps.INSERT_LORA: f"{PACKAGE}.cli.insert_lora",
+    steps.PROCESS_LORA: f"{PACKAGE}.cli.process_lora",
+    steps.MERGE_LORA: f"{PACKAGE}.cli.merge_lora",
+    steps.VERIFY_ONNX: f"{PACKAGE}.cli.verify_onnx",
+    steps.BUILD_ENGINE: f"{PACKAGE}.cli.build_engine",
 }
 
 
