@@ -1,6 +1,6 @@
 """Wall time and peak RSS of exporting a Llama-3.1-8B-shaped EAGLE3 base and its draft (run by hand).
 
-The case: ``export_bench.py``'s ``8b`` Llama-3.1-8B checkpoint (random bf16 weights, 8.0B parameters,
+The case: ``bench.export_bench``'s ``8b`` Llama-3.1-8B checkpoint (random bf16 weights, 8.0B parameters,
 16 GB in 2 GB shards, a locally trained tokenizer) and a draft shaped like the public
 yuhuili/EAGLE3-LLaMA3.1-Instruct-8B: ``LlamaForCausalLMEagle3``, one ``midlayer`` whose q/k/v read
 2 x 4096 inputs, ``fc`` [4096, 12288], ``lm_head`` over a 32000-token draft vocabulary, ``d2t`` (int64)
@@ -11,21 +11,19 @@ Each export runs alone in its own process, one after the other:
     python -m edgellm_steps.cli.export_draft --draft_model_dir DRAFT --base_model_dir BASE --output_dir OUT/draft
     python -m edgellm_steps.cli.export_llm --model_dir BASE --output_dir OUT/plain     (only with --with-plain)
 
-    .venv/bin/python bench/eagle_export_bench.py [--workdir DIR] [--keep] [--layers N] [--with-plain]
+    .venv/bin/python -m bench.eagle_export_bench [--workdir DIR] [--keep] [--layers N] [--with-plain] [--note TEXT]
 
-``--layers N`` gives the base N decoder layers instead of 32 (a quick smoke run); the draft is always
-full size. ``--with-plain`` also exports the base without ``--is_eagle_base``, for comparison (16 GB more disk).
+Run from the checkout's root. ``--layers N`` gives the base N decoder layers instead of 32 (a quick
+smoke run); the draft is always full size. ``--with-plain`` also exports the base without
+``--is_eagle_base``, for comparison (16 GB more disk). ``--no-record`` leaves the results file alone.
 
-Reference figures (2 cores, 23 GB RAM, nothing else running; generating base and draft took 109 s and
-5.2 GB peak RSS, so the checkpoints were in the page cache when the exports read them):
-  eagle_base  32 layers, 8.03B parameters -> 15.01 GB onnx_model.data: 58.2 s, 1.76 GB peak RSS.
-  draft       one midlayer, 426M parameters -> 0.85 GB onnx_model.data: 3.7 s, 0.69 GB peak RSS.
-  plain       the same base without --is_eagle_base: 56.2 s, 1.64 GB peak RSS (the EAGLE outputs cost ~4%).
+Measured runs (generation, eagle_base, draft, plain, with their conditions):
+bench/results/eagle_export_bench.json (each run appends to it).
 Targets: eagle_base and plain <= 120 s and <= 3 GB; draft <= 15 s and <= 1.5 GB. The exports stream
 weights, so peak RSS must stay far below the 16 GB base and the 0.85 GB draft they write.
 
 Peak RSS is each export process's own ru_maxrss (``os.wait4``); the checkpoints are generated in a
-separate process, as in ``export_bench.py``, so no export inherits the generator's memory.
+separate process, as in ``bench.export_bench``, so no export inherits the generator's memory.
 """
 
 from __future__ import annotations
@@ -41,9 +39,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-# export_bench.py is a sibling script, not a package module: import its helpers from this directory.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import CASES, measure_command, print_export_table, run_export, write_checkpoint
+from .common import bench_parser, measure_command, module_command, print_export_table, record, run_export, run_record
+from .export_bench import CASES, write_checkpoint
 
 log = logging.getLogger("eagle_export_bench")
 
@@ -129,9 +126,7 @@ def write_draft(directory: Path, config: dict[str, Any] = DRAFT_CONFIG) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and the exports")
+    parser = bench_parser(__doc__, keep="keep the checkpoints and the exports")
     parser.add_argument(
         "--layers", type=int, default=BASE_CASE["num_hidden_layers"], help="the base's decoder layers (default: 32)"
     )
@@ -140,7 +135,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     full = args.layers == BASE_CASE["num_hidden_layers"]
-    # At full size the base is export_bench.py's 8b checkpoint, so one kept with --keep is reused.
+    # At full size the base is bench.export_bench's 8b checkpoint, so one kept with --keep is reused.
     base = args.workdir / ("8b-checkpoint" if full else f"8b-{args.layers}l-checkpoint")
     draft = args.workdir / "eagle3-8b-draft"
     if args.generate_only:
@@ -150,13 +145,15 @@ def main() -> int:
         log.info("%s: %.0fM parameters", draft, params / 1e6)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    generated = "reused"
+    generated, generation = "reused", None
     if not (base / "config.json").is_file() or not (draft / "config.json").is_file():
-        generate = [sys.executable, __file__, "--workdir", str(args.workdir), "--layers", str(args.layers)]
-        code, result = measure_command([*generate, "--generate-only"], stderr=None)
+        generate = module_command(
+            "bench.eagle_export_bench", "--workdir", str(args.workdir), "--layers", str(args.layers)
+        )
+        code, generation = measure_command([*generate, "--generate-only"], stderr=None)
         if code != 0:
             raise SystemExit(f"checkpoint generation failed: {' '.join(generate)} --generate-only")
-        generated = f"{result['wall_s']} s, {result['peak_rss_gb']} GB peak RSS"
+        generated = f"{generation.wall_s:.1f} s, {generation.peak_rss_gb} GB peak RSS"
     out = args.workdir / "eagle3-8b-onnx"
     llm = [sys.executable, "-m", "edgellm_steps.cli.export_llm", "--model_dir", str(base), "--output_dir"]
     commands = {
@@ -185,6 +182,14 @@ def main() -> int:
         shutil.rmtree(draft, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     print(f"base: {args.layers} layers; checkpoint generation: {generated}")
+    if not args.no_record:
+        runs = [run_record("generate base and draft", generation, layers=args.layers)] if generation else []
+        runs += [
+            run_record(name, measured, layers=args.layers, onnx_model_data_gb=round(data_gb, 2))
+            for name, code, measured, data_gb in rows
+            if code == 0
+        ]
+        record("eagle_export_bench", runs, args.note)
     return print_export_table(rows, TARGETS, "targets (32 layers)")
 
 

@@ -4,10 +4,14 @@ Cases (random weights, the public configs' shapes):
   0.5b  Qwen2.5-0.5B-Instruct (494M parameters, tied embeddings, bf16). Targets: <= 26 s, <= 1.4 GB.
   8b    Llama-3.1-8B (8.0B parameters, 16 GB bf16), written shard by shard. Target: <= 4 GB peak RSS.
 
-    .venv/bin/python bench/export_bench.py 0.5b [8b] [--workdir DIR] [--keep]
+    .venv/bin/python -m bench.export_bench 0.5b [8b] [--workdir DIR] [--keep] [--note TEXT] [--no-record]
 
-Peak RSS is the export process's ru_maxrss. Checkpoints are generated in a separate
-process: a child forked from a large parent would inherit the parent's RSS in ru_maxrss.
+Run from the checkout's root. Peak RSS is the export process's ru_maxrss. Checkpoints are generated
+in a separate process: a child forked from a large parent would inherit the parent's RSS in ru_maxrss.
+Measured runs: bench/results/export_bench.json (each run appends to it).
+
+The checkpoint writers here (CASES, write_checkpoint, write_shards, layer_tensors) are also the
+base checkpoints of the LoRA, EAGLE and vision benchmarks.
 """
 
 from __future__ import annotations
@@ -15,18 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from edgellm_steps.models.demo import train_tokenizer
+
+from .common import BIN, Measurement, bench_parser, module_command, record, run_measured, run_record
 
 log = logging.getLogger("export_bench")
 
@@ -150,65 +152,13 @@ def write_checkpoint(case: dict, directory: Path, shard_bytes: int = 2 << 30) ->
     return total
 
 
-def measure_command(command: list[str], stderr: Any = subprocess.DEVNULL) -> tuple[int, dict[str, float]]:
-    """Run ``command`` alone and return its exit code, wall seconds and peak RSS (its own ru_maxrss)."""
-    started = time.monotonic()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    # wait4 gives this child's own rusage; RUSAGE_CHILDREN would also count the generator.
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    return os.waitstatus_to_exitcode(status), {"wall_s": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 1e6, 2)}
-
-
-def run_export(
-    name: str, command: list[str], output: Path, log_path: Path
-) -> tuple[int, dict[str, float], float | None]:
-    """Run one export command alone; returns its exit code, wall s and peak RSS, and its onnx_model.data size (GB)."""
-    log.info("%s export: %s (log %s)", name, " ".join(command), log_path)
-    with log_path.open("w") as stderr:
-        code, result = measure_command(command, stderr=stderr)
-    data = output / "onnx_model.data"
-    data_gb = data.stat().st_size / 1e9 if code == 0 and data.is_file() else None
-    if code != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        log.error("%s export failed (exit %d); end of %s:\n%s", name, code, log_path, "\n".join(tail))
-    else:
-        log.info(
-            "%s export: %s s, %s GB peak RSS, %.2f GB data", name, result["wall_s"], result["peak_rss_gb"], data_gb
-        )
-    return code, result, data_gb
-
-
-def print_export_table(rows: list[tuple], targets: dict[str, dict[str, float]], targets_label: str = "targets") -> int:
-    """Print (name, exit code, measurement, data GB) rows as a Markdown table; 0 when every export succeeded."""
-    print(f"| export | wall (s) | peak RSS (GB) | onnx_model.data (GB) | {targets_label} |")
-    print("|---|---|---|---|---|")
-    for name, code, result, data_gb in rows:
-        goal = ", ".join(f"{k} <= {v}" for k, v in targets[name].items())
-        size = f"{data_gb:.2f}" if data_gb is not None else f"failed (exit {code})"
-        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {size} | {goal} |")
-    return 0 if all(code == 0 for _, code, _, _ in rows) else 1
-
-
-def measure_export(checkpoint: Path, output: Path) -> dict[str, float]:
-    command = [
-        str(Path(sys.executable).parent / "edgellm-export-llm"),
-        "--model_dir",
-        str(checkpoint),
-        "--output_dir",
-        str(output),
-    ]
-    code, result = measure_command(command)
-    if code != 0:
-        raise SystemExit(f"export failed: {' '.join(command)}")
-    return result
+def measure_export(checkpoint: Path, output: Path) -> Measurement:
+    return run_measured([str(BIN / "edgellm-export-llm"), "--model_dir", str(checkpoint), "--output_dir", str(output)])
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, keep="keep checkpoints and exports")
     parser.add_argument("cases", nargs="+", choices=sorted(CASES))
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--keep", action="store_true", help="keep checkpoints and exports")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -223,7 +173,7 @@ def main() -> int:
         checkpoint, output = args.workdir / f"{name}-checkpoint", args.workdir / f"{name}-onnx"
         shutil.rmtree(output, ignore_errors=True)
         if not (checkpoint / "config.json").is_file():
-            generate = [sys.executable, __file__, name, "--workdir", str(args.workdir), "--generate-only"]
+            generate = module_command("bench.export_bench", name, "--workdir", str(args.workdir), "--generate-only")
             subprocess.run(generate, check=True)
         result = measure_export(checkpoint, output)
         data_gb = (output / "onnx_model.data").stat().st_size / 1e9
@@ -233,9 +183,15 @@ def main() -> int:
             shutil.rmtree(output, ignore_errors=True)
     print("| case | wall (s) | peak RSS (GB) | onnx_model.data (GB) | targets |")
     print("|---|---|---|---|---|")
-    for name, result, targets, data_gb in rows:
+    for name, measured, targets, data_gb in rows:
         goal = ", ".join(f"{k} <= {v}" for k, v in targets.items())
-        print(f"| {name} | {result['wall_s']} | {result['peak_rss_gb']} | {data_gb:.2f} | {goal} |")
+        print(f"| {name} | {measured.wall_s:.1f} | {measured.peak_rss_gb} | {data_gb:.2f} | {goal} |")
+    if not args.no_record:
+        runs = [
+            run_record(name, measured, step="export-llm", onnx_model_data_gb=round(data_gb, 2))
+            for name, measured, _, data_gb in rows
+        ]
+        record("export_bench", runs, args.note)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Wall time and peak RSS of insert-lora and process-lora on a Llama-3.1-8B-shaped export (run by hand).
 
-The case: ``export_bench.py``'s ``8b`` checkpoint (random bf16 weights, 8.0B parameters, 16 GB),
+The case: ``bench.export_bench``'s ``8b`` checkpoint (random bf16 weights, 8.0B parameters, 16 GB),
 exported once with export-llm, and a PEFT-layout adapter for it (rank 16 on all seven projections
 of the 32 layers, 42M parameters, bf16, written directly in PEFT's key layout: loading the 8B model
 into PEFT would need 32 GB). Each step runs alone in its own process:
@@ -9,15 +9,13 @@ into PEFT would need 32 GB). Each step runs alone in its own process:
     python -m edgellm_steps.cli.insert_lora --onnx_dir OUT/llm            (onnx_model.data moved away)
     python -m edgellm_steps.cli.process_lora --input_dir ADAPTER --output_dir OUT/lora --model_dir BASE
 
-    .venv/bin/python bench/lora_bench.py [--workdir DIR] [--keep] [--layers N]
+    .venv/bin/python -m bench.lora_bench [--workdir DIR] [--keep] [--layers N] [--note TEXT] [--no-record]
 
-insert-lora runs with the export's 15 GB ``onnx_model.data`` renamed away, so it cannot read the
-weights: it succeeds only if it reads nothing but ``model.onnx``.
+Run from the checkout's root. insert-lora runs with the export's 15 GB ``onnx_model.data`` renamed
+away, so it cannot read the weights: it succeeds only if it reads nothing but ``model.onnx``.
 
-Reference figures (2 cores, 23 GB RAM, nothing else running; the 32-layer export itself took
-62.1 s and 1.72 GB peak RSS):
-  insert-lora   224 GEMMs, 448 LoRA inputs, weights moved away: 0.2 s, 0.23 GB peak RSS (the interpreter).
-  process-lora  rank 16, 224 modules (84 MB bf16 -> 84 MB fp16), checked against the model: 1.9 s, 0.41 GB.
+Measured runs (the export, insert-lora and process-lora, with their conditions):
+bench/results/lora_bench.json (each run appends to it).
 Targets: insert-lora <= 5 s and <= 0.5 GB (it reads one small protobuf); process-lora <= 10 s and <= 1 GB.
 """
 
@@ -33,9 +31,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# export_bench.py is a sibling script, not a package module: import its helpers from this directory.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import CASES, measure_command, run_export, write_checkpoint
+from .common import Measurement, bench_parser, measure_command, module_command, record, run_export, run_record
+from .export_bench import CASES, write_checkpoint
 
 log = logging.getLogger("lora_bench")
 
@@ -89,21 +86,19 @@ def write_adapter(directory: Path, case: dict, layers: int) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
-def measure(name: str, command: list[str], log_path: Path) -> tuple[int, dict[str, float]]:
+def measure(name: str, command: list[str], log_path: Path) -> tuple[int, Measurement]:
     log.info("%s: %s (log %s)", name, " ".join(command), log_path)
     with log_path.open("w") as stderr:
-        code, result = measure_command(command, stderr=stderr)
+        code, measured = measure_command(command, stderr=stderr)
     if code != 0:
         log.error("%s failed (exit %d); end of %s:\n%s", name, code, log_path, log_path.read_text()[-3000:])
     else:
-        log.info("%s: %s s, %s GB peak RSS", name, result["wall_s"], result["peak_rss_gb"])
-    return code, result
+        log.info("%s: %.1f s, %s GB peak RSS", name, measured.wall_s, measured.peak_rss_gb)
+    return code, measured
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint, the export and the adapter")
+    parser = bench_parser(__doc__, keep="keep the checkpoint, the export and the adapter")
     parser.add_argument("--layers", type=int, default=BASE_CASE["num_hidden_layers"], help="decoder layers (32)")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,7 +113,7 @@ def main() -> int:
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     if not (base / "config.json").is_file() or not (adapter / "adapter_config.json").is_file():
-        generate = [sys.executable, __file__, "--workdir", str(args.workdir), "--layers", str(args.layers)]
+        generate = module_command("bench.lora_bench", "--workdir", str(args.workdir), "--layers", str(args.layers))
         if measure_command([*generate, "--generate-only"], stderr=None)[0] != 0:
             raise SystemExit("checkpoint generation failed")
     out = args.workdir / "8b-lora-onnx"
@@ -142,13 +137,21 @@ def main() -> int:
     if not args.keep:
         for path in (base, adapter, out):
             shutil.rmtree(path, ignore_errors=True)
-    print(f"{args.layers} layers; export-llm {exported['wall_s']} s, {exported['peak_rss_gb']} GB peak RSS")
+    print(f"{args.layers} layers; export-llm {exported.wall_s:.1f} s, {exported.peak_rss_gb} GB peak RSS")
     print("| step | wall (s) | peak RSS (GB) | targets (32 layers) |")
     print("|---|---|---|---|")
-    for name, code, result in rows:
+    for name, code, measured in rows:
         goal = ", ".join(f"{k} <= {v}" for k, v in TARGETS[name].items())
         status = "" if code == 0 else f" (failed, exit {code})"
-        print(f"| {name}{status} | {result['wall_s']} | {result['peak_rss_gb']} | {goal} |")
+        print(f"| {name}{status} | {measured.wall_s:.1f} | {measured.peak_rss_gb} | {goal} |")
+    if not args.no_record:
+        runs = [run_record(f"export-llm ({args.layers} layers)", exported, step="export-llm", layers=args.layers)]
+        runs += [
+            run_record(f"{name} ({args.layers} layers)", measured, step=name, layers=args.layers, rank=RANK)
+            for name, code, measured in rows
+            if code == 0
+        ]
+        record("lora_bench", runs, args.note)
     return 0 if all(code == 0 for _, code, _ in rows) else 1
 
 

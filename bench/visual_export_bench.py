@@ -7,18 +7,15 @@ Each export runs alone in its own process, one after the other:
     python -m edgellm_steps.cli.export_visual --model_dir CKPT --output_dir OUT/visual
     python -m edgellm_steps.cli.export_llm --model_dir CKPT --output_dir OUT/llm
 
-    .venv/bin/python bench/visual_export_bench.py [--workdir DIR] [--keep]
+    .venv/bin/python -m bench.visual_export_bench [--workdir DIR] [--keep] [--note TEXT] [--no-record]
 
-Reference figures (2 cores, 23 GB RAM, checkpoint still in the page cache after generation; generating
-it took 54 s and 5.0 GB peak RSS):
-  visual  32-block tower, 669M parameters -> 1.34 GB onnx_model.data: 5.7 s, 0.46 GB peak RSS.
-  llm     36-layer decoder, 3.09B parameters -> 6.17 GB onnx_model.data: 36 s, 1.16 GB peak RSS
-          (0.45 GB while streaming layers; the peak is the tied lm_head, the whole 151936 x 2048 embedding).
+Run from the checkout's root. Measured runs (generation, visual, llm, with their conditions):
+bench/results/visual_export_bench.json (each run appends to it).
 Targets: visual <= 8 s, <= 0.6 GB; llm <= 45 s, <= 1.4 GB. The exports stream weights, so peak RSS must
 stay far below the 1.3 GB tower and the 6.2 GB decoder they write.
 
 Peak RSS is each export process's own ru_maxrss (``os.wait4``); the checkpoint is generated in a
-separate process, as in ``export_bench.py``, so neither export inherits the generator's memory.
+separate process, as in ``bench.export_bench``, so neither export inherits the generator's memory.
 """
 
 from __future__ import annotations
@@ -35,11 +32,10 @@ from typing import Any
 
 from safetensors import safe_open
 
-# export_bench.py is a sibling script, not a package module: import its helpers from this directory.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_bench import layer_tensors, measure_command, print_export_table, run_export, write_shards
-
 from edgellm_steps.models.demo import QWEN_VL_TEMPLATE, make_checkpoint, train_tokenizer
+
+from .common import bench_parser, measure_command, module_command, print_export_table, record, run_export, run_record
+from .export_bench import layer_tensors, write_shards
 
 log = logging.getLogger("visual_export_bench")
 
@@ -193,9 +189,7 @@ def write_vlm_checkpoint(directory: Path, shard_bytes: int = 2 << 30) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("build/bench"))
-    parser.add_argument("--keep", action="store_true", help="keep the checkpoint and the exports")
+    parser = bench_parser(__doc__, keep="keep the checkpoint and the exports")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -205,13 +199,13 @@ def main() -> int:
         log.info("%s: %.0fM parameters", checkpoint, params / 1e6)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    generated = "reused"
+    generated, generation = "reused", None
     if not (checkpoint / "config.json").is_file():
-        generate = [sys.executable, __file__, "--workdir", str(args.workdir), "--generate-only"]
-        code, result = measure_command(generate, stderr=None)
+        generate = module_command("bench.visual_export_bench", "--workdir", str(args.workdir), "--generate-only")
+        code, generation = measure_command(generate, stderr=None)
         if code != 0:
             raise SystemExit(f"checkpoint generation failed: {' '.join(generate)}")
-        generated = f"{result['wall_s']} s, {result['peak_rss_gb']} GB peak RSS"
+        generated = f"{generation.wall_s:.1f} s, {generation.peak_rss_gb} GB peak RSS"
     rows = []
     for name in EXPORTS:
         output = args.workdir / f"{FAMILY}-3b-onnx" / name
@@ -222,6 +216,14 @@ def main() -> int:
         shutil.rmtree(checkpoint, ignore_errors=True)
         shutil.rmtree(args.workdir / f"{FAMILY}-3b-onnx", ignore_errors=True)
     print(f"checkpoint generation: {generated}")
+    if not args.no_record:
+        runs = [run_record("generate checkpoint", generation)] if generation else []
+        runs += [
+            run_record(name, measured, onnx_model_data_gb=round(data_gb, 2))
+            for name, code, measured, data_gb in rows
+            if code == 0
+        ]
+        record("visual_export_bench", runs, args.note)
     return print_export_table(rows, TARGETS)
 
 

@@ -17,9 +17,11 @@ import pytest
 
 from edgellm_steps.artifacts.manifest import ManifestMismatchError
 from edgellm_steps.engine import build_engine as step
+from edgellm_steps.engine import host, layout
 from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export.export_llm import export_llm
+from edgellm_steps.export.kinds import EXPORT_KINDS
 
 LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32)
 
@@ -46,21 +48,21 @@ def test_without_tensorrt(export_dir, tmp_path):
 
 
 def test_without_a_gpu(export_dir, tmp_path, tensorrt_present):
-    assert step.visible_gpu_sm() is None  # this host has no nvidia-smi answer
+    assert host.visible_gpu_sm() is None  # this host has no nvidia-smi answer
     with pytest.raises(MissingDependencyError, match="no NVIDIA GPU is visible"):
         step.build_engine(export_dir, tmp_path / "e.engine", sm=87, limits=LIMITS)
     assert not (tmp_path / "e.engine").exists()
 
 
 def test_on_a_gpu_of_another_sm(export_dir, tmp_path, tensorrt_present, monkeypatch):
-    monkeypatch.setattr(step, "visible_gpu_sm", lambda: 90)
+    monkeypatch.setattr(host, "visible_gpu_sm", lambda: 90)
     with pytest.raises(EdgeLLMError, match="the visible GPU is sm90 but the target is sm87"):
         step.build_engine(export_dir, tmp_path / "e.engine", sm=87, limits=LIMITS)
 
 
 def test_without_the_plugin_library(export_dir, tmp_path, tensorrt_present, monkeypatch):
-    monkeypatch.setattr(step, "visible_gpu_sm", lambda: 87)
-    monkeypatch.delenv(step.PLUGIN_ENV, raising=False)
+    monkeypatch.setattr(host, "visible_gpu_sm", lambda: 87)
+    monkeypatch.delenv(host.PLUGIN_ENV, raising=False)
     with pytest.raises(MissingDependencyError, match="EDGELLM_PLUGIN_PATH"):
         step.build_engine(export_dir, tmp_path / "e.engine", sm=87, limits=LIMITS)
 
@@ -107,7 +109,7 @@ def test_an_export_that_is_not_what_its_manifest_lists_is_refused(edited_export,
 
 
 def test_builder_config_holds_the_limits_of_the_engine_kind():
-    llm = step.builder_config_of("llm", LIMITS, {"model_type": "eagle3_draft"})
+    llm = layout.builder_config_of(EXPORT_KINDS["draft"], LIMITS)
     assert llm == {
         "max_batch_size": 1,
         "max_input_len": 16,
@@ -117,7 +119,7 @@ def test_builder_config_holds_the_limits_of_the_engine_kind():
         "eagle_base": False,
         "eagle_draft": True,
     }
-    visual = step.builder_config_of("visual", LIMITS, {"model_type": "qwen2_5_vl"})
+    visual = layout.builder_config_of(EXPORT_KINDS["visual"], LIMITS)
     assert visual == {"min_image_tokens": 4, "max_image_tokens": 1024, "max_image_tokens_per_image": 512}
 
 
@@ -125,7 +127,7 @@ def test_an_export_visual_output_makes_a_vision_engine(checkpoint_factory, tmp_p
     from edgellm_steps.export.export_visual import export_visual
 
     visual = export_visual(checkpoint_factory("qwen2_5_vl"), tmp_path / "visual").parent
-    assert step.check_export(visual) == "visual"
+    assert step.check_export(visual).profile == "visual"
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
         step.build_engine(visual, tmp_path / "v.engine", sm=87, limits=LIMITS)
 
@@ -142,20 +144,19 @@ def test_a_vlm_engine_directory_holds_the_vision_engine(checkpoint_factory, tmp_
     visual_onnx = export_visual(checkpoint, tmp_path / "onnx/visual").parent
     llm_onnx = tmp_path / "onnx/llm"
     export_llm(checkpoint, llm_onnx)
-    visual_engine = step.write_engine_dir(
-        tmp_path / "engines/sm87/visual/vl.engine", visual_onnx, "visual", b"vision engine", sm=87, limits=LIMITS
+    visual_engine = layout.write_engine_dir(
+        tmp_path / "engines/sm87/visual/vl.engine", visual_onnx, b"vision engine", sm=87, limits=LIMITS
     )
     # A vision engine for another SM, or a directory that is not a finished build, is refused.
     with pytest.raises(EdgeLLMError, match="not a vision engine for sm110"):
-        step.check_visual_engine(visual_engine, 110)
-    engine = step.write_engine_dir(
+        layout.check_component_engine(visual_engine, 110, EXPORT_KINDS["visual"])
+    engine = layout.write_engine_dir(
         tmp_path / "engines/sm87/vl_fp16.engine",
         llm_onnx,
-        "llm",
         b"llm engine",
         sm=87,
         limits=LIMITS,
-        visual_engine_dir=step.check_visual_engine(visual_engine, 87),
+        visual_engine_dir=layout.check_component_engine(visual_engine, 87, EXPORT_KINDS["visual"]),
     )
     top = {p.name for p in engine.iterdir()}
     assert {"llm.engine", "config.json", "tokenizer.json", "embedding.safetensors", "visual", "manifest.json"} <= top
@@ -190,8 +191,8 @@ def test_an_eagle_engine_directory_holds_base_and_draft_as_the_runtime_names_the
     base = checkpoint_factory("llama")
     export_llm(base, tmp_path / "onnx/eagle_base", eagle_base=True)
     export_draft(make_eagle3_draft(tmp_path / "draft", base), base, tmp_path / "onnx/draft")
-    draft_engine = step.write_engine_dir(
-        tmp_path / "engines/draft.engine", tmp_path / "onnx/draft", "llm", b"draft", sm=110, limits=LIMITS
+    draft_engine = layout.write_engine_dir(
+        tmp_path / "engines/draft.engine", tmp_path / "onnx/draft", b"draft", sm=110, limits=LIMITS
     )
     assert {p.name for p in draft_engine.iterdir()} == {
         "eagle_draft.engine",
@@ -199,14 +200,13 @@ def test_an_eagle_engine_directory_holds_base_and_draft_as_the_runtime_names_the
         "d2t.safetensors",
         "manifest.json",
     }
-    engine = step.write_engine_dir(
+    engine = layout.write_engine_dir(
         tmp_path / "engines/eagle.engine",
         tmp_path / "onnx/eagle_base",
-        "llm",
         b"base",
         sm=110,
         limits=LIMITS,
-        draft_engine_dir=step.check_component_engine(draft_engine, 110, "eagle_draft"),
+        draft_engine_dir=layout.check_component_engine(draft_engine, 110, EXPORT_KINDS["draft"]),
     )
     files = {p.name for p in engine.iterdir()}
     assert {"eagle_base.engine", "base_config.json", "eagle_draft.engine", "draft_config.json"} <= files
@@ -217,4 +217,4 @@ def test_an_eagle_engine_directory_holds_base_and_draft_as_the_runtime_names_the
     assert base_config["eagle_base"] and not base_config["eagle_draft"]
     assert draft_config["eagle_draft"] and not draft_config["eagle_base"]
     with pytest.raises(EdgeLLMError, match="not an EAGLE draft engine for sm87"):
-        step.check_component_engine(draft_engine, 87, "eagle_draft")
+        layout.check_component_engine(draft_engine, 87, EXPORT_KINDS["draft"])

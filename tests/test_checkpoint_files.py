@@ -388,7 +388,7 @@ def _overlapping_shard(checkpoint: Path) -> None:
 
 @pytest.mark.parametrize("tool", ["edgellm-export-llm", "edgellm-quantize-llm", "edgellm-verify-onnx"])
 def test_every_step_reports_a_bad_shard_in_one_line(checkpoint_factory, tmp_path, tool):
-    from .conftest import BIN, tool_env
+    from .support import BIN, tool_env
 
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()

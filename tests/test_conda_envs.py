@@ -33,7 +33,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from .conftest import REPO
+from .support import REPO
 
 ENVS = REPO / "envs"
 ENV_FILES = sorted(ENVS.glob("*.yaml"))
@@ -117,7 +117,7 @@ def rule_env(smk: Path, body: str) -> Path:
 
 
 RULES = list(rules())
-STEP_ENVS = sorted({rule_env(smk, body) for smk, _, body in RULES if "step_command(" in body})
+STEP_ENVS = sorted({rule_env(smk, body) for smk, _, body in RULES if "**step(" in body})
 
 
 def test_rules_and_env_files_found():

@@ -6,7 +6,7 @@ from edgellm_steps.errors import ConfigError
 from edgellm_steps.workflow.config import model_settings, validate_config
 from edgellm_steps.workflow.planning import load_workflow_config
 
-from .conftest import REPO
+from .support import REPO
 
 
 def test_example_config_is_valid():
@@ -72,7 +72,7 @@ def test_quantize_flags_follow_the_config():
 
     config = {"models": {"m": {"source": "x", "quantization": {"calib_size": 64, "batch_size": 4}}}}
     validate_config(config)
-    flags = Planner(config).quantize_options("m", "int4_awq-lmfp8-kvfp8")
+    flags = Planner(config).inputs.quantize_options("m", "int4_awq-lmfp8-kvfp8")
     assert flags == ("--precision int4_awq-lmfp8-kvfp8 --calib_size 64 --calib_max_tokens 512 --calib_batch_size 4")
 
 
@@ -83,14 +83,14 @@ def test_an_engine_reads_only_the_limits_of_its_kind():
     config = {"models": {"m": {"source": "x", "build": {"max_image_tokens": 2048, "max_tree_size": 8}}}}
     validate_config(config)
     planner = Planner(config)
-    assert planner.build_limits("m") == {
+    assert planner.facts.model("m").build_limits() == {
         "max_batch_size": 4,
         "max_input_len": 1024,
         "max_kv_cache_capacity": 4096,
         "max_lora_rank": 0,
         "max_tree_size": 8,
     }
-    assert planner.build_limits("m", "visual") == {
+    assert planner.facts.model("m").build_limits("visual") == {
         "min_image_tokens": 4,
         "max_image_tokens": 2048,
         "max_image_tokens_per_image": 512,

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from .conftest import REPO, tool_env
+from .support import REPO, tool_env
 
 pytestmark = pytest.mark.workflow
 

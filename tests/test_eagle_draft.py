@@ -201,18 +201,17 @@ def test_the_draft_engine_profiles_span_the_tree(draft):
     import onnx
 
     from edgellm_steps.engine import build_engine
+    from edgellm_steps.engine.layout import builder_config_of
     from edgellm_steps.engine.limits import BuildLimits
     from edgellm_steps.engine.profiles import engine_profiles
 
     _, _, _, onnx_dir = draft
-    assert build_engine.check_export(onnx_dir) == "llm"
+    assert build_engine.check_export(onnx_dir).profile == "llm"
     graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
     prefill, decode = engine_profiles(graph, BuildLimits(max_batch_size=2, max_tree_size=60))
     assert decode[llm_io.ATTENTION_MASK][2] == (2, 60, 64)  # the tree, in whole 32-bit words
     assert decode[llm_io.HIDDEN_STATES_INPUT][2][1] == 60 and prefill[llm_io.ATTENTION_MASK][2] == (2, 1, 1)
-    assert build_engine.builder_config_of("llm", BuildLimits(), json.loads((onnx_dir / "config.json").read_text()))[
-        "eagle_draft"
-    ]
+    assert builder_config_of(build_engine.check_export(onnx_dir), BuildLimits())["eagle_draft"]
 
 
 def test_a_pytorch_model_bin_draft_exports_the_same_graph(checkpoint_factory, tmp_path):

@@ -8,27 +8,21 @@ import pytest
 
 from edgellm_steps.models.demo import make_eagle3_draft
 
-from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+from .support import NOTHING, WorkdirLayout, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
-CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    draft: {source: draft}
-    sm_targets: [110]
-"""
+CONFIG = scenario("eagle")
 EXPORTS = ("onnx/tiny_fp16/eagle_base/model.onnx", "onnx/tiny_fp16/draft/model.onnx")
 
 
-@pytest.fixture
-def workdir(tmp_path, checkpoint_factory):
-    base = checkpoint_factory("llama")
-    copy_checkpoint(base, tmp_path / "ckpt")
-    make_eagle3_draft(tmp_path / "draft", base)
-    write_config(tmp_path, CONFIG)
-    return tmp_path
+def _draft(workdir, base) -> None:
+    """The config's draft: an EAGLE3 draft made for the base checkpoint."""
+    make_eagle3_draft(workdir / "draft", base)
+
+
+#: The workdir fixture's layout: a llama checkpoint and an EAGLE3 draft made for it.
+WORKDIR = WorkdirLayout(checkpoint="llama", config=CONFIG, extras=_draft)
 
 
 def test_eagle_exports_build_and_the_engine_plans_base_and_draft(workdir):
@@ -68,7 +62,7 @@ def test_a_draft_that_does_not_fit_the_base_fails_at_planning(workdir):
 
 def test_eagle_targets_need_a_draft(tmp_path, checkpoint_factory):
     copy_checkpoint(checkpoint_factory("llama"), tmp_path / "ckpt")
-    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
+    write_config(tmp_path, scenario("one_model", model="tiny", source="ckpt"))
     refused = run_snakemake(tmp_path, "-n", EXPORTS[1], check=False)
     assert refused.returncode != 0 and "model 'tiny' has no draft; add draft: {source:" in refused.output
     # Without a draft the engine is the plain LLM engine.
@@ -96,14 +90,7 @@ def test_a_reduced_vocabulary_serves_the_eagle_base_and_the_llm_export(workdir):
     assert planned_jobs(replan.output) == {"reduce_vocab": 1, "export_eagle_base": 1, "export_llm": 1}
 
 
-QUANTIZED_DRAFT_CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    draft: {source: draft, precision: fp8-kvfp8}
-    sm_targets: [110]
-    quantization: {calib_size: 4, calib_max_tokens: 16, threads: 1}
-"""
+QUANTIZED_DRAFT_CONFIG = scenario("eagle_quantized_draft")
 
 
 def test_a_quantized_draft_is_calibrated_through_the_base_and_exported(workdir):

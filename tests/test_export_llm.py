@@ -21,7 +21,7 @@ from edgellm_steps.models.demo import TINY_FAMILIES
 from edgellm_steps.models.families import FAMILIES
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .conftest import BIN, TINY_CASES, tool_env
+from .support import BIN, TINY_CASES, tool_env
 
 #: Every HF architecture the registry supports, as the error message lists them.
 SUPPORTED = sorted(arch for spec in FAMILIES for arch in spec.architectures)

@@ -2,7 +2,7 @@
 
 import subprocess
 
-from .conftest import BIN, REPO, run_snakemake, tool_env
+from .support import BIN, REPO, run_snakemake, tool_env
 
 
 def run(*command):

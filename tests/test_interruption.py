@@ -15,7 +15,7 @@ import pytest
 
 from edgellm_steps.artifacts.atomic import staging_prefix
 
-from .conftest import (
+from .support import (
     BIN,
     CONFIG,
     MANIFEST,

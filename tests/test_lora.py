@@ -31,7 +31,7 @@ from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_tabl
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .conftest import BIN, tool_env
+from .support import BIN, tool_env
 
 #: case -> (checkpoint case, the modules an adapter targets). Phi-3 fuses q/k/v and gate/up.
 CASES = {
@@ -287,6 +287,7 @@ def test_a_lora_engine_directory_links_its_processed_adapters(checkpoint_factory
     """Engine bytes stand in for TensorRT's; the checks, the layout and the links are real."""
     from edgellm_steps.artifacts.manifest import check_step_output
     from edgellm_steps.engine import build_engine as step
+    from edgellm_steps.engine import layout
     from edgellm_steps.engine.limits import BuildLimits
 
     checkpoint = checkpoint_factory("llama")
@@ -304,8 +305,8 @@ def test_a_lora_engine_directory_links_its_processed_adapters(checkpoint_factory
     with pytest.raises(EdgeLLMError, match=r"adapter 'chat' .* has rank 8 but the engine's max_lora_rank is 4"):
         step.check_lora_adapters({"chat": processed}, BuildLimits(max_lora_rank=4))
     adapters = step.check_lora_adapters({"chat": processed}, limits)
-    engine = step.write_engine_dir(
-        tmp_path / "engines/sm87/tiny_fp16.engine", out, "llm", b"engine", sm=87, limits=limits, lora_adapters=adapters
+    engine = layout.write_engine_dir(
+        tmp_path / "engines/sm87/tiny_fp16.engine", out, b"engine", sm=87, limits=limits, lora_adapters=adapters
     )
     link = engine / "lora/chat"
     assert link.is_symlink() and not os.path.isabs(os.readlink(link))

@@ -10,20 +10,11 @@ import pytest
 
 from edgellm_steps.models.demo import make_lora_adapter
 
-from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+from .support import NOTHING, WorkdirLayout, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
-CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    sm_targets: [110]
-    build: {max_lora_rank: 8}
-    lora:
-      chat: adapters/chat
-      code: {source: adapters/code}
-"""
+CONFIG = scenario("lora")
 TARGETS = (
     "onnx/tiny_fp16/llm/lora_model.onnx",
     "lora/tiny/chat/processed_adapter_model.safetensors",
@@ -31,14 +22,14 @@ TARGETS = (
 )
 
 
-@pytest.fixture
-def workdir(tmp_path, checkpoint_factory):
-    base = checkpoint_factory("llama")
-    copy_checkpoint(base, tmp_path / "ckpt")
-    make_lora_adapter(tmp_path / "adapters/chat", base, ["q_proj", "v_proj"], r=4)
-    make_lora_adapter(tmp_path / "adapters/code", base, ["o_proj", "down_proj"], seed=1, r=8)
-    write_config(tmp_path, CONFIG)
-    return tmp_path
+def _adapters(workdir, base) -> None:
+    """The config's two adapters: chat (rank 4, attention) and code (rank 8, o_proj and down_proj)."""
+    make_lora_adapter(workdir / "adapters/chat", base, ["q_proj", "v_proj"], r=4)
+    make_lora_adapter(workdir / "adapters/code", base, ["o_proj", "down_proj"], seed=1, r=8)
+
+
+#: The workdir fixture's layout: a llama checkpoint and two adapters trained for it.
+WORKDIR = WorkdirLayout(checkpoint="llama", config=CONFIG, extras=_adapters)
 
 
 def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir):
@@ -89,23 +80,14 @@ def test_an_adapter_the_model_cannot_serve_fails_at_planning(workdir, checkpoint
 
 def test_lora_targets_need_adapters(tmp_path, checkpoint_factory):
     copy_checkpoint(checkpoint_factory("llama"), tmp_path / "ckpt")
-    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
+    write_config(tmp_path, scenario("one_model", model="tiny", source="ckpt"))
     refused = run_snakemake(tmp_path, "-n", TARGETS[0], check=False)
     assert refused.returncode != 0 and "model 'tiny' has no LoRA adapters" in refused.output
     refused = run_snakemake(tmp_path, "-n", TARGETS[1], check=False)
     assert refused.returncode != 0 and "model 'tiny' has no LoRA adapter 'chat'; add lora:" in refused.output
 
 
-MERGED_CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    sm_targets: [110]
-    precisions: [fp16, fp8]
-    quantization: {calib_size: 2, calib_max_tokens: 8, threads: 1}
-    lora:
-      chat: {source: adapters/chat, merge: true}
-"""
+MERGED_CONFIG = scenario("lora_merged")
 
 
 def test_a_merged_adapter_is_a_model_variant(workdir):

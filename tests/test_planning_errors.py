@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from edgellm_steps.models.families import FAMILIES
 
-from .conftest import run_snakemake, write_config
+from .support import WorkdirLayout, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
-GOOD = "models:\n  tiny:\n    source: ckpt\n"
+GOOD = scenario("one_model", model="tiny", source="ckpt")
+#: The workdir fixture's layout: a qwen2 checkpoint and the good config.
+WORKDIR = WorkdirLayout(checkpoint="qwen2", config=GOOD)
 
 
 def plan_error(workdir, target: str) -> str:
@@ -24,13 +25,6 @@ def plan_error(workdir, target: str) -> str:
     assert len(errors) == 1, result.output
     assert not (workdir / "onnx").exists() and not (workdir / "logs").exists()
     return errors[0]
-
-
-@pytest.fixture
-def workdir(tmp_path, checkpoint_factory):
-    shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "ckpt")
-    write_config(tmp_path, GOOD)
-    return tmp_path
 
 
 def test_unknown_model_key(workdir):

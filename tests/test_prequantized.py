@@ -19,7 +19,7 @@ from edgellm_steps.quant.prequantized import HF_QUANT_CONFIG, MODELOPT_STATE, QU
 from edgellm_steps.quant.quantize_llm import quantize_llm
 from edgellm_steps.workflow.planning import Planner
 
-from .conftest import BIN, TINY_CASES, run_snakemake, tool_env, write_config
+from .support import BIN, TINY_CASES, run_snakemake, scenario, tool_env, write_config
 
 CALIB = {"calib_size": 4, "calib_max_tokens": 16}
 
@@ -112,17 +112,17 @@ def planner_for(source: Path) -> Planner:
 
 def test_planning_exports_a_classic_checkpoint_as_its_precision_only(classic):
     planner = planner_for(classic)
-    assert planner.export_inputs("tiny", "fp8-kvfp8") == {"source": planner.source_inputs("tiny")}
+    assert planner.inputs.export_llm("tiny", "fp8-kvfp8") == {"source": planner.facts.model("tiny").source_stamps}
     for other in ("fp16", "fp8", "fp8-lmfp8-kvfp8", "int4_awq"):
         with pytest.raises(PrecisionError, match=r"already quantized as fp8-kvfp8 \(hf_quant_config.json\)"):
-            planner.export_inputs("tiny", other)
+            planner.inputs.export_llm("tiny", other)
 
 
 def test_our_own_quantized_checkpoint_as_a_source(classic, tmp_path):
     ours = classic.parent / "ours"
     assert held_precision(ours, {}).precision == parse_precision("fp8-kvfp8")
     with pytest.raises(PrecisionError, match="request precision fp8-kvfp8"):
-        planner_for(ours).quantize_inputs("tiny", "fp8")
+        planner_for(ours).inputs.quantize_llm("tiny", "fp8")
 
 
 def test_quantize_refuses_a_quantized_source(classic, tmp_path):
@@ -134,7 +134,7 @@ def test_quantize_refuses_a_quantized_source(classic, tmp_path):
 def test_classic_checkpoint_in_the_workflow(classic, tmp_path):
     """No quantize job; the export matches the fake-quantized model restored weights-only."""
     shutil.copytree(classic, tmp_path / "classic")
-    write_config(tmp_path, "models:\n  classic:\n    source: classic\n")
+    write_config(tmp_path, scenario("one_model", model="classic", source="classic"))
     report = "reports/classic_fp8-kvfp8/verify.json"
     plan = run_snakemake(tmp_path, "-n", report).output
     assert "quantize_llm" not in plan and "export_llm" in plan and "verify_onnx" in plan

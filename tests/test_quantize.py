@@ -25,7 +25,7 @@ from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .conftest import BIN, tool_env
+from .support import BIN, tool_env
 
 #: precision -> quantize flags (weights, lm_head, kv cache). The model's dims are multiples of 128 (int4).
 VARIANTS = {

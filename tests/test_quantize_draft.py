@@ -27,7 +27,7 @@ from edgellm_steps.quant.quantize_draft import quantize_draft
 from edgellm_steps.quant.quantize_llm import quantize_llm
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .conftest import BIN, tool_env
+from .support import BIN, tool_env
 
 #: Eight base layers: contract 5's hidden states [2, (n-1)//2, n-4] with n = 9 are entries 2, 4 and 5
 #: of transformers' output_hidden_states, three distinct layers.

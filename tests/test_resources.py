@@ -16,7 +16,7 @@ from edgellm_steps.workflow.config import validate_config
 from edgellm_steps.workflow.planning import Planner
 from edgellm_steps.workflow.resources import FLOOR_MB, MARGIN, MIB, PEAKS, quantize_mem_mb, verify_mem_mb
 
-from .conftest import copy_checkpoint, run_snakemake, write_config
+from .support import copy_checkpoint, run_snakemake, scenario, write_config
 
 #: The bench checkpoint (Qwen2.5-0.5B shape): weight bytes, vocabulary, calibration tokens.
 QWEN_05B = {"weight_bytes": 988_097_824, "vocab_size": 151_936, "tokens": 512}
@@ -72,7 +72,13 @@ def test_int4_awq_requests_more_than_fp8():
     assert quantize_mem_mb(big, "int4_awq", batch=1, **shape) > quantize_mem_mb(big, "fp8", batch=1, **shape)
 
 
-@pytest.mark.parametrize("measured", resources.MEASURED, ids=lambda m: f"{m.kind}-b{m.batch}-s{m.samples}")
+def test_the_cited_bench_runs_are_all_there():
+    """The runs the model is fitted to come from bench/results: every peak model has some (none vanished)."""
+    runs = resources.measured_runs()
+    assert len(runs) == 14 and {run.kind for run in runs} == set(PEAKS)
+
+
+@pytest.mark.parametrize("measured", resources.measured_runs(), ids=lambda m: f"{m.kind}-b{m.batch}-s{m.samples}")
 def test_requests_cover_every_measured_peak_with_the_margin_and_not_much_more(measured):
     """The 0.5B bench runs (bench/quantize_bench.py): each request is 1.25x to 2.5x its measured peak.
 
@@ -110,21 +116,21 @@ def test_planner_uses_the_recipe_batch_capped_at_the_calibration_samples(checkpo
         return quantize_mem_mb(weight_bytes, weights, batch=batch, tokens=tokens, vocab_size=vocab)
 
     default = planner(ckpt, quantization={"calib_max_tokens": tokens})
-    assert default.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 16) > FLOOR_MB
-    assert default.quantize_mem_mb("m", "fp8-kvfp8") == expected("fp8", 1)
-    assert default.quantize_mem_mb("m", "fp16-lmfp8") == expected("fp16", 1)
+    assert default.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 16) > FLOOR_MB
+    assert default.resources.quantize_mem_mb("m", "fp8-kvfp8") == expected("fp8", 1)
+    assert default.resources.quantize_mem_mb("m", "fp16-lmfp8") == expected("fp16", 1)
     few = planner(ckpt, quantization={"calib_max_tokens": tokens, "calib_size": 4})
-    assert few.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 4)
+    assert few.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 4)
     chosen = planner(ckpt, quantization={"calib_max_tokens": tokens, "batch_size": 2})
-    assert chosen.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 2)
-    assert chosen.quantize_mem_mb("m", "nvfp4") == expected("nvfp4", 2)
+    assert chosen.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 2)
+    assert chosen.resources.quantize_mem_mb("m", "nvfp4") == expected("nvfp4", 2)
 
 
 def test_planner_threads_and_gpus_follow_the_config(checkpoint_factory):
     ckpt = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
-    default = planner(ckpt)
+    default = planner(ckpt).resources
     assert (default.quantize_threads("m"), default.verify_threads("m"), default.quantize_gpus("m")) == (8, 4, 0)
-    cuda = planner(ckpt, quantization={"device": "cuda", "threads": 3}, verify={"threads": 5})
+    cuda = planner(ckpt, quantization={"device": "cuda", "threads": 3}, verify={"threads": 5}).resources
     assert (cuda.quantize_threads("m"), cuda.verify_threads("m"), cuda.quantize_gpus("m")) == (3, 5, 1)
 
 
@@ -134,23 +140,14 @@ def test_gptq_source_counts_as_its_dequantized_weights(checkpoint_factory, tmp_p
     gptq = tmp_path / "gptq"
     write_gptq_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), gptq, tmp_path / "f")
     os.truncate(gptq / "model.safetensors", 2 * 10**9)  # sparse: a size above the floor, no disk used
-    assert planner(gptq).verify_mem_mb("m", "int4_gptq") == verify_mem_mb(
+    assert planner(gptq).resources.verify_mem_mb("m", "int4_gptq") == verify_mem_mb(
         2 * 10**9 * FORMATS["int4_gptq"].verify_expansion
     )
 
 
 # A real dry run: the resources Snakemake shows (and a cluster executor gets) per job.
 
-DRY_RUN_CONFIG = """\
-models:
-  cpu:
-    source: ckpt
-    quantization: {calib_max_tokens: 2048, threads: 1}
-    verify: {threads: 1}
-  gpu:
-    source: ckpt
-    quantization: {calib_max_tokens: 2048, device: cuda}
-"""
+DRY_RUN_CONFIG = scenario("resources_dry_run")
 SPARSE_BYTES = 2 * 10**9
 
 
@@ -216,14 +213,7 @@ def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_pa
     assert "--report reports/cpu_fp16/verify.json --threads 1 >" in plan
 
 
-QUANT_RUN_CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    quantization:
-      calib_size: 2
-      calib_max_tokens: 16
-"""
+QUANT_RUN_CONFIG = scenario("resources_quant_run")
 
 
 @pytest.mark.workflow

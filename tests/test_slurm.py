@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import REPO, copy_checkpoint, run_snakemake, write_config
 from .slurm_cluster import FEATURE, ClusterUnavailable, local_slurm
+from .support import CONFIG, REPO, WorkdirLayout, run_snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -29,11 +29,8 @@ def cluster():
         pytest.skip(str(reason))
 
 
-@pytest.fixture
-def workdir(tmp_path, checkpoint_factory):
-    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
-    write_config(tmp_path, "models:\n  tiny:\n    source: ckpt\n")
-    return tmp_path
+#: The workdir fixture's layout: a qwen2 checkpoint and the one-model config.
+WORKDIR = WorkdirLayout(checkpoint="qwen2", config=CONFIG)
 
 
 def slurm(workdir, *args, check=True):

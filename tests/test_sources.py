@@ -135,8 +135,8 @@ def plan_sources(state_dir):
     """What one planning run does for the model's source: a fresh Planner, as Snakemake builds one per DAG."""
     config = load_workflow_config({"models": {"tiny": {"source": HUB_ID}}})
     planner = Planner(config, state_dir=state_dir)
-    stamps = [Path(p) for p in planner.source_inputs("tiny")]
-    return planner.checkpoint("tiny"), {p.name.removesuffix(STAMP_SUFFIX): p for p in stamps}
+    stamps = [Path(p) for p in planner.facts.model("tiny").source_stamps]
+    return planner.facts.model("tiny").checkpoint.path, {p.name.removesuffix(STAMP_SUFFIX): p for p in stamps}
 
 
 def stamp_state(stamps):

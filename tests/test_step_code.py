@@ -62,7 +62,7 @@ def digests(package_dir) -> dict[str, str]:
         ("verify/reference.py", {"verify-onnx"}),
         ("export/sidecars.py", {"export-llm", "export-visual", "export-draft"}),
         ("export/visual_graph.py", {"export-visual"}),  # verify-onnx reads the vision graph's I/O names only
-        ("export/visual_io.py", {"export-visual", "verify-onnx"}),
+        ("export/visual_io.py", {"export-visual", "verify-onnx", "build-engine"}),  # its I/O: graph, feeds, profiles
         (
             "quant/nvfp4.py",
             {"export-llm", "export-visual", "export-draft", "quantize-llm", "quantize-draft", "verify-onnx"},

@@ -11,27 +11,15 @@ import json
 
 import pytest
 
-from .conftest import NOTHING, copy_checkpoint, planned_jobs, run_snakemake, write_config
+from .support import NOTHING, WorkdirLayout, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
-CONFIG = """\
-models:
-  vlm:
-    source: ckpt
-    quantization:
-      calib_size: 4
-      calib_max_tokens: 32
-      threads: 1
-"""
+CONFIG = scenario("vlm")
 VISUAL = "onnx/vlm/visual/model.onnx"
 
-
-@pytest.fixture
-def workdir(tmp_path, checkpoint_factory):
-    copy_checkpoint(checkpoint_factory("qwen2_5_vl"), tmp_path / "ckpt")
-    write_config(tmp_path, CONFIG)
-    return tmp_path
+#: The workdir fixture's layout: a tiny Qwen2.5-VL checkpoint.
+WORKDIR = WorkdirLayout(checkpoint="qwen2_5_vl", config=CONFIG)
 
 
 def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkpoint_factory):

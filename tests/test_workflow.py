@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import (
+from .support import (
     BIN,
     CONFIG,
     MANIFEST,
@@ -18,6 +18,7 @@ from .conftest import (
     copy_checkpoint,
     planned_jobs,
     run_snakemake,
+    scenario,
     write_config,
 )
 
@@ -144,7 +145,7 @@ def test_hub_id_source_resolves_from_the_local_cache(tmp_path, checkpoint_factor
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    write_config(tmp_path, "models:\n  tiny:\n    source: some-org/tiny-model\n")
+    write_config(tmp_path, scenario("one_model", model="tiny", source="some-org/tiny-model"))
     run_snakemake(tmp_path, ONNX)
     assert (tmp_path / MANIFEST).is_file()
     assert NOTHING in run_snakemake(tmp_path, "-n", ONNX).output

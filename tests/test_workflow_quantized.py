@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .conftest import CONFIG, NOTHING, ONNX, copy_checkpoint, planned_jobs, run_snakemake, write_config
+from .support import CONFIG, NOTHING, ONNX, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -22,15 +22,7 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
     assert NOTHING in run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json").output
 
 
-QUANT_CONFIG = """\
-models:
-  tiny:
-    source: ckpt
-    quantization:
-      calib_size: 4
-      calib_max_tokens: 32
-      threads: 1  # tiny models: two one-thread jobs at once beat one two-thread job
-"""
+QUANT_CONFIG = scenario("quantized")
 QUANT_PRECISIONS = (
     "fp8",
     "int8_sq",

@@ -13,12 +13,12 @@ rather than under.
 The second term grows with the calibration batch (``batch`` samples of ``tokens`` tokens in one
 forward pass); the float32 logits, ``batch x tokens x vocab_size`` of them, are most of it.
 
-Measured with ``bench/quantize_bench.py`` (``--batch``, ``--verify``; about 26 minutes of runs) on
-this project's 2-core, 23 GB CPU machine, torch 2.13 CPU and the pinned ModelOpt: the
-Qwen2.5-0.5B-shaped random checkpoint (494M parameters, bf16, tied embeddings, vocab 151936,
-hidden 896, 24 layers), **988,097,824 weight bytes** (942 MiB), calibration samples of 512
-tokens, built-in corpus, ``--device cpu``. Peak RSS is the step process's ``ru_maxrss``;
-:data:`MEASURED` lists every run in MiB. What the runs showed:
+Measured with ``python -m bench.quantize_bench`` (``--batch``, ``--verify``; about 26 minutes of
+runs) on the Qwen2.5-0.5B-shaped random checkpoint (494M parameters, bf16, tied embeddings, vocab
+151936, hidden 896, 24 layers; 988,097,824 weight bytes), 512-token samples, ``--device cpu``. The
+runs, with their machine and settings, are the records of ``bench/results/quantize_bench.json``
+whose ``cited_by`` names this module (:func:`measured_runs` reads them; the tests hold every
+request above its run's peak). What the runs showed:
 
 - fp8, int8_sq, nvfp4 and fp16 with LM-head/KV overrides, batch 1: 3.3 GiB whatever the number
   of samples (fp8: 2, 32 and 512 samples; nvfp4 32 and 512). fp8 at batch 8: 4.9 GiB, about
@@ -39,8 +39,10 @@ sizes) outweigh its vocabulary has a larger per-token cost, but its weight term 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, PeakModel
 
@@ -73,23 +75,19 @@ class Measured:
     peak_mib: int
 
 
-#: Every measured run (bench/quantize_bench.py prints ru_maxrss / 1e6 as "GB": 3.40 -> 3320 MiB).
-MEASURED = (
-    Measured("fp8", batch=1, samples=2, peak_mib=3359),
-    Measured("fp8", batch=1, samples=32, peak_mib=3320),
-    Measured("fp8", batch=1, samples=512, peak_mib=3320),
-    Measured("fp8", batch=8, samples=8, peak_mib=5049),
-    Measured("int8_sq", batch=1, samples=32, peak_mib=3320),
-    Measured("nvfp4", batch=1, samples=512, peak_mib=3320),
-    Measured("fp16", batch=1, samples=2, peak_mib=3362),  # fp16-lmfp8-kvfp8
-    Measured("int4_awq", batch=1, samples=1, peak_mib=5869),
-    Measured("int4_awq", batch=1, samples=4, peak_mib=5850),
-    Measured("int4_awq", batch=4, samples=4, peak_mib=3779),
-    Measured("int4_awq", batch=16, samples=16, peak_mib=9141),
-    Measured("int4_awq", batch=16, samples=32, peak_mib=10449),
-    Measured("verify", batch=0, samples=0, peak_mib=8350),  # fp16 export
-    Measured("verify", batch=0, samples=0, peak_mib=7070),  # fp8 export
-)
+#: The bench results this model is fitted to.
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "quantize_bench.json"
+CITED_BY = "edgellm_steps/workflow/resources.py MEASURED"
+
+
+def measured_runs(results: Path = RESULTS) -> tuple[Measured, ...]:
+    """The runs of ``bench/results/quantize_bench.json`` this model cites, in MiB (ru_maxrss / 1024)."""
+    runs = json.loads(results.read_text())
+    return tuple(
+        Measured(run["kind"], batch=run["batch"], samples=run["samples"], peak_mib=run["peak_rss_mib"])
+        for run in runs
+        if run.get("cited_by") == CITED_BY
+    )
 
 
 def request_mb(peak_bytes: float) -> int:
