@@ -98,12 +98,9 @@ class RuleInputs:
     def quantized_draft_manifest(self, model: str) -> str | None:
         """The quantize-draft manifest when the draft's precision needs that step, else None."""
         checked = self.facts.model(model)
-        precision = checked.draft_precision
-        return (
-            targets.path(targets.QUANTIZED_DRAFT, model=model, draft_precision=precision)
-            if (checked.draft_needs_quantize)
-            else None
-        )
+        if not checked.draft_needs_quantize:
+            return None
+        return targets.path(targets.QUANTIZED_DRAFT, model=model, draft_precision=checked.draft_precision)
 
     # checkpoints (not recorded: their content is, through stamps or manifests)
 
