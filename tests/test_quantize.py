@@ -16,7 +16,13 @@ from edgellm_steps.errors import EdgeLLMError, PrecisionError
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.models.demo import train_tokenizer
 from edgellm_steps.plugins.int4_gemm import pack_int4, unpack_int4
-from edgellm_steps.quant.calibration import builtin_corpus, calibration_samples, load_corpus
+from edgellm_steps.quant.calibration import (
+    builtin_corpus,
+    calibration_samples,
+    corpus_texts,
+    iter_builtin_corpus,
+    load_corpus,
+)
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.quant.quantize_llm import quantize_llm
@@ -309,6 +315,20 @@ def test_builtin_corpus_is_offline_and_large_enough():
     corpus = builtin_corpus()
     assert len(corpus) > 1000 and sum(len(t) for t in corpus) > 500_000
     assert corpus == builtin_corpus()
+
+
+def test_calibration_reads_the_builtin_corpus_lazily_and_samples_what_the_whole_corpus_gives(base):
+    """Samples cut from the lazily read corpus equal those cut from the whole list; few paragraphs are read."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+    corpus = builtin_corpus()
+    for samples, tokens in ((8, 32), (64, 512)):
+        lazy = calibration_samples(tokenizer, iter_builtin_corpus(), samples, tokens)
+        assert lazy == calibration_samples(tokenizer, corpus, samples, tokens)
+    assert calibration_samples(tokenizer, corpus[1:], 64, 512) != lazy  # control: another stream differs
+    read = []
+    calibration_samples(tokenizer, (read.append(text) or text for text in corpus_texts(None)), 8, 32)
+    assert 0 < len(read) < len(corpus) // 10
+    assert corpus_texts(None) is not corpus and list(corpus_texts(None)) == corpus
 
 
 def test_local_corpora(tmp_path):

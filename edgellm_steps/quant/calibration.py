@@ -5,6 +5,8 @@ standard library on this machine, read with ``ast`` (nothing is imported),
 a few megabytes of technical English prose. Samples are cut from the
 tokenized stream of the corpus, so every sample has exactly ``max_tokens``
 tokens while the corpus lasts, and the corpus is cycled if it is short.
+Calibration reads the built-in corpus lazily: parsing all of it takes seconds,
+and a calibration of a few hundred samples needs its first files only.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ast
 import json
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from edgellm_steps.errors import EdgeLLMError
@@ -20,10 +23,9 @@ BUILTIN = "builtin"
 _MIN_WORDS = 12
 
 
-def builtin_corpus(limit_chars: int = 8_000_000) -> list[str]:
-    """Paragraphs of the standard library's docstrings, in a stable order."""
+def iter_builtin_corpus(limit_chars: int = 8_000_000) -> Iterator[str]:
+    """Paragraphs of the standard library's docstrings, in a stable order, parsed as they are read."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs: list[str] = []
     total = 0
     skip = {"test", "tests", "site-packages", "idlelib", "lib2to3", "turtledemo"}
     for path in sorted(stdlib.rglob("*.py")):
@@ -40,11 +42,15 @@ def builtin_corpus(limit_chars: int = 8_000_000) -> list[str]:
             for paragraph in (doc or "").split("\n\n"):
                 text = " ".join(paragraph.split())
                 if len(text.split()) >= _MIN_WORDS:
-                    paragraphs.append(text)
+                    yield text
                     total += len(text)
         if total >= limit_chars:
             break
-    return paragraphs
+
+
+def builtin_corpus(limit_chars: int = 8_000_000) -> list[str]:
+    """The whole built-in corpus (what reduce-vocab counts token frequencies over)."""
+    return list(iter_builtin_corpus(limit_chars))
 
 
 def _read_file(path: Path) -> list[str]:
@@ -96,7 +102,12 @@ def _load_hub_dataset(name: str) -> list[str]:
     return [row[column] for row in dataset if isinstance(row[column], str)]
 
 
-def calibration_samples(tokenizer, texts: list[str], num_samples: int, max_tokens: int) -> list[list[int]]:
+def corpus_texts(source: str | None) -> Iterable[str]:
+    """:func:`load_corpus`, read lazily where it is the built-in corpus (samples need its first paragraphs)."""
+    return iter_builtin_corpus() if source in (None, "", BUILTIN) else load_corpus(source)
+
+
+def calibration_samples(tokenizer, texts: Iterable[str], num_samples: int, max_tokens: int) -> list[list[int]]:
     """``num_samples`` token lists of ``max_tokens`` tokens cut from the corpus stream."""
     if num_samples < 1 or max_tokens < 1:
         raise EdgeLLMError("calibration needs at least one sample of at least one token")
@@ -120,7 +131,7 @@ def calibration_batches(checkpoint: Path, source: str | None, num_samples: int, 
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
-    samples = calibration_samples(tokenizer, load_corpus(source), num_samples, max_tokens)
+    samples = calibration_samples(tokenizer, corpus_texts(source), num_samples, max_tokens)
     return [torch.tensor(samples[i : i + batch]) for i in range(0, len(samples), batch)]
 
 
