@@ -52,8 +52,9 @@ def export_llm(
     """
     started = time.monotonic()
     # A quantize-llm output must be complete (its manifest checked) before it is read.
-    check_if_step_output(resolve_source(str(model_dir), allow_download=True), steps.QUANTIZE_LLM)
-    opened = open_checkpoint(model_dir)
+    source = resolve_source(str(model_dir), allow_download=True)
+    check_if_step_output(source, steps.QUANTIZE_LLM)
+    opened = open_checkpoint(source)
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
 

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.errors import EdgeLLMError
+from edgellm_steps.graph.opsets import EXTERNAL_DATA_FILE, ONNX_NAME
 
 #: Every export holds its graph, the graph's external data, config.json and manifest.json.
-GRAPH_FILES = ("model.onnx", "onnx_model.data", "config.json")
+GRAPH_FILES = (ONNX_NAME, EXTERNAL_DATA_FILE, "config.json")
 MANIFEST = "manifest.json"
 
 

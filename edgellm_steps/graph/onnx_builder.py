@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgellm_steps.graph.opsets import FP4_OPSET, OPSET
+from edgellm_steps.graph.opsets import EXTERNAL_DATA_FILE, FP4_OPSET, ONNX_NAME, OPSET
 
 log = logging.getLogger(__name__)
 
 #: The lowest IR version that knows each opset's types (FLOAT4E2M1 needs IR 11).
 IR_VERSION = {OPSET: 9, FP4_OPSET: 11}
 PLUGIN_DOMAIN = "trt"
-EXTERNAL_DATA_FILE = "onnx_model.data"
 _SMALL_ALIGN = 64
 _PAGE_ALIGN = 4096
 _PAGE_ALIGN_THRESHOLD = 1 << 20
@@ -185,9 +184,6 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="edgellm_steps")
         model.ir_version = IR_VERSION[opset]
         return model
-
-
-ONNX_NAME = "model.onnx"
 
 
 def write_graph(directory: Path, build: Callable[[GraphBuilder], onnx.ModelProto]) -> None:

@@ -16,7 +16,7 @@ from edgellm_steps.errors import ParityError
 from edgellm_steps.verify.parity import ParityResult, Tolerance
 
 
-def report(
+def make_report(
     *,
     kind: str,
     onnx_dir: Any,

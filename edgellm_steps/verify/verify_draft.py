@@ -27,6 +27,7 @@ from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.export import llm_io
 from edgellm_steps.export.kinds import DRAFT
+from edgellm_steps.graph.opsets import ONNX_NAME
 from edgellm_steps.models.eagle3_draft import Eagle3Draft
 from edgellm_steps.plugins import REFERENCE_OPS
 from edgellm_steps.quant.draft_quantizers import fake_quantized_draft
@@ -34,8 +35,7 @@ from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.verify.parity import Tolerance, compare_logits, tolerance_for
-from edgellm_steps.verify.report import conclude
-from edgellm_steps.verify.report import report as report_of
+from edgellm_steps.verify.report import conclude, make_report
 
 FC_INPUT_AMAX = "fc.input_quantizer._amax"
 
@@ -87,7 +87,7 @@ def verify_draft(
     else:
         model, precision = fake_quantized_draft(checkpoint, draft_config, store), held.precision
     config = json.loads((onnx_dir / "config.json").read_text())
-    session = ReferenceEvaluator(str(onnx_dir / "model.onnx"), new_ops=list(REFERENCE_OPS))
+    session = ReferenceEvaluator(str(onnx_dir / ONNX_NAME), new_ops=list(REFERENCE_OPS))
     width, target = config["hidden_size"], config["base_model_hidden_size"]
     rng = np.random.default_rng(seed)
     # Base hidden states within the calibrated range of fc's input (a quantized draft clamps beyond it).
@@ -109,7 +109,7 @@ def verify_draft(
         hidden_in, from_draft = np.zeros_like(hidden_in), ref_hidden.numpy().astype(np.float16)
     chosen = tolerance_for(precision.formats())
     tolerance = Tolerance(chosen.rel_tol, chosen.min_cosine, False, chosen.why)
-    summary = report_of(
+    summary = make_report(
         kind=DRAFT.model_type,
         onnx_dir=onnx_dir,
         model_dir=model_dir,

@@ -41,8 +41,7 @@ from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.verify.parity import ParityResult, compare_logits, hf_rope_table, tolerance_for
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
-from edgellm_steps.verify.report import conclude
-from edgellm_steps.verify.report import report as report_of
+from edgellm_steps.verify.report import conclude, make_report
 from edgellm_steps.verify.verify_draft import verify_draft
 from edgellm_steps.verify.verify_visual import verify_visual
 
@@ -149,8 +148,9 @@ def verify_onnx(
     claim = take_claim(Path(report)) if report is not None else None
     check_step_output(Path(onnx_dir), steps.EXPORT_LLM)
     # A quantize-llm output must be complete (its manifest checked) before it is read.
-    check_if_step_output(resolve_source(str(model_dir), allow_download=True), steps.QUANTIZE_LLM)
-    opened = open_checkpoint(model_dir)
+    source = resolve_source(str(model_dir), allow_download=True)
+    check_if_step_output(source, steps.QUANTIZE_LLM)
+    opened = open_checkpoint(source)
     checkpoint, hf_config, held, precision = opened.path, opened.hf_config, opened.held, opened.precision
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
     tolerance = tolerance_for(precision.formats())
@@ -180,7 +180,7 @@ def verify_onnx(
         }
     for name, result in results.items():
         log.info("%s: %s -> %s", name, result, "pass" if result.passed(tolerance) else "FAIL")
-    summary = report_of(
+    summary = make_report(
         kind=json.loads((Path(onnx_dir) / "config.json").read_text()).get("model_type", "llm"),
         onnx_dir=onnx_dir,
         model_dir=model_dir,

@@ -27,12 +27,12 @@ from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.export.kinds import VISUAL
 from edgellm_steps.export.visual_io import OUTPUT
+from edgellm_steps.graph.opsets import ONNX_NAME
 from edgellm_steps.models.vision_geometry import open_vision_tower
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrated_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
-from edgellm_steps.verify.report import conclude
-from edgellm_steps.verify.report import report as report_of
+from edgellm_steps.verify.report import conclude, make_report
 from edgellm_steps.verify.visual_inputs import visual_feeds
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def verify_visual(
         tower = calibrated_tower(opened)
     else:
         tower = load_vision_tower(checkpoint, spec, opened.store, opened.prefix)
-    session = ReferenceEvaluator(str(onnx_dir / "model.onnx"))
+    session = ReferenceEvaluator(str(onnx_dir / ONNX_NAME))
     tolerance = _tolerance(precision)
     rng = np.random.default_rng(seed)
     results: dict[str, ParityResult] = {}
@@ -77,7 +77,7 @@ def verify_visual(
         got = session.run([OUTPUT], feeds)[0].astype(np.float32)
         results[name] = compare_logits(got, expected)
         log.info("%s: %s -> %s", name, results[name], "pass" if results[name].passed(tolerance) else "FAIL")
-    summary = report_of(
+    summary = make_report(
         kind=VISUAL.name,
         onnx_dir=onnx_dir,
         model_dir=model_dir,

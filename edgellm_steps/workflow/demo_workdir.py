@@ -15,10 +15,9 @@ from pathlib import Path
 
 from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.export.kinds import LLM, VISUAL
+from edgellm_steps.graph.opsets import ONNX_NAME
 from edgellm_steps.models.demo import make_checkpoint
 from edgellm_steps.workflow import targets
-
-ONNX_NAME = "model.onnx"
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,8 @@ DEMO_REPORTS = (
 DEMO_ENGINE = targets.path(targets.DEFAULT_ENGINE, **_WILDCARDS)
 #: What ``make demo`` builds: both exports and both reports (the engine is planned only).
 DEMO_TARGETS = (
-    targets.path(targets.export_file(LLM, ONNX_NAME), **_WILDCARDS),
-    targets.path(targets.export_file(VISUAL, ONNX_NAME), **_WILDCARDS),
+    targets.export_path(LLM, ONNX_NAME, DEMO_MODEL, DEMO_PRECISION),
+    targets.export_path(VISUAL, ONNX_NAME, DEMO_MODEL),
     *(report for _, report in DEMO_REPORTS),
 )
 

@@ -17,6 +17,7 @@ import yaml
 from edgellm_steps.artifacts.sources import STATE_DIR
 from edgellm_steps.errors import ConfigError
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, LLM, VISUAL
+from edgellm_steps.graph.opsets import ONNX_NAME
 from edgellm_steps.workflow import targets
 from edgellm_steps.workflow.config import validate_config
 from edgellm_steps.workflow.job_resources import JobResources
@@ -70,15 +71,11 @@ class Planner:
             checked = self.facts.model(model)
             precisions = checked.settings.precisions
             kinds = [LLM, EAGLE_BASE, DRAFT] if checked.settings.draft is not None else [LLM]
-            found += [self._export(LLM, model, p) for p in precisions]
+            found += [targets.export_path(LLM, ONNX_NAME, model, p) for p in precisions]
             if checked.vision_language:
-                found.append(self._export(VISUAL, model))
-            found += [self._export(kind, model, p) for p in precisions for kind in kinds[1:]]
+                found.append(targets.export_path(VISUAL, ONNX_NAME, model))
+            found += [targets.export_path(kind, ONNX_NAME, model, p) for p in precisions for kind in kinds[1:]]
             if adapters := checked.lora_adapters:
                 found += [targets.path(targets.LORA_GRAPH, model=model, precision=p) for p in precisions]
                 found += [targets.path(targets.LORA_ADAPTER, model=model, adapter=a) for a in adapters]
         return found
-
-    @staticmethod
-    def _export(kind, model: str, precision: str | None = None) -> str:
-        return targets.path(targets.export_file(kind, "model.onnx"), model=model, precision=precision)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import ConfigError, PrecisionError
-from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, LLM, VISUAL
+from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, LLM, MANIFEST, VISUAL
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.workflow import targets
 from edgellm_steps.workflow.model_facts import Facts
@@ -25,10 +25,6 @@ def _local_files(path: str) -> list[str]:
     """A local text file, or every file of a directory: inputs whose content decides a step's output."""
     found = Path(path)
     return [str(f) for f in sorted(found.rglob("*")) if f.is_file()] if found.is_dir() else [str(found)]
-
-
-def _manifest(kind, model: str, precision: str | None = None) -> str:
-    return targets.path(targets.export_file(kind, "manifest.json"), model=model, precision=precision)
 
 
 def _flags(limits: dict[str, int]) -> str:
@@ -218,7 +214,7 @@ class RuleInputs:
                 f"model '{model}' has no LoRA adapters, so {graph} is not a target; "
                 f"add lora: {{<name>: <PEFT adapter>}} under models.{model}"
             )
-        return {"manifest": _manifest(LLM, model, precision)}
+        return {"manifest": targets.export_path(LLM, MANIFEST, model, precision)}
 
     def process_lora(self, model: str, adapter: str) -> dict[str, Any]:
         """Inputs of process_lora: the adapter's stamps, and the model's (its config decides the check)."""
@@ -236,11 +232,11 @@ class RuleInputs:
         """Inputs of verify_onnx: the export's manifest and the source it must match."""
         inputs = self.export_llm(model, precision)
         inputs.pop("chat_template", None)
-        return {"manifest": _manifest(LLM, model, precision), **inputs}
+        return {"manifest": targets.export_path(LLM, MANIFEST, model, precision), **inputs}
 
     def verify_visual(self, model: str) -> dict[str, Any]:
         """Inputs of verify_visual: the vision export's manifest and the source it must match."""
-        return {"manifest": _manifest(VISUAL, model), **self.export_visual(model)}
+        return {"manifest": targets.export_path(VISUAL, MANIFEST, model), **self.export_visual(model)}
 
     def verify_lora(self, model: str, precision: str, adapter: str) -> dict[str, Any]:
         """Inputs of verify_lora: those of verify_onnx, the LoRA graph and one served adapter's stamps."""
@@ -261,10 +257,10 @@ class RuleInputs:
         a draft), and for a VLM the vision engine of the same SM."""
         checked = self.facts.model(model)
         target = checked.engine_sm(precision, sm)
-        inputs = {"manifest": _manifest(LLM, model, precision)}
+        inputs = {"manifest": targets.export_path(LLM, MANIFEST, model, precision)}
         if checked.settings.draft is not None:
             checked.draft_engine_sm(precision, target)
-            inputs["manifest"] = _manifest(EAGLE_BASE, model, precision)
+            inputs["manifest"] = targets.export_path(EAGLE_BASE, MANIFEST, model, precision)
             inputs["draft"] = targets.path(targets.DRAFT_ENGINE, sm=target, model=model, precision=precision)
         if checked.vision_language:
             checked.visual_engine_sm(target)
@@ -276,10 +272,10 @@ class RuleInputs:
         return inputs
 
     def draft_engine(self, model: str, precision: str) -> dict[str, str]:
-        return {"manifest": _manifest(DRAFT, model, precision)}
+        return {"manifest": targets.export_path(DRAFT, MANIFEST, model, precision)}
 
     def visual_engine(self, model: str) -> dict[str, str]:
-        return {"manifest": _manifest(VISUAL, model)}
+        return {"manifest": targets.export_path(VISUAL, MANIFEST, model)}
 
     def engine_parts(self, model: str, precision: str, sm: str) -> str:
         """The vision engine, draft engine and adapters placed into an engine directory (not recorded: they

@@ -53,6 +53,11 @@ def export_file(kind: ExportKind, name: str) -> str:
     return f"{export_dir(kind)}/{name}"
 
 
+def export_path(kind: ExportKind, name: str, model: str, precision: str | None = None) -> str:
+    """File ``name`` of a model's export of ``kind`` (the vision encoder's takes no precision)."""
+    return path(export_file(kind, name), model=model, precision=precision)
+
+
 def export_outputs(kind: ExportKind) -> dict[str, str]:
     """The files an export rule declares, by name (``model.onnx`` -> ``model``; the manifest as ``manifest``)."""
     return {name.split(".")[0]: export_file(kind, name) for name in kind.files}
