@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import pytest
 
 from edgellm_steps.artifacts.atomic import staged_directory, staging_prefix, write_claimed
 from edgellm_steps.artifacts.claims import SupersededError, claim_path, process_start_ns, take_claim
+from edgellm_steps.errors import EdgeLLMError
 
 
 def test_a_job_started_while_another_is_midway_does_not_disturb_it(tmp_path):
@@ -110,8 +112,8 @@ RUN = textwrap.dedent(
     from pathlib import Path
     from edgellm_steps.artifacts.atomic import staged_directory
     from edgellm_steps.artifacts.claims import SupersededError
-    destination, label, gate = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-    stage_first = sys.argv[4] == "stage-first"
+    destination, label, gate, mode = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+    stage_first = mode in ("stage-first", "write-after-newer")
 
     def wait():
         while not gate.exists():
@@ -125,6 +127,8 @@ RUN = textwrap.dedent(
             if stage_first:
                 (destination.parent / f"{label}.staged").write_text("")
                 wait()
+                if mode == "write-after-newer":  # its staging directory is gone by now
+                    (staging / "late").write_text(label)
     except SupersededError as err:
         print(err)
         sys.exit(3)
@@ -141,15 +145,16 @@ def _start(destination: Path, label: str, gate: Path, mode: str) -> subprocess.P
     )
 
 
-@pytest.mark.parametrize("mode", ["stage-first", "claim-late"])
+@pytest.mark.parametrize("mode", ["stage-first", "claim-late", "write-after-newer"])
 def test_an_orphan_never_replaces_a_newer_runs_result(tmp_path, mode):
     """The older run is held (mid-staging, or before it even claimed) while a newer run commits.
 
-    Released, it finds the newer claim and exits without touching the destination.
+    Released, it finds the newer claim and exits without touching the destination; also when it
+    goes on writing into the staging directory that the newer run removed as a leftover.
     """
     destination, gate = tmp_path / "quantized", tmp_path / "go"
     orphan = _start(destination, "old-settings", gate, mode)
-    if mode == "stage-first":
+    if mode != "claim-late":
         deadline = time.monotonic() + 60
         while not (tmp_path / "old-settings.staged").exists():
             assert orphan.poll() is None and time.monotonic() < deadline, orphan.communicate()[0]
@@ -180,3 +185,64 @@ def test_a_claimed_file_is_not_written_by_a_superseded_run(tmp_path):
         take_claim(report)
     os.unlink(claim_path(report))
     assert write_claimed(take_claim(report), b"again")
+
+
+def _write_text(staging: Path) -> None:
+    (staging / "config.json").write_text("{}")
+
+
+def _torch_save(staging: Path) -> None:
+    import torch
+
+    torch.save({"state": 1}, staging / "modelopt_state.pth")
+
+
+def _save_safetensors(staging: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(staging / "model.safetensors"))
+
+
+#: How steps write into their staging directory; each fails its own way once the directory is gone.
+WRITERS = {"pathlib": _write_text, "torch.save": _torch_save, "safetensors": _save_safetensors}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_a_run_whose_staging_a_later_run_removed_reports_superseded(tmp_path, writer):
+    """A later-started run claims the destination and removes this run's staging midway through its writes.
+
+    The next write fails on the missing directory (FileNotFoundError, torch's RuntimeError, a
+    SafetensorError); the run must report the takeover in one line, not that error's traceback.
+    """
+    destination = tmp_path / "quantized"
+    with (
+        pytest.raises(SupersededError, match="now belongs to a run started later") as raised,
+        staged_directory(destination) as staging,
+    ):
+        (staging / "first-shard").write_text("old-settings")
+        newer = _start(destination, "new-settings", tmp_path, "claim-late")  # a later process start
+        assert newer.wait(timeout=60) == 0, newer.communicate()[0]
+        assert not staging.exists(), "the later run kept this run's staging: the case is not exercised"
+        WRITERS[writer](staging)
+    assert "\n" not in str(raised.value)
+    assert (destination / "result").read_text() == "new-settings"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging")]
+
+
+@pytest.mark.parametrize("when", ["writing", "committing"])
+def test_a_staging_directory_deleted_by_someone_else_is_one_clear_error(tmp_path, when):
+    """No later run claimed the destination, yet the staging vanished: an EdgeLLMError, the destination untouched."""
+    destination = tmp_path / "llm"
+    destination.mkdir()
+    (destination / "model.onnx").write_text("old")
+    with (
+        pytest.raises(EdgeLLMError, match="was deleted while the run wrote into it") as raised,
+        staged_directory(destination) as staging,
+    ):
+        (staging / "model.onnx").write_text("new")
+        shutil.rmtree(staging)
+        if when == "writing":
+            (staging / "manifest.json").write_text("{}")
+    assert not isinstance(raised.value, SupersededError)
+    assert (destination / "model.onnx").read_text() == "old"

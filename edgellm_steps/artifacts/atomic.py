@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgellm_steps.artifacts.claims import Claim, destination_tag, take_claim
+from edgellm_steps.errors import EdgeLLMError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def remove_stale_staging(destination: Path) -> None:
     """Delete the staging directories that an interrupted run for ``destination`` left beside it.
 
     Only ``destination``'s own: a sibling job writing into the same parent keeps its staging.
+    Called right after this run claimed ``destination``, so a staging directory still being
+    written by an older run (an orphan of a killed workflow) goes too: that run is superseded
+    and could never commit it; :func:`staged_directory` has it report so when its next write fails.
     """
     parent, prefix = Path(destination).parent, staging_prefix(destination)
     if not parent.is_dir():
@@ -116,17 +120,41 @@ def staged_directory(destination: Path) -> Iterator[Path]:
     (:mod:`edgellm_steps.artifacts.claims`) and commits only if no later-started run has claimed
     it since, so an orphan of a killed workflow never replaces a newer result. On
     failure the staging directory is removed and ``destination`` is left as it was.
+
+    The newer run deletes the orphan's staging directory as a leftover, so the orphan's
+    next write inside the ``with`` block fails, as whatever its writer raises for a missing
+    directory (``FileNotFoundError``; torch's and safetensors' own errors). Any failure of
+    the block is therefore checked against the claim first: superseded, the run raises
+    :class:`SupersededError`, one line, like an orphan that reaches the commit.
     """
     destination = Path(destination)
     claim = take_claim(destination)
     remove_stale_staging(destination)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(destination), dir=destination.parent))
     try:
-        yield staging
+        try:
+            yield staging
+        except Exception as err:
+            if (superseded := claim.superseded_error()) is not None:
+                raise superseded from err
+            if not staging.is_dir():
+                raise _vanished_staging(staging, destination) from err
+            raise
         with claim.committing():
+            if not staging.is_dir():
+                raise _vanished_staging(staging, destination)
             _replace_directory(staging, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _vanished_staging(staging: Path, destination: Path) -> EdgeLLMError:
+    """The error of a run whose staging directory was deleted under it while no later run claimed the destination."""
+    return EdgeLLMError(
+        f"{staging}, where this run was building {destination}, was deleted while the run wrote into it "
+        f"(by hand, or by a cleanup of the directory); nothing was committed and {destination} is left as it was: "
+        "rerun the step"
+    )
 
 
 def write_claimed(claim: Claim, data: bytes) -> bool:

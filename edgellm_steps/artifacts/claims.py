@@ -92,6 +92,26 @@ class Claim:
                 raise SupersededError(_superseded_message(self.destination, current))
             yield
 
+    def superseded_error(self) -> SupersededError | None:
+        """The :class:`SupersededError` to raise if a run started later has claimed the destination since; else None.
+
+        For a run whose work failed midway: the later run removes this run's staging directory
+        as a leftover (:func:`edgellm_steps.artifacts.atomic.remove_stale_staging`), so the
+        orphan's next write fails on a missing directory. Asking here turns that into the
+        one-line verdict the orphan owes its log, not a traceback. Reads under a shared lock
+        without creating the claim file; not for use inside :meth:`committing`, whose lock a
+        second open of the file in this process would wait on forever.
+        """
+        try:
+            with open(self.path, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+                current = _read(handle)
+        except FileNotFoundError:
+            return None  # the claim file (or its directory) is gone: nobody claimed after this run
+        if current and current != self.token and _started_ns(current) >= self.started_ns:
+            return SupersededError(_superseded_message(self.destination, current))
+        return None
+
 
 def take_claim(destination: Path) -> Claim:
     """Record this run as the one that may replace ``destination``, unless a later-started run already is."""

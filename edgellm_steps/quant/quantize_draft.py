@@ -39,7 +39,12 @@ from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.draft_quantizers import register_draft_attention
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, HeldPrecision, held_precision
-from edgellm_steps.quant.quantize_llm import device_and_dtype, quantizable_precision, quantization_record
+from edgellm_steps.quant.quantize_llm import (
+    device_and_dtype,
+    quantizable_precision,
+    quantization_record,
+    save_modelopt_state,
+)
 from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
 from edgellm_steps.quant.shape_checks import check_draft_block_dims
 
@@ -88,7 +93,6 @@ def quantize_draft(
     TensorStore(base)  # every shard header checked before calibration
     store = open_draft_store(draft)
 
-    import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
     import transformers
@@ -135,7 +139,7 @@ def quantize_draft(
     with staged_directory(Path(output_dir)) as staging:
         save_file(tensors, str(staging / DRAFT_WEIGHTS), metadata={"format": "pt"})
         shutil.copyfile(draft / "config.json", staging / "config.json")
-        torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
+        save_modelopt_state(model, staging / MODELOPT_STATE)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(staging, step=steps.QUANTIZE_DRAFT, parameters=info)
     log.info("draft quantization finished in %.1f s", time.monotonic() - started)

@@ -64,6 +64,43 @@ def quantization_record(precision: Precision, calibration: dict[str, Any]) -> di
     }
 
 
+def stable_modelopt_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (as ``mto.modelopt_state`` returns it) with each quantizer's properties in sorted order.
+
+    ModelOpt lists a quantizer's properties by iterating a set of attribute names
+    (``TensorQuantizer._get_properties_for_modelopt_state``), so their order, and with it the
+    pickled bytes of ``modelopt_state.pth``, follows ``PYTHONHASHSEED``: two identical runs
+    would write different files and manifests, and every downstream step would rebuild. Only
+    those property dicts are reordered: ModelOpt restores them by name (again through a
+    set), while the order of everything else (the modes, the ``quant_cfg`` patterns, whose
+    order is their precedence) is meaningful and already fixed.
+    """
+    modes = []
+    for mode, mode_state in state.get("modelopt_state_dict", []):
+        metadata = mode_state.get("metadata") if isinstance(mode_state, dict) else None
+        quantizers = metadata.get("quantizer_state") if isinstance(metadata, dict) else None
+        if isinstance(quantizers, dict):
+            quantizers = {name: _sorted_properties(props) for name, props in quantizers.items()}
+            mode_state = {**mode_state, "metadata": {**metadata, "quantizer_state": quantizers}}
+        modes.append((mode, mode_state))
+    return {**state, "modelopt_state_dict": modes}
+
+
+def _sorted_properties(properties: Any) -> Any:
+    """One quantizer's property dict in key order; anything else as it is."""
+    if isinstance(properties, dict) and all(isinstance(key, str) for key in properties):
+        return dict(sorted(properties.items()))
+    return properties
+
+
+def save_modelopt_state(model: Any, path: Path) -> None:
+    """Write ``model``'s ModelOpt state to ``path``, the same bytes for the same model whatever the hash seed."""
+    import modelopt.torch.opt as mto
+    import torch
+
+    torch.save(stable_modelopt_state(mto.modelopt_state(model)), path)
+
+
 def device_and_dtype(device: str):
     """The torch device and the calibration dtype: float32 on the CPU, float16 on a GPU."""
     import torch
@@ -102,7 +139,6 @@ def quantize_llm(
     check_block_dims(hf_config, precision, where=str(checkpoint))
     TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
-    import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
     import torch
     import transformers
@@ -135,7 +171,7 @@ def quantize_llm(
     info = quantization_record(precision, calibration_record(dataset_dir, calib_size, calib_max_tokens, batch, device))
     with staged_directory(Path(output_dir)) as staging:
         model.save_pretrained(str(staging))
-        torch.save(mto.modelopt_state(model), staging / MODELOPT_STATE)
+        save_modelopt_state(model, staging / MODELOPT_STATE)
         copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(staging, step=steps.QUANTIZE_LLM, parameters=info)
