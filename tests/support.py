@@ -102,6 +102,17 @@ def run_snakemake(
     return result
 
 
+def plan_error(workdir: Path, target: str) -> str:
+    """The one error line of a refused plan of ``target``: no traceback, no job run, nothing written."""
+    result = run_snakemake(workdir, "-n", target, check=False)
+    assert result.returncode != 0, result.output
+    assert "Traceback" not in result.output and "Exception" not in result.output, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.output
+    assert not (workdir / "onnx").exists() and not (workdir / "logs").exists()
+    return errors[0]
+
+
 def write_config(workdir: Path, text: str) -> Path:
     """Write ``text`` as the work directory's config.yaml, the file the workflow reads when no --configfile is given."""
     path = workdir / "config.yaml"

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from edgellm_steps.models.families import FAMILIES
 
-from .support import WorkdirLayout, run_snakemake, scenario, write_config
+from .support import WorkdirLayout, copy_checkpoint, plan_error, run_snakemake, scenario, write_config
 
 pytestmark = pytest.mark.workflow
 
 GOOD = scenario("one_model", model="tiny", source="ckpt")
 #: The workdir fixture's layout: a qwen2 checkpoint and the good config.
 WORKDIR = WorkdirLayout(checkpoint="qwen2", config=GOOD)
-
-
-def plan_error(workdir, target: str) -> str:
-    result = run_snakemake(workdir, "-n", target, check=False)
-    assert result.returncode != 0, result.output
-    assert "Traceback" not in result.output and "Exception" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.output
-    assert not (workdir / "onnx").exists() and not (workdir / "logs").exists()
-    return errors[0]
 
 
 def test_unknown_model_key(workdir):
@@ -118,9 +109,14 @@ def test_int4_on_dims_that_are_not_multiples_of_128(workdir):
     assert "int4_awq needs GEMM input dims that are multiples of 128" in line and "has 64" in line
 
 
-def test_nvfp4_on_dims_that_are_not_multiples_of_16(workdir):
-    config = json.loads((workdir / "ckpt/config.json").read_text())
-    (workdir / "ckpt/config.json").write_text(json.dumps({**config, "intermediate_size": 200}))
+def _source_with(workdir, checkpoint_factory, **shape) -> None:
+    """The workdir's source replaced by a real checkpoint of ``shape`` (config and weights agree)."""
+    shutil.rmtree(workdir / "ckpt")
+    copy_checkpoint(checkpoint_factory("qwen2", **shape), workdir / "ckpt")
+
+
+def test_nvfp4_on_dims_that_are_not_multiples_of_16(workdir, checkpoint_factory):
+    _source_with(workdir, checkpoint_factory, intermediate_size=200)
     line = plan_error(workdir, "onnx/tiny_nvfp4/llm/model.onnx")
     assert "nvfp4 needs GEMM input dims that are multiples of 16" in line
     assert "mlp.down_proj (intermediate_size) has 200" in line
@@ -216,9 +212,8 @@ def test_an_unsupported_quantized_source(workdir):
     assert "quant_method 'bitsandbytes' is not supported" in line and "supported pre-quantized sources" in line
 
 
-def test_int4_output_rows_in_groups_of_four(workdir):
-    config = json.loads((workdir / "ckpt/config.json").read_text())
+def test_int4_output_rows_in_groups_of_four(workdir, checkpoint_factory):
     shape = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 64, "head_dim": 2}
-    (workdir / "ckpt/config.json").write_text(json.dumps({**config, **shape, "num_key_value_heads": 1}))
+    _source_with(workdir, checkpoint_factory, **shape, num_key_value_heads=1)
     line = plan_error(workdir, "onnx/tiny_int4_awq/llm/model.onnx")
     assert "int4_awq packs output rows in groups of 4" in line and "k_proj/v_proj" in line and "has 2 rows" in line

@@ -86,18 +86,18 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
         tied = bool(cfg.get("tie_word_embeddings")) or bool(text.get("tie_word_embeddings"))
         cfg = {**text, "tie_word_embeddings": tied}
     try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
+        hidden = _positive(cfg, "hidden_size")
+        heads = _positive(cfg, "num_attention_heads")
         theta, scaling, partial = _rope_facts(cfg)
         return DecoderDims(
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=_positive(cfg, "intermediate_size"),
+            num_layers=_positive(cfg, "num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(cfg["max_position_embeddings"]),
+            num_kv_heads=_positive(cfg, "num_key_value_heads", heads),
+            head_dim=_positive(cfg, "head_dim", hidden // heads),
+            vocab_size=_positive(cfg, "vocab_size"),
+            max_position_embeddings=_positive(cfg, "max_position_embeddings"),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -109,6 +109,22 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
         raise SourceError(
             f"config.json lacks {err.args[0]!r}, which every decoder LLM config has; is it complete?"
         ) from err
+    except (TypeError, ValueError) as err:  # a rope or eps entry of the wrong type
+        raise SourceError(f"config.json holds a value of the wrong type ({err}); restore the checkpoint's own") from err
+
+
+def _positive(cfg: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``cfg[key]`` as a positive integer (``default`` when absent or null), or one line naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise SourceError(
+            f"config.json: {key} is {value!r}, not a positive integer; restore the checkpoint's own config.json"
+        )
+    return int(value)
 
 
 def draft_widths(cfg: dict[str, Any]) -> tuple[int, int]:
@@ -176,6 +192,11 @@ def weight_files(checkpoint: Path) -> list[Path]:
 
 def _index_shard_names(index: Path) -> set[str]:
     """The normalized shard names of an index's ``weight_map``, each checked to stay inside the checkpoint."""
+    return set(_index_weight_map(index).values())
+
+
+def _index_weight_map(index: Path) -> dict[str, str]:
+    """An index's ``weight_map``: tensor name -> normalized shard name, each checked to stay inside the checkpoint."""
     try:
         text = index.read_text(encoding="utf-8")
         data = json.loads(text)
@@ -186,7 +207,46 @@ def _index_shard_names(index: Path) -> set[str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceError(f"{index} has no 'weight_map' object mapping tensor names to shard files; re-download it")
-    return {_shard_name(index, name, shard) for name, shard in weight_map.items()}
+    return {name: _shard_name(index, name, shard) for name, shard in weight_map.items()}
+
+
+@dataclass(frozen=True)
+class TensorHeader:
+    """One tensor as a shard's header describes it (validated: its bytes lie inside the file)."""
+
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_tensor_headers(checkpoint: Path) -> dict[str, TensorHeader]:
+    """Every weight tensor of ``checkpoint`` by name, from the shards' headers alone.
+
+    Opening a shard validates its header completely (a truncated or empty file, a header
+    length past the file, overlapping or out-of-range offsets fail in one line), and a
+    tensor the index names must be in the shard the index names: what transformers would
+    find out halfway through loading, found out here from a few kilobytes per shard, so
+    planning refuses it before any job runs.
+    """
+    from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
+
+    checkpoint = Path(checkpoint)
+    headers: dict[str, TensorHeader] = {}
+    for path in weight_files(checkpoint):
+        shard = SafetensorsFile(path)
+        for name in shard.names():
+            headers[name] = TensorHeader(path, shard.dtype(name), shard.shape(name))
+    index = checkpoint / INDEX_NAME
+    if index.is_file():
+        for name, shard_name in _index_weight_map(index).items():
+            found = headers.get(name)
+            if found is None or found.shard != checkpoint / shard_name:
+                where = "no shard" if found is None else f"{found.shard.name}"
+                raise SourceError(
+                    f"{index} puts tensor {name!r} in {shard_name}, but {where} holds it; the checkpoint is "
+                    "incomplete or its shards are mixed: re-download it"
+                )
+    return headers
 
 
 def _shard_name(index: Path, tensor: Any, shard: Any) -> str:

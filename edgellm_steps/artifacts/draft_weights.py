@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.checkpoint import TensorStore, weight_files
+from edgellm_steps.artifacts.checkpoint import TensorStore, read_tensor_headers, weight_files
 from edgellm_steps.errors import SourceError
 
 DRAFT_BIN = "pytorch_model.bin"
@@ -51,3 +51,20 @@ def open_draft_store(checkpoint: Path) -> Any:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SourceError(f"{files[0]} is not a state dict of tensors; give the draft as safetensors")
     return MemoryStore(state, where=str(files[0]))
+
+
+def draft_d2t_header(checkpoint: Path) -> tuple[str | None, Any] | None:
+    """(stored dtype or None when absent, a reader of its values) of a safetensors draft's ``d2t``, torch-free.
+
+    None for a ``pytorch_model.bin`` draft: its tensors come only from the weights-only loader
+    (torch), which planning does not import; the export step checks that draft's ``d2t``.
+    """
+    from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
+
+    files = draft_weight_files(checkpoint)
+    if files[0].name == DRAFT_BIN:
+        return None
+    header = read_tensor_headers(checkpoint).get("d2t")
+    if header is None:
+        return None, None
+    return header.dtype, lambda: SafetensorsFile(header.shard).read_array("d2t")

@@ -208,6 +208,19 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name].shape
 
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype name (``F16``, ``I64``, ...)."""
+        return self._entries[name].dtype
+
+    def read_array(self, name: str) -> np.ndarray:
+        """A tensor of a dtype numpy has (not BF16 or FP8) as a numpy array, without importing torch."""
+        entry = self._entries[name]
+        numpy_name = _TORCH_NAMES[entry.dtype]
+        if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            raise SourceError(f"{self.path}: tensor {_short(name)} is {entry.dtype}, which numpy cannot hold")
+        data = self._read(entry.begin, entry.end - entry.begin)
+        return np.frombuffer(data, dtype=np.dtype(numpy_name)).reshape(entry.shape)
+
     def _read(self, offset: int, size: int) -> bytearray:
         buffer = bytearray(size)
         view = memoryview(buffer)

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.artifacts.digests import DigestCache
@@ -58,6 +59,19 @@ def resolve_source(source: str, *, model: str | None = None, allow_download: boo
         raise SourceError(f"{owner}cannot download '{source}': {err}; check the hub id and your network") from err
 
 
+def read_json_object(path: Path, *, owner: str = "", what: str = "an object") -> dict[str, Any]:
+    """A JSON file that must hold an object, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise SourceError(f"{owner}{path} cannot be read ({err.strerror or err}); check that it exists") from err
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SourceError(f"{owner}{path} is not valid JSON ({err}); repair or re-download it") from err
+    if not isinstance(data, dict):
+        raise SourceError(f"{owner}{path} holds a JSON {type(data).__name__}, not {what}; repair or re-download it")
+    return data
+
+
 def read_hf_config(checkpoint: Path, *, model: str | None = None) -> dict:
     """The checkpoint's ``config.json``, or a :class:`SourceError` saying what is wrong."""
     owner = f"model '{model}': " if model else ""
@@ -67,16 +81,7 @@ def read_hf_config(checkpoint: Path, *, model: str | None = None) -> dict:
             f"{owner}{checkpoint} has no config.json, so it is not a HuggingFace checkpoint; "
             "point source at the directory that holds config.json"
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SourceError(f"{owner}{config_path} is not valid JSON ({err}); repair or re-download it") from err
-    if not isinstance(config, dict):
-        raise SourceError(
-            f"{owner}{config_path} holds a JSON {type(config).__name__}, not the object of an HF config; "
-            "repair or re-download it"
-        )
-    return config
+    return read_json_object(config_path, owner=owner, what="the object of an HF config")
 
 
 def checkpoint_files(checkpoint: Path) -> list[Path]:

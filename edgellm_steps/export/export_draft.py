@@ -23,11 +23,10 @@ from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
-from edgellm_steps.errors import SourceError
 from edgellm_steps.export.draft_graph import DraftGraph
 from edgellm_steps.export.sidecars import runtime_config, write_json
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
-from edgellm_steps.models.eagle import check_draft_fits
+from edgellm_steps.models.eagle import check_d2t, check_draft_fits
 from edgellm_steps.models.families import EAGLE3_DRAFT
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.prequantized import held_precision
@@ -39,16 +38,10 @@ D2T_FILE = "d2t.safetensors"
 
 
 def read_d2t(store: Any, draft_vocab: int, base_vocab: int, where: str) -> np.ndarray:
-    """The draft-to-base offsets as int32, checked: one per draft id, every base id inside the base vocabulary."""
-    if "d2t" not in store:
-        raise SourceError(f"{where} has no d2t tensor (draft id -> base id offsets); is it a complete EAGLE3 draft?")
-    d2t = store.get("d2t").numpy().astype(np.int64).reshape(-1)
-    if d2t.shape[0] != draft_vocab:
-        raise SourceError(f"{where}: d2t has {d2t.shape[0]} entries but draft_vocab_size is {draft_vocab}")
-    base_ids = np.arange(draft_vocab) + d2t
-    if base_ids.min() < 0 or base_ids.max() >= base_vocab:
-        raise SourceError(f"{where}: d2t maps draft ids outside the base vocabulary of {base_vocab}")
-    return d2t.astype(np.int32)
+    """The draft-to-base offsets as int32, checked (:func:`~edgellm_steps.models.eagle.check_d2t`)."""
+    tensor = store.get("d2t") if "d2t" in store else None
+    dtype = None if tensor is None else str(tensor.dtype).removeprefix("torch.")
+    return check_d2t(lambda: tensor.numpy(), dtype, draft_vocab, base_vocab, where)
 
 
 def draft_config_json(dims: DecoderDims, draft_config: dict[str, Any], target: int, draft_vocab: int) -> dict:

@@ -21,7 +21,7 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokenizer_files
-from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.errors import PrecisionError
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisualGraph
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
@@ -32,8 +32,6 @@ log = logging.getLogger(__name__)
 
 #: Weight precisions of a vision encoder export.
 VISUAL_PRECISIONS = ("fp16", "fp8")
-#: The runtime reads the preprocessor config beside the vision engine (patch, merge, mean, std).
-REQUIRED_PROCESSOR_FILE = "preprocessor_config.json"
 
 
 def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:
@@ -65,12 +63,7 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
             f"vision encoder precision {quantization!r} is not supported; use one of {', '.join(VISUAL_PRECISIONS)}"
         )
     checkpoint = resolve_source(str(model_dir), allow_download=True)
-    tower = open_vision_tower(checkpoint)
-    if not (checkpoint / REQUIRED_PROCESSOR_FILE).is_file():
-        raise SourceError(
-            f"{checkpoint} has no {REQUIRED_PROCESSOR_FILE}, which the runtime reads beside the vision engine "
-            "(patch size, merge size, mean and std); add the model's processor files to the checkpoint"
-        )
+    tower = open_vision_tower(checkpoint)  # the processor config checked too
     spec, dims, store, prefix = tower.spec, tower.dims, tower.store, tower.prefix
     fp8_modules: frozenset[str] = frozenset()
     if quantization == "fp8":

@@ -10,7 +10,6 @@ saved beside the adapter, LoRA on embeddings) is refused here, naming the key or
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgellm_steps.artifacts.sources import read_json_object
 from edgellm_steps.errors import SourceError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise SourceError(f"{directory} has no {ADAPTER_CONFIG}; is it a PEFT adapter directory?")
-    config = json.loads(path.read_text())
+    config = read_json_object(path, what="a PEFT adapter config")
     where = str(directory)
     if (kind := config.get("peft_type")) != "LORA":
         raise SourceError(f"{where}: peft_type {kind!r} is not LORA; only LoRA adapters can be served")

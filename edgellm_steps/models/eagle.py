@@ -3,7 +3,10 @@ and which of the base's hidden states a draft reads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from edgellm_steps.artifacts.checkpoint import decoder_dims, draft_widths
 from edgellm_steps.errors import SourceError
@@ -33,6 +36,41 @@ def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], 
     if dims.num_layers != 1:
         raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
     return target, draft_vocab
+
+
+#: The dtypes a draft's ``d2t`` may hold, as safetensors and torch name them: integer offsets.
+D2T_DTYPES = frozenset({"I64", "I32", "int64", "int32"})
+
+
+def check_d2t(
+    read: Callable[[], np.ndarray], dtype: str | None, draft_vocab: int, base_vocab: int, where: str
+) -> np.ndarray:
+    """The draft-to-base offsets as int32, checked: integers, one per draft id, every base id in the base vocabulary.
+
+    ``dtype`` is the tensor's stored dtype, None when the draft has no ``d2t``; ``read`` reads its
+    values, called only for an integer dtype (a float table cast to integers would silently shift
+    ids; a bfloat16 one cannot even be read by numpy).
+    """
+    if dtype is None:
+        raise SourceError(f"{where} has no d2t tensor (draft id -> base id offsets); is it a complete EAGLE3 draft?")
+    if dtype not in D2T_DTYPES:
+        raise SourceError(
+            f"{where}: d2t is {dtype}, but it holds integer offsets (base id = draft id + d2t); "
+            "re-save the draft with d2t as int64"
+        )
+    offsets = np.asarray(read()).astype(np.int64).reshape(-1)
+    if offsets.shape[0] != draft_vocab:
+        raise SourceError(
+            f"{where}: d2t has {offsets.shape[0]} entries but draft_vocab_size is {draft_vocab}; "
+            "pair the draft's config.json with its own weights"
+        )
+    base_ids = np.arange(draft_vocab) + offsets
+    if draft_vocab and (base_ids.min() < 0 or base_ids.max() >= base_vocab):
+        raise SourceError(
+            f"{where}: d2t maps draft ids outside the base vocabulary of {base_vocab}; "
+            "pair the draft with the base it was trained for"
+        )
+    return offsets.astype(np.int32)
 
 
 def eagle_hidden_state_indices(num_layers: int) -> tuple[int, int, int]:

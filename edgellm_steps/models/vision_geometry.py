@@ -11,13 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.artifacts.sources import read_hf_config
+from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
+from edgellm_steps.artifacts.sources import read_hf_config, read_json_object
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for
 
 #: The runtime computes the vision rotary angles with this base (it does not read the config).
 RUNTIME_VISION_ROPE_THETA = 10000.0
+#: The image processor's file: the runtime reads it beside the vision engine (patch and merge sizes, mean, std).
+PROCESSOR_CONFIG = "preprocessor_config.json"
+#: (``preprocessor_config.json`` key, ``vision_config`` key) pairs that must agree: the processor cuts the
+#: image into the patches and merge blocks the tower was built for.
+PROCESSOR_AGREES = (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"))
 #: The activations the vision MLPs use (HF ``hidden_act``).
 ACTIVATIONS = ("silu", "quick_gelu", "gelu")
 
@@ -92,6 +97,52 @@ def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
     return dims
 
 
+def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: VisionSpec, llm_hidden: int) -> None:
+    """Refuse in one line a VLM checkpoint whose parts cannot work together, from its JSON files alone.
+
+    Every check is on what the files state (transformers fills absent keys with its defaults,
+    which agree by construction): a vision config, a processor config that is a JSON object
+    cutting images into the tower's patches and merge blocks, heads that divide the tower's
+    width, and a merger whose output is the language model's width. Any of these wrong, the
+    export would finish and the runtime would fail (or the graph emit [*, 96] rows for a
+    128-wide decoder).
+    """
+    vision = hf_config.get("vision_config")
+    config_path = Path(checkpoint) / "config.json"
+    if not isinstance(vision, dict):
+        raise SourceError(
+            f"{config_path} has no vision_config object, which every vision-language checkpoint has; "
+            "restore the checkpoint's own config.json"
+        )
+    processor_path = Path(checkpoint) / PROCESSOR_CONFIG
+    if not processor_path.is_file():
+        raise SourceError(
+            f"{checkpoint} has no {PROCESSOR_CONFIG}, which the runtime reads beside the vision engine "
+            "(patch size, merge size, mean and std); add the model's processor files to the checkpoint"
+        )
+    processor = read_json_object(processor_path, what="an image processor config")
+    for processor_key, vision_key in PROCESSOR_AGREES:
+        cuts, built = processor.get(processor_key), vision.get(vision_key)
+        if cuts is not None and built is not None and cuts != built:
+            raise SourceError(
+                f"{processor_path}: {processor_key} is {cuts!r} but vision_config.{vision_key} is {built!r}; the "
+                "processor does not belong to this vision tower: restore the checkpoint's own processor files"
+            )
+    width, heads = vision.get(spec.width_key), vision.get("num_heads")
+    if isinstance(width, int) and isinstance(heads, int) and (heads < 1 or width % heads):
+        raise SourceError(
+            f"{config_path}: vision_config.num_heads {heads} does not divide vision_config.{spec.width_key} {width}; "
+            "restore the checkpoint's own config.json"
+        )
+    out_width = vision.get(spec.out_width_key)
+    if out_width is not None and out_width != llm_hidden:
+        raise SourceError(
+            f"{config_path}: vision_config.{spec.out_width_key} is {out_width!r} but the language model's hidden "
+            f"size is {llm_hidden}: the vision features would not fit its embeddings; restore the checkpoint's own "
+            "config.json"
+        )
+
+
 def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
     """Which of the spec's prefixes the checkpoint stores the vision tower under."""
     for prefix in spec.prefixes:
@@ -156,6 +207,7 @@ def open_vision_tower(checkpoint: Path) -> VisionTower:
     """The vision tower of a local VLM checkpoint, or a one-line refusal (text-only model, no tower tensors)."""
     hf_config = read_hf_config(checkpoint)
     _, spec = vision_spec(hf_config, str(checkpoint))
+    check_vision_source(checkpoint, hf_config, spec, decoder_dims(hf_config).hidden_size)
     dims = load_vision_dims(checkpoint, spec)
     store = TensorStore(checkpoint)
     return VisionTower(checkpoint, hf_config, spec, dims, store, tower_prefix(store, spec))

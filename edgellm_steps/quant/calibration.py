@@ -12,6 +12,7 @@ and a calibration of a few hundred samples needs its first files only.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -78,7 +79,7 @@ def load_corpus(source: str | None) -> list[str]:
     if path.is_file():
         texts = _read_file(path)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        files = sorted(p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES)
         if not files:
             raise EdgeLLMError(f"calibration directory {path} has no .txt or .jsonl files; add some or pick another")
         texts = [t for f in files for t in _read_file(f)]
@@ -89,14 +90,40 @@ def load_corpus(source: str | None) -> list[str]:
     return texts
 
 
+#: Local corpus files by suffix; a source named so (or like a path) that does not exist is a typo, not a hub id.
+CORPUS_SUFFIXES = (".txt", ".jsonl")
+
+
+def _no_datasets(name: str) -> str:
+    return (
+        f"calibration corpus '{name}' is neither a file nor a directory; to use a HF dataset id, "
+        "`pip install datasets` (and be online), or pass a local .txt/.jsonl file"
+    )
+
+
+def check_corpus_source(source: str | None) -> None:
+    """What planning can know of a corpus source: a local one exists and holds text; a hub id can be loaded.
+
+    A local file or directory is read (and so validated) now, so a missing, empty or malformed
+    corpus fails before any job; a hub dataset is fetched only by the step.
+    """
+    if source in (None, "", BUILTIN):
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        load_corpus(source)
+        return
+    if path.suffix in CORPUS_SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise EdgeLLMError(f"corpus '{source}' does not exist (relative paths start at the work directory)")
+    if importlib.util.find_spec("datasets") is None:
+        raise EdgeLLMError(_no_datasets(source))
+
+
 def _load_hub_dataset(name: str) -> list[str]:
     try:
         import datasets
     except ImportError as err:
-        raise EdgeLLMError(
-            f"calibration corpus '{name}' is neither a file nor a directory; to use a HF dataset id, "
-            "`pip install datasets` (and be online), or pass a local .txt/.jsonl file"
-        ) from err
+        raise EdgeLLMError(_no_datasets(name)) from err
     dataset = datasets.load_dataset(name, split="train")
     column = "text" if "text" in dataset.column_names else dataset.column_names[0]
     return [row[column] for row in dataset if isinstance(row[column], str)]

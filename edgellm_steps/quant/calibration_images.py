@@ -24,9 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from edgellm_steps.errors import SourceError
-from edgellm_steps.models.vision_geometry import Grid, VisionDims, patchify
+from edgellm_steps.models.vision_geometry import PROCESSOR_CONFIG, Grid, VisionDims, patchify
 
-PROCESSOR_CONFIG = "preprocessor_config.json"
 #: Image shapes, in merge blocks (rows, columns): square, landscape, portrait and elongated, so that
 #: calibration sees several grid sizes (and, for Qwen2.5-VL, whole and partial windows).
 BLOCK_SHAPES: tuple[tuple[int, int], ...] = ((8, 8), (6, 10), (10, 6), (4, 14), (12, 12), (14, 4), (7, 9), (16, 8))

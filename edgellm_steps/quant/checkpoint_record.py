@@ -18,9 +18,11 @@ from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FamilySpec, family_for
+from edgellm_steps.models.vision_geometry import check_vision_source
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
+from edgellm_steps.quant.source_weights import check_source_weights
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,11 @@ def open_checkpoint(
         files = tuple(weight_files(path))
         check_tokenizer(path)
         held = held_precision(path, hf_config)
+        check_source_weights(path, spec, dims, held)
+        if spec.vision is not None:
+            check_vision_source(path, hf_config, spec.vision, dims.hidden_size)
     except SourceError as err:
         if model is None:
             raise
-        raise SourceError(f"model '{model}': {err}") from err
+        raise SourceError(f"model '{model}' ({path}): {err}") from err
     return OpenedCheckpoint(path, hf_config, spec, dims, files, held)

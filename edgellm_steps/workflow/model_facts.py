@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.digests import DigestCache
-from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.artifacts.draft_weights import draft_d2t_header
 from edgellm_steps.artifacts.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 from edgellm_steps.engine.limits import LIMITS_READ
-from edgellm_steps.errors import ConfigError, PrecisionError, SourceError
+from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, PrecisionError, SourceError
+from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
-from edgellm_steps.models.eagle import check_draft_fits
+from edgellm_steps.models.eagle import check_d2t, check_draft_fits
+from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
 from edgellm_steps.quant.gptq import check_gptq_config
@@ -38,6 +40,7 @@ class CheckedModel:
         self.facts = facts
         self.base, self.merged_adapter = targets.split_variant(name)
         self._adapters: dict[str, Path] = {}
+        self._corpora: set[str] = set()
 
     @cached_property
     def settings(self) -> ModelSettings:
@@ -117,6 +120,34 @@ class CheckedModel:
         """Whether the model's family has a vision tower (its engines hold a vision engine too)."""
         return self.checkpoint.spec.vision is not None
 
+    @cached_property
+    def chat_template(self) -> str | None:
+        """The configured processed chat template, read and validated (export-llm reads it the same way)."""
+        template = self.settings.chat_template
+        if template is None:
+            return None
+        if not Path(template).is_file():
+            raise ConfigError(
+                f"model '{self.name}': chat_template file '{template}' does not exist; fix chat_template in your config"
+            )
+        try:
+            load_processed_chat_template(Path(template))
+        except ChatTemplateError as err:
+            raise ConfigError(f"model '{self.name}' chat_template: {err}") from None
+        return template
+
+    def corpus(self, key: str) -> str | None:
+        """``quantization.dataset`` or ``reduced_vocab.corpus``, checked as far as planning can."""
+        section, name = key.split(".")
+        source = getattr(getattr(self.settings, section), name)
+        if key not in self._corpora:
+            try:
+                check_corpus_source(source)
+            except EdgeLLMError as err:
+                raise ConfigError(f"model '{self.name}' {key}: {err}; fix {key} in your config") from None
+            self._corpora.add(key)
+        return source
+
     def require_vision_language(self) -> None:
         if not self.vision_language:
             raise SourceError(
@@ -137,8 +168,10 @@ class CheckedModel:
         path = resolve_source(draft.source, model=self.name)
         where = f"model '{self.name}' draft ({draft.source})"
         try:
-            check_draft_fits(read_hf_config(path, model=self.name), self.checkpoint.hf_config, where)
-            draft_weight_files(path)
+            draft_config = read_hf_config(path, model=self.name)
+            _, draft_vocab = check_draft_fits(draft_config, self.checkpoint.hf_config, where)
+            if (d2t := draft_d2t_header(path)) is not None:
+                check_d2t(d2t[1], d2t[0], draft_vocab, self.checkpoint.dims.vocab_size, where)
         except SourceError as err:
             raise SourceError(str(err) if str(err).startswith(where) else f"{where}: {err}") from err
         return path

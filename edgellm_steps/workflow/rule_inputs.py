@@ -68,7 +68,7 @@ class RuleInputs:
         return " ".join(flags)
 
     def _calibration(self, model: str) -> dict[str, Any]:
-        dataset = self.facts.model(model).settings.quantization.dataset
+        dataset = self.facts.model(model).corpus("quantization.dataset")
         return {"calibration": _local_files(dataset)} if dataset and Path(dataset).exists() else {}
 
     def quantize_device(self, model: str) -> str:
@@ -130,12 +130,7 @@ class RuleInputs:
         quantized = self.quantized_manifest(model, precision)
         checked = self.facts.model(model)
         inputs: dict[str, Any] = {"quantized": quantized} if quantized else {"source": checked.source_stamps}
-        template = checked.settings.chat_template
-        if template:
-            if not Path(template).is_file():
-                raise ConfigError(
-                    f"model '{model}': chat_template file '{template}' does not exist; fix chat_template in your config"
-                )
+        if template := checked.chat_template:
             inputs["chat_template"] = template
         if checked.settings.reduced_vocab is not None:
             inputs["vocab_map"] = targets.path(targets.VOCAB_MANIFEST, model=model)
@@ -186,8 +181,9 @@ class RuleInputs:
         inputs: dict[str, Any] = {"source": checked.source_stamps}
         if checked.settings.draft is not None:
             inputs["draft"] = checked.draft_stamps
-        if reduced.corpus and Path(reduced.corpus).exists():
-            inputs["corpus"] = _local_files(reduced.corpus)
+        corpus = checked.corpus("reduced_vocab.corpus")
+        if corpus and Path(corpus).exists():
+            inputs["corpus"] = _local_files(corpus)
         return inputs
 
     def reduce_vocab_options(self, model: str) -> str:
