@@ -126,6 +126,13 @@ def copy_checkpoint(source: Path, destination: Path) -> Path:
     return destination
 
 
+def flip_last_byte(path: Path) -> None:
+    """Change one data byte of ``path`` (a weight, not a header): its content digest changes, its shapes do not."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def planned_jobs(output: str) -> dict[str, int]:
     """The job-count table of a dry run, e.g. {'export_llm': 1}."""
     jobs, in_table = {}, False

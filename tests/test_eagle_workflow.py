@@ -8,7 +8,16 @@ import pytest
 
 from edgellm_steps.models.demo import make_eagle3_draft
 
-from .support import NOTHING, WorkdirLayout, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
+from .support import (
+    NOTHING,
+    WorkdirLayout,
+    copy_checkpoint,
+    flip_last_byte,
+    planned_jobs,
+    run_snakemake,
+    scenario,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -42,11 +51,12 @@ def test_eagle_exports_build_and_the_engine_plans_base_and_draft(workdir):
     assert "onnx/tiny_fp16/eagle_base/manifest.json" in engine_job
     assert "engines/sm110/draft/tiny_fp16.engine" in engine_job and "--draft_engine_dir" in engine_job
     # A changed draft reruns the draft export only; the base export stays.
-    weights = workdir / "draft/model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-1] ^= 1
-    weights.write_bytes(bytes(data))
+    flip_last_byte(workdir / "draft/model.safetensors")
     assert planned_jobs(run_snakemake(workdir, "-n", *EXPORTS).output) == {"export_draft": 1}
+    run_snakemake(workdir, *EXPORTS)
+    # A changed base weight reruns the base export only: the draft export reads the base's config.json alone.
+    flip_last_byte(workdir / "ckpt/model.safetensors")
+    assert planned_jobs(run_snakemake(workdir, "-n", *EXPORTS).output) == {"export_eagle_base": 1}
 
 
 def test_a_draft_that_does_not_fit_the_base_fails_at_planning(workdir):

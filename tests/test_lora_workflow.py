@@ -10,7 +10,16 @@ import pytest
 
 from edgellm_steps.models.demo import make_lora_adapter
 
-from .support import NOTHING, WorkdirLayout, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
+from .support import (
+    NOTHING,
+    WorkdirLayout,
+    copy_checkpoint,
+    flip_last_byte,
+    planned_jobs,
+    run_snakemake,
+    scenario,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -60,6 +69,11 @@ def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir)
     make_lora_adapter(workdir / "adapters/chat", workdir / "ckpt", ["q_proj", "v_proj"], seed=5, r=4)
     replan = run_snakemake(workdir, "-n", *TARGETS, "engines/sm110/tiny_fp16.engine")
     assert planned_jobs(replan.output) == {"process_lora": 1}
+    assert "adapter=chat" in replan.output and "adapter=code" not in replan.output
+    # A changed base weight reruns the export and its LoRA graph, no other adapter: process-lora reads config.json.
+    flip_last_byte(workdir / "ckpt/model.safetensors")
+    replan = run_snakemake(workdir, "-n", *TARGETS)
+    assert planned_jobs(replan.output) == {"export_llm": 1, "insert_lora": 1, "process_lora": 1}
     assert "adapter=chat" in replan.output and "adapter=code" not in replan.output
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_d2t_header
-from edgellm_steps.artifacts.sources import STATE_DIR, read_hf_config, refresh_stamps, resolve_source
+from edgellm_steps.artifacts.sources import STAMP_SUFFIX, STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 from edgellm_steps.engine.limits import LIMITS_READ
 from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, PrecisionError, SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template
@@ -114,6 +114,16 @@ class CheckedModel:
         if self.merged_adapter is not None:
             return [f"{self.checkpoint.path}/manifest.json"]
         return self.facts.stamps(self.checkpoint.path, self.facts.state_dir / "sources" / self.name)
+
+    @property
+    def config_stamps(self) -> list[str]:
+        """The stamp of the source's ``config.json`` alone: for steps whose output depends on nothing else
+        (process-lora checks an adapter against it, export-draft reads the base's dims), so a changed weight
+        byte reruns neither. A merged variant's config is written by merge-lora: its manifest stands for it."""
+        if self.merged_adapter is not None:
+            return self.source_stamps
+        config = str(self.facts.state_dir / "sources" / self.name / f"config.json{STAMP_SUFFIX}")
+        return [stamp for stamp in self.source_stamps if stamp == config]
 
     @property
     def vision_language(self) -> bool:

@@ -153,12 +153,12 @@ class RuleInputs:
         return self.export_llm(model, precision)
 
     def export_draft(self, model: str, precision: str) -> dict[str, Any]:
-        """Inputs of export_draft: the quantized draft or the draft's stamps, and the base source's stamps."""
+        """Inputs of export_draft: the quantized draft or the draft's stamps, and the base's config stamp."""
         checked = self.facts.model(model)
         checked.precision(precision)
         manifest = self.quantized_draft_manifest(model)
         draft = {"quantized_draft": manifest} if manifest else {"draft": checked.draft_stamps}
-        return {**draft, "source": checked.source_stamps}
+        return {**draft, "source": checked.config_stamps}
 
     def export_visual(self, model: str) -> dict[str, Any]:
         """Inputs of export_visual: the source stamps of a vision-language model (any LLM precision shares it)."""
@@ -213,9 +213,9 @@ class RuleInputs:
         return {"manifest": targets.export_path(LLM, MANIFEST, model, precision)}
 
     def process_lora(self, model: str, adapter: str) -> dict[str, Any]:
-        """Inputs of process_lora: the adapter's stamps, and the model's (its config decides the check)."""
+        """Inputs of process_lora: the adapter's stamps, and the model's config's (it decides the check)."""
         checked = self.facts.model(model)
-        return {"adapter": checked.adapter_stamps(adapter), "source": checked.source_stamps}
+        return {"adapter": checked.adapter_stamps(adapter), "source": checked.config_stamps}
 
     def merge_lora(self, model: str, adapter: str) -> dict[str, Any]:
         """Inputs of merge_lora: the adapter's stamps and the model's."""
