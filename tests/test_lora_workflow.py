@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 
 import pytest
 
+from edgellm_steps.artifacts.atomic import staging_prefix
+from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.lora.insert_lora import check_lora_graph
 from edgellm_steps.models.demo import make_lora_adapter
 
+from .commit_gate import CommitGate, stopped
 from .support import (
+    BIN,
     NOTHING,
+    REPO,
     WorkdirLayout,
     copy_checkpoint,
     flip_last_byte,
     planned_jobs,
     run_snakemake,
     scenario,
+    tool_env,
     write_config,
 )
 
@@ -75,6 +83,48 @@ def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir)
     replan = run_snakemake(workdir, "-n", *TARGETS)
     assert planned_jobs(replan.output) == {"export_llm": 1, "insert_lora": 1, "process_lora": 1}
     assert "adapter=chat" in replan.output and "adapter=code" not in replan.output
+
+
+def test_an_orphan_insert_lora_of_a_killed_workflow_never_replaces_the_rerun_graph(workdir):
+    """README's recovery after Snakemake is killed (unlock, rerun), its insert-lora step living on as an orphan.
+
+    The orphan is held at its commit, its graph staged inside the export directory, until the rerun has
+    made the graph again (removing that staging as a leftover); released, it must leave the rerun's
+    graph alone, and the plan and the export's consumers must agree with what is on disk.
+    """
+    graph = workdir / TARGETS[0]
+    run_snakemake(workdir, TARGETS[0])
+    with CommitGate(graph) as gate:
+        command = [str(BIN / "snakemake"), "--directory", str(workdir), "--snakefile", str(REPO / "Snakefile")]
+        killed = subprocess.Popen(
+            [*command, "-c1", "--forcerun", "insert_lora", TARGETS[0]],
+            env=tool_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        orphan = stopped(gate.hold(killed))
+        try:
+            killed.kill()  # Snakemake only: its insert-lora step runs on
+            killed.wait(timeout=60)
+            gate.release()
+            run_snakemake(workdir, "--unlock")
+            run_snakemake(workdir, TARGETS[0])
+            rerun, stat = graph.read_bytes(), graph.stat()
+            assert not list(graph.parent.glob(f"{staging_prefix(graph)}*")), "the rerun kept the orphan's staging"
+            # The rerun replaced the step's log; the orphan still writes to the one it was started with.
+            orphan_log = open(f"/proc/{orphan.pid}/fd/2", "rb")  # noqa: SIM115 (closed below)
+        finally:
+            orphan.resume()
+        orphan.wait(timeout=60)
+    with orphan_log:
+        verdict = orphan_log.read().decode(errors="replace").strip().splitlines()[-1]
+    assert verdict.startswith("error: onnx/tiny_fp16/llm/lora_model.onnx now belongs to a run started later"), verdict
+    after = graph.stat()
+    assert graph.read_bytes() == rerun and (after.st_ino, after.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    assert NOTHING in run_snakemake(workdir, "-n", TARGETS[0]).output
+    check_step_output(graph.parent, "export-llm")
+    assert check_lora_graph(graph.parent) == graph
 
 
 def test_an_adapter_the_model_cannot_serve_fails_at_planning(workdir, checkpoint_factory):

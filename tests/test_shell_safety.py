@@ -170,8 +170,12 @@ def test_a_real_build_takes_the_hostile_paths(workdir):
 
 
 def test_the_check_sees_an_unquoted_value(tmp_path):
-    """Negative control: the value unquoted (less its lone quote, where bash would stop) runs its commands."""
-    value = HOSTILE.replace("'", "") + "/template.json"
+    """Negative control: the value unquoted runs its commands.
+
+    Less its lone quote (bash would stop there) and with ``&`` as ``;``: a background job could
+    run after the check.
+    """
+    value = HOSTILE.replace("'", "").replace("&", ";") + "/template.json"
     command = f"{STEP_PYTHON} -m edgellm_steps.cli.export_llm --chat_template {value} > logs/x.log 2>&1"
     with contextlib.suppress(subprocess.CalledProcessError, json.JSONDecodeError, FileNotFoundError):
         assert value not in _received(command, tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_steps.artifacts.atomic import staged_directory, staging_prefix, write_claimed
+from edgellm_steps.artifacts.atomic import claim_file, staged_directory, staging_prefix, write_claimed
 from edgellm_steps.artifacts.claims import SupersededError, claim_path, process_start_ns, take_claim
 from edgellm_steps.errors import EdgeLLMError
 
@@ -185,6 +185,24 @@ def test_a_claimed_file_is_not_written_by_a_superseded_run(tmp_path):
         take_claim(report)
     os.unlink(claim_path(report))
     assert write_claimed(take_claim(report), b"again")
+
+
+def test_a_claimed_file_is_staged_beside_it_and_a_killed_runs_staging_goes_at_the_next_claim(tmp_path):
+    """A file written into a directory another step owns (insert-lora's graph in an export) stages under a name
+    unique to it, so the next run's claim removes what a killed run left, and only that."""
+    destination = tmp_path / "lora_model.onnx"
+    killed = tmp_path / f"{staging_prefix(destination)}killed"
+    sibling = tmp_path / f"{staging_prefix(tmp_path / 'lora_model.onnx.bak')}live"
+    killed.write_bytes(b"half")
+    sibling.write_bytes(b"another destination's")
+    claim = claim_file(destination)
+    assert not killed.exists() and sibling.exists()
+    assert write_claimed(claim, b"graph")
+    mtime = destination.stat().st_mtime_ns
+    assert not write_claimed(claim, b"graph") and destination.stat().st_mtime_ns == mtime  # unchanged: left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [claim_path(destination).name, destination.name, sibling.name]
+    )
 
 
 def _write_text(staging: Path) -> None:

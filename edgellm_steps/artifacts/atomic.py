@@ -61,20 +61,37 @@ def staging_prefix(destination: Path) -> str:
 
 
 def remove_stale_staging(destination: Path) -> None:
-    """Delete the staging directories that an interrupted run for ``destination`` left beside it.
+    """Delete what an interrupted run for ``destination`` left staged beside it: directories and files.
 
     Only ``destination``'s own: a sibling job writing into the same parent keeps its staging.
-    Called right after this run claimed ``destination``, so a staging directory still being
-    written by an older run (an orphan of a killed workflow) goes too: that run is superseded
-    and could never commit it; :func:`staged_directory` has it report so when its next write fails.
+    Called right after this run claimed ``destination``, so staging still being written by an
+    older run (an orphan of a killed workflow) goes too: that run is superseded and could never
+    commit it; :func:`staged_directory` and :func:`write_claimed` have it report so.
     """
     parent, prefix = Path(destination).parent, staging_prefix(destination)
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
-        if entry.name.startswith(prefix) and entry.is_dir():
-            log.info("removing leftover staging directory %s from an interrupted run", entry)
+        if not entry.name.startswith(prefix):
+            continue
+        log.info("removing leftover staging %s from an interrupted run", entry)
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+def claim_file(destination: Path) -> Claim:
+    """Claim the single file ``destination`` and remove its staging leftovers; commit with :func:`write_claimed`.
+
+    The file counterpart of entering :func:`staged_directory`: for a step whose output is one
+    file inside a directory it does not own (insert-lora's ``lora_model.onnx`` in an export),
+    so replacing the whole directory is not an option.
+    """
+    claim = take_claim(destination)
+    remove_stale_staging(destination)
+    return claim
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -158,6 +175,38 @@ def _vanished_staging(staging: Path, destination: Path) -> EdgeLLMError:
 
 
 def write_claimed(claim: Claim, data: bytes) -> bool:
-    """Write ``data`` to the claimed file unless a later-started run claimed it since; see :func:`write_if_changed`."""
-    with claim.committing():
-        return write_if_changed(claim.destination, data)
+    """Write ``data`` to the claimed file unless a later-started run claimed it since; returns whether it wrote.
+
+    ``data`` is staged under the destination's :func:`staging_prefix` (so the next
+    :func:`claim_file` removes what a killed run left) and renamed into place only while
+    holding the claim; a superseded run raises :class:`SupersededError` and leaves the file
+    alone. A file that already holds ``data`` is not rewritten: its mtime stays, and Snakemake
+    sees no change.
+    """
+    destination = claim.destination
+    fd, name = tempfile.mkstemp(prefix=staging_prefix(destination), dir=destination.parent)
+    staged = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        with claim.committing():
+            if _holds(destination, data):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(staged, destination)
+                return True
+        # The staged file is gone. Its whole directory may have been replaced (export-llm rewrites the
+        # directory lora_model.onnx lives in), taking the claim file this run locked with it: the
+        # claim file now at the path says whether a later run took over.
+        raise claim.superseded_error() or _vanished_staging(staged, destination)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether ``path`` holds exactly ``data``; sizes are compared first, so a changed file is seldom read."""
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except (FileNotFoundError, IsADirectoryError):
+        return False

@@ -13,12 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts.atomic import staging_prefix
+from edgellm_steps.artifacts.claims import claim_path
 from edgellm_steps.artifacts.digests import file_digest
 from edgellm_steps.errors import EdgeLLMError
 
 MANIFEST_NAME = "manifest.json"
 #: Files a later step writes into an earlier step's directory, by contract: insert-lora's
-#: ``lora_model.onnx`` beside export-llm's ``model.onnx``. A manifest neither lists nor forbids them.
+#: ``lora_model.onnx`` beside export-llm's ``model.onnx``. A manifest neither lists nor forbids them,
+#: nor their claim files and staging (:func:`is_later_step_file`).
 LATER_STEP_FILES = frozenset({"lora_model.onnx"})
 
 
@@ -49,7 +52,22 @@ def _file_names(directory: Path) -> list[str]:
     Subdirectories count (an engine directory holds its vision engine in ``visual/``).
     """
     names = (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() or p.is_symlink())
-    return sorted(name for name in names if name != MANIFEST_NAME and name not in LATER_STEP_FILES)
+    return sorted(name for name in names if name != MANIFEST_NAME and not is_later_step_file(name))
+
+
+def is_later_step_file(name: str) -> bool:
+    """Whether ``name`` (relative to a step's directory) is a later step's file, its claim file or its staging.
+
+    The later step claims and stages its file beside it (:func:`edgellm_steps.artifacts.atomic.claim_file`),
+    so a run of it killed midway leaves staging that its next run removes; until then the directory
+    must still pass :func:`check_step_output`. Exactly those names: any other extra file is refused.
+    """
+    if "/" in name:
+        return False
+    return any(
+        name in (later, claim_path(Path(later)).name) or name.startswith(staging_prefix(Path(later)))
+        for later in LATER_STEP_FILES
+    )
 
 
 def check_step_output(directory: Path, step: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 
 from edgellm_steps.artifacts import steps
-from edgellm_steps.artifacts.manifest import check_listed_file, check_step_output, read_manifest_step
+from edgellm_steps.artifacts.manifest import check_step_output, read_manifest_step
 from edgellm_steps.engine import host
 from edgellm_steps.engine.layout import check_component_engine, export_kind_of, write_engine_dir
 from edgellm_steps.engine.limits import BuildLimits
@@ -24,7 +24,7 @@ from edgellm_steps.engine.trt_build import serialize_engine
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, EXPORT_KINDS, LLM, VISUAL, ExportKind
 from edgellm_steps.graph.onnx_builder import ONNX_NAME
-from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME, SOURCE_KEY
+from edgellm_steps.lora import insert_lora
 
 
 def check_export(onnx_dir: Path) -> ExportKind:
@@ -37,15 +37,12 @@ def check_export(onnx_dir: Path) -> ExportKind:
 
 def check_lora_graph(onnx_dir: Path, limits: BuildLimits) -> Path:
     """``lora_model.onnx`` of the finished LLM export ``onnx_dir``, made from its ``model.onnx``, and limits that
-    admit LoRA; returns its path."""
-    path = onnx_dir / LORA_ONNX_NAME
-    if not path.is_file():
-        raise EdgeLLMError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
-    # model.onnx alone: check_export has already proven the whole export (the weights are digested once).
-    model_digest = check_listed_file(onnx_dir, LLM.step, ONNX_NAME)["files"][ONNX_NAME]["xxh3_128"]
-    made_from = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if made_from.get(SOURCE_KEY) != model_digest:
-        raise EdgeLLMError(f"{path} was made from another model.onnx than the export's; run edgellm-insert-lora again")
+    admit LoRA; returns its path.
+
+    Where the graph came from is insert-lora's to check (:func:`insert_lora.check_lora_graph`, shared with
+    verify-onnx); the rank is the engine's.
+    """
+    path = insert_lora.check_lora_graph(onnx_dir)
     if limits.max_lora_rank < 1:
         raise EdgeLLMError(
             "max_lora_rank is 0, so the engine would take no LoRA rank; set it to the largest rank served"

@@ -9,6 +9,12 @@ points at the same ``onnx_model.data``, so inserting LoRA into an 8B export take
 
 Fed rank-0 tensors (what the runtime binds for a module the active adapter does not touch)
 the delta is an empty product, zero, and the graph computes what ``model.onnx`` does.
+
+``lora_model.onnx`` lives in a directory export-llm owns, so it is written as every step output
+is, only file by file: claimed, staged beside it, renamed into place only while this run still
+holds the claim (an orphan of a killed workflow never replaces a newer graph), and stamped with
+the digest of the ``model.onnx`` it was made from, which every consumer checks
+(:func:`check_lora_graph`).
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import logging
 from pathlib import Path
 
 import onnx
+from google.protobuf.message import DecodeError
 from onnx import helper
 
 from edgellm_steps.artifacts import steps
-from edgellm_steps.artifacts.atomic import write_if_changed
-from edgellm_steps.artifacts.digests import file_digest
+from edgellm_steps.artifacts.atomic import claim_file, write_claimed
 from edgellm_steps.artifacts.manifest import check_listed_file
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export import llm_io
@@ -77,9 +83,16 @@ def add_lora(model: onnx.ModelProto, sites: list[LoraSite]) -> None:
 
 
 def insert_lora(onnx_dir: str | Path) -> Path:
-    """Write ``lora_model.onnx`` beside the export-llm output ``onnx_dir``'s ``model.onnx``; returns its path."""
+    """Write ``lora_model.onnx`` beside the export-llm output ``onnx_dir``'s ``model.onnx``; returns its path.
+
+    Raises :class:`~edgellm_steps.artifacts.claims.SupersededError` when a run started later
+    claimed ``lora_model.onnx`` first; an unchanged graph is left alone (its mtime kept).
+    """
     onnx_dir = Path(onnx_dir)
-    check_listed_file(onnx_dir, steps.EXPORT_LLM, ONNX_NAME)  # model.onnx only: the weights are never read
+    # model.onnx only: the weights are never read. Checked before claiming: no claim file in a non-export.
+    manifest = check_listed_file(onnx_dir, steps.EXPORT_LLM, ONNX_NAME)
+    destination = onnx_dir / LORA_ONNX_NAME
+    claim = claim_file(destination)
     source = onnx_dir / ONNX_NAME
     model = onnx.load(str(source), load_external_data=False)
     sites = read_sites(model, str(source))
@@ -87,9 +100,31 @@ def insert_lora(onnx_dir: str | Path) -> Path:
         raise EdgeLLMError(f"{source} records no adaptable GEMM; nothing for LoRA to attach to")
     add_lora(model, sites)
     entry = model.metadata_props.add()
-    entry.key, entry.value = SOURCE_KEY, file_digest(source)
-    destination = onnx_dir / LORA_ONNX_NAME
+    entry.key, entry.value = SOURCE_KEY, manifest["files"][ONNX_NAME]["xxh3_128"]
     # The bare protobuf: the initializers keep pointing at onnx_model.data, which is neither read nor written.
-    write_if_changed(destination, model.SerializeToString())
-    log.info("wrote %s: LoRA inputs on %d GEMMs", destination, len(sites))
+    written = write_claimed(claim, model.SerializeToString())
+    log.info("%s %s: LoRA inputs on %d GEMMs", "wrote" if written else "kept the unchanged", destination, len(sites))
     return destination
+
+
+def check_lora_graph(onnx_dir: str | Path) -> Path:
+    """``lora_model.onnx`` of the export-llm output ``onnx_dir``, proven made from its current ``model.onnx``.
+
+    For every consumer (verify-onnx with an adapter, build-engine with LoRA): a LoRA graph left
+    from an earlier ``model.onnx`` would run other weights' graph against this export's weights
+    file. Returns its path; else one line naming the insert-lora run that fixes it.
+    """
+    onnx_dir = Path(onnx_dir)
+    path, rerun = onnx_dir / LORA_ONNX_NAME, f"run edgellm-insert-lora --onnx_dir {onnx_dir}"
+    if not path.is_file():
+        raise EdgeLLMError(f"{onnx_dir} has no {LORA_ONNX_NAME}; {rerun} first")
+    model_digest = check_listed_file(onnx_dir, steps.EXPORT_LLM, ONNX_NAME)["files"][ONNX_NAME]["xxh3_128"]
+    try:
+        made_from = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except DecodeError:
+        raise EdgeLLMError(f"{path} is not a readable ONNX graph; {rerun} again") from None
+    if made_from.get(SOURCE_KEY) != model_digest:
+        raise EdgeLLMError(
+            f"{path} was made from another model.onnx than the export's (it was re-exported since); {rerun} again"
+        )
+    return path

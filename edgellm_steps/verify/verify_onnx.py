@@ -33,7 +33,7 @@ from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.errors import ParityError
 from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
-from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME
+from edgellm_steps.lora.insert_lora import check_lora_graph
 from edgellm_steps.lora.process_lora import processed_tensors
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
@@ -109,17 +109,19 @@ def _text_token_ids(hf_config: dict[str, Any], vocab_size: int, count: int, seed
     return allowed[rng.integers(0, len(allowed), count)].tolist()
 
 
-def _with_adapter(onnx_dir: Path, model, adapter: str | Path, hf_config: dict, where: str):
-    """(graph file, LoRA feeds, reference model with the PEFT adapter applied) for verifying an adapter."""
+def _with_adapter(lora_graph: Path, model, adapter: str | Path, hf_config: dict, where: str):
+    """(graph file name, LoRA feeds, reference model with the PEFT adapter applied) for verifying an adapter.
+
+    ``lora_graph`` comes from :func:`check_lora_graph`, called before the reference model loads: a LoRA
+    graph made from another ``model.onnx`` than the export's is refused in one line, as build-engine does.
+    """
     import peft
 
-    if not (onnx_dir / LORA_ONNX_NAME).is_file():
-        raise ParityError(f"{onnx_dir} has no {LORA_ONNX_NAME}; run edgellm-insert-lora --onnx_dir {onnx_dir} first")
     directory = resolve_source(str(adapter), allow_download=True)
     tensors = processed_tensors(read_fitting_adapter(directory, hf_config, where)[1])
     lora = {name: tensor.numpy() for name, tensor in tensors.items()}
     # PEFT loads the adapter as data: safetensors only (read_adapter refused anything else).
-    return LORA_ONNX_NAME, lora, peft.PeftModel.from_pretrained(model, str(directory)).eval()
+    return lora_graph.name, lora, peft.PeftModel.from_pretrained(model, str(directory)).eval()
 
 
 def verify_onnx(
@@ -147,6 +149,7 @@ def verify_onnx(
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
     claim = take_claim(Path(report)) if report is not None else None
     check_step_output(Path(onnx_dir), steps.EXPORT_LLM)
+    lora_graph = check_lora_graph(Path(onnx_dir)) if adapter is not None else None  # before the model loads
     # A quantize-llm output must be complete (its manifest checked) before it is read.
     source = resolve_source(str(model_dir), allow_download=True)
     check_if_step_output(source, steps.QUANTIZE_LLM)
@@ -158,8 +161,8 @@ def verify_onnx(
     capacity = prefill + decode + 1
     rope = hf_rope_table(model, capacity)
     graph, lora = ONNX_NAME, None
-    if adapter is not None:
-        graph, lora, model = _with_adapter(Path(onnx_dir), model, adapter, hf_config, str(checkpoint))
+    if adapter is not None and lora_graph is not None:
+        graph, lora, model = _with_adapter(lora_graph, model, adapter, hf_config, str(checkpoint))
 
     def runner_for(batch: int) -> LLMRunner:
         return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity, graph=graph, lora=lora)

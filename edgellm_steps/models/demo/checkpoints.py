@@ -9,6 +9,7 @@ from typing import Any
 
 from edgellm_steps.models.demo.families import TINY_FAMILIES, TINY_SIZES
 from edgellm_steps.models.demo.tokenizer import train_tokenizer
+from edgellm_steps.models.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def make_checkpoint(
     if "vision" in spec:
         # A VLM: the decoder sizes go to text_config, the tiny vision tower to vision_config, and
         # the image / video / vision start-end ids to the tokenizer's special tokens.
+        # The merger's output width is the decoder's (its features replace token embeddings).
         vision_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in spec["token_ids"].items()}
-        config = config_class(text_config={**sizes, **token_ids}, vision_config=spec["vision"], **vision_ids)
+        out_width_key = next(f.vision.out_width_key for f in FAMILIES if f.family == family)
+        vision = {**spec["vision"], out_width_key: sizes["hidden_size"]}
+        config = config_class(text_config={**sizes, **token_ids}, vision_config=vision, **vision_ids)
     else:
         config = config_class(**sizes, **token_ids)
     torch.manual_seed(seed)
