@@ -21,7 +21,7 @@ import numpy as np
 from onnx import helper
 
 from edgellm_steps.artifacts import steps
-from edgellm_steps.artifacts.claims import take_claim
+from edgellm_steps.artifacts.atomic import claim_file
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
@@ -75,7 +75,7 @@ def verify_draft(
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    claim = take_claim(Path(report)) if report is not None else None
+    claim = claim_file(Path(report)) if report is not None else None
     onnx_dir = Path(onnx_dir)
     check_step_output(onnx_dir, steps.EXPORT_DRAFT)
     checkpoint = resolve_source(str(model_dir), allow_download=True)

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from edgellm_steps.artifacts import steps
+from edgellm_steps.artifacts.atomic import claim_file
 from edgellm_steps.artifacts.checkpoint import TensorStore
-from edgellm_steps.artifacts.claims import take_claim
 from edgellm_steps.artifacts.manifest import check_if_step_output, check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.errors import ParityError
@@ -147,7 +147,7 @@ def verify_onnx(
         return verify_draft(onnx_dir, model_dir, tokens=prefill, seed=seed, report=report)
     if prefill < 2 or decode < 1:
         raise ParityError("verify needs --prefill >= 2 and --decode >= 1")
-    claim = take_claim(Path(report)) if report is not None else None
+    claim = claim_file(Path(report)) if report is not None else None
     check_step_output(Path(onnx_dir), steps.EXPORT_LLM)
     lora_graph = check_lora_graph(Path(onnx_dir)) if adapter is not None else None  # before the model loads
     # A quantize-llm output must be complete (its manifest checked) before it is read.

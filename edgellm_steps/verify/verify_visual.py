@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgellm_steps.artifacts import steps
-from edgellm_steps.artifacts.claims import take_claim
+from edgellm_steps.artifacts.atomic import claim_file
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.export.kinds import VISUAL
@@ -53,7 +53,7 @@ def verify_visual(
     import torch
     from onnx.reference import ReferenceEvaluator
 
-    claim = take_claim(Path(report)) if report is not None else None
+    claim = claim_file(Path(report)) if report is not None else None
     onnx_dir = Path(onnx_dir)
     manifest = check_step_output(onnx_dir, steps.EXPORT_VISUAL)
     precision = manifest["parameters"]["precision"]
