@@ -55,6 +55,8 @@ TINY_CASES = {
     # Vision-language models: export-llm exports the language model (MRoPE decoder), text-only parity.
     "qwen2_vl": {"family": "qwen2_vl"},
     "qwen2_5_vl": {"family": "qwen2_5_vl"},
+    # Qwen3-VL: interleaved MRoPE, q/k norms, deepstack inputs (zeros for text, as the runtime binds them).
+    "qwen3_vl": {"family": "qwen3_vl"},
 }
 
 

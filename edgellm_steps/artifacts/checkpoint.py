@@ -43,6 +43,9 @@ class DecoderDims:
     partial_rotary_factor: float
     tie_word_embeddings: bool
     hidden_act: str
+    #: Qwen3-VL: decoder layers 0..n-1 each add a deepstack input to their output (contract 3.6);
+    #: n = len(vision_config.deepstack_visual_indexes), 0 for every other model.
+    deepstack_layers: int = 0
 
     @property
     def rotary_dim(self) -> int:
@@ -63,8 +66,12 @@ def _rope_facts(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None, floa
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         if scaling.get("mrope_section") is not None and rope_type in ("default", "mrope"):
             # MRoPE (Qwen2-VL / Qwen2.5-VL; hub configs spell it "mrope", transformers "default"):
-            # the spelling the runtime parses as MRoPE (contract section 4).
-            return theta, _mrope_scaling(scaling["mrope_section"]), float(partial if partial is not None else 1.0)
+            # the spelling the runtime parses as MRoPE (contract section 4). Qwen3-VL interleaves the
+            # sections (contract 3.6), and its config.json keeps saying so.
+            mrope = _mrope_scaling(scaling["mrope_section"])
+            if scaling.get("mrope_interleaved"):
+                mrope["mrope_interleaved"] = True
+            return theta, mrope, float(partial if partial is not None else 1.0)
         scaling["rope_type"] = rope_type
         scaling.pop("type", None)
         if rope_type == "default":
@@ -78,6 +85,7 @@ def _mrope_scaling(section: Any) -> dict[str, Any]:
 
 def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
     """Normalize an HF decoder ``config.json`` (text part) into :class:`DecoderDims`."""
+    deepstack = len((cfg.get("vision_config") or {}).get("deepstack_visual_indexes") or [])
     if "text_config" in cfg and "hidden_size" not in cfg:
         # A VLM (or other composite) config of transformers 5: the decoder's facts live in text_config.
         # Tied embeddings: the top-level flag, or (saves before transformers 5) text_config's, as
@@ -104,6 +112,7 @@ def decoder_dims(cfg: dict[str, Any]) -> DecoderDims:
             partial_rotary_factor=partial,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             hidden_act=str(cfg.get("hidden_act", "silu")),
+            deepstack_layers=deepstack,
         )
     except KeyError as err:
         raise SourceError(

@@ -184,6 +184,8 @@ class DecoderGraph:
         for layer in range(d.num_layers):
             log.info("layer %d/%d", layer + 1, d.num_layers)
             x = self.decoder_layer(layer, x)
+            if layer < d.deepstack_layers:  # Qwen3-VL: the vision tower's deepstack features join here
+                x = g.op("Add", [x, llm_io.deepstack_name(layer)], f"/model/layers.{layer}/deepstack/Add")
             states.append(x)
         h = self.rms_norm(self.spec.final_norm, x, "/model/norm")
         states[-1] = h  # HF's last hidden state is the final norm's output

@@ -51,6 +51,9 @@ HIDDEN_STATES = "hidden_states"
 #: previous output [B, S, H] (zeros in the first draft step; then the base's input is zeros).
 HIDDEN_STATES_INPUT = "hidden_states_input"
 HIDDEN_STATES_FROM_DRAFT = "hidden_states_from_draft"
+#: Qwen3-VL's deepstack inputs (contract 3.6): ``deepstack_embeds_i`` [B, S, H] is added to decoder
+#: layer i's output; the runtime writes the vision tower's deepstack rows at image tokens, zeros elsewhere.
+DEEPSTACK_PREFIX = "deepstack_embeds_"
 
 
 def past_name(layer: int) -> str:
@@ -61,6 +64,11 @@ def past_name(layer: int) -> str:
 def present_name(layer: int) -> str:
     """The KV-cache output of decoder layer ``layer``."""
     return f"present_key_values_{layer}"
+
+
+def deepstack_name(layer: int) -> str:
+    """The deepstack input added to the output of decoder layer ``layer``."""
+    return f"{DEEPSTACK_PREFIX}{layer}"
 
 
 def is_lora_rank(dim: str) -> bool:
@@ -98,6 +106,8 @@ class GraphDims(Protocol):
     def rotary_dim(self) -> int: ...
     @property
     def vocab_size(self) -> int: ...
+    @property
+    def deepstack_layers(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,7 @@ def llm_inputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16, *, eagle_bas
 
     An EAGLE base graph selects several tokens per sequence and takes the speculation tree:
     ``attention_pos_id`` [B, q_len] and the bit-packed ``attention_mask`` [B, q_len, q_len_padded].
+    A Qwen3-VL language model takes its deepstack inputs last, shaped as ``inputs_embeds``.
     """
     kv_dims = (BATCH_SIZE, 2, dims.num_kv_heads, PAST_LEN, dims.head_dim)
     selected = NUM_SELECTED_TOKENS if eagle_base else NUM_TOKENS
@@ -128,6 +139,8 @@ def llm_inputs(dims: GraphDims, kv_type: int = TensorProto.FLOAT16, *, eagle_bas
             TensorSpec(ATTENTION_POS_ID, TensorProto.INT32, (BATCH_SIZE, Q_LEN)),
             TensorSpec(ATTENTION_MASK, TensorProto.INT32, (BATCH_SIZE, Q_LEN, Q_LEN_PADDED)),
         ]
+    embeds = (BATCH_SIZE, SEQ_LEN, dims.hidden_size)
+    inputs += [TensorSpec(deepstack_name(i), TensorProto.FLOAT16, embeds) for i in range(dims.deepstack_layers)]
     return inputs
 
 

@@ -41,6 +41,9 @@ class VisionSpec:
     #: Where the tower's tensors may live: transformers 4.x and 5 save ``visual.*``; checkpoints
     #: saved from the 4.5x in-memory layout hold ``model.visual.*``.
     prefixes: tuple[str, ...] = ("visual.", "model.visual.")
+    #: Qwen3-VL's tower: a learned position embedding mixed bilinearly, ``linear_fc1`` / ``linear_fc2``
+    #: MLPs, and deepstack mergers on the outputs of ``deepstack_visual_indexes`` (contract 7.2).
+    deepstack: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,29 @@ FAMILIES: tuple[FamilySpec, ...] = (
             ),
         ),
         **_QWEN_VL,
+    ),
+    # Qwen3-VL (contract 3.6): a Qwen3 decoder (q/k norms) with interleaved MRoPE whose first layers
+    # add the deepstack inputs; transformers 4.57+ and 5.x save it as model.language_model.* and
+    # model.visual.*, the names its modules have.
+    FamilySpec(
+        family="qwen3_vl",
+        architectures=("Qwen3VLForConditionalGeneration",),
+        qk_norm=True,
+        text_prefixes=("model.language_model.",),
+        mrope=True,
+        vision_language=True,
+        hf_auto_class="AutoModelForImageTextToText",
+        quant_exclude=("*visual*",),
+        vision=VisionSpec(
+            norm="layer",
+            gated_mlp=False,
+            window_attention=False,
+            width_key="hidden_size",
+            out_width_key="out_hidden_size",
+            hf_tower_class="transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
+            prefixes=("model.visual.", "visual."),
+            deepstack=True,
+        ),
     ),
 )
 

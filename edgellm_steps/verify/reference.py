@@ -67,6 +67,10 @@ class LLMRunner:
         self.lengths = np.zeros(batch, np.int32)
         #: An EAGLE base graph takes tree inputs and returns the hidden states of every new token.
         self.eagle = any(i.name == llm_io.ATTENTION_POS_ID for i in self.session.proto_.graph.input)
+        #: A Qwen3-VL graph's deepstack inputs, in order.
+        self.deepstack_inputs = [
+            i.name for i in self.session.proto_.graph.input if i.name.startswith(llm_io.DEEPSTACK_PREFIX)
+        ]
         self.hidden_states: np.ndarray | None = None
 
     def step(
@@ -76,6 +80,7 @@ class LLMRunner:
         all_logits: bool = False,
         embeds: np.ndarray | None = None,
         tree: tuple[np.ndarray, np.ndarray] | None = None,
+        deepstack: list[np.ndarray] | None = None,
     ) -> np.ndarray:
         """Append ``token_ids[b]`` to sequence b (ragged lists are right-padded); returns float32 logits.
 
@@ -86,7 +91,9 @@ class LLMRunner:
         ``tree`` = (``attention_pos_id`` [B, S], bit-packed ``attention_mask`` [B, S, words]) makes
         the new tokens a speculation tree (EAGLE base); without it an EAGLE graph gets the
         runtime's one-entry placeholders and attends causally. An EAGLE graph's
-        ``hidden_states`` output is kept in :attr:`hidden_states`.
+        ``hidden_states`` output is kept in :attr:`hidden_states`. A Qwen3-VL graph's deepstack
+        inputs get ``deepstack`` ([B, S, H] each: the tower's rows at image tokens, zeros elsewhere),
+        or zeros, as the runtime binds them for text and on decode steps.
         """
         batch = len(token_ids)
         seq = max(len(t) for t in token_ids)
@@ -116,6 +123,9 @@ class LLMRunner:
         for i, cache in enumerate(self.caches):
             feeds[llm_io.past_name(i)] = cache
         feeds.update(self.lora)
+        for i, name in enumerate(self.deepstack_inputs):
+            given = None if deepstack is None else np.asarray(deepstack[i], np.float16)
+            feeds[name] = given if given is not None else np.zeros_like(inputs)
         if self.eagle:
             pos_ids, mask = tree if tree is not None else (np.zeros((batch, 1)), np.zeros((batch, 1, 1)))
             feeds[llm_io.ATTENTION_POS_ID] = np.asarray(pos_ids, np.int32)

@@ -72,15 +72,15 @@ def make_checkpoint(
     model.save_pretrained(str(output_dir), **save_kwargs)
     tokenizer.save_pretrained(str(output_dir))
     if "vision" in spec:
-        _save_image_processor(output_dir, config, spec["processor_class"])
+        _save_image_processor(output_dir, config, spec)
     log.info("wrote a tiny %s checkpoint (%d parameters) to %s", family, model.num_parameters(), output_dir)
     return output_dir
 
 
-def _save_image_processor(output_dir: Path, config: Any, processor_class: str) -> None:
+def _save_image_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -> None:
     """``preprocessor_config.json`` of the Qwen-VL image processor, sized to the tiny vision tower.
 
-    Written as the hub's Qwen2-VL / Qwen2.5-VL checkpoints hold it (CLIP mean and std). It is
+    Written as the hub's Qwen-VL checkpoints hold it (CLIP mean and std; Qwen3-VL's 0.5). It is
     written directly: transformers' ``Qwen2VLImageProcessor`` needs torchvision and Pillow,
     which this project does not install.
     """
@@ -89,14 +89,14 @@ def _save_image_processor(output_dir: Path, config: Any, processor_class: str) -
     vision = config.vision_config
     processor = {
         "image_processor_type": "Qwen2VLImageProcessor",
-        "processor_class": processor_class,
+        "processor_class": spec["processor_class"],
         "do_resize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": spec.get("image_mean", [0.48145466, 0.4578275, 0.40821073]),
+        "image_std": spec.get("image_std", [0.26862954, 0.26130258, 0.27577711]),
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,

@@ -168,6 +168,35 @@ TINY_FAMILIES.update(
     }
 )
 
+#: Qwen3-VL's text rope: MRoPE sections interleaved over the frequency slots (contract 3.6).
+TINY_INTERLEAVED_MROPE = {**TINY_MROPE, "rope_theta": 5000000.0, "mrope_interleaved": True}
+
+TINY_FAMILIES["qwen3_vl"] = {
+    "config_class": "Qwen3VLConfig",
+    "model_class": "Qwen3VLForConditionalGeneration",
+    "processor_class": "Qwen3VLProcessor",
+    "template": QWEN_VL_TEMPLATE,
+    "special": QWEN_VL_SPECIAL,
+    "bos": None,
+    "eos": "<|im_end|>",
+    # Three decoder layers: each takes one deepstack input.
+    "config": {"rope_parameters": TINY_INTERLEAVED_MROPE, "num_hidden_layers": 3, "head_dim": 16},
+    # Four blocks, deepstack after blocks 0, 1 and 3 (not simply the first ones, nor only the last);
+    # a 4 x 4 grid of learned positions, sampled bilinearly for larger images.
+    "vision": {
+        "depth": 4,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "num_position_embeddings": 16,
+        "deepstack_visual_indexes": [0, 1, 3],
+    },
+    "token_ids": QWEN_VL_TOKEN_IDS,
+    # Qwen3-VL's processor normalizes to [-1, 1].
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
 TINY_SIZES = {
     "hidden_size": 64,
     "intermediate_size": 128,
