@@ -1,4 +1,4 @@
-"""MRoPE position ids and the rope table the Edge-LLM runtime feeds a Qwen2-VL / Qwen2.5-VL language model.
+"""MRoPE position ids and the rope table the Edge-LLM runtime feeds a Qwen-VL language model.
 
 The exported language model graph takes no position ids: rotary embedding comes in as
 ``rope_rotary_cos_sin`` [B, capacity, rot], row p holding cos | sin of the token in cache
@@ -76,29 +76,46 @@ def mrope_positions(
     return np.ascontiguousarray(np.concatenate(pieces, axis=1))
 
 
-def mrope_table(positions: np.ndarray, *, rope_theta: float, mrope_section: Sequence[int]) -> np.ndarray:
+def mrope_components(mrope_section: Sequence[int], *, interleaved: bool = False) -> np.ndarray:
+    """Which position component (0 temporal, 1 height, 2 width) each of the sum(section) frequencies reads.
+
+    Qwen2-VL / Qwen2.5-VL: consecutive sections, T then H then W. Qwen3-VL interleaves them
+    (contract 3.6): with sections [t, h, w], frequency j reads H when j % 3 == 1 and j < 3h, W when
+    j % 3 == 2 and j < 3w, and T otherwise ([24, 20, 20]: T, H, W repeating up to 60, then T).
+    """
+    sections = [int(s) for s in mrope_section]
+    if len(sections) != 3 or min(sections) < 0:
+        raise ValueError(f"mrope_section must be three non-negative sizes, got {list(mrope_section)!r}")
+    if not interleaved:
+        return np.repeat(np.arange(3), sections)
+    slot = np.arange(sum(sections))
+    components = np.zeros(len(slot), dtype=np.int64)
+    components[(slot % 3 == 1) & (slot < 3 * sections[1])] = 1
+    components[(slot % 3 == 2) & (slot < 3 * sections[2])] = 2
+    return components
+
+
+def mrope_table(
+    positions: np.ndarray, *, rope_theta: float, mrope_section: Sequence[int], interleaved: bool = False
+) -> np.ndarray:
     """[L, rot] float32 rope table (cos | sin, rot/2 frequencies each) for positions [3, L].
 
     rot = 2 x sum(mrope_section). Frequency i rotates by inv_freq[i] = rope_theta^(-2i/rot)
-    times one position component: temporal for the first section, height for the second,
-    width for the third. Angles are computed in float64 so the table does not depend on
-    float32 rounding of large positions.
+    times one position component, chosen by :func:`mrope_components`. Angles are computed in
+    float64 so the table does not depend on float32 rounding of large positions.
     """
     positions = np.asarray(positions)
     if positions.ndim != 2 or positions.shape[0] != 3:
         raise ValueError(f"positions must be [3, L], got {positions.shape}")
-    sections = [int(s) for s in mrope_section]
-    if len(sections) != 3 or min(sections) < 0:
-        raise ValueError(f"mrope_section must be three non-negative sizes, got {list(mrope_section)!r}")
-    half = sum(sections)
+    component = mrope_components(mrope_section, interleaved=interleaved)  # which position row each frequency reads
+    half = len(component)
     inv_freq = 1.0 / float(rope_theta) ** (np.arange(half, dtype=np.float64) * 2 / (2 * half))
-    component = np.repeat(np.arange(3), sections)  # which position row each frequency reads
     angles = positions[component].T.astype(np.float64) * inv_freq  # [L, rot/2]
     return np.concatenate([np.cos(angles), np.sin(angles)], axis=-1).astype(np.float32)
 
 
-def mrope_parameters(config: Mapping[str, Any]) -> tuple[float, list[int]]:
-    """(rope_theta, mrope_section) from an LLM export's ``config.json``.
+def mrope_parameters(config: Mapping[str, Any]) -> tuple[float, list[int], bool]:
+    """(rope_theta, mrope_section, interleaved) from an LLM export's ``config.json``.
 
     export-llm writes ``rope_theta`` at the top level and the section in ``rope_scaling``
     (the spelling the runtime parses as MRoPE). The section must cover the rotary dim
@@ -110,11 +127,12 @@ def mrope_parameters(config: Mapping[str, Any]) -> tuple[float, list[int]]:
     rotary_dim = int(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
     if 2 * sum(section) != rotary_dim:
         raise ValueError(f"mrope_section {section} does not sum to half the rotary dim {rotary_dim}")
-    return float(config["rope_theta"]), [int(s) for s in section]
+    interleaved = bool((config.get("rope_scaling") or {}).get("mrope_interleaved"))
+    return float(config["rope_theta"]), [int(s) for s in section], interleaved
 
 
 def export_mrope_table(onnx_dir: str | Path, positions: np.ndarray) -> np.ndarray:
     """[1, L, rot] ``rope_rotary_cos_sin`` of one sequence for the LLM export in ``onnx_dir``."""
     config = json.loads((Path(onnx_dir) / "config.json").read_text())
-    theta, section = mrope_parameters(config)
-    return mrope_table(positions, rope_theta=theta, mrope_section=section)[None]
+    theta, section, interleaved = mrope_parameters(config)
+    return mrope_table(positions, rope_theta=theta, mrope_section=section, interleaved=interleaved)[None]
