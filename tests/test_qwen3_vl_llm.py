@@ -164,3 +164,27 @@ def test_deepstack_graph_equals_transformers(sharp):
     wrong_rope = compare_logits(graph(deepstack, consecutive), expected)
     assert not wrong_rope.passed(TOL), wrong_rope
     log.info("deepstack parity %s; controls: zeros %s, consecutive rope %s", result, zeros, wrong_rope)
+
+
+def test_the_engine_gives_deepstack_the_embeddings_profiles_and_counts_them(sharp, tmp_path):
+    """Engine side without TensorRT: profiles of the deepstack inputs are inputs_embeds'; the config counts them."""
+    from edgellm_steps.engine import layout
+    from edgellm_steps.engine.limits import BuildLimits
+    from edgellm_steps.engine.profiles import llm_profiles
+
+    _, out, _ = sharp
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    for profile in llm_profiles(graph, BuildLimits()):
+        for k in range(3):
+            assert profile[f"deepstack_embeds_{k}"] == profile[llm_io.INPUTS_EMBEDS]
+    engine = layout.write_engine_dir(tmp_path / "vl_fp16.engine", out, b"llm engine", sm=110, limits=BuildLimits())
+    assert json.loads((engine / "config.json").read_text())["builder_config"]["num_deepstack_features"] == 3
+
+
+def test_an_eagle_base_of_a_deepstack_model_is_refused(sharp, tmp_path):
+    from edgellm_steps.errors import SourceError
+
+    checkpoint, _, _ = sharp
+    with pytest.raises(SourceError, match="EAGLE3 speculative decoding on a deepstack language model"):
+        export_llm(checkpoint, tmp_path / "eagle_base", eagle_base=True)
+    assert not (tmp_path / "eagle_base").exists()

@@ -16,12 +16,16 @@ import os
 import shutil
 from pathlib import Path
 
+import onnx
+
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import check_step_output, read_manifest_step, write_manifest
 from edgellm_steps.engine.limits import LIMITS_READ, BuildLimits
 from edgellm_steps.errors import EdgeLLMError
+from edgellm_steps.export import llm_io
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, EXPORT_KINDS, ExportKind, kind_of
+from edgellm_steps.graph.opsets import ONNX_NAME
 
 #: Where a vision-language model's engine directory holds its vision engine directory.
 VISUAL_SUBDIR = "visual"
@@ -33,13 +37,25 @@ SIDECARS = tuple(
 )
 
 
-def builder_config_of(kind: ExportKind, limits: BuildLimits) -> dict:
-    """``builder_config`` of the engine's config.json: the limits its kind reads, and EAGLE roles."""
+def builder_config_of(kind: ExportKind, limits: BuildLimits, *, deepstack: int = 0) -> dict:
+    """``builder_config`` of the engine's config.json: the limits its kind reads, and EAGLE roles.
+
+    A Qwen3-VL language model's also says how many deepstack inputs the engine takes
+    (``num_deepstack_features``), which the runtime checks against the engine when it loads it.
+    """
     config: dict = {key: getattr(limits, key) for key in LIMITS_READ[kind.profile]}
     if kind.profile == "llm":
         config["eagle_base"] = kind is EAGLE_BASE
         config["eagle_draft"] = kind is DRAFT
+        if deepstack:
+            config["num_deepstack_features"] = deepstack
     return config
+
+
+def graph_deepstack_count(onnx_dir: Path) -> int:
+    """The deepstack inputs of the export's graph, counted from its inputs (the protobuf alone is read)."""
+    graph = onnx.load(str(onnx_dir / ONNX_NAME), load_external_data=False).graph
+    return llm_io.deepstack_count([i.name for i in graph.input])
 
 
 def export_kind_of(onnx_dir: Path) -> ExportKind:
@@ -88,7 +104,8 @@ def write_engine_dir(
     (copy the directory with links dereferenced, e.g. ``cp -rL``, to move it to a device)."""
     export_config = json.loads((onnx_dir / "config.json").read_text())
     kind = export_kind_of(onnx_dir)
-    builder_config = builder_config_of(kind, limits)
+    deepstack = graph_deepstack_count(onnx_dir) if kind.profile == "llm" else 0
+    builder_config = builder_config_of(kind, limits, deepstack=deepstack)
     with staged_directory(engine_dir) as staging:
         (staging / kind.engine_file).write_bytes(engine)
         config = {**export_config, "builder_config": builder_config}

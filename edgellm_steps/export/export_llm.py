@@ -25,6 +25,7 @@ from edgellm_steps.export.llm_graph import DecoderGraph
 from edgellm_steps.export.sidecars import runtime_config, write_embedding, write_json
 from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE, load_vocab_map
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
+from edgellm_steps.models.eagle import check_eagle_base
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.quant_plan import QuantPlan
@@ -56,6 +57,8 @@ def export_llm(
     check_if_step_output(source, steps.QUANTIZE_LLM)
     opened = open_checkpoint(source)
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
+    if eagle_base:
+        check_eagle_base(dims, str(checkpoint))
     processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
 
     from transformers import AutoTokenizer

@@ -71,6 +71,11 @@ def deepstack_name(layer: int) -> str:
     return f"{DEEPSTACK_PREFIX}{layer}"
 
 
+def deepstack_count(input_names: list[str]) -> int:
+    """How many deepstack inputs a graph with these inputs takes (what the engine records, contract 3.6)."""
+    return sum(name.startswith(DEEPSTACK_PREFIX) for name in input_names)
+
+
 def is_lora_rank(dim: str) -> bool:
     """Whether a symbolic dim is the rank of a LoRA input."""
     return dim.startswith(LORA_RANK) or dim.endswith((".rank", "_rank"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.checkpoint import decoder_dims, draft_widths
+from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims, draft_widths
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import EAGLE3_DRAFT
 
@@ -36,6 +36,20 @@ def check_draft_fits(draft_config: dict[str, Any], base_config: dict[str, Any], 
     if dims.num_layers != 1:
         raise SourceError(f"{where}: an EAGLE3 draft has one decoder layer (midlayer), not {dims.num_layers}")
     return target, draft_vocab
+
+
+def check_eagle_base(dims: DecoderDims, where: str) -> None:
+    """Refuse an EAGLE3 base whose decoder adds deepstack inputs (Qwen3-VL).
+
+    Which hidden states such a base hands its draft (before or after a layer's deepstack
+    addition) is not settled by the contract, and a draft trained on the other would speculate
+    badly without any error; so none is built.
+    """
+    if dims.deepstack_layers:
+        raise SourceError(
+            f"{where}: EAGLE3 speculative decoding on a deepstack language model (Qwen3-VL) is not supported; "
+            "remove the draft from this model"
+        )
 
 
 #: The dtypes a draft's ``d2t`` may hold, as safetensors and torch name them: integer offsets.

@@ -20,7 +20,7 @@ from edgellm_steps.engine.limits import LIMITS_READ
 from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, PrecisionError, SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
-from edgellm_steps.models.eagle import check_d2t, check_draft_fits
+from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_base
 from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
@@ -177,6 +177,7 @@ class CheckedModel:
             )
         path = resolve_source(draft.source, model=self.name)
         where = f"model '{self.name}' draft ({draft.source})"
+        check_eagle_base(self.checkpoint.dims, f"model '{self.name}'")
         try:
             draft_config = read_hf_config(path, model=self.name)
             _, draft_vocab = check_draft_fits(draft_config, self.checkpoint.hf_config, where)
