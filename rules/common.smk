@@ -1,6 +1,7 @@
 # Config validation, wildcard constraints and the few helpers that let rules ask the planner.
 # The logic lives in edgellm_steps.workflow (planning.py and below); these helpers only turn a
 # user error into one line on stderr and stop the plan before any job runs.
+import logging
 import os
 import shlex
 import sys
@@ -20,6 +21,12 @@ def abort(err):
     sys.stderr.write(f"Error: {err}\n")
     raise SystemExit(1)
 
+
+# What planning warns of (a source the runtime would run wrongly, but which builds) reaches the user.
+_WARNINGS = logging.StreamHandler(sys.stderr)
+_WARNINGS.setLevel(logging.WARNING)
+_WARNINGS.setFormatter(logging.Formatter("Warning: %(message)s"))
+logging.getLogger("edgellm_steps.workflow").addHandler(_WARNINGS)
 
 try:
     PLAN = Planner(load_workflow_config(config))

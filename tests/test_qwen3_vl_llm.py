@@ -213,3 +213,17 @@ def test_fp8_quantizes_the_decoder_only_and_exports_with_parity(checkpoint_facto
     log.info("qwen3_vl fp8: %s", {k: v["relative_error"] for k, v in summary["cases"].items()})
     with pytest.raises(ParityError, match="does not match"):
         verify_onnx(tmp_path / "out", source)
+
+
+def test_the_runtime_rope_limit_is_named_for_other_geometries_only(checkpoint_factory):
+    from dataclasses import replace
+
+    from edgellm_steps.models.families import runtime_rope_warning
+    from edgellm_steps.quant.checkpoint_record import open_checkpoint
+
+    tiny = open_checkpoint(checkpoint_factory("qwen3_vl")).dims
+    assert "supports rotary dim 128 with sections [24, 20, 20] only" in runtime_rope_warning(tiny)
+    published = replace(tiny, head_dim=128, rope_scaling={**tiny.rope_scaling, "mrope_section": [24, 20, 20]})
+    assert runtime_rope_warning(published) is None
+    # Consecutive sections (Qwen2-VL, Qwen2.5-VL) run on the runtime's other kernel: nothing to say.
+    assert runtime_rope_warning(open_checkpoint(checkpoint_factory("qwen2_5_vl")).dims) is None

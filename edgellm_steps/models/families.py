@@ -242,6 +242,27 @@ EAGLE3_DRAFT = FamilySpec(
 )
 
 
+#: The rotary geometry the runtime's interleaved-MRoPE kernel supports (contract 3.6): rotary dim 128 with
+#: sections [24, 20, 20], every published Qwen3-VL size. Another exports and builds but would rotate wrongly.
+INTERLEAVED_MROPE_RUNTIME = (128, (24, 20, 20))
+
+
+def runtime_rope_warning(dims: DecoderDims) -> str | None:
+    """Why the runtime would rotate this interleaved-MRoPE model's text wrongly, or None when it would not."""
+    scaling = dims.rope_scaling or {}
+    if not scaling.get("mrope_interleaved"):
+        return None
+    rotary, sections = INTERLEAVED_MROPE_RUNTIME
+    found = (dims.rotary_dim, tuple(scaling.get("mrope_section") or ()))
+    if found == (rotary, sections):
+        return None
+    return (
+        f"rotary dim {found[0]} with mrope_section {list(found[1])}: the Edge-LLM runtime's interleaved MRoPE "
+        f"kernel supports rotary dim {rotary} with sections {list(sections)} only, so its engine would rotate "
+        "image positions wrongly (the export and its verify are still right)"
+    )
+
+
 def supported_architectures() -> list[str]:
     return sorted(_BY_ARCHITECTURE)
 

@@ -8,6 +8,7 @@ check raises :class:`~edgellm_steps.errors.EdgeLLMError` in one line naming the 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
@@ -21,6 +22,7 @@ from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, P
 from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_base
+from edgellm_steps.models.families import runtime_rope_warning
 from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
@@ -30,6 +32,8 @@ from edgellm_steps.quant.prequantized import held_precision
 from edgellm_steps.quant.shape_checks import check_block_dims, check_draft_block_dims
 from edgellm_steps.workflow import targets
 from edgellm_steps.workflow.config import ModelSettings, load_schema, model_settings
+
+log = logging.getLogger(__name__)
 
 
 class CheckedModel:
@@ -79,7 +83,10 @@ class CheckedModel:
                 )
             return replace(base.checkpoint, path=Path(self.settings.source))
         where = f"model '{self.name}' ({self.settings.source})"
-        return open_checkpoint(self.settings.source, model=self.name, where=where, allow_download=False)
+        opened = open_checkpoint(self.settings.source, model=self.name, where=where, allow_download=False)
+        if (warning := runtime_rope_warning(opened.dims)) is not None:
+            log.warning("model '%s': %s", self.name, warning)
+        return opened
 
     def check_source_fits(self, precision: Precision) -> None:
         """A pre-quantized source is exported as the precision it holds, and only as that one."""
