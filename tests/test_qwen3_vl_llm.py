@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -227,3 +228,27 @@ def test_the_runtime_rope_limit_is_named_for_other_geometries_only(checkpoint_fa
     assert runtime_rope_warning(published) is None
     # Consecutive sections (Qwen2-VL, Qwen2.5-VL) run on the runtime's other kernel: nothing to say.
     assert runtime_rope_warning(open_checkpoint(checkpoint_factory("qwen2_5_vl")).dims) is None
+
+
+def test_a_transformers4_checkpoint_exports_the_same(checkpoint_factory, exported, tmp_path):
+    """Qwen3-VL as transformers 4.57 saves it: rope_theta / rope_scaling inside text_config, torch_dtype."""
+    import shutil
+
+    from edgellm_steps.verify.verify_onnx import verify_onnx
+
+    source, standard = exported("qwen3_vl")
+    checkpoint = Path(shutil.copytree(source, tmp_path / "ckpt"))
+    config = json.loads((checkpoint / "config.json").read_text())
+    rope = config["text_config"].pop("rope_parameters")
+    config["text_config"]["rope_theta"] = rope.pop("rope_theta")
+    config["text_config"]["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype")
+    config["transformers_version"] = "4.57.1"
+    (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
+    export_llm(checkpoint, tmp_path / "out")
+    ours = json.loads((tmp_path / "out/config.json").read_text())
+    assert ours["rope_scaling"] == json.loads((standard / "config.json").read_text())["rope_scaling"]
+    assert ours["rope_scaling"]["mrope_interleaved"] is True and ours["rope_theta"] == 5000000.0
+    for name in ("onnx_model.data", "embedding.safetensors"):
+        assert (tmp_path / "out" / name).read_bytes() == (standard / name).read_bytes(), name
+    assert verify_onnx(tmp_path / "out", checkpoint)["passed"]
