@@ -252,3 +252,45 @@ def test_a_transformers4_checkpoint_exports_the_same(checkpoint_factory, exporte
     for name in ("onnx_model.data", "embedding.safetensors"):
         assert (tmp_path / "out" / name).read_bytes() == (standard / name).read_bytes(), name
     assert verify_onnx(tmp_path / "out", checkpoint)["passed"]
+
+
+def test_the_runtime_splice_equals_transformers(sharp):
+    """Image ids as vocab_size + k across the batch, the spliced embeddings and the deepstack feeds are what
+    transformers' placeholder mask, masked_scatter and deepstack addition make of the same rows."""
+    from edgellm_steps.verify.vlm_splice import (
+        decode_deepstack_feeds,
+        deepstack_feeds,
+        runtime_token_ids,
+        spliced_embeddings,
+    )
+
+    checkpoint, _, model = sharp
+    config = json.loads((checkpoint / "config.json").read_text())
+    pad, vocab, hidden = config["image_token_id"], config["text_config"]["vocab_size"], 64
+    first = [105, config["vision_start_token_id"], *[pad] * 16, config["vision_end_token_id"], 106]
+    second = [107, config["vision_start_token_id"], *[pad] * 4, config["vision_end_token_id"], 108, 109, 110]
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((20, hidden)).astype(np.float32)
+    deep_rows = [rng.standard_normal((20, hidden)).astype(np.float32) for _ in range(3)]
+    runtime = runtime_token_ids([first, second], pad, vocab)
+    assert runtime[0, 2] == vocab and runtime[1, 2] == vocab + 16 and runtime[1, 5] == vocab + 19
+    ours = spliced_embeddings(runtime, model.model.language_model.embed_tokens.weight.detach().numpy(), rows)
+    input_ids = torch.zeros(runtime.shape, dtype=torch.long)
+    input_ids[0, : len(first)], input_ids[1, : len(second)] = torch.tensor(first), torch.tensor(second)
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(input_ids)
+        mask, _ = model.model.get_placeholder_mask(input_ids, embeds, image_features=torch.from_numpy(rows))
+        expected = embeds.masked_scatter(mask, torch.from_numpy(rows)).numpy()
+    np.testing.assert_array_equal(ours, expected)
+    states = rng.standard_normal((*runtime.shape, hidden)).astype(np.float32)
+    text = model.model.language_model
+    for k, feed in enumerate(deepstack_feeds(runtime, vocab, deep_rows)):
+        with torch.no_grad():
+            hf = text._deepstack_process(torch.from_numpy(states.copy()), mask[..., 0], torch.from_numpy(deep_rows[k]))
+        np.testing.assert_allclose(states + feed, hf.numpy(), rtol=0, atol=1e-6)
+    assert all(not f.any() and f.shape == (2, 1, hidden) for f in decode_deepstack_feeds(2, 1, hidden, 3))
+    # Negative control: counting image tokens per sequence (k restarting at 0) splices the wrong rows.
+    per_sequence = runtime.copy()
+    per_sequence[1][per_sequence[1] >= vocab] -= 16
+    wrong = spliced_embeddings(per_sequence, model.model.language_model.embed_tokens.weight.detach().numpy(), rows)
+    assert not np.allclose(wrong, expected)
