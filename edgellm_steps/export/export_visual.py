@@ -6,6 +6,9 @@ reads (``preprocessor_config.json``: patch and merge sizes, mean and std) and ou
 ``manifest.json``. With ``quantization="fp8"`` every Linear of the tower is fp8, calibrated
 on generated images (:mod:`edgellm_steps.quant.visual_calibration`); the patch embedding
 (a Conv3d) stays fp16. The directory replaces ``output_dir`` whole, only when complete.
+A Qwen3-VL tower (learned positions, deepstack outputs, contract 7.2) is built by
+:class:`~edgellm_steps.export.visual_graph_qwen3.Qwen3VisualGraph`, the others by
+:class:`~edgellm_steps.export.visual_graph.VisualGraph`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokeni
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisualGraph
+from edgellm_steps.export.visual_graph_qwen3 import Qwen3VisualGraph
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.models.vision_geometry import open_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrate_fp8_tower
@@ -71,9 +75,8 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
-        write_graph(
-            staging, lambda builder: VisualGraph(builder, store, spec, dims, prefix, fp8_modules=fp8_modules).build()
-        )
+        graph = Qwen3VisualGraph if spec.deepstack else VisualGraph
+        write_graph(staging, lambda builder: graph(builder, store, spec, dims, prefix, fp8_modules=fp8_modules).build())
         write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step=steps.EXPORT_VISUAL, parameters={"precision": quantization})

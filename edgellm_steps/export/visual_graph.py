@@ -14,7 +14,8 @@ merge-block order):
 
 The output ``output`` float16 [hw/4, out] holds one embedding per image token, in the
 images' original token order. As with the decoder graph, weights stream from the
-checkpoint into ``onnx_model.data`` one at a time.
+checkpoint into ``onnx_model.data`` one at a time. Qwen3-VL's tower reuses these blocks
+(:mod:`edgellm_steps.export.visual_graph_qwen3`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def _node_path(module: str) -> str:
 
 
 class VisualGraph:
-    """Builds one vision-encoder graph; ``quantized`` names the Linear modules emitted in fp8."""
+    """Builds one vision-encoder graph; ``fp8_modules`` names the Linear modules emitted in fp8."""
+
+    #: The ungated block MLP's two Linears (Qwen2-VL's names; Qwen3-VL's differ).
+    fc_names = ("fc1", "fc2")
 
     def __init__(
         self,
@@ -98,6 +102,8 @@ class VisualGraph:
         g, act = self.g, self.dims.hidden_act
         if act == "gelu":
             return self.gelu(x, path)
+        if act == "gelu_pytorch_tanh":
+            return self.gelu_tanh(x, path)
         gate = x if act == "silu" else g.op("Mul", [x, self.const(1.702, "quick_gelu", np.float16)], f"{path}/Mul")
         return g.op("Mul", [x, g.op("Sigmoid", [gate], f"{path}/Sigmoid")], f"{path}/Mul_1")
 
@@ -110,6 +116,23 @@ class VisualGraph:
         one_plus = g.op("Add", [erf, self.const(1.0, "one_f32", np.float32)], f"{path}/Add")
         half_x = g.op("Mul", [xf, self.const(0.5, "half_f32", np.float32)], f"{path}/Mul_1")
         out = g.op("Mul", [half_x, one_plus], f"{path}/Mul_2")
+        return g.op("Cast", [out], f"{path}/Cast_1", to=TensorProto.FLOAT16)
+
+    def gelu_tanh(self, x: str, path: str) -> str:
+        """GELU's tanh approximation (HF ``gelu_pytorch_tanh``), in float32: opset 19 has no Gelu node."""
+        g = self.g
+        xf = g.op("Cast", [x], f"{path}/Cast", to=TensorProto.FLOAT)
+        cube = g.op("Mul", [g.op("Mul", [xf, xf], f"{path}/Mul"), xf], f"{path}/Mul_1")
+        cubic = g.op("Mul", [cube, self.const(0.044715, "gelu_tanh_cubic", np.float32)], f"{path}/Mul_2")
+        inner = g.op("Add", [xf, cubic], f"{path}/Add")
+        scaled = g.op(
+            "Mul", [inner, self.const(math.sqrt(2 / math.pi), "gelu_tanh_scale", np.float32)], f"{path}/Mul_3"
+        )
+        one_plus = g.op(
+            "Add", [g.op("Tanh", [scaled], f"{path}/Tanh"), self.const(1.0, "one_f32", np.float32)], f"{path}/Add_1"
+        )
+        half_x = g.op("Mul", [xf, self.const(0.5, "half_f32", np.float32)], f"{path}/Mul_4")
+        out = g.op("Mul", [half_x, one_plus], f"{path}/Mul_5")
         return g.op("Cast", [out], f"{path}/Cast_1", to=TensorProto.FLOAT16)
 
     def rope(self, x: str, cos: str, sin: str, path: str) -> str:
@@ -149,7 +172,8 @@ class VisualGraph:
             gate = self.activation(self.linear(f"{module}.gate_proj", x), f"{path}/act_fn")
             gated = self.g.op("Mul", [gate, self.linear(f"{module}.up_proj", x)], f"{path}/Mul")
             return self.linear(f"{module}.down_proj", gated)
-        return self.linear(f"{module}.fc2", self.activation(self.linear(f"{module}.fc1", x), f"{path}/act"))
+        fc1, fc2 = self.fc_names
+        return self.linear(f"{module}.{fc2}", self.activation(self.linear(f"{module}.{fc1}", x), f"{path}/act"))
 
     def by_window(self, x: str, width: int, index: str, path: str) -> str:
         """Rows of ``x`` [hw, width] regrouped by merge unit in the order of ``index`` [hw/4]."""
@@ -164,33 +188,46 @@ class VisualGraph:
         for spec in visual_outputs(self.dims):
             self.g.add_output(spec.name, spec.elem_type, list(spec.dims))
 
+    def embed_patches(self) -> str:
+        """[hw, width]: the patch embedding, a Conv3d whose stride equals its kernel, as one MatMul (plus its bias)."""
+        g, d = self.g, self.dims
+        patch = f"{self.prefix}patch_embed.proj"
+        kernel = self.store.get(f"{patch}.weight").reshape(d.width, d.patch_dim)
+        w = g.weight_chunks(f"{patch}.weight", np.float16, (d.patch_dim, d.width), fp16_transposed_chunks(kernel))
+        x = g.op("MatMul", [INPUT, w], f"{_node_path(patch)}/MatMul")
+        return add_bias(self.g, self.store, patch, x, _node_path(patch))
+
+    def rotary(self, angles: str) -> tuple[str, str]:
+        """cos and sin [hw, 1, D] of the angles [hw, D/2], repeated over both halves of the head."""
+        g = self.g
+        emb = g.op("Concat", [angles, angles], "/rotary/Concat", axis=-1)
+        emb = g.op("Unsqueeze", [emb, self.const([1], "axis_1")], "/rotary/Unsqueeze")  # [hw, 1, D]
+        return g.op("Cos", [emb], "/rotary/Cos"), g.op("Sin", [emb], "/rotary/Sin")
+
+    def block(self, i: int, x: str, cos: str, sin: str, mask: str) -> str:
+        """Vision block ``i``: pre-norm attention and MLP, each added to the residual stream."""
+        g, block = self.g, f"{self.prefix}blocks.{i}"
+        h = self.attention(f"{block}.attn", self.norm(f"{block}.norm1", x), cos, sin, mask)
+        x = g.op("Add", [x, h], f"{_node_path(block)}/Add")
+        return g.op("Add", [x, self.mlp(f"{block}.mlp", self.norm(f"{block}.norm2", x))], f"{_node_path(block)}/Add_1")
+
     def build(self) -> onnx.ModelProto:
         g, d, p = self.g, self.dims, self.prefix
         self.declare_io()
         window = self.spec.window_attention
-        # Patch embedding: a Conv3d whose stride equals its kernel is one MatMul over flattened patches.
-        patch = f"{p}patch_embed.proj"
-        kernel = self.store.get(f"{patch}.weight").reshape(d.width, d.patch_dim)
-        w = g.weight_chunks(f"{patch}.weight", np.float16, (d.patch_dim, d.width), fp16_transposed_chunks(kernel))
-        x = g.op("MatMul", [INPUT, w], f"{_node_path(patch)}/MatMul")
+        x = self.embed_patches()
         angles = ROTARY_POS_EMB
         if window:
             x = self.by_window(x, d.width, WINDOW_INDEX, "/window/hidden")
             angles = self.by_window(angles, d.head_dim // 2, WINDOW_INDEX, "/window/rotary")
-        emb = g.op("Concat", [angles, angles], "/rotary/Concat", axis=-1)
-        emb = g.op("Unsqueeze", [emb, self.const([1], "axis_1")], "/rotary/Unsqueeze")  # [hw, 1, D]
-        cos, sin = g.op("Cos", [emb], "/rotary/Cos"), g.op("Sin", [emb], "/rotary/Sin")
+        cos, sin = self.rotary(angles)
         masks = {
             name: g.op("Cast", [name], f"/{name}/Cast", to=TensorProto.FLOAT)
             for name in ((ATTENTION_MASK, WINDOW_ATTENTION_MASK) if window else (ATTENTION_MASK,))
         }
         for i in range(d.depth):
-            block = f"{p}blocks.{i}"
             full = not window or i in d.fullatt_blocks
-            mask = masks[ATTENTION_MASK if full else WINDOW_ATTENTION_MASK]
-            h = self.attention(f"{block}.attn", self.norm(f"{block}.norm1", x), cos, sin, mask)
-            x = g.op("Add", [x, h], f"{_node_path(block)}/Add")
-            x = g.op("Add", [x, self.mlp(f"{block}.mlp", self.norm(f"{block}.norm2", x))], f"{_node_path(block)}/Add_1")
+            x = self.block(i, x, cos, sin, masks[ATTENTION_MASK if full else WINDOW_ATTENTION_MASK])
         merger = f"{p}merger"
         h = self.norm(f"{merger}.ln_q", x)
         h = g.op("Reshape", [h, self.const([-1, d.merge_unit * d.width], "merge_units")], "/merger/Reshape")

@@ -17,13 +17,23 @@ ATTENTION_MASK = "attention_mask"
 WINDOW_ATTENTION_MASK = "window_attention_mask"
 WINDOW_INDEX = "window_index"
 REVERSE_WINDOW_INDEX = "reverse_window_index"
+#: Qwen3-VL (contract 7.2): the 4 corner rows of the learned position grid per patch, and their bilinear weights.
+FAST_POS_EMBED_IDX = "fast_pos_embed_idx"
+FAST_POS_EMBED_WEIGHT = "fast_pos_embed_weight"
+#: Corners each patch mixes (bilinear: floor/ceil on each axis).
+POSITION_TAPS = 4
 OUTPUT = "output"
+#: Qwen3-VL: one output per deepstack merger, ``deepstack_features_0`` onwards.
+DEEPSTACK_FEATURES = "deepstack_features_{k}"
 HW = "hw"
 IMAGE_TOKENS = "image_token_len"
 
 
 def visual_inputs(dims: VisionDims, *, windowed: bool) -> list[TensorSpec]:
-    """Inputs of the vision encoder graph in contract order: patches, rotary angles, masks, window order."""
+    """Inputs of the vision encoder graph in contract order: patches, rotary angles, masks, window order.
+
+    A tower with a learned position grid (Qwen3-VL) takes the grid's corner indices and weights last.
+    """
     inputs = [
         TensorSpec(INPUT, TensorProto.FLOAT16, (HW, dims.patch_dim)),
         TensorSpec(ROTARY_POS_EMB, TensorProto.FLOAT, (HW, dims.head_dim // 2)),
@@ -35,9 +45,20 @@ def visual_inputs(dims: VisionDims, *, windowed: bool) -> list[TensorSpec]:
             TensorSpec(WINDOW_INDEX, TensorProto.INT64, (IMAGE_TOKENS,)),
             TensorSpec(REVERSE_WINDOW_INDEX, TensorProto.INT64, (IMAGE_TOKENS,)),
         ]
+    if dims.position_grid:
+        inputs += [
+            TensorSpec(FAST_POS_EMBED_IDX, TensorProto.INT64, (POSITION_TAPS, HW)),
+            TensorSpec(FAST_POS_EMBED_WEIGHT, TensorProto.FLOAT16, (POSITION_TAPS, HW)),
+        ]
     return inputs
 
 
+def deepstack_names(dims: VisionDims) -> list[str]:
+    """The deepstack outputs' names, in merger order (none for Qwen2-VL / Qwen2.5-VL)."""
+    return [DEEPSTACK_FEATURES.format(k=k) for k in range(len(dims.deepstack_indexes))]
+
+
 def visual_outputs(dims: VisionDims) -> list[TensorSpec]:
-    """The one output: an embedding per image token."""
-    return [TensorSpec(OUTPUT, TensorProto.FLOAT16, (IMAGE_TOKENS, dims.out_width))]
+    """An embedding per image token, then (Qwen3-VL) each deepstack merger's, all the same shape."""
+    names = [OUTPUT, *deepstack_names(dims)]
+    return [TensorSpec(name, TensorProto.FLOAT16, (IMAGE_TOKENS, dims.out_width)) for name in names]

@@ -5,6 +5,7 @@ Model facts, read by the exporter, the fp8 calibration and the verifier alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ PROCESSOR_CONFIG = "preprocessor_config.json"
 #: (``preprocessor_config.json`` key, ``vision_config`` key) pairs that must agree: the processor cuts the
 #: image into the patches and merge blocks the tower was built for.
 PROCESSOR_AGREES = (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"))
-#: The activations the vision MLPs use (HF ``hidden_act``).
-ACTIVATIONS = ("silu", "quick_gelu", "gelu")
+#: The activations the vision MLPs use (HF ``hidden_act``); Qwen3-VL's blocks use the tanh GELU.
+ACTIVATIONS = ("silu", "quick_gelu", "gelu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class VisionDims:
     window_size: int | None
     fullatt_blocks: tuple[int, ...]
     norm_eps: float = 1e-6
+    #: Qwen3-VL: blocks after which a deepstack merger taps the hidden states (one graph output each).
+    deepstack_indexes: tuple[int, ...] = ()
+    #: Qwen3-VL: side G of the learned G x G position grid (0: the tower has no learned positions).
+    position_grid: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +68,9 @@ class VisionDims:
 def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
     """Sizes of the tower described by a transformers vision config object (defaults filled in)."""
     width = getattr(vision_config, spec.width_key)
-    mlp_width = getattr(vision_config, "intermediate_size", None) if spec.gated_mlp else None
+    # Qwen2-VL sizes its fc1/fc2 MLP by mlp_ratio; the gated (Qwen2.5-VL) and Qwen3-VL MLPs by intermediate_size.
+    sized = spec.gated_mlp or spec.deepstack
+    mlp_width = getattr(vision_config, "intermediate_size", None) if sized else None
     if mlp_width is None:
         mlp_width = int(width * vision_config.mlp_ratio)
     rope = getattr(vision_config, "rope_parameters", None) or {}
@@ -86,6 +93,7 @@ def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
         merge_size=vision_config.spatial_merge_size,
         window_size=getattr(vision_config, "window_size", None) if spec.window_attention else None,
         fullatt_blocks=tuple(getattr(vision_config, "fullatt_block_indexes", None) or ()),
+        **(_deepstack_dims(vision_config) if spec.deepstack else {}),
     )
     if dims.hidden_act not in ACTIVATIONS:
         raise SourceError(f"vision hidden_act {dims.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
@@ -95,6 +103,25 @@ def vision_dims(vision_config: Any, spec: VisionSpec) -> VisionDims:
             "(two rotary axes of cos|sin halves)"
         )
     return dims
+
+
+def _deepstack_dims(vision_config: Any) -> dict[str, Any]:
+    """Qwen3-VL's extra sizes, checked: the runtime samples a square position grid and taps existing blocks."""
+    positions = vision_config.num_position_embeddings
+    side = math.isqrt(positions)
+    if side < 1 or side * side != positions:
+        raise SourceError(
+            f"vision num_position_embeddings {positions} is not a square grid; the runtime samples a G x G grid"
+        )
+    indexes = tuple(vision_config.deepstack_visual_indexes)
+    depth = vision_config.depth
+    # Ascending: transformers lists the features in block order, the runtime in merger order; they agree only so.
+    if list(indexes) != sorted(set(indexes)) or any(not 0 <= i < depth for i in indexes):
+        raise SourceError(
+            f"vision deepstack_visual_indexes {list(indexes)} must name distinct blocks of the {depth}-block tower "
+            "in ascending order"
+        )
+    return {"deepstack_indexes": indexes, "position_grid": side}
 
 
 def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: VisionSpec, llm_hidden: int) -> None:

@@ -11,6 +11,9 @@ Pass: max |error| <= ``rel_tol`` x max |reference| and every output row's cosine
 fp8 criterion, against ModelOpt's fake-quantized tower calibrated on the same generated
 images (measured 2.8-3.7% of max |output| on the tiny test towers; the fake-quantized tower
 itself moves 1.8-2.4% between float16 and float32).
+
+A Qwen3-VL tower answers with ``output`` and every ``deepstack_features_k``; each is compared
+(result ``<scenario>/<output>``), so a deepstack merger on the wrong block fails on its own row.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from edgellm_steps.artifacts.atomic import claim_file
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.export.kinds import VISUAL
-from edgellm_steps.export.visual_io import OUTPUT
+from edgellm_steps.export.visual_io import OUTPUT, deepstack_names
 from edgellm_steps.graph.opsets import ONNX_NAME
-from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.models.vision_geometry import Grid, VisionDims, open_vision_tower
 from edgellm_steps.models.vision_tower import load_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrated_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits
@@ -46,11 +49,24 @@ def _tolerance(precision: str) -> Tolerance:
     return Tolerance(base.rel_tol, base.min_cosine, False, base.why)
 
 
+def tower_outputs(tower: Any, patches: np.ndarray, grids: list[Grid], dims: VisionDims) -> dict[str, np.ndarray]:
+    """The transformers tower's answer for ``patches``, by graph output name (``output``, then deepstack)."""
+    import torch
+
+    with torch.no_grad():
+        answer = tower(torch.from_numpy(patches), grid_thw=torch.tensor(grids))
+    outputs = {OUTPUT: answer.pooler_output.numpy()}
+    names = deepstack_names(dims)
+    if names:
+        features = answer.deepstack_features
+        outputs.update({name: feature.numpy() for name, feature in zip(names, features, strict=True)})
+    return outputs
+
+
 def verify_visual(
     onnx_dir: str | Path, model_dir: str | Path, *, seed: int = 0, report: str | Path | None = None
 ) -> dict[str, Any]:
     """Compare the vision export with the tower; write ``report`` (JSON) if given; raise ParityError on a miss."""
-    import torch
     from onnx.reference import ReferenceEvaluator
 
     claim = claim_file(Path(report)) if report is not None else None
@@ -71,12 +87,13 @@ def verify_visual(
     results: dict[str, ParityResult] = {}
     for name, grids in SCENARIOS.items():
         patches = rng.standard_normal((sum(t * h * w for t, h, w in grids), dims.patch_dim)).astype(np.float32)
-        with torch.no_grad():
-            expected = tower(torch.from_numpy(patches), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+        expected = tower_outputs(tower, patches, grids, dims)
         feeds = visual_feeds(patches, grids, dims, windowed=spec.window_attention)
-        got = session.run([OUTPUT], feeds)[0].astype(np.float32)
-        results[name] = compare_logits(got, expected)
-        log.info("%s: %s -> %s", name, results[name], "pass" if results[name].passed(tolerance) else "FAIL")
+        got = session.run(list(expected), feeds)
+        for output, answer in zip(expected, got, strict=True):
+            case = name if output == OUTPUT else f"{name}/{output}"
+            results[case] = compare_logits(answer.astype(np.float32), expected[output])
+            log.info("%s: %s -> %s", case, results[case], "pass" if results[case].passed(tolerance) else "FAIL")
     summary = make_report(
         kind=VISUAL.name,
         onnx_dir=onnx_dir,
@@ -85,6 +102,6 @@ def verify_visual(
         tolerance=tolerance,
         inputs={"seed": seed},
         results=results,
-        case_inputs={name: {"grids": SCENARIOS[name]} for name in results},
+        case_inputs={name: {"grids": SCENARIOS[name.partition("/")[0]]} for name in results},
     )
     return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the vision tower of {model_dir}")

@@ -4,8 +4,9 @@ Written from the runtime's documented behaviour (contract section 7): images are
 along one axis of patches, each image's patches in 2 x 2 merge-block order; rotary
 angles are each patch's (row, column) times the inverse frequencies of base 10000;
 attention masks are additive and block-diagonal (per image, or per window); window
-indices list the merge units window by window. verify-onnx feeds the vision graph with
-these, and the tests check them against transformers' own vision helpers.
+indices list the merge units window by window; Qwen3-VL's learned position grid is
+sampled bilinearly per patch (4 corner rows and weights). verify-onnx feeds the vision
+graph with these, and the tests check them against transformers' own vision helpers.
 """
 
 from __future__ import annotations
@@ -26,15 +27,60 @@ def rotary_angles(grids: Sequence[Grid], dims: VisionDims) -> np.ndarray:
     quarter = dims.head_dim // 4
     inv_freq = 1.0 / RUNTIME_VISION_ROPE_THETA ** (np.arange(quarter, dtype=np.float64) * 2 / (dims.head_dim // 2))
     rows = []
-    m = dims.merge_size
     for t, h, w in grids:
-        hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        order = (h // m, m, w // m, m)
-        hpos = hh.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
-        wpos = ww.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
+        hpos, wpos = merge_order(h, w, dims.merge_size)
         angles = np.concatenate([hpos[:, None] * inv_freq, wpos[:, None] * inv_freq], axis=1)
         rows.append(np.tile(angles, (t, 1)))
     return np.concatenate(rows).astype(np.float32)
+
+
+def merge_order(h: int, w: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each patch of an h x w image, in merge-block order ([h/m, w/m, m, m])."""
+    hh, ww = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    order = (h // m, m, w // m, m)
+    return hh.reshape(order).transpose(0, 2, 1, 3).reshape(-1), ww.reshape(order).transpose(0, 2, 1, 3).reshape(-1)
+
+
+def _axis_taps(pos: np.ndarray, size: int, side: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis (floor, ceil) grid rows and weights [n, 2] sampling linspace(0, side-1, size) at ``pos``.
+
+    In float32, as transformers samples its grid; ``nearest`` (a negative control only) puts the
+    whole weight on the closest row.
+    """
+    src = pos.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+    floor = np.floor(src)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(2), 0, side - 1)
+    frac = (src - floor).astype(np.float32)
+    if mode == "bilinear":
+        weights = np.stack([np.float32(1) - frac, frac], axis=1)
+    elif mode == "nearest":
+        upper = frac >= 0.5
+        weights = np.stack([~upper, upper], axis=1).astype(np.float32)
+    else:
+        raise ValueError(f"position sampling {mode!r} is neither bilinear nor nearest")
+    return taps, weights
+
+
+def position_taps(grids: Sequence[Grid], dims: VisionDims, *, mode: str = "bilinear") -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3-VL's learned positions: corner rows int64 [4, hw] and weights float32 [4, hw], merge-block order.
+
+    Each image of h x w patches samples the G x G grid at linspace(0, G-1, h) x linspace(0, G-1, w);
+    corner c = 2 * (row tap) + (column tap), i.e. (floor, floor), (floor, ceil), (ceil, floor), (ceil, ceil).
+    Every frame of an image repeats its positions.
+    """
+    side = dims.position_grid
+    if not side:
+        raise ValueError("this vision tower has no learned position grid")
+    indices, weights = [], []
+    for t, h, w in grids:
+        rows, cols = merge_order(h, w, dims.merge_size)
+        h_taps, h_weights = _axis_taps(rows, h, side, mode)
+        w_taps, w_weights = _axis_taps(cols, w, side, mode)
+        index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, 4)
+        weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, 4)
+        indices.append(np.tile(index, (t, 1)))
+        weights.append(np.tile(weight, (t, 1)))
+    return np.concatenate(indices).T.copy(), np.concatenate(weights).T.astype(np.float32)
 
 
 def block_mask(lengths: Sequence[int]) -> np.ndarray:
@@ -73,9 +119,13 @@ def window_order(grids: Sequence[Grid], dims: VisionDims) -> tuple[np.ndarray, l
 
 
 def visual_feeds(
-    patches: np.ndarray, grids: Sequence[Grid], dims: VisionDims, *, windowed: bool
+    patches: np.ndarray, grids: Sequence[Grid], dims: VisionDims, *, windowed: bool, position_mode: str = "bilinear"
 ) -> dict[str, np.ndarray]:
-    """Every input of the vision graph for ``patches`` of images with ``grids``."""
+    """Every input of the vision graph for ``patches`` of images with ``grids``.
+
+    ``position_mode`` ``nearest`` feeds a wrongly sampled position grid (Qwen3-VL): the negative
+    control that shows verify-onnx notices.
+    """
     feeds = {
         io.INPUT: patches.astype(np.float16),
         io.ROTARY_POS_EMB: rotary_angles(grids, dims),
@@ -87,4 +137,8 @@ def visual_feeds(
         feeds[io.WINDOW_ATTENTION_MASK] = block_mask(lengths)
         feeds[io.WINDOW_INDEX] = index
         feeds[io.REVERSE_WINDOW_INDEX] = np.argsort(index).astype(np.int64)
+    if dims.position_grid:
+        index, weight = position_taps(grids, dims, mode=position_mode)
+        feeds[io.FAST_POS_EMBED_IDX] = index
+        feeds[io.FAST_POS_EMBED_WEIGHT] = weight.astype(np.float16)
     return feeds
