@@ -202,3 +202,30 @@ def lay_out_workdir(path: Path, layout: WorkdirLayout, checkpoint_factory: Calla
         layout.extras(path, base)
     write_config(path, layout.config)
     return path
+
+
+#: How the trained-like copy rescales the tiny tower: learned positions to the patch embeddings' size,
+#: and the blocks' output projections so each block moves the residual stream visibly.
+TRAINED_LIKE = {"pos_embed.weight": 40.0, "attn.proj.weight": 10.0, "mlp.linear_fc2.weight": 10.0}
+
+
+def rescaled_copy(checkpoint: Path, destination: Path, factors: dict[str, float] | None = None) -> Path:
+    """A copy of ``checkpoint`` whose vision tensors are scaled by ``factors`` (tensor name suffix -> factor;
+    default :data:`TRAINED_LIKE`), in the same file layout.
+
+    A Qwen3-VL tower that looks trained: in the random one, learned positions and block updates barely matter.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, destination)
+    shard = destination / "model.safetensors"
+    with safe_open(str(shard), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(shard))
+    for name, tensor in tensors.items():
+        scale = TRAINED_LIKE if factors is None else factors
+        factor = next((f for suffix, f in scale.items() if name.endswith(suffix) and "visual" in name), 1.0)
+        tensors[name] = tensor * factor
+    save_file(tensors, str(shard), metadata=metadata)
+    return destination

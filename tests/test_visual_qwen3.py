@@ -26,8 +26,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.manifest import write_manifest
@@ -42,29 +40,14 @@ from edgellm_steps.verify.parity import TOLERANCES, compare_logits
 from edgellm_steps.verify.verify_visual import tower_outputs, verify_visual
 from edgellm_steps.verify.visual_inputs import block_mask, position_taps, rotary_angles, visual_feeds
 
+from .support import rescaled_copy
+
 #: Images of different sizes: smaller than the 4 x 4 grid, equal to it, larger, wide, and a 2-frame video.
 GRIDS = [(1, 2, 2), (1, 4, 4), (1, 8, 12), (1, 12, 20), (2, 4, 8)]
 #: The two-image scenario the ONNX controls run (block-diagonal mask, different sizes).
 TWO_IMAGES = [(1, 8, 12), (1, 12, 20)]
 #: Measured 0.06-0.10% of max |output| on both towers (fp16 arithmetic); a wrong graph is >= 10%.
 FP16_BOUND = 3e-3
-#: How the trained-like copy rescales the tiny tower: learned positions to the patch embeddings' size,
-#: and the blocks' output projections so each block moves the residual stream visibly.
-TRAINED_LIKE = {"pos_embed.weight": 40.0, "attn.proj.weight": 10.0, "mlp.linear_fc2.weight": 10.0}
-
-
-def rescaled_copy(checkpoint: Path, destination: Path) -> Path:
-    """A copy of ``checkpoint`` whose vision tensors are scaled by :data:`TRAINED_LIKE` (same file layout)."""
-    shutil.copytree(checkpoint, destination)
-    shard = destination / "model.safetensors"
-    with safe_open(str(shard), "pt") as handle:
-        metadata = handle.metadata()
-    tensors = load_file(str(shard))
-    for name, tensor in tensors.items():
-        factor = next((f for suffix, f in TRAINED_LIKE.items() if name.endswith(suffix) and "visual" in name), 1.0)
-        tensors[name] = tensor * factor
-    save_file(tensors, str(shard), metadata=metadata)
-    return destination
 
 
 @pytest.fixture(scope="module")
