@@ -191,31 +191,6 @@ def test_an_eagle_base_of_a_deepstack_model_is_refused(sharp, tmp_path):
     assert not (tmp_path / "eagle_base").exists()
 
 
-def test_fp8_quantizes_the_decoder_only_and_exports_with_parity(checkpoint_factory, tmp_path):
-    """quantize-llm fp8 on Qwen3-VL: quantizers on the decoder's GEMMs, none in the tower; the export of the
-    fake-quantized checkpoint matches ModelOpt's model within the fp8 bound, and misses the float one."""
-    from safetensors import safe_open
-
-    from edgellm_steps.errors import ParityError
-    from edgellm_steps.quant.quantize_llm import quantize_llm
-    from edgellm_steps.verify.verify_onnx import verify_onnx
-
-    source = checkpoint_factory("qwen3_vl")
-    quantized = quantize_llm(source, tmp_path / "q", precision="fp8", calib_size=4, calib_max_tokens=32)
-    with safe_open(str(quantized / "model.safetensors"), "pt") as f:
-        quantizers = [n for n in f.keys() if "_quantizer." in n]  # noqa: SIM118 (safe_open is no dict)
-    assert any(n.startswith("model.language_model.layers.2.mlp.down_proj.weight_quantizer") for n in quantizers)
-    assert not [n for n in quantizers if "visual" in n]
-    export_llm(quantized, tmp_path / "out")
-    graph = onnx.load(str(tmp_path / "out/model.onnx"), load_external_data=False).graph
-    assert [i.name for i in graph.input][-3:] == ["deepstack_embeds_0", "deepstack_embeds_1", "deepstack_embeds_2"]
-    summary = verify_onnx(tmp_path / "out", quantized)
-    assert summary["precision"] == "fp8" and summary["passed"], summary
-    log.info("qwen3_vl fp8: %s", {k: v["relative_error"] for k, v in summary["cases"].items()})
-    with pytest.raises(ParityError, match="does not match"):
-        verify_onnx(tmp_path / "out", source)
-
-
 def test_the_runtime_rope_limit_is_named_for_other_geometries_only(checkpoint_factory):
     from dataclasses import replace
 

@@ -23,7 +23,7 @@ WORKDIR = WorkdirLayout(checkpoint="qwen2_5_vl", config=CONFIG)
 
 
 def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkpoint_factory):
-    """fp16 language model and vision encoder, each verified; fp8 language model through quantize-llm."""
+    """fp16 language model and vision encoder, each verified (the demo test builds the fp8 one through quantize)."""
     source = checkpoint_factory("qwen2_5_vl")
     targets = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm_fp16/verify.json", VISUAL, "reports/vlm/visual/verify.json")
     run_snakemake(workdir, *targets)
@@ -34,19 +34,16 @@ def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkp
     visual = workdir / "onnx/vlm/visual"
     assert json.loads((visual / "manifest.json").read_text())["step"] == "export-visual"
     assert (visual / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
-    fp8 = "onnx/vlm_fp8/llm/model.onnx"
-    run_snakemake(workdir, fp8)
-    for llm in (workdir / "onnx/vlm_fp16/llm", workdir / "onnx/vlm_fp8/llm"):
-        assert (llm / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
-        content_types = json.loads((llm / "processed_chat_template.json").read_text())["content_types"]
-        assert set(content_types) == {"image", "video"}
-        assert json.loads((llm / "config.json").read_text())["rope_scaling"]["mrope_section"] == [2, 3, 3]
-    assert json.loads((workdir / "onnx/vlm_fp8/llm/manifest.json").read_text())["parameters"]["precision"] == "fp8"
-    assert NOTHING in run_snakemake(workdir, "-n", *targets, fp8).output
+    llm = workdir / "onnx/vlm_fp16/llm"
+    assert (llm / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
+    content_types = json.loads((llm / "processed_chat_template.json").read_text())["content_types"]
+    assert set(content_types) == {"image", "video"}
+    assert json.loads((llm / "config.json").read_text())["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert NOTHING in run_snakemake(workdir, "-n", *targets).output
     # The vision encoder's own precision reruns its export (and report), nothing of the language model.
     write_config(workdir, CONFIG + "    visual_precision: fp8\n")
-    replan = run_snakemake(workdir, "-n", *targets, fp8)
-    assert planned_jobs(replan.output) == {"export_visual": 1, "verify_visual": 1}
+    replan = run_snakemake(workdir, "-n", *targets, "onnx/vlm_fp8/llm/model.onnx")
+    assert planned_jobs(replan.output) == {"export_visual": 1, "verify_visual": 1, "quantize_llm": 1, "export_llm": 1}
     assert "--quantization fp8" in replan.output
 
 
