@@ -153,21 +153,22 @@ def _pattern(name: str) -> str:
     return re.sub(r"\.(layers|blocks)\.\d+\.", r".\1.N.", name)
 
 
-def check_names(tiny: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def check_names(tiny: Path, shapes: dict[str, tuple[int, ...]], *, keep_lm_head: bool = False) -> None:
     """Fail unless the big checkpoint's names (and ranks) are exactly the tiny demo checkpoint's.
 
     The tiny one is what transformers 5 itself saves for this architecture, so this keeps the bench
-    honest if the library's demo (or transformers' layout) moves. Its ``lm_head`` is left out: the
-    tiny config is untied, the real 3B one ties the head to the embedding.
+    honest if the library's demo (or transformers' layout) moves. Its ``lm_head`` is left out unless
+    ``keep_lm_head``: the tiny config is untied, the real 3B one ties the head to the embedding.
     """
     with safe_open(str(tiny / "model.safetensors"), "pt") as f:
-        expected = {_pattern(k): len(f.get_slice(k).get_shape()) for k in f.keys() if k != "lm_head.weight"}  # noqa: SIM118
+        names = [k for k in f.keys() if keep_lm_head or k != "lm_head.weight"]  # noqa: SIM118
+        expected = {_pattern(k): len(f.get_slice(k).get_shape()) for k in names}
     actual = {_pattern(k): len(s) for k, s in shapes.items()}
     if expected != actual:
         missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
         ranks = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
         raise SystemExit(
-            f"tensor names differ from the tiny {FAMILY} checkpoint: missing {missing}, extra {extra}, rank {ranks}"
+            f"tensor names differ from the tiny checkpoint {tiny}: missing {missing}, extra {extra}, rank {ranks}"
         )
 
 
