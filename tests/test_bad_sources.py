@@ -185,17 +185,29 @@ D2T_DAMAGE = {
 }
 
 
-@pytest.mark.workflow
 @pytest.mark.parametrize("case", D2T_DAMAGE)
-def test_a_draft_with_a_bad_d2t_is_refused_at_planning_and_by_the_step(workdir, tmp_path, case):
-    make_eagle3_draft(workdir / "draft", workdir / "ckpt")
+def test_a_draft_with_a_bad_d2t_is_refused_by_planning_and_by_the_step(checkpoint_factory, tmp_path, case):
+    """The planner's check (headers and the d2t table, no torch) and the export step's, on each damage."""
+    from edgellm_steps.workflow.model_facts import Facts
+
+    base = checkpoint_factory("llama")
+    make_eagle3_draft(tmp_path / "draft", base)
     value, expected = D2T_DAMAGE[case]
-    _rewrite_d2t(workdir / "draft", value)
-    assert expected in plan_error(workdir, "onnx/tiny_fp16/draft/model.onnx")
+    _rewrite_d2t(tmp_path / "draft", value)
+    config = {"models": {"tiny": {"source": str(base), "draft": {"source": str(tmp_path / "draft")}}}}
+    with pytest.raises(SourceError, match=expected.replace("[", r"\[")):
+        Facts(config, state_dir=tmp_path / "state").model("tiny").draft_checkpoint  # noqa: B018
     # The step refuses it too (a float d2t was once cast to ids; a bfloat16 one died in numpy).
     with pytest.raises(SourceError) as refused:
-        export_draft(workdir / "draft", workdir / "ckpt", tmp_path / "draft-export")
+        export_draft(tmp_path / "draft", base, tmp_path / "draft-export")
     assert expected.replace("F32", "float32").replace("BF16", "bfloat16") in str(refused.value)
+
+
+@pytest.mark.workflow
+def test_a_bad_d2t_stops_the_plan(workdir):
+    make_eagle3_draft(workdir / "draft", workdir / "ckpt")
+    _rewrite_d2t(workdir / "draft", D2T_DAMAGE["bfloat16"][0])
+    assert D2T_DAMAGE["bfloat16"][1] in plan_error(workdir, "onnx/tiny_fp16/draft/model.onnx")
 
 
 @pytest.mark.workflow

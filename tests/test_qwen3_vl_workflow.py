@@ -18,8 +18,9 @@ REPORTS = ("reports/vlm_fp16/verify.json", "reports/vlm_fp8/verify.json", "repor
 
 
 def test_qwen3_vl_builds_verified_exports_and_plans_its_engine(workdir):
-    """fp16 and fp8 (quantize-llm) language models and the vision encoder in fp16 then fp8, each verified;
-    planning names the runtime's rope limit once; the SM110 engine directory is planned."""
+    """fp16 and fp8 (quantize-llm) language models and the fp16 vision encoder, each verified; planning names
+    the runtime's rope limit once; the fp8 vision encoder and the SM110 engine directory are planned (the fp8
+    tower's parity with ModelOpt's is proven in test_visual_qwen3)."""
     plan = run_snakemake(workdir, "-n", *REPORTS)
     assert planned_jobs(plan.output) == {
         "quantize_llm": 1,
@@ -55,6 +56,3 @@ def test_qwen3_vl_builds_verified_exports_and_plans_its_engine(workdir):
         "build_engine": 1,
     }
     assert "--quantization fp8" in replan.output
-    run_snakemake(workdir, REPORTS[-1])
-    report = json.loads((workdir / REPORTS[-1]).read_text())
-    assert report["precision"] == "fp8" and report["passed"], report
