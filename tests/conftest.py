@@ -14,14 +14,39 @@ from edgellm_steps.models.demo import make_checkpoint
 
 from .support import TINY_CASES, as_transformers4_config, lay_out_workdir
 
+#: Modules without Snakemake that still take tens of seconds (real transformers references, ModelOpt runs).
+LONG_MODULES = frozenset(
+    {
+        "test_vlm_end_to_end",
+        "test_export_llm",
+        "test_quantize",
+        "test_quantize_draft",
+        "test_visual",
+        "test_visual_fp8",
+        "test_visual_qwen3",
+        "test_qwen3_vl_llm",
+        "test_qwen3_vl_end_to_end",
+        "test_reproducible_quantize",
+        "test_vlm",
+        "test_lora",
+    }
+)
+
 
 def pytest_collection_modifyitems(items):
-    """Modules that drive Snakemake first (they take most of the suite's time), each module's tests in order.
+    """Modules that drive Snakemake first (they take most of the suite's time), then the other long ones,
+    each module's tests in order.
 
     xdist's loadfile hands out modules in collection order, so a long module collected last
     would leave one worker running alone at the end.
     """
-    items.sort(key=lambda item: item.get_closest_marker("workflow") is None)
+
+    def rank(item) -> int:
+        if item.get_closest_marker("workflow") is not None:
+            return 0
+        return 1 if item.module.__name__.rsplit(".", 1)[-1] in LONG_MODULES else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
