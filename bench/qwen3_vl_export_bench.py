@@ -14,20 +14,16 @@ they write: visual <= 1 GB, llm <= 2 GB.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from edgellm_steps.models.demo import QWEN_VL_TEMPLATE, make_checkpoint, train_tokenizer
 
-from .common import bench_parser, measure_command, module_command, print_export_table, record, run_export, run_record
 from .export_bench import write_shards
-from .visual_export_bench import check_names
+from .visual_export_bench import check_names, run_vlm_bench
 
 log = logging.getLogger("qwen3_vl_export_bench")
 
@@ -84,7 +80,6 @@ CONFIG: dict[str, Any] = {
 }
 PROCESSOR_SIZES = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
 TARGETS = {"visual": {"peak_rss_gb": 1.0}, "llm": {"peak_rss_gb": 2.0}}
-EXPORTS = {"visual": "edgellm_steps.cli.export_visual", "llm": "edgellm_steps.cli.export_llm"}
 
 
 def _merger(prefix: str, norm_width: int, merged: int, out: int) -> dict[str, tuple[int, ...]]:
@@ -164,41 +159,9 @@ def write_vlm_checkpoint(directory: Path, shard_bytes: int = 2 << 30) -> int:
 
 
 def main() -> int:
-    parser = bench_parser(__doc__, keep="keep the checkpoint and the exports")
-    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    checkpoint = args.workdir / f"{NAME}-checkpoint"
-    if args.generate_only:
-        log.info("%s: %.0fM parameters", checkpoint, write_vlm_checkpoint(checkpoint) / 1e6)
-        return 0
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    generated, generation = "reused", None
-    if not (checkpoint / "config.json").is_file():
-        generate = module_command("bench.qwen3_vl_export_bench", "--workdir", str(args.workdir), "--generate-only")
-        code, generation = measure_command(generate, stderr=None)
-        if code != 0:
-            raise SystemExit(f"checkpoint generation failed: {' '.join(generate)}")
-        generated = f"{generation.wall_s:.1f} s, {generation.peak_rss_gb} GB peak RSS"
-    rows = []
-    for name in EXPORTS:
-        output = args.workdir / f"{NAME}-onnx" / name
-        shutil.rmtree(output, ignore_errors=True)
-        command = [sys.executable, "-m", EXPORTS[name], "--model_dir", str(checkpoint), "--output_dir", str(output)]
-        rows.append((name, *run_export(name, command, output, args.workdir / f"{NAME}-{name}.log")))
-    if not args.keep:
-        shutil.rmtree(checkpoint, ignore_errors=True)
-        shutil.rmtree(args.workdir / f"{NAME}-onnx", ignore_errors=True)
-    print(f"checkpoint generation: {generated}")
-    if not args.no_record:
-        runs = [run_record("generate checkpoint", generation)] if generation else []
-        runs += [
-            run_record(name, measured, onnx_model_data_gb=round(data_gb, 2))
-            for name, code, measured, data_gb in rows
-            if code == 0
-        ]
-        record("qwen3_vl_export_bench", runs, args.note)
-    return print_export_table(rows, TARGETS)
+    return run_vlm_bench(
+        __doc__, module="qwen3_vl_export_bench", name=NAME, write=write_vlm_checkpoint, targets=TARGETS
+    )
 
 
 if __name__ == "__main__":

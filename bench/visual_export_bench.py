@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,43 +190,50 @@ def write_vlm_checkpoint(directory: Path, shard_bytes: int = 2 << 30) -> int:
     return total
 
 
-def main() -> int:
-    parser = bench_parser(__doc__, keep="keep the checkpoint and the exports")
+def run_vlm_bench(doc: str, *, module: str, name: str, write: Callable[[Path], int], targets: dict) -> int:
+    """The main of a VLM export benchmark: generate the checkpoint in its own process (once), export the
+    vision encoder then the LLM, each alone, record the runs in ``bench/results/<module>.json``."""
+    parser = bench_parser(doc, keep="keep the checkpoint and the exports")
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    checkpoint = args.workdir / f"{FAMILY}-3b-checkpoint"
+    checkpoint, onnx_root = args.workdir / f"{name}-checkpoint", args.workdir / f"{name}-onnx"
     if args.generate_only:
-        params = write_vlm_checkpoint(checkpoint)
-        log.info("%s: %.0fM parameters", checkpoint, params / 1e6)
+        log.info("%s: %.0fM parameters", checkpoint, write(checkpoint) / 1e6)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     generated, generation = "reused", None
     if not (checkpoint / "config.json").is_file():
-        generate = module_command("bench.visual_export_bench", "--workdir", str(args.workdir), "--generate-only")
+        generate = module_command(f"bench.{module}", "--workdir", str(args.workdir), "--generate-only")
         code, generation = measure_command(generate, stderr=None)
         if code != 0:
             raise SystemExit(f"checkpoint generation failed: {' '.join(generate)}")
         generated = f"{generation.wall_s:.1f} s, {generation.peak_rss_gb} GB peak RSS"
     rows = []
-    for name in EXPORTS:
-        output = args.workdir / f"{FAMILY}-3b-onnx" / name
+    for export in EXPORTS:
+        output = onnx_root / export
         shutil.rmtree(output, ignore_errors=True)
-        command = [sys.executable, "-m", EXPORTS[name], "--model_dir", str(checkpoint), "--output_dir", str(output)]
-        rows.append((name, *run_export(name, command, output, args.workdir / f"{FAMILY}-3b-{name}.log")))
+        command = [sys.executable, "-m", EXPORTS[export], "--model_dir", str(checkpoint), "--output_dir", str(output)]
+        rows.append((export, *run_export(export, command, output, args.workdir / f"{name}-{export}.log")))
     if not args.keep:
         shutil.rmtree(checkpoint, ignore_errors=True)
-        shutil.rmtree(args.workdir / f"{FAMILY}-3b-onnx", ignore_errors=True)
+        shutil.rmtree(onnx_root, ignore_errors=True)
     print(f"checkpoint generation: {generated}")
     if not args.no_record:
         runs = [run_record("generate checkpoint", generation)] if generation else []
         runs += [
-            run_record(name, measured, onnx_model_data_gb=round(data_gb, 2))
-            for name, code, measured, data_gb in rows
+            run_record(export, measured, onnx_model_data_gb=round(data_gb, 2))
+            for export, code, measured, data_gb in rows
             if code == 0
         ]
-        record("visual_export_bench", runs, args.note)
-    return print_export_table(rows, TARGETS)
+        record(module, runs, args.note)
+    return print_export_table(rows, targets)
+
+
+def main() -> int:
+    return run_vlm_bench(
+        __doc__, module="visual_export_bench", name=f"{FAMILY}-3b", write=write_vlm_checkpoint, targets=TARGETS
+    )
 
 
 if __name__ == "__main__":
