@@ -43,12 +43,19 @@ MIN_COSINE = 0.999
 
 @dataclass(frozen=True)
 class Tolerance:
-    """verify-onnx's pass criterion: max |logit error| <= rel_tol x max |logit|, row cosines >= min_cosine."""
+    """verify's pass criterion: max |logit error| <= rel_tol x max |logit|, row cosines >= min_cosine.
+
+    As a format's row, ``rel_tol`` / ``min_cosine`` are the ceiling: no measured noise floor loosens the
+    bound past them. ``base_rel_tol`` / ``base_min_cosine`` are the bound while the reference's own noise
+    floor is small (verify's ``judge`` takes the floor times its margin when that is looser).
+    """
 
     rel_tol: float = REL_TOL
     min_cosine: float = MIN_COSINE
     greedy: bool = True
     why: str = "same weights; only float16 arithmetic differs from the float32 reference"
+    base_rel_tol: float = REL_TOL
+    base_min_cosine: float = MIN_COSINE
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,16 @@ _CALIBRATION_PEAK = PeakModel(factor=3.3, logit_bytes=4)
 # Tolerances per format; a graph takes its loosest format's. Weight-only int4 holds exact codes (ModelOpt's,
 # or GPTQ's dequantized into the reference), so it keeps the fp16 criterion. With quantized activations a
 # value at a rounding boundary lands on either side when the graph computes in float16 and the reference in
-# float32: one int8 step is 1/127 of the range, one e4m3 step 6-12% of the value. Measured on the tiny test
-# models, ModelOpt's fake-quantized model run in bfloat16 differs from itself in float32 by 1.7% (int8_sq),
-# 3.5% (fp8) and 5.6% (fp8 with fp8 KV and fp8 lm_head) of max |logit|, so greedy ties may flip and the
-# bounds sit above that floor. One E2M1 step is 25-33% of a value, so activations near a rounding boundary
-# move a lot: over six random tiny models (nvfp4 and nvfp4-lmnvfp4-kvfp8), the fake-quantized model run in
-# float16 differs from itself in float32 by 7.9-22.9% (cosine >= 0.973), in bfloat16 by 13-26% (cosine >=
-# 0.961); the exported graph's own error tracks the float16 figure (9.3-23.7%). Layer tests hold its weights
-# (exact codes) and GEMMs (0.5% of max |y|) to tight bounds.
+# float32: one int8 step is 1/127 of the range, one e4m3 step 6-12% of the value, one E2M1 step 25-33%. How
+# far that moves the logits depends on the model: the fake-quantized reference in float16 against itself in
+# float32 measured 1.7-2.1% (int8_sq), 3.5-5.4% (fp8) and 7.9-22.9% (nvfp4) of max |logit| on the tiny test
+# models, and 11-14% (fp8) on a Llama-3-shaped one, where a correct fp8 export lands at 10.4%. So verify
+# measures that floor on every run and bounds the export at parity.FLOOR_MARGIN x the floor (the export's
+# error over its floor: 0.6-1.9x measured), never tighter than the base bounds fitted on the test models
+# (the last two figures of each row); the first two are the ceiling no floor can loosen past, set
+# under what the negative controls reach (weight scales off by 2x: 47-65% and cosine <= 0.89; a layer's
+# weights from another: >= 100%, cosine <= 0.4; calibration at its defaults: 45-122%, cosine <= 0.91).
+# Layer tests hold the weights (exact codes) and GEMMs (0.5% of max |y|) to tight bounds.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +175,7 @@ _ROWS = (
         calibration_batch=1,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
-        tolerance=Tolerance(8e-2, 0.995, False, "fp8 activation and KV quantization noise (floor 3.5-5.6%)"),
+        tolerance=Tolerance(0.25, 0.98, False, "fp8 activation and KV quantization noise (floor 3.5-14%)", 8e-2, 0.995),
         onnx_emitter="fp8",
         int4_plugin=False,
         onnx_opset=OPSET,
@@ -187,7 +196,7 @@ _ROWS = (
         calibration_batch=1,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
-        tolerance=Tolerance(REL_TOL, MIN_COSINE, False, "int8 activation quantization noise (floor 1.7%)"),
+        tolerance=Tolerance(0.15, 0.99, False, "int8 activation quantization noise (floor 1.7-2.1%)"),
         onnx_emitter="int8_sq",
         int4_plugin=False,
         onnx_opset=OPSET,
@@ -256,7 +265,7 @@ _ROWS = (
         calibration_batch=1,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
-        tolerance=Tolerance(0.30, 0.96, False, "nvfp4 activation quantization noise (floor 8-26%)"),
+        tolerance=Tolerance(0.45, 0.88, False, "nvfp4 activation quantization noise (floor 8-26%)", 0.30, 0.96),
         onnx_emitter="nvfp4",
         int4_plugin=False,
         onnx_opset=FP4_OPSET,

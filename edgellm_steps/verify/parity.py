@@ -5,15 +5,28 @@ cosine similarity of every logit row >= ``min_cosine``, and, where required,
 identical greedy tokens. The reference of a quantized export is ModelOpt's
 fake-quantized model (for GPTQ, the float model holding the dequantized weights);
 :func:`tolerance_for` gives the criterion per precision.
+
+The graph computes in float16, the reference in float32. With quantized activations a value
+near a rounding boundary lands on either side depending on that arithmetic alone, and how much
+that moves the logits depends on the model, not on the export: the same correct fp8 export is
+3.8% off on one tiny model and over 10% on another. So each run also measures the reference's
+own noise floor, the reference in float16 against itself in float32 on the same inputs, and
+:func:`judge` sets the bound at :data:`FLOOR_MARGIN` times that floor, never tighter than the
+format's base bound and never looser than its ceiling.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, Tolerance
+
+#: How far past the reference's own noise floor a correct export may land. The export and the float16
+#: reference differ from the float32 one by the same mechanism (roundings that flip at boundaries), with
+#: different arithmetic order; measured on the test models, the export's error over the floor is 0.6-1.9x.
+FLOOR_MARGIN = 2.0
 
 #: Per format, from the format table (where each bound is measured and justified); a graph takes its loosest.
 TOLERANCES: dict[str, Tolerance] = {name: row.tolerance for name, row in FORMATS.items()}
@@ -67,6 +80,17 @@ def compare_logits(candidate: np.ndarray, reference: np.ndarray) -> ParityResult
         greedy_match=bool((cand.argmax(-1) == ref.argmax(-1)).all()),
         greedy_agreement=float((cand.argmax(-1) == ref.argmax(-1)).mean()),
     )
+
+
+def judge(tolerance: Tolerance, floor: ParityResult) -> Tolerance:
+    """The bound of one case: ``FLOOR_MARGIN`` x the reference's noise floor, between base and ceiling.
+
+    A greedy token the float16 reference itself flips is a tie, so greedy equality is required only
+    where the floor kept every greedy token.
+    """
+    rel = min(tolerance.rel_tol, max(tolerance.base_rel_tol, FLOOR_MARGIN * floor.relative_error))
+    gap = min(1 - tolerance.min_cosine, max(1 - tolerance.base_min_cosine, FLOOR_MARGIN * (1 - floor.min_cosine)))
+    return replace(tolerance, rel_tol=rel, min_cosine=1 - gap, greedy=tolerance.greedy and floor.greedy_match)
 
 
 def hf_rope_table(model, length: int) -> np.ndarray:

@@ -98,5 +98,7 @@ def load_reference_model(checkpoint: Path, held: HeldPrecision | None, dtype):
     elif held.gptq is not None:
         model = _dequantized_gptq_model(checkpoint, dtype, held.gptq)
     else:
-        model = _fake_quantized_model(checkpoint, dtype)
+        # The quantizer tensors load as stored (float32); in a float16 reference they follow the model's
+        # dtype, as the graph stores its scales, and SmoothQuant's scaled input stays float16.
+        model = _fake_quantized_model(checkpoint, dtype).to(dtype)
     return model.eval()

@@ -13,7 +13,9 @@ criterion on the hidden states.
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from edgellm_steps.quant.draft_quantizers import fake_quantized_draft
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import held_precision
-from edgellm_steps.verify.parity import Tolerance, compare_logits, tolerance_for
+from edgellm_steps.verify.parity import compare_logits, judge, tolerance_for
 from edgellm_steps.verify.report import conclude, make_report
 
 FC_INPUT_AMAX = "fc.input_quantizer._amax"
@@ -95,20 +97,27 @@ def verify_draft(
     embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
     hidden_in = (rng.standard_normal((1, tokens, target)) * scale).astype(np.float16)
     from_draft = np.zeros((1, tokens, width), np.float16)
-    results = {}
+    results, floors = {}, {}
+    # The draft in float16, the graph's precision: the reference's own noise floor on the same inputs.
+    half = copy.deepcopy(model).to(torch.float16)
     for scenario in ("first_step", "later_step"):
         logits, hidden = _run_graph(session, config, embeds, hidden_in, from_draft)
         with torch.no_grad(), cpu_fake_quantization():
             ref_logits, ref_hidden = model(
                 *(torch.from_numpy(a.astype(np.float32)) for a in (embeds, hidden_in, from_draft))
             )
+            half_logits, half_hidden = (
+                t.float().numpy() for t in half(*(torch.from_numpy(a) for a in (embeds, hidden_in, from_draft)))
+            )
         results[scenario] = compare_logits(logits, ref_logits.numpy())
         results[f"{scenario}_hidden_states"] = compare_logits(hidden, ref_hidden.numpy())
+        floors[scenario] = compare_logits(half_logits, ref_logits.numpy())
+        floors[f"{scenario}_hidden_states"] = compare_logits(half_hidden, ref_hidden.numpy())
         # The later step reads the draft's own states of the first step, the base's zero, new tokens.
         embeds = (rng.standard_normal((1, tokens, width)) * 0.5).astype(np.float16)
         hidden_in, from_draft = np.zeros_like(hidden_in), ref_hidden.numpy().astype(np.float16)
     chosen = tolerance_for(precision.formats())
-    tolerance = Tolerance(chosen.rel_tol, chosen.min_cosine, False, chosen.why)
+    tolerance = replace(chosen, greedy=False)
     summary = make_report(
         kind=DRAFT.model_type,
         onnx_dir=onnx_dir,
@@ -117,5 +126,7 @@ def verify_draft(
         tolerance=tolerance,
         inputs={"tokens": tokens, "seed": seed},
         results=results,
+        floors=floors,
     )
-    return conclude(summary, results, tolerance, claim, f"{onnx_dir} does not match the draft {model_dir}")
+    bounds = {case: judge(tolerance, floor) for case, floor in floors.items()}
+    return conclude(summary, results, bounds, claim, f"{onnx_dir} does not match the draft {model_dir}")
