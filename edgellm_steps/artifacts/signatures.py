@@ -199,9 +199,8 @@ def _verify(source: Path, spec: SignatureSpec, statement: dict[str, Any]) -> Non
 
         failures += [SigstoreError, OSError]
     hashing_config = _hashing_config(source, spec, statement)
-    config = _verifying_config(spec).set_hashing_config(hashing_config)
     try:
-        config.verify(source, signature)
+        _verifying_config(spec).set_hashing_config(hashing_config).verify(source, signature)
     except ValueError as err:
         message = str(err)
         if not message.startswith("Signature mismatch"):
@@ -218,10 +217,14 @@ def _verify(source: Path, spec: SignatureSpec, statement: dict[str, Any]) -> Non
         ) from None
     except tuple(failures) as err:
         detail = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
-        network = " (keyless verification needs network access to Sigstore)" if spec.method == KEYLESS else ""
+        if spec.method == KEYLESS:
+            raise SignatureError(
+                f"{signature} does not verify with {how}: {detail}; keyless verification needs network access to "
+                "Sigstore (its trust root and log): run the job where it has network, or sign with a key instead"
+            ) from None
         raise SignatureError(
-            f"{signature} does not verify with {how}{network}: {detail}; the signature is damaged or was made "
-            "with another key or identity: check the signature settings or re-sign the source"
+            f"{signature} does not verify with {how}: {detail}; the signature is damaged or was made with another "
+            "key: check the signature settings or re-sign the source"
         ) from None
 
 
