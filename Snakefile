@@ -5,6 +5,7 @@ min_version("9.0")
 
 
 include: "rules/common.smk"
+include: "rules/signatures.smk"
 include: "rules/quantize.smk"
 include: "rules/export.smk"
 include: "rules/lora.smk"

@@ -36,3 +36,7 @@ class MissingDependencyError(EdgeLLMError):
 
 class ParityError(EdgeLLMError):
     """An export's outputs differ from the reference model's beyond the tolerances."""
+
+
+class SignatureError(SourceError):
+    """A source does not match its declared signature, or the signature does not verify."""

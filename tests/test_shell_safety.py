@@ -49,6 +49,8 @@ def _hostile_files(workdir: Path, base: Path) -> None:
     (root / "calib.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
     (root / "corpus.txt").write_text("hello world, the model speaks\n" * 40)
     (root / PLUGIN).write_bytes(b"")
+    for name in ("vlm.sig", "signer.pub"):  # planning checks that they exist; no job here verifies one
+        (root / name).write_text("{}")
 
 
 def _config(workdir: Path) -> str:
@@ -76,7 +78,11 @@ def _config(workdir: Path) -> str:
                 "build": {"max_lora_rank": 4},
                 "lora": {"chat": f"{HOSTILE}/adapter one"},
             },
-            "vlm": {"source": f"{HOSTILE}/vlm", "sm_targets": [110]},
+            "vlm": {
+                "source": f"{HOSTILE}/vlm",
+                "sm_targets": [110],
+                "signature": {"file": f"{HOSTILE}/vlm.sig", "public_key": f"{HOSTILE}/signer.pub"},
+            },
             "merged": {"source": f"{HOSTILE}/ckpt", "lora": {"m": {"source": f"{HOSTILE}/adapter one", "merge": True}}},
         },
     }
@@ -97,7 +103,18 @@ TARGETS = (
     "onnx/merged+m_fp16/llm/model.onnx",
 )
 #: What lies under the hostile directory, and every flag that passes one of them on.
-HOSTILE_FILES = ("ckpt", "vlm", "draft", "adapter one", "template.json", "calib.txt", "corpus.txt", PLUGIN)
+HOSTILE_FILES = (
+    "ckpt",
+    "vlm",
+    "draft",
+    "adapter one",
+    "template.json",
+    "calib.txt",
+    "corpus.txt",
+    PLUGIN,
+    "vlm.sig",
+    "signer.pub",
+)
 HOSTILE_FLAGS = {
     "--model_dir",
     "--base_model_dir",
@@ -109,6 +126,9 @@ HOSTILE_FLAGS = {
     "--adapter_dir",
     "--input_dir",
     "--adapter",
+    "--source",
+    "--signature",
+    "--public_key",
 }
 #: How the rules run a step: the interpreter that runs Snakemake.
 STEP_PYTHON = shlex.quote(sys.executable)

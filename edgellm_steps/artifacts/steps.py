@@ -14,9 +14,11 @@ PROCESS_LORA = "process-lora"
 MERGE_LORA = "merge-lora"
 VERIFY_ONNX = "verify-onnx"
 BUILD_ENGINE = "build-engine"
+VERIFY_SIGNATURE = "verify-signature"
 
 #: Every step the workflow runs, in the order of the chain.
 ALL = (
+    VERIFY_SIGNATURE,
     QUANTIZE_LLM,
     QUANTIZE_DRAFT,
     EXPORT_LLM,

@@ -15,6 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from edgellm_steps.artifacts.signatures import SignatureSpec, signature_spec
 from edgellm_steps.engine.limits import BuildLimits
 from edgellm_steps.errors import ConfigError
 
@@ -48,6 +49,7 @@ class DraftSettings:
 
     source: str
     precision: str = "fp16"
+    signature: SignatureSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class LoraAdapter:
 
     source: str
     merge: bool = False
+    signature: SignatureSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class ModelSettings:
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
+    #: The source's model-signing signature, verified before any step reads the source.
+    signature: SignatureSpec | None = None
 
     @property
     def default_sm(self) -> int:
@@ -139,6 +144,11 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _signed(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """A draft or adapter entry with its ``signature`` object parsed."""
+    return {**entry, "signature": signature_spec(entry.get("signature"), where)}
+
+
 def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | None = None) -> ModelSettings:
     """Settings of model ``name``: schema defaults < ``defaults:`` < the model's entry."""
     models = config.get("models") or {}
@@ -158,13 +168,16 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         sm_targets=tuple(merged["sm_targets"]),
         chat_template=merged["chat_template"],
         visual_precision=merged["visual_precision"],
-        draft=DraftSettings(**merged["draft"]) if merged["draft"] else None,
+        draft=DraftSettings(**_signed(merged["draft"], f"model '{name}' draft")) if merged["draft"] else None,
         reduced_vocab=ReducedVocab(**merged["reduced_vocab"]) if merged["reduced_vocab"] else None,
         lora={
-            name: LoraAdapter(source=entry) if isinstance(entry, str) else LoraAdapter(**entry)
-            for name, entry in (merged["lora"] or {}).items()
+            adapter: LoraAdapter(source=entry)
+            if isinstance(entry, str)
+            else LoraAdapter(**_signed(entry, f"model '{name}' adapter '{adapter}'"))
+            for adapter, entry in (merged["lora"] or {}).items()
         },
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),
+        signature=signature_spec(merged.get("signature"), f"model '{name}'"),
     )

@@ -16,6 +16,7 @@ from typing import Any
 
 from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_d2t_header
+from edgellm_steps.artifacts.signatures import SignatureSpec, check_signature_files
 from edgellm_steps.artifacts.sources import STAMP_SUFFIX, STATE_DIR, read_hf_config, refresh_stamps, resolve_source
 from edgellm_steps.engine.limits import LIMITS_READ
 from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, PrecisionError, SourceError
@@ -60,7 +61,7 @@ class CheckedModel:
                 f"add lora: {{{adapter}: {{source: <PEFT adapter>, merge: true}}}} under models.{self.base}"
             )
         source = targets.path(targets.MERGED, base=self.base, adapter=adapter)
-        return replace(settings, name=self.name, source=source, lora={})
+        return replace(settings, name=self.name, source=source, lora={}, signature=None)
 
     def precision(self, text: str) -> Precision:
         self.settings  # noqa: B018 (an unknown model is named before its precision)
@@ -115,12 +116,26 @@ class CheckedModel:
         self.check_source_fits(precision)
         return self.checkpoint.held is None and precision.needs_quantize_step
 
+    def signed(self, content: list[str], signature: SignatureSpec | None, part: str) -> list[str]:
+        """``content`` stamps plus, for a part (source, draft, adapter) that declares a signature, its
+        verification stamp: every job that reads the part waits for it and reruns when it is redone."""
+        if signature is None:
+            return content
+        check_signature_files(signature, f"model '{self.name}' {part.replace('lora/', 'adapter ')}")
+        return [*content, targets.path(targets.SIGNATURE, model=self.name, signed=part)]
+
+    @property
+    def source_content_stamps(self) -> list[str]:
+        """The content stamps of the model's source checkpoint (checked first), one per file."""
+        return self.facts.stamps(self.checkpoint.path, self.facts.state_dir / "sources" / self.name)
+
     @property
     def source_stamps(self) -> list[str]:
-        """The stamps standing for the model's source checkpoint (checked first); a merged variant's manifest."""
+        """The stamps standing for the model's source checkpoint (checked first, and verified against its
+        signature when it declares one); a merged variant's manifest."""
         if self.merged_adapter is not None:
             return [f"{self.checkpoint.path}/manifest.json"]
-        return self.facts.stamps(self.checkpoint.path, self.facts.state_dir / "sources" / self.name)
+        return self.signed(self.source_content_stamps, self.settings.signature, targets.SIGNED_SOURCE)
 
     @property
     def config_stamps(self) -> list[str]:
@@ -130,7 +145,8 @@ class CheckedModel:
         if self.merged_adapter is not None:
             return self.source_stamps
         config = str(self.facts.state_dir / "sources" / self.name / f"config.json{STAMP_SUFFIX}")
-        return [stamp for stamp in self.source_stamps if stamp == config]
+        content = [stamp for stamp in self.source_content_stamps if stamp == config]
+        return self.signed(content, self.settings.signature, targets.SIGNED_SOURCE)
 
     @property
     def vision_language(self) -> bool:
@@ -195,8 +211,12 @@ class CheckedModel:
         return path
 
     @property
-    def draft_stamps(self) -> list[str]:
+    def draft_content_stamps(self) -> list[str]:
         return self.facts.stamps(self.draft_checkpoint, self.facts.state_dir / "drafts" / self.name)
+
+    @property
+    def draft_stamps(self) -> list[str]:
+        return self.signed(self.draft_content_stamps, self.settings.draft.signature, targets.SIGNED_DRAFT)
 
     @cached_property
     def _draft(self) -> tuple[Precision, bool]:
@@ -262,9 +282,13 @@ class CheckedModel:
             self._adapters[adapter] = path
         return self._adapters[adapter]
 
-    def adapter_stamps(self, adapter: str) -> list[str]:
+    def adapter_content_stamps(self, adapter: str) -> list[str]:
         path = self.adapter_checkpoint(adapter)
         return self.facts.stamps(path, self.facts.state_dir / "adapters" / self.name / adapter)
+
+    def adapter_stamps(self, adapter: str) -> list[str]:
+        signed = targets.path(targets.SIGNED_ADAPTER, adapter=adapter)
+        return self.signed(self.adapter_content_stamps(adapter), self.settings.lora[adapter].signature, signed)
 
     @cached_property
     def lora_adapters(self) -> list[str]:

@@ -33,6 +33,7 @@ STEP_ENTRY_POINTS = {
     steps.MERGE_LORA: f"{PACKAGE}.cli.merge_lora",
     steps.VERIFY_ONNX: f"{PACKAGE}.cli.verify_onnx",
     steps.BUILD_ENGINE: f"{PACKAGE}.cli.build_engine",
+    steps.VERIFY_SIGNATURE: f"{PACKAGE}.cli.verify_signature",
 }
 
 

@@ -23,6 +23,8 @@ WILDCARDS = {
     "sm": r"\d+",
     "draft_precision": r"[A-Za-z0-9_\-]+",
     "adapter": _NAME,
+    # What a signature stamp stands for: the model's source, its draft, or one of its adapters.
+    "signed": rf"source|draft|lora/{_NAME}",
 }
 
 QUANTIZED = "quantized/{model}_{precision}/manifest.json"
@@ -42,6 +44,9 @@ VISUAL_ENGINE = "engines/sm{sm}/visual/{model}.engine"
 VERIFY_REPORT = "reports/{model}_{precision}/verify.json"
 VISUAL_REPORT = "reports/{model}/visual/verify.json"
 LORA_REPORT = "reports/{model}_{precision}/lora/{adapter}/verify.json"
+#: verify-signature's stamp: ``{signed}`` is ``source``, ``draft`` or ``lora/<adapter>``.
+SIGNATURE = "signatures/{model}/{signed}.json"
+SIGNED_SOURCE, SIGNED_DRAFT, SIGNED_ADAPTER = "source", "draft", "lora/{adapter}"
 
 
 def export_dir(kind: ExportKind) -> str:
