@@ -12,11 +12,13 @@ REDUCE_VOCAB = "reduce-vocab"
 INSERT_LORA = "insert-lora"
 PROCESS_LORA = "process-lora"
 MERGE_LORA = "merge-lora"
+DEQUANTIZE_FP8 = "dequantize-fp8"
 VERIFY_ONNX = "verify-onnx"
 BUILD_ENGINE = "build-engine"
 
 #: Every step the workflow runs, in the order of the chain.
 ALL = (
+    DEQUANTIZE_FP8,
     QUANTIZE_LLM,
     QUANTIZE_DRAFT,
     EXPORT_LLM,

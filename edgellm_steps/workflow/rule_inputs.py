@@ -37,6 +37,23 @@ class RuleInputs:
     def __init__(self, facts: Facts) -> None:
         self.facts = facts
 
+    # dequantize (a block-FP8 source)
+
+    def dequantize_fp8(self, model: str) -> dict[str, Any]:
+        """Inputs of dequantize_fp8: the stamps of a block-FP8 source as it is."""
+        checked = self.facts.model(model)
+        if checked.checkpoint.block_fp8 is None:
+            raise ConfigError(
+                f"model '{model}' is not a block-FP8 release (quantization_config.quant_method fp8), so "
+                f"{targets.path(targets.DEQUANTIZED_MANIFEST, model=model)} is not a target; its steps read its "
+                "source as it is"
+            )
+        return {"source": checked.release_stamps}
+
+    def release_checkpoint(self, model: str) -> str:
+        """The configured source as it is (not recorded: its content is, through its stamps)."""
+        return str(self.facts.model(model).source.path)
+
     # quantize
 
     def quantized_manifest(self, model: str, precision: str) -> str | None:
