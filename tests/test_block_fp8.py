@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.errors import SourceError
+from edgellm_steps.models.demo.block_fp8 import is_quantized_linear, write_block_fp8_checkpoint
 from edgellm_steps.quant.block_fp8 import BLOCK
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.dequantize_fp8 import dequantize_fp8, dequantize_weight
 from edgellm_steps.workflow.planning import Planner, load_workflow_config
 
-from .block_fp8_checkpoint import LINEARS, write_block_fp8_checkpoint
 from .support import copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
 
 #: k_proj / v_proj are 64 rows (one cropped block); every other Linear dim is a multiple of 128, so
@@ -27,10 +27,6 @@ from .support import copy_checkpoint, planned_jobs, run_snakemake, scenario, wri
 RELEASE_DIMS = {"hidden_size": 256, "intermediate_size": 384, "num_key_value_heads": 1, "dtype": "bfloat16"}
 #: Edge blocks on both axes of several blocks: 200 = 128 + 72, 320 = 2 x 128 + 64, k/v 100 rows.
 EDGE_DIMS = {"hidden_size": 200, "intermediate_size": 320, "dtype": "bfloat16"}
-
-
-def _is_quantized(name: str) -> bool:
-    return name.endswith(".weight") and name.removesuffix(".weight").rsplit(".", 1)[-1] in LINEARS
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +52,7 @@ def test_dequantized_weights_equal_transformers_dequantization(release, dequanti
     ours = load_file(str(dequantized / "model.safetensors"))
     assert set(ours) == set(reference)
     assert [name for name in ours if not torch.equal(ours[name], reference[name])] == []
-    assert sum(map(_is_quantized, ours)) == 14 and all(t.dtype == torch.bfloat16 for t in ours.values())
+    assert sum(map(is_quantized_linear, ours)) == 14 and all(t.dtype == torch.bfloat16 for t in ours.values())
 
     # Negative controls: the scale read as a reciprocal (as its name suggests), or the block grid transposed
     # (q_proj's 2 x 2 blocks), or the fp8 codes unscaled, must all fail the same comparison.
@@ -81,7 +77,7 @@ def test_edge_blocks_are_cropped_as_transformers_fp8_linear_reads_them(checkpoin
     ours = load_file(str(dequantize_fp8(release, tmp_path / "out") / "model.safetensors"))
     stored = load_file(str(release / "model.safetensors"))
     checked = 0
-    for name in filter(_is_quantized, stored):
+    for name in filter(is_quantized_linear, stored):
         codes, scale = stored[name], stored[name.replace(".weight", ".weight_scale_inv")]
         expected = _dequantize_fp8_weight(codes, scale, list(BLOCK), torch.float32).to(torch.bfloat16)
         assert torch.equal(ours[name], expected), name
@@ -100,7 +96,7 @@ def test_everything_but_the_quantized_weights_travels_byte_for_byte(release, deq
         safe_open(str(dequantized / "model.safetensors"), "pt") as out,
     ):
         assert set(out.keys()) == {n for n in source.keys() if not n.endswith("_scale_inv")}  # noqa: SIM118
-        untouched = [n for n in out.keys() if not _is_quantized(n)]  # noqa: SIM118 (safe_open is no dict)
+        untouched = [n for n in out.keys() if not is_quantized_linear(n)]  # noqa: SIM118 (safe_open is no dict)
         assert len(untouched) == len(out.keys()) - 14 > 0
         for name in untouched:
             assert source.get_tensor(name).view(torch.uint8).equal(out.get_tensor(name).view(torch.uint8)), name
@@ -174,3 +170,19 @@ def test_fp16_and_fp8_exports_build_through_one_dequantize_job(release, tmp_path
     for precision in ("fp16", "fp8"):
         manifest = check_step_output(tmp_path / f"onnx/tiny_{precision}/llm", steps.EXPORT_LLM)
         assert manifest["parameters"]["precision"] == precision
+
+
+def test_jobs_are_sized_from_the_dequantized_bytes_and_the_measured_peak(release, dequantized, tmp_path):
+    """Memory of the model's jobs counts its weights once dequantized (what quantize-llm and verify load), and
+    the dequantize job requests at least the measured peak with the margin."""
+    from edgellm_steps.workflow import resources
+
+    planner = Planner(load_workflow_config({"models": {"m": {"source": str(release)}}}), state_dir=tmp_path)
+    with safe_open(str(dequantized / "model.safetensors"), "pt") as out:
+        data_bytes = sum(out.get_tensor(n).nbytes for n in out.keys())  # noqa: SIM118 (safe_open is no dict)
+    release_bytes = (release / "model.safetensors").stat().st_size
+    assert planner.facts.model("m").weight_bytes == data_bytes > release_bytes  # the release's bytes: too few
+    runs = json.loads((resources.RESULTS.parent / "dequantize_bench.json").read_text())
+    peak_mib = max(run["peak_rss_mib"] for run in runs)
+    assert peak_mib <= resources.DEQUANTIZE_PEAK_MIB
+    assert planner.resources.dequantize_mem_mb("m") >= resources.MARGIN * peak_mib
