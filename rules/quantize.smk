@@ -52,3 +52,24 @@ rule quantize_draft:
         "{params.command} --base_model_dir {params.base:q} --draft_model_dir {params.draft:q}"
         " --output_dir $(dirname {output.manifest:q}) {params.options} --device {params.device}"
         " --threads {threads} > {log:q} 2>&1"
+
+
+# dequantize-fp8: a block-FP8 release (Qwen's, DeepSeek's *-FP8) -> the float checkpoint all its other jobs read.
+rule dequantize_fp8:
+    input:
+        unpack(ask(INPUTS.dequantize_fp8, "model")),
+    output:
+        manifest=targets.DEQUANTIZED_MANIFEST,
+    log:
+        "logs/dequantize_fp8/{model}.log",
+    benchmark:
+        "benchmarks/dequantize_fp8/{model}.tsv"
+    conda:
+        "../envs/export.yaml"
+    resources:
+        mem_mb=ask(RESOURCES.dequantize_mem_mb, "model"),
+    params:
+        **step(steps.DEQUANTIZE_FP8),
+        source=ask_unrecorded(INPUTS.release_checkpoint, "model"),
+    shell:
+        "{params.command} --model_dir {params.source:q} --output_dir $(dirname {output.manifest:q}) > {log:q} 2>&1"

@@ -24,7 +24,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from edgellm_steps.export.chat_template import process_chat_template
-from edgellm_steps.models.demo import make_checkpoint, make_eagle3_draft, make_lora_adapter
+from edgellm_steps.models.demo import make_checkpoint, make_eagle3_draft, make_lora_adapter, write_block_fp8_checkpoint
 from edgellm_steps.workflow.step_code import STEP_ENTRY_POINTS
 
 from .support import WorkdirLayout, run_snakemake, write_config
@@ -43,6 +43,7 @@ def _hostile_files(workdir: Path, base: Path) -> None:
     (workdir / "ckpt").rename(root / "ckpt")
     make_eagle3_draft(root / "draft", base)
     make_checkpoint(root / "vlm", family="qwen2_5_vl")
+    write_block_fp8_checkpoint(base, root / "fp8")
     make_lora_adapter(root / "adapter one", base, ["q_proj", "v_proj"], r=4)
     template = process_chat_template(AutoTokenizer.from_pretrained(root / "ckpt"))
     (root / "template.json").write_text(json.dumps(template))
@@ -84,6 +85,7 @@ def _config(workdir: Path) -> str:
                 "signature": {"file": f"{HOSTILE}/vlm.sig", "public_key": f"{HOSTILE}/signer.pub"},
             },
             "merged": {"source": f"{HOSTILE}/ckpt", "lora": {"m": {"source": f"{HOSTILE}/adapter one", "merge": True}}},
+            "released": {"source": f"{HOSTILE}/fp8"},
         },
     }
     return yaml.safe_dump(config, sort_keys=False)
@@ -91,7 +93,8 @@ def _config(workdir: Path) -> str:
 
 WORKDIR = WorkdirLayout(checkpoint="llama", config="models: {}\n", extras=_hostile_files)
 
-#: Targets that plan every rule: engines (EAGLE pair, quantized, LoRA, VLM), verify reports, a merged variant.
+#: Targets that plan every rule: engines (EAGLE pair, quantized, LoRA, VLM), verify reports, a merged variant,
+#: a block-FP8 release's export.
 TARGETS = (
     "engines/tiny_fp16.engine",
     "engines/tiny_fp8.engine",
@@ -101,11 +104,13 @@ TARGETS = (
     "reports/vlm/visual/verify.json",
     "reports/adapted_fp16/lora/chat/verify.json",
     "onnx/merged+m_fp16/llm/model.onnx",
+    "onnx/released_fp16/llm/model.onnx",
 )
 #: What lies under the hostile directory, and every flag that passes one of them on.
 HOSTILE_FILES = (
     "ckpt",
     "vlm",
+    "fp8",
     "draft",
     "adapter one",
     "template.json",

@@ -12,6 +12,7 @@ REDUCE_VOCAB = "reduce-vocab"
 INSERT_LORA = "insert-lora"
 PROCESS_LORA = "process-lora"
 MERGE_LORA = "merge-lora"
+DEQUANTIZE_FP8 = "dequantize-fp8"
 VERIFY_ONNX = "verify-onnx"
 BUILD_ENGINE = "build-engine"
 VERIFY_SIGNATURE = "verify-signature"
@@ -19,6 +20,7 @@ VERIFY_SIGNATURE = "verify-signature"
 #: Every step the workflow runs, in the order of the chain.
 ALL = (
     VERIFY_SIGNATURE,
+    DEQUANTIZE_FP8,
     QUANTIZE_LLM,
     QUANTIZE_DRAFT,
     EXPORT_LLM,

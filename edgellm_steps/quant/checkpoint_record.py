@@ -19,6 +19,7 @@ from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FamilySpec, family_for
 from edgellm_steps.models.vision_geometry import check_vision_source
+from edgellm_steps.quant.block_fp8 import BlockFP8Source, block_fp8_config, check_block_fp8_weights
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
@@ -37,6 +38,8 @@ class OpenedCheckpoint:
     weight_files: tuple[Path, ...]
     #: The precision it already holds; None for a float checkpoint.
     held: HeldPrecision | None
+    #: A block-FP8 release (opened with ``allow_block_fp8``): read only once dequantized, as a float source.
+    block_fp8: BlockFP8Source | None = None
 
     @property
     def precision(self) -> Precision:
@@ -49,12 +52,19 @@ class OpenedCheckpoint:
 
 
 def open_checkpoint(
-    source: str | Path, *, model: str | None = None, where: str | None = None, allow_download: bool = True
+    source: str | Path,
+    *,
+    model: str | None = None,
+    where: str | None = None,
+    allow_download: bool = True,
+    allow_block_fp8: bool = False,
 ) -> OpenedCheckpoint:
     """Open ``source`` and check everything a step would otherwise find out only after loading the model.
 
     ``model`` names the workflow model in messages (planning passes it, and resolves without
     downloading); ``where`` names the checkpoint in a refused architecture's message (default: its path).
+    A block-FP8 release is refused unless ``allow_block_fp8`` (planning, and the dequantize step): then
+    its block scales are checked and ``block_fp8`` describes it, and it holds no precision of its own.
     """
     path = resolve_source(str(source), model=model, allow_download=allow_download)
     hf_config = read_hf_config(path, model=model)
@@ -64,12 +74,14 @@ def open_checkpoint(
         spec.check_dims(dims)
         files = tuple(weight_files(path))
         check_tokenizer(path)
-        held = held_precision(path, hf_config)
+        block = block_fp8_config(hf_config, where=str(path / "config.json")) if allow_block_fp8 else None
+        held = held_precision(path, hf_config) if block is None else None
         check_source_weights(path, spec, dims, held)
+        block_fp8 = check_block_fp8_weights(path, block) if block is not None else None
         if spec.vision is not None:
             check_vision_source(path, hf_config, spec.vision, dims.hidden_size)
     except SourceError as err:
         if model is None:
             raise
         raise SourceError(f"model '{model}' ({path}): {err}") from err
-    return OpenedCheckpoint(path, hf_config, spec, dims, files, held)
+    return OpenedCheckpoint(path, hf_config, spec, dims, files, held, block_fp8)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.quant.block_fp8 import block_fp8_config, refuse_direct_use
 from edgellm_steps.quant.formats import FORMATS, formats_for, held_format
 from edgellm_steps.quant.gptq import gptq_config
 from edgellm_steps.quant.precision import Precision, parse_precision
@@ -118,6 +119,8 @@ def _from_hf_quant_config(checkpoint: Path) -> HeldPrecision:
 def held_precision(checkpoint: Path, hf_config: dict[str, Any]) -> HeldPrecision | None:
     """The precision ``checkpoint`` already holds, None for a plain float checkpoint; refuses unknown layouts."""
     checkpoint = Path(checkpoint)
+    if block_fp8_config(hf_config, where=str(checkpoint / "config.json")) is not None:
+        raise refuse_direct_use(checkpoint)  # read only through its dequantized checkpoint (block_fp8.py)
     gptq = gptq_config(hf_config)
     if gptq is not None:
         return HeldPrecision(Precision(GPTQ.name), "config.json quantization_config", gptq)

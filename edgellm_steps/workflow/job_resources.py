@@ -67,6 +67,11 @@ class JobResources:
         """Host RAM of a merge-lora job: the model in float32 with the adapter, as a verify job holds it."""
         return resources.verify_mem_mb(self.facts.model(model).weight_bytes)
 
+    def dequantize_mem_mb(self, model: str) -> int:
+        """Host RAM of a dequantize-fp8 job: it streams one row of blocks at a time (resources.py)."""
+        self.facts.model(model).checkpoint  # noqa: B018 (a source checked before its job is sized)
+        return resources.dequantize_mem_mb()
+
     def verify_threads(self, model: str) -> int:
         return self.facts.model(model).settings.verify.threads
 

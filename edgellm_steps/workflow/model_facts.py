@@ -82,9 +82,20 @@ class CheckedModel:
                     f"model '{self.base}' is already quantized as {held.precision}; adapter '{self.merged_adapter}' "
                     "merges into float weights only: use an unquantized source or serve the adapter unmerged"
                 )
-            return replace(base.checkpoint, path=Path(self.settings.source))
+            return replace(base.checkpoint, path=Path(self.settings.source), block_fp8=None)
+        opened = self.source
+        if opened.block_fp8 is None:
+            return opened
+        return replace(opened, path=Path(targets.path(targets.DEQUANTIZED, model=self.name)))
+
+    @cached_property
+    def source(self) -> OpenedCheckpoint:
+        """The configured source as it is, checked; a block-FP8 release too (its dims are the plan's facts,
+        its float checkpoint, dequantized/<model>/, does not exist yet)."""
         where = f"model '{self.name}' ({self.settings.source})"
-        opened = open_checkpoint(self.settings.source, model=self.name, where=where, allow_download=False)
+        opened = open_checkpoint(
+            self.settings.source, model=self.name, where=where, allow_download=False, allow_block_fp8=True
+        )
         if (warning := runtime_rope_warning(opened.dims)) is not None:
             log.warning("model '%s': %s", self.name, warning)
         return opened
@@ -126,15 +137,22 @@ class CheckedModel:
 
     @property
     def source_content_stamps(self) -> list[str]:
-        """The content stamps of the model's source checkpoint (checked first), one per file."""
-        return self.facts.stamps(self.checkpoint.path, self.facts.state_dir / "sources" / self.name)
+        """The content stamps of the configured source as it is (checked first), one per file."""
+        return self.facts.stamps(self.source.path, self.facts.state_dir / "sources" / self.name)
 
     @property
     def source_stamps(self) -> list[str]:
         """The stamps standing for the model's source checkpoint (checked first, and verified against its
-        signature when it declares one); a merged variant's manifest."""
-        if self.merged_adapter is not None:
+        signature when it declares one); the manifest of a merged variant's or a block-FP8 source's checkpoint,
+        which a step of the workflow writes."""
+        if self.merged_adapter is not None or self.checkpoint.block_fp8 is not None:
             return [f"{self.checkpoint.path}/manifest.json"]
+        return self.release_stamps
+
+    @property
+    def release_stamps(self) -> list[str]:
+        """The configured source as it is (what dequantize-fp8 reads, for a block-FP8 one): its content
+        stamps, and its signature's verification when it declares one."""
         return self.signed(self.source_content_stamps, self.settings.signature, targets.SIGNED_SOURCE)
 
     @property
@@ -142,7 +160,7 @@ class CheckedModel:
         """The stamp of the source's ``config.json`` alone: for steps whose output depends on nothing else
         (process-lora checks an adapter against it, export-draft reads the base's dims), so a changed weight
         byte reruns neither. A merged variant's config is written by merge-lora: its manifest stands for it."""
-        if self.merged_adapter is not None:
+        if self.merged_adapter is not None or self.checkpoint.block_fp8 is not None:
             return self.source_stamps
         config = str(self.facts.state_dir / "sources" / self.name / f"config.json{STAMP_SUFFIX}")
         content = [stamp for stamp in self.source_content_stamps if stamp == config]
@@ -333,8 +351,10 @@ class CheckedModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the source checkpoint's weight files (a merged variant's: its model's, merged or not yet)."""
-        return self.facts.model(self.base).checkpoint.weight_bytes
+        """Bytes of the source checkpoint's weight files (a merged variant's: its model's, merged or not yet;
+        a block-FP8 source's: once dequantized)."""
+        checkpoint = self.facts.model(self.base).checkpoint
+        return checkpoint.weight_bytes if checkpoint.block_fp8 is None else checkpoint.block_fp8.dequantized_bytes
 
     def build_limits(self, kind: str = "llm") -> dict[str, int]:
         """The limits an engine of ``kind`` reads: changing another one leaves it up to date."""

@@ -65,6 +65,12 @@ PEAKS: dict[str, PeakModel] = {
 }
 
 
+#: dequantize-fp8's peak RSS in MiB: 357 for the Qwen2.5-0.5B-shaped release (0.63 GB of block-FP8 shards ->
+#: 0.99 GB bf16, its 272 MB embedding copied in 64 MiB slices), ``python -m bench.dequantize_bench``,
+#: bench/results/dequantize_bench.json. The step streams, so a larger model adds only its widest row of blocks.
+DEQUANTIZE_PEAK_MIB = 357
+
+
 @dataclass(frozen=True)
 class Measured:
     """One bench run on the 0.5B checkpoint: peak RSS in MiB (ru_maxrss / 1024)."""
@@ -99,6 +105,12 @@ def quantize_mem_mb(weight_bytes: int, weights: str, *, batch: int, tokens: int,
     """mem_mb of a quantize-llm job; ``weights`` is the weight format (fp8, int8_sq, int4_awq, nvfp4, fp16)."""
     peak = PEAKS[weights]
     return request_mb(peak.factor * weight_bytes + peak.logit_bytes * batch * tokens * vocab_size)
+
+
+def dequantize_mem_mb() -> int:
+    """mem_mb of a dequantize-fp8 job: it streams one row of blocks (or 64 MiB of a table) at a time, so its
+    peak is the interpreter's and torch's, whatever the checkpoint's size (:data:`DEQUANTIZE_PEAK_MIB`)."""
+    return request_mb(DEQUANTIZE_PEAK_MIB * MIB)
 
 
 def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS) -> int:

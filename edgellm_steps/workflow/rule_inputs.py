@@ -44,7 +44,7 @@ class RuleInputs:
         """The directory behind ``signatures/<model>/<signed>.json``, its signature and its content stamps."""
         checked = self.facts.model(model)
         if signed == targets.SIGNED_SOURCE:
-            part, path, spec = "source", checked.checkpoint.path, checked.settings.signature
+            part, path, spec = "source", checked.source.path, checked.settings.signature
             content = checked.source_content_stamps if spec else []
         elif signed == targets.SIGNED_DRAFT:
             part, path, spec = "draft", checked.draft_checkpoint, checked.settings.draft.signature
@@ -83,6 +83,23 @@ class RuleInputs:
         """Recorded: the method, and a keyless signer's identity, decide what a verification accepts."""
         spec = self._signed_part(model, signed)[1]
         return spec.describe() if spec.method == KEYLESS else spec.method
+
+    # dequantize (a block-FP8 source)
+
+    def dequantize_fp8(self, model: str) -> dict[str, Any]:
+        """Inputs of dequantize_fp8: the stamps of a block-FP8 source as it is."""
+        checked = self.facts.model(model)
+        if checked.checkpoint.block_fp8 is None:
+            raise ConfigError(
+                f"model '{model}' is not a block-FP8 release (quantization_config.quant_method fp8), so "
+                f"{targets.path(targets.DEQUANTIZED_MANIFEST, model=model)} is not a target; its steps read its "
+                "source as it is"
+            )
+        return {"source": checked.release_stamps}
+
+    def release_checkpoint(self, model: str) -> str:
+        """The configured source as it is (not recorded: its content is, through its stamps)."""
+        return str(self.facts.model(model).source.path)
 
     # quantize
 

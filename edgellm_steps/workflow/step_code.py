@@ -31,6 +31,7 @@ STEP_ENTRY_POINTS = {
     steps.INSERT_LORA: f"{PACKAGE}.cli.insert_lora",
     steps.PROCESS_LORA: f"{PACKAGE}.cli.process_lora",
     steps.MERGE_LORA: f"{PACKAGE}.cli.merge_lora",
+    steps.DEQUANTIZE_FP8: f"{PACKAGE}.cli.dequantize_fp8",
     steps.VERIFY_ONNX: f"{PACKAGE}.cli.verify_onnx",
     steps.BUILD_ENGINE: f"{PACKAGE}.cli.build_engine",
     steps.VERIFY_SIGNATURE: f"{PACKAGE}.cli.verify_signature",

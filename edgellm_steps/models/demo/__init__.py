@@ -7,6 +7,7 @@ style of chat template. Nothing is downloaded.
 """
 
 from edgellm_steps.models.demo.adapters import make_lora_adapter
+from edgellm_steps.models.demo.block_fp8 import write_block_fp8_checkpoint
 from edgellm_steps.models.demo.checkpoints import make_checkpoint
 from edgellm_steps.models.demo.drafts import make_eagle3_draft
 from edgellm_steps.models.demo.families import QWEN_VL_TEMPLATE, QWEN_VL_TOKEN_IDS, TINY_FAMILIES, TINY_MROPE
@@ -21,4 +22,5 @@ __all__ = [
     "make_eagle3_draft",
     "make_lora_adapter",
     "train_tokenizer",
+    "write_block_fp8_checkpoint",
 ]
