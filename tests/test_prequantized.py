@@ -86,12 +86,17 @@ def test_classic_layouts_hold_their_precision(tmp_path, quant_config, expected):
     [
         (hf_quant_config("W4A8_AWQ"), True, None, "quant_algo 'W4A8_AWQ' is not supported; supported pre-quantized"),
         (hf_quant_config("FP8", "INT8"), True, None, "kv_cache_quant_algo 'INT8' is not supported"),
-        (hf_quant_config("FP8"), False, {"quant_method": "modelopt"}, "is a ModelOpt unified export"),
+        (hf_quant_config("FP8_PER_CHANNEL_PER_TOKEN"), False, None, "'FP8_PER_CHANNEL_PER_TOKEN' is not supported"),
+        (hf_quant_config("W4A16_NVFP4"), False, None, "'W4A16_NVFP4' is not supported"),
+        (hf_quant_config("MIXED_PRECISION"), False, None, "'MIXED_PRECISION' is not supported"),
+        (hf_quant_config("fp8_pb_wo"), False, None, "'fp8_pb_wo' is not supported"),
         (hf_quant_config("W4A16_AWQ", exclude_modules=[]), True, None, "lm_head is not in exclude_modules"),
         ({"producer": {}}, True, None, "has no 'quantization' object"),
         (None, True, None, "carries modelopt_state.pth but no hf_quant_config.json"),
         (None, False, {"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
-        (None, False, {"quant_method": "modelopt"}, "quant_method modelopt but has no hf_quant_config.json"),
+        (None, False, {"quant_method": "modelopt"}, "config.json: quant_algo None is not supported"),
+        (None, False, {"quant_method": "compressed-tensors"}, "'compressed-tensors' is not supported; supported"),
+        (None, False, {"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes' is not supported"),
     ],
 )
 def test_unknown_quantized_layouts_are_refused(tmp_path, quant_config, state, hf_quantization, message):
@@ -100,6 +105,25 @@ def test_unknown_quantized_layouts_are_refused(tmp_path, quant_config, state, hf
     with pytest.raises(SourceError, match=message.replace("(", r"\(")) as err:
         held_precision(directory, hf_config)
     assert "\n" not in str(err.value)
+
+
+def test_a_unified_export_is_named_by_either_of_its_records(tmp_path):
+    """ModelOpt's unified export (no modelopt_state.pth) by hf_quant_config.json, or by config.json alone (0.30+
+    spells the exclusions ``ignore`` and the FP8 KV cache ``kv_cache_scheme`` there)."""
+    held = held_precision(fake_layout(tmp_path / "a", hf_quant_config("NVFP4", "FP8"), state=False), {})
+    assert (str(held.precision), held.unified) == ("nvfp4-kvfp8", True)
+    config = {
+        "quant_method": "modelopt",
+        "quant_algo": "FP8",
+        "ignore": ["model.embed_tokens"],
+        "kv_cache_scheme": {"dynamic": False, "num_bits": 8, "type": "float"},
+    }
+    held = held_precision(fake_layout(tmp_path / "b", None, state=False), {"quantization_config": config})
+    assert (str(held.precision), held.unified, held.origin) == (
+        "fp8-lmfp8-kvfp8",
+        True,
+        "config.json, ModelOpt unified export",
+    )
 
 
 def test_plain_checkpoints_hold_nothing(base):

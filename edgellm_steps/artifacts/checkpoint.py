@@ -319,6 +319,10 @@ class TensorStore:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shard(name).shape(name)
 
+    def dtype(self, name: str) -> str:
+        """The tensor's safetensors dtype (``BF16``, ``F8_E4M3``, ...), from the header."""
+        return self._shard(name).dtype(name)
+
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in the checkpoint's dtype."""
         return self._shard(name).read(name)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, copy_tokenizer_files
@@ -29,6 +28,7 @@ from edgellm_steps.models.eagle import check_eagle_base
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.quant_plan import QuantPlan
+from edgellm_steps.quant.unified import open_tensors
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def export_llm(
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     if processed_template is None:
         processed_template = process_chat_template(tokenizer, vision_language=spec.vision_language)
-    store = TensorStore(checkpoint)
+    store = open_tensors(checkpoint, held)
     spec = spec.resolved(store.names())
     if held is not None and held.gptq is not None:
         check_gptq_config(held.gptq, where=str(checkpoint))

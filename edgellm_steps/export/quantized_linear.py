@@ -14,6 +14,10 @@ build reads:
 - nvfp4: FP4 weights [N, K] with E4M3 block scales -> two DequantizeLinear (scales, then
   blocks of 16) -> Transpose; activations through ``trt::TRT_FP4DynamicQuantize`` and the
   same two dequantizes. Both paths dequantize to float32 and cast to float16 for the MatMul.
+  A ModelOpt unified export's NVFP4 codes and scales are taken as stored.
+
+A unified export (``quant/unified.py``) is read through the same names: its weights dequantized
+exactly, so the codes computed here are the stored ones.
 
 Every quantized Linear first multiplies its input by ``_pre_quant_scale`` when
 ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
@@ -33,6 +37,7 @@ from edgellm_steps.plugins.int4_gemm import emit_int4_gemm, pack_int4
 from edgellm_steps.quant import nvfp4
 from edgellm_steps.quant.formats import FORMATS, FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE
 from edgellm_steps.quant.gptq import gptq_codes
+from edgellm_steps.quant.unified import UnifiedStore
 
 
 def _fp16(value: torch.Tensor) -> np.ndarray:
@@ -140,16 +145,19 @@ def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x:
     rows, cols = weight.shape
     if cols % NVFP4_BLOCK_SIZE:
         raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {NVFP4_BLOCK_SIZE}, got {cols}")
-    w_scale = nvfp4.global_scale(float(store.get(f"{module}.weight_quantizer._amax").float().max()))
     a_scale = nvfp4.global_scale(float(store.get(f"{module}.input_quantizer._amax").float().max()))
     scales: list[np.ndarray] = []
+    stored = store.fp4_blocks(module) if isinstance(store, UnifiedStore) else None
+    if stored is not None and tuple(stored[0].shape) == (rows, cols // 2):
+        # A unified export's codes and block scales, byte for byte, under its own second-level scale.
+        packed, block_bytes, second = stored
+        w_scale, chunks = np.float32(second.item()), [packed.numpy()]
+        scales.append(block_bytes.numpy())
+    else:
+        w_scale = nvfp4.global_scale(float(store.get(f"{module}.weight_quantizer._amax").float().max()))
+        chunks = _nvfp4_weight_chunks(weight, w_scale, scales)
     codes = g.weight_chunks(
-        f"{module}.weight",
-        np.uint8,
-        (rows, cols // 2),
-        _nvfp4_weight_chunks(weight, w_scale, scales),
-        elem_type=TensorProto.FLOAT4E2M1,
-        dims=(rows, cols),
+        f"{module}.weight", np.uint8, (rows, cols // 2), chunks, elem_type=TensorProto.FLOAT4E2M1, dims=(rows, cols)
     )
     block_scales = g.weight_chunks(
         f"{module}.weight_quantizer.block_scale",

@@ -1,21 +1,25 @@
 """Checkpoints that arrive already quantized, and the one precision each can be exported as.
 
 A checkpoint that holds a precision of its own is never read as fp16 and never
-quantized again (contract section 2). Three layouts are accepted:
+quantized again (contract section 2). Accepted layouts:
 
 - this project's quantize step output: ``edgellm_quantization.json`` names the precision;
 - ModelOpt's fake-quantized layout, as the classic quantize-llm writes it (float weights,
   ``*_quantizer._amax`` / ``_pre_quant_scale`` tensors, ``modelopt_state.pth``):
   ``hf_quant_config.json`` names it. It is the layout our own quantize step writes, so the
   export reads it the same way;
-- GPTQ (``quantization_config.quant_method: gptq`` in ``config.json``): ``int4_gptq``.
+- ModelOpt's unified export (NVIDIA's hub ``*-FP8`` / ``*-NVFP4`` / ``*-AWQ`` releases: real
+  low-precision weights with ``weight_scale`` tensors, no ``modelopt_state.pth``) for the
+  ``quant_algo`` values of :data:`UNIFIED_ALGOS`: ``hf_quant_config.json`` (or, without it,
+  ``config.json``'s ``quantization_config``) names it; ``quant/unified.py`` reads its tensors;
+- GPTQ (``quantization_config.quant_method: gptq`` in ``config.json``): ``int4_gptq``;
+- block-FP8 releases, only through the dequantize job (``quant/block_fp8.py``).
 
-Everything else that announces quantization is refused with the list above: ModelOpt's
-unified export (real low-precision weights with ``weight_scale`` tensors and no
-``modelopt_state.pth``), other ``quantization_config`` methods, an unknown ``quant_algo``,
-and a ``modelopt_state.pth`` that no record explains. This module reads JSON only (planning
-imports it and must stay light); :func:`load_modelopt_state` is the one place that opens
-``modelopt_state.pth``, with a weights-only load no environment variable can turn off.
+Everything else that announces quantization is refused with the list above: other
+``quantization_config`` methods (AutoAWQ's ``awq``, ``compressed-tensors``, ``bitsandbytes``),
+another ``quant_algo``, and a ``modelopt_state.pth`` that no record explains. This module reads
+JSON only (planning imports it and must stay light); :func:`load_modelopt_state` is the one place
+that opens ``modelopt_state.pth``, with a weights-only load no environment variable can turn off.
 """
 
 from __future__ import annotations
@@ -53,10 +57,15 @@ LM_HEAD_ALGOS = _algos("lm_head")
 GPTQ = held_format("gptq")
 LM_HEAD_MODULE = "lm_head"
 
+#: ``quant_algo`` of a unified export -> weight format: the formats whose stored tensors the exporter reads.
+UNIFIED_ALGOS = WEIGHT_ALGOS
+
 SUPPORTED = (
-    "supported pre-quantized sources: ModelOpt's fake-quantized checkpoint (hf_quant_config.json with quant_algo "
-    f"{'|'.join(WEIGHT_ALGOS)} and modelopt_state.pth, as quantize-llm writes it), this project's quantized "
-    f"checkpoints, and GPTQ ({GPTQ.name})"
+    "supported pre-quantized sources: ModelOpt checkpoints with hf_quant_config.json quant_algo "
+    f"{'|'.join(WEIGHT_ALGOS)} (kv_cache_quant_algo FP8 or null), fake-quantized (with modelopt_state.pth, as "
+    "quantize-llm writes them) or ModelOpt's unified export (real low-precision weights, as NVIDIA's hub releases); "
+    f"this project's quantized checkpoints; GPTQ ({GPTQ.name}); block-FP8 releases (quant_method fp8, "
+    "dequantized by the workflow)"
 )
 
 
@@ -68,6 +77,8 @@ class HeldPrecision:
     origin: str
     #: GPTQ's quantization config, for GPTQ checkpoints.
     gptq: dict[str, Any] | None = None
+    #: A ModelOpt unified export (stored low-precision weights with scales, read by quant/unified.py).
+    unified: bool = False
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -96,9 +107,23 @@ def _lm_head_format(quant: dict[str, Any], weights: str, path: Path) -> str | No
     )
 
 
-def _from_hf_quant_config(checkpoint: Path) -> HeldPrecision:
-    path = checkpoint / HF_QUANT_CONFIG
-    quant = _json_object(path).get("quantization")
+def _config_quantization(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``config.json``'s ``quantization_config`` of a ModelOpt export in hf_quant_config.json's terms.
+
+    ModelOpt 0.30+ writes it beside hf_quant_config.json: ``ignore`` for ``exclude_modules``, and the KV
+    cache as ``kv_cache_scheme`` ({"num_bits": 8, "type": "float"} is FP8) instead of ``kv_cache_quant_algo``.
+    """
+    quant = dict(hf_config.get("quantization_config") or {})
+    scheme = quant.get("kv_cache_scheme")
+    if "kv_cache_quant_algo" not in quant and isinstance(scheme, dict):
+        fp8 = scheme.get("num_bits") == 8 and scheme.get("type") == "float"
+        quant["kv_cache_quant_algo"] = "FP8" if fp8 else f"{scheme.get('type')}{scheme.get('num_bits')}"
+    quant.setdefault("exclude_modules", quant.get("ignore") or [])
+    return quant
+
+
+def _from_modelopt(checkpoint: Path, quant: Any, path: Path) -> HeldPrecision:
+    """The precision a ModelOpt checkpoint holds: fake-quantized with its state, or a unified export without."""
     if not isinstance(quant, dict):
         raise SourceError(f"{path} has no 'quantization' object; repair or re-download it")
     algo, kv_algo = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
@@ -106,14 +131,11 @@ def _from_hf_quant_config(checkpoint: Path) -> HeldPrecision:
         raise SourceError(f"{path}: quant_algo {algo!r} is not supported; {SUPPORTED}")
     if kv_algo is not None and kv_algo not in KV_ALGOS:
         raise SourceError(f"{path}: kv_cache_quant_algo {kv_algo!r} is not supported (only FP8 or null)")
-    if not (checkpoint / MODELOPT_STATE).is_file():
-        raise SourceError(
-            f"{checkpoint} is a ModelOpt unified export (real low-precision weights, no {MODELOPT_STATE}), "
-            f"which this release does not read; {SUPPORTED}; or give the unquantized checkpoint to quantize here"
-        )
     weights = WEIGHT_ALGOS[algo]
     precision = Precision(weights, _lm_head_format(quant, weights, path), KV_ALGOS.get(kv_algo))
-    return HeldPrecision(precision, HF_QUANT_CONFIG)
+    if (checkpoint / MODELOPT_STATE).is_file():
+        return HeldPrecision(precision, path.name)
+    return HeldPrecision(precision, f"{path.name}, ModelOpt unified export", unified=True)
 
 
 def held_precision(checkpoint: Path, hf_config: dict[str, Any]) -> HeldPrecision | None:
@@ -134,11 +156,10 @@ def held_precision(checkpoint: Path, hf_config: dict[str, Any]) -> HeldPrecision
         except PrecisionError as err:
             raise SourceError(f"{checkpoint / QUANT_INFO}: {err}; re-run the quantize step") from err
     if (checkpoint / HF_QUANT_CONFIG).is_file():
-        return _from_hf_quant_config(checkpoint)
+        path = checkpoint / HF_QUANT_CONFIG
+        return _from_modelopt(checkpoint, _json_object(path).get("quantization"), path)
     if method == "modelopt":
-        raise SourceError(
-            f"{checkpoint}: config.json says quant_method modelopt but has no {HF_QUANT_CONFIG}; {SUPPORTED}"
-        )
+        return _from_modelopt(checkpoint, _config_quantization(hf_config), checkpoint / "config.json")
     if (checkpoint / MODELOPT_STATE).is_file():
         raise SourceError(
             f"{checkpoint} carries {MODELOPT_STATE} but no {HF_QUANT_CONFIG} naming its precision, so its weights "

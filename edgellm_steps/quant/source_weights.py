@@ -18,6 +18,7 @@ from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FamilySpec
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.prequantized import HeldPrecision
+from edgellm_steps.quant.unified import LAYOUTS, WEIGHT_SCALE
 
 #: What ModelOpt's fake-quantized layout stores beside each quantized Linear's weight.
 WEIGHT_AMAX = "weight_quantizer._amax"
@@ -52,6 +53,9 @@ def check_source_weights(checkpoint: Path, spec: FamilySpec, dims: DecoderDims, 
     if held is not None and held.gptq is not None:
         return  # GPTQ packs its weights (qweight); gptq.py checks that layout against the config
     linears = spec.linear_shapes(dims)
+    if held is not None and held.unified:
+        _check_unified(headers, linears, dims, held)
+        return
     for module, (fan_in, fan_out) in linears.items():
         _expect(headers, f"{module}.weight", (fan_out, fan_in), _linear_words(module, dims))
     quantized = held is not None and held.precision.weights != FLOAT_WEIGHTS
@@ -71,3 +75,39 @@ def _linear_words(module: str, dims: DecoderDims) -> str:
         f"hidden_size {dims.hidden_size}, {dims.num_heads} heads and {dims.num_kv_heads} KV heads of head_dim "
         f"{dims.head_dim}"
     )
+
+
+def _check_unified(headers: dict[str, TensorHeader], linears: dict, dims: DecoderDims, held: HeldPrecision) -> None:
+    """A unified export's Linears: stored codes in the format's dtype and packing, scales of the format's shape.
+
+    A Linear without ``weight_scale`` is float (an excluded module); at least one must be quantized.
+    """
+    layout = LAYOUTS[held.precision.weights]
+    quantized = 0
+    for module, (fan_in, fan_out) in linears.items():
+        scale = headers.get(f"{module}.{WEIGHT_SCALE}")
+        if scale is None:
+            _expect(headers, f"{module}.weight", (fan_out, fan_in), _linear_words(module, dims))
+            continue
+        quantized += 1
+        stored = layout.stored_shape(fan_out, fan_in)
+        _expect(
+            headers, f"{module}.weight", stored, f"{_linear_words(module, dims)} ({held.precision.weights} packing)"
+        )
+        weight = headers[f"{module}.weight"]
+        if weight.dtype != layout.weight_dtype:
+            raise SourceError(
+                f"{weight.shard.name}: {module}.weight is {weight.dtype}, but a {held.precision.weights} unified "
+                f"export stores {layout.weight_dtype}; the checkpoint mixes formats: re-export it with one quant_algo"
+            )
+        expected = layout.scale_shape(fan_out, fan_in)
+        if scale.shape != expected and not (expected == () and scale.shape == (1,)):
+            raise SourceError(
+                f"{scale.shard.name}: {module}.{WEIGHT_SCALE} is {list(scale.shape)}, but {held.precision.weights} "
+                f"stores {list(expected)} for a [{fan_out}, {fan_in}] weight; re-export the checkpoint with ModelOpt"
+            )
+    if not quantized:
+        raise SourceError(
+            f"{held.origin} says the weights are {held.precision}, but no decoder Linear carries a {WEIGHT_SCALE}, "
+            "so nothing in it is quantized; give the unquantized checkpoint, or re-export it with ModelOpt"
+        )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 from edgellm_steps.artifacts.draft_weights import draft_weight_files
-from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.workflow import resources
@@ -57,7 +56,9 @@ class JobResources:
         checked = self.facts.model(model)
         checked.precision(precision)
         held = checked.checkpoint.held
-        return resources.verify_mem_mb(checked.weight_bytes, held.precision.weights if held else FLOAT_WEIGHTS)
+        if held is None:
+            return resources.verify_mem_mb(checked.weight_bytes)
+        return resources.verify_mem_mb(checked.weight_bytes, held.precision.weights, unified=held.unified)
 
     def verify_visual_mem_mb(self, model: str) -> int:
         """Host RAM of a vision verify job: bounded by the verify of the whole model (the tower is a part)."""

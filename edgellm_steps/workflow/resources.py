@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, PeakModel
+from edgellm_steps.quant.unified import LAYOUTS
 
 MIB = 2**20
 
@@ -113,6 +114,8 @@ def dequantize_mem_mb() -> int:
     return request_mb(DEQUANTIZE_PEAK_MIB * MIB)
 
 
-def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS) -> int:
-    """mem_mb of a verify-onnx job (a prompt of a few tokens: no batch term) of a checkpoint in ``weights``."""
-    return request_mb(PEAKS["verify"].factor * FORMATS[weights].verify_expansion * weight_bytes)
+def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS, *, unified: bool = False) -> int:
+    """mem_mb of a verify-onnx job (a prompt of a few tokens: no batch term) of a checkpoint in ``weights``;
+    a unified export's stored codes count as the float16 weights they dequantize to (``unified.LAYOUTS``)."""
+    expansion = LAYOUTS[weights].expansion if unified else FORMATS[weights].verify_expansion
+    return request_mb(PEAKS["verify"].factor * expansion * weight_bytes)
