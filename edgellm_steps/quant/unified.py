@@ -223,7 +223,7 @@ class UnifiedStore:
         import torch
 
         blocks = scale.view(torch.float8_e4m3fn).float().repeat_interleave(NVFP4_BLOCK_SIZE, dim=1)
-        return unpack_fp4(codes) * blocks * self._weight_scale(module)
+        return unpack_fp4(codes) * (blocks * self._weight_scale(module))  # per-block scale first, as the graph
 
     def fp4_blocks(self, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An NVFP4 Linear as stored: packed codes U8 [out, in/2], E4M3 block scales as bytes [out, in/16],
