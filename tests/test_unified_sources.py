@@ -68,6 +68,7 @@ def pair(checkpoint_factory, tmp_path_factory):
             made[precision] = (root / "fake", unified)
         return made[precision]
 
+    make.base = base
     return make
 
 
@@ -142,6 +143,14 @@ def test_the_unified_export_equals_the_fake_path_and_verifies(pair, tmp_path, pr
     assert report["passed"] and report["precision"] == precision
     if precision.startswith(("fp8", "nvfp4")):
         assert verify_onnx(tmp_path / "unified", fake)["passed"]
+    if precision == "int8_sq":  # a LoRA graph of it verifies against PEFT's adapter on the rebuilt reference
+        from edgellm_steps.lora.insert_lora import insert_lora
+
+        from .test_lora import CASES, make_adapter
+
+        insert_lora(tmp_path / "unified")
+        _, adapter = make_adapter(pair.base, tmp_path / "adapter", CASES["llama"][1])
+        assert verify_onnx(tmp_path / "unified", unified, adapter=adapter)["passed"]
     if precision == "nvfp4":  # the EAGLE3 base graph reads the same stored weights
         export_llm(unified, tmp_path / "eagle_base", eagle_base=True)
         eagle = tmp_path / "eagle_base/onnx_model.data"

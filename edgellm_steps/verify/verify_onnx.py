@@ -177,7 +177,7 @@ def verify_onnx(
 
     graph, lora, model = reference(torch.float32)
     capacity = prefill + decode + 1
-    rope = hf_rope_table(model, capacity)
+    rope = hf_rope_table(model.get_base_model() if adapter is not None else model, capacity)  # PEFT wraps it
 
     def runner_for(batch: int) -> LLMRunner:
         return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity, graph=graph, lora=lora)
