@@ -158,8 +158,9 @@ def test_the_unified_export_equals_the_fake_path_and_verifies(pair, tmp_path, pr
     assert model.opset_import[0].version >= 19
 
 
-#: Through Snakemake: the FP8 path with an FP8 KV cache and the int4 plugin path (each verify job is a
-#: process of its own, ~15 s here); every format's verify runs through the same function above.
+#: Through Snakemake: the FP8 path with an FP8 KV cache (NVIDIA's most common release) and the int4 plugin
+#: path (each verify job is a process of its own, ~15 s here); every format's verify runs through the same
+#: function in the test above.
 WORKFLOW = ("fp8-kvfp8", "int4_awq")
 
 
