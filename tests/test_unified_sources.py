@@ -22,6 +22,7 @@ int8 step coarse near the top of the range).
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -112,13 +113,40 @@ def _graph(directory):
     return model, weights, interface
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8-kvfp8", "nvfp4", "int4_awq", "int8_sq"])
-def test_the_unified_export_equals_the_fake_path_and_verifies(pair, tmp_path, precision):
-    fake, unified = pair(precision)
+@pytest.fixture(scope="module")
+def workflow(pair, tmp_path_factory):
+    """Every unified fixture (one model each) exported and verified by one Snakemake run, with no quantize job;
+    the workdir, its models by precision, and the plan."""
+    workdir = tmp_path_factory.mktemp("unified-workflow")
+    models = {precision: f"m{i}" for i, precision in enumerate(PRECISIONS)}
+    lines = ["models:"]
+    for precision, name in models.items():
+        lines += [f"  {name}:", f"    source: {pair(precision)[1]}", "    sm_targets: [110]"]
+    write_config(workdir, "\n".join(lines) + "\n")
+    targets = [f"reports/{name}_{precision}/verify.json" for precision, name in models.items()]
+    plan = run_snakemake(workdir, "-n", *targets)
+    run_snakemake(workdir, *targets)
+    return workdir, models, plan
+
+
+def test_unified_sources_build_and_verify_through_the_workflow_without_quantizing(workflow):
+    workdir, models, plan = workflow
+    assert planned_jobs(plan.output) == {"export_llm": 5, "verify_onnx": 5}, plan.output  # no quantize job
+    for precision, name in models.items():
+        report = json.loads((workdir / f"reports/{name}_{precision}/verify.json").read_text())
+        assert report["passed"] and report["precision"] == precision, (precision, report)
+    refused = run_snakemake(workdir, "-n", f"onnx/{models['int4_awq']}_fp16/llm/model.onnx", check=False)
+    assert refused.returncode != 0 and "already quantized as int4_awq" in refused.output
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_the_unified_export_equals_the_fake_path(pair, workflow, tmp_path, precision):
+    fake, _ = pair(precision)
+    workdir, models, _ = workflow
+    built = workdir / f"onnx/{models[precision]}_{precision}/llm"
     export_llm(fake, tmp_path / "fake")
-    export_llm(unified, tmp_path / "unified")
     _, want, want_io = _graph(tmp_path / "fake")
-    model, got, got_io = _graph(tmp_path / "unified")
+    model, got, got_io = _graph(built)
     assert got_io == want_io  # same inputs and outputs, names, types and shapes
     weights = precision.split("-")[0]
     compared = ("proj",) if weights == "fp8" else SIBLING_FREE
@@ -136,46 +164,31 @@ def test_the_unified_export_equals_the_fake_path_and_verifies(pair, tmp_path, pr
     if precision.endswith("kvfp8"):
         scales = {n: v for n, v in got.items() if "k_v_scale" in n}
         assert scales and all(np.allclose(v, want[n], rtol=2e-2) for n, v in scales.items())
-    # verify against the model dequantized from the stored tensors; where the export changed no weight beyond
-    # rounding (no re-smoothing: fp8, nvfp4), against the model as calibrated too. AWQ's and SmoothQuant's
-    # averaged sibling scales change the model itself (int4_awq: 13.8% of max |logit| on this random model).
-    report = verify_onnx(tmp_path / "unified", unified)
-    assert report["passed"] and report["precision"] == precision
-    if precision.startswith(("fp8", "nvfp4")):
-        assert verify_onnx(tmp_path / "unified", fake)["passed"]
-    if precision == "int8_sq":  # a LoRA graph of it verifies against PEFT's adapter on the rebuilt reference
-        from edgellm_steps.lora.insert_lora import insert_lora
-
-        from .test_lora import CASES, make_adapter
-
-        insert_lora(tmp_path / "unified")
-        _, adapter = make_adapter(pair.base, tmp_path / "adapter", CASES["llama"][1])
-        assert verify_onnx(tmp_path / "unified", unified, adapter=adapter)["passed"]
-    if precision == "nvfp4":  # the EAGLE3 base graph reads the same stored weights
-        export_llm(unified, tmp_path / "eagle_base", eagle_base=True)
-        eagle = tmp_path / "eagle_base/onnx_model.data"
-        assert eagle.read_bytes() == (tmp_path / "unified/onnx_model.data").read_bytes()
+    # The workflow verified it against the model dequantized from the stored tensors; where the export changed
+    # no weight beyond rounding (no re-smoothing: fp8, nvfp4), it verifies against the model as calibrated too.
+    # AWQ's and SmoothQuant's averaged sibling scales change the model itself (int4_awq: 13.8% of max |logit|
+    # on this random model).
+    if precision in ("fp8", "nvfp4"):
+        assert verify_onnx(built, fake)["passed"]
     assert model.opset_import[0].version >= 19
 
 
-#: Through Snakemake: the FP8 path with an FP8 KV cache (NVIDIA's most common release) and the int4 plugin
-#: path (each verify job is a process of its own, ~15 s here); every format's verify runs through the same
-#: function in the test above.
-WORKFLOW = ("fp8-kvfp8", "int4_awq")
+def test_a_lora_graph_of_a_unified_source_verifies_against_peft(pair, workflow, tmp_path):
+    from edgellm_steps.lora.insert_lora import insert_lora
+
+    from .test_lora import CASES, make_adapter
+
+    _, unified = pair("int8_sq")
+    workdir, models, _ = workflow
+    shutil.copytree(workdir / f"onnx/{models['int8_sq']}_int8_sq/llm", tmp_path / "llm")
+    insert_lora(tmp_path / "llm")
+    _, adapter = make_adapter(pair.base, tmp_path / "adapter", CASES["llama"][1])
+    assert verify_onnx(tmp_path / "llm", unified, adapter=adapter)["passed"]
 
 
-def test_unified_sources_build_and_verify_through_the_workflow_without_quantizing(pair, tmp_path):
-    models = {f"m{i}": pair(precision)[1] for i, precision in enumerate(WORKFLOW)}
-    lines = ["models:"]
-    for name, source in models.items():
-        lines += [f"  {name}:", f"    source: {source}", "    sm_targets: [110]"]
-    write_config(tmp_path, "\n".join(lines) + "\n")
-    targets = [f"reports/{name}_{precision}/verify.json" for name, precision in zip(models, WORKFLOW, strict=True)]
-    plan = run_snakemake(tmp_path, "-n", *targets)
-    assert planned_jobs(plan.output) == {"export_llm": 2, "verify_onnx": 2}, plan.output  # no quantize job
-    run_snakemake(tmp_path, *targets)
-    for target in targets:
-        report = json.loads((tmp_path / target).read_text())
-        assert report["passed"] and not report["precision"].startswith("fp16"), target
-    refused = run_snakemake(tmp_path, "-n", "onnx/m1_fp16/llm/model.onnx", check=False)
-    assert refused.returncode != 0 and "already quantized as int4_awq" in refused.output
+def test_the_eagle_base_graph_reads_the_same_stored_weights(pair, workflow, tmp_path):
+    _, unified = pair("nvfp4")
+    workdir, models, _ = workflow
+    export_llm(unified, tmp_path / "eagle_base", eagle_base=True)
+    llm = workdir / f"onnx/{models['nvfp4']}_nvfp4/llm/onnx_model.data"
+    assert (tmp_path / "eagle_base/onnx_model.data").read_bytes() == llm.read_bytes()

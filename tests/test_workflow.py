@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -34,12 +35,22 @@ def sharded_checkpoint(checkpoint_factory):
     return ckpt
 
 
+@pytest.fixture(scope="module")
+def built_once(tmp_path_factory, sharded_checkpoint):
+    """A work directory whose ONNX export was built by Snakemake, once for the module."""
+    workdir = tmp_path_factory.mktemp("built")
+    copy_checkpoint(sharded_checkpoint, workdir / "ckpt")
+    write_config(workdir, CONFIG)
+    run_snakemake(workdir, ONNX)
+    assert not [path for path in workdir.rglob("*") if path.is_symlink()]  # so that a copy is a work directory
+    return workdir
+
+
 @pytest.fixture
-def built(tmp_path, sharded_checkpoint):
-    """A work directory whose ONNX export has just been built."""
-    copy_checkpoint(sharded_checkpoint, tmp_path / "ckpt")
-    write_config(tmp_path, CONFIG)
-    run_snakemake(tmp_path, ONNX)
+def built(tmp_path, built_once):
+    """A work directory whose ONNX export has just been built: a copy of ``built_once`` with its times, Snakemake's
+    records and the source stamps included, so each test changes its own."""
+    shutil.copytree(built_once, tmp_path, dirs_exist_ok=True)
     return tmp_path
 
 

@@ -12,6 +12,7 @@ the set, so editing it reruns that step's jobs and no others.
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -48,16 +49,37 @@ def _module_file(module: str, package_dir: Path) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> frozenset[str]:
     """Every project module named by an import statement anywhere in ``path``."""
+    return _imports_in(path.read_bytes(), str(path))
+
+
+@cache
+def _imports_in(source: bytes, filename: str) -> frozenset[str]:
+    """The project modules ``source`` imports; kept per content, as the closures of the steps share most
+    modules and parsing them is most of planning's start-up time."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+    for node in _statements(ast.parse(source, filename=filename).body):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.split(".")[0] == PACKAGE}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == PACKAGE:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
+    return frozenset(found)
+
+
+#: The fields through which a statement holds other statements (an import is a statement wherever it is).
+_NESTED = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _statements(nodes: list[ast.AST]) -> Iterator[ast.AST]:
+    """Every statement in ``nodes`` and nested in them, skipping expressions (most of a module's nodes)."""
+    for node in nodes:
+        yield node
+        for field in _NESTED:
+            children = getattr(node, field, None)
+            if isinstance(children, list):
+                yield from _statements(children)
 
 
 def _with_parents(module: str) -> list[str]:
