@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,13 @@ from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.shard_writer import ShardWriter
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.formats import FORMATS
+from edgellm_steps.quant.layerwise import quantize_layerwise
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import Precision, parse_precision
 from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO
@@ -101,6 +102,18 @@ def save_modelopt_state(model: Any, path: Path) -> None:
     torch.save(stable_modelopt_state(mto.modelopt_state(model)), path)
 
 
+def save_model_config(model: Any, checkpoint: Path, directory: Path) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` writes them for the model loaded from
+    ``checkpoint`` in the calibration dtype (the generation config is the checkpoint's own when it has one)."""
+    import transformers
+
+    model.config.save_pretrained(str(directory))
+    if (checkpoint / "generation_config.json").is_file():
+        model.generation_config = transformers.GenerationConfig.from_pretrained(str(checkpoint))
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(str(directory))
+
+
 def device_and_dtype(device: str):
     """The torch device and the calibration dtype: float32 on the CPU, float16 on a GPU."""
     import torch
@@ -139,10 +152,8 @@ def quantize_llm(
     check_block_dims(hf_config, precision, where=str(checkpoint))
     TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
-    import modelopt.torch.quantization as mtq
     import torch
     import transformers
-    from tqdm import tqdm
 
     batch = calib_batch_size or calibration_batch_size(precision)
     batches = calibration_batches(checkpoint, dataset_dir, calib_size, calib_max_tokens, batch)
@@ -155,23 +166,28 @@ def quantize_llm(
         device,
     )
 
-    # Plain loading, safetensors only: ModelOpt's HF checkpointing is not enabled, so nothing in the
-    # source (a modelopt_state.pth, a pickled .bin) is ever unpickled.
+    # Layer by layer (quant/layerwise.py): ModelOpt's quantize on one decoder layer at a time, its weights read
+    # from the shards (safetensors only: nothing in the source, a modelopt_state.pth or a pickled .bin, is ever
+    # unpickled), so memory holds one layer and the cached hidden states whatever the model's size.
     auto_class = getattr(transformers, spec.hf_auto_class)
-    model = auto_class.from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
-    model = model.to(device).eval()
-
-    def forward_loop(quant_model) -> None:
-        with torch.no_grad():
-            for ids in tqdm(batches, desc="calibration", unit="batch", file=sys.stderr, mininterval=5):
-                quant_model(ids.to(device))
-
-    with cpu_fake_quantization():
-        mtq.quantize(model, modelopt_config(precision, spec.quant_exclude), forward_loop=forward_loop)
+    config = modelopt_config(precision, spec.quant_exclude)
     info = quantization_record(precision, calibration_record(dataset_dir, calib_size, calib_max_tokens, batch, device))
     with staged_directory(Path(output_dir)) as staging:
-        model.save_pretrained(str(staging))
-        save_modelopt_state(model, staging / MODELOPT_STATE)
+        writer = ShardWriter(staging)
+        with cpu_fake_quantization(), torch.no_grad():
+            result = quantize_layerwise(
+                checkpoint,
+                auto_class,
+                spec.hf_renames,
+                config,
+                batches,
+                dtype=dtype,
+                device=device,
+                write=writer.add,
+            )
+        writer.close()
+        save_model_config(result.model, checkpoint, staging)
+        torch.save(stable_modelopt_state(result.modelopt_state), staging / MODELOPT_STATE)
         copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_manifest(staging, step=steps.QUANTIZE_LLM, parameters=info)

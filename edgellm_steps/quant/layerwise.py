@@ -1,0 +1,457 @@
+"""Layer-by-layer calibration: ModelOpt's own ``mtq.quantize`` on one decoder layer at a time.
+
+Max calibration, SmoothQuant and AWQ-lite are per-Linear algorithms over the float activations
+that reach each Linear; ModelOpt calibrates with quantization disabled, so in a whole-model run
+the inputs of layer i+1 are the float outputs of layer i. Calibrating each layer alone, on the
+float outputs of the layer before, therefore computes the same statistics, while only one
+layer's weights are ever in memory.
+
+The model exists as a skeleton (every parameter on the ``meta`` device, buffers such as the rope
+tables real), built from the config, so the model's own forward makes each layer's inputs (the
+position embeddings, the masks, multimodal positions) exactly as a whole-model run does: one
+forward per batch with every decoder layer replaced by a recorder captures what each layer is
+called with. Each *stage* (a decoder layer; then the final norm with the LM head) is then
+
+1. materialized from the checkpoint's shards (the stored tensors cast as ``from_pretrained`` casts
+   them);
+2. run in float on the cached hidden states, whose outputs are the next stage's inputs;
+3. quantized by ``mtq.quantize`` inside a container that gives its modules their whole-model names
+   (so every recipe pattern matches as it does on the whole model), its forward loop replaying the
+   cached inputs;
+4. handed over (its tensors under the whole-model names, its ModelOpt state) and freed.
+
+Everything else the checkpoint holds (the embeddings, a vision tower) has no calibrated quantizer and
+is passed through as stored, cast to the calibration dtype. The embeddings are never materialized:
+the calibration tokens' rows are read once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+class _Recorded(Exception):
+    """Raised by the last layer's recorder: every layer's call has been captured, the forward may stop."""
+
+
+@dataclass
+class LayerCall:
+    """What one decoder layer is called with, besides its hidden states (per calibration batch)."""
+
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class Stage:
+    """A unit of calibration: modules (by whole-model name) and how the cached states run through them."""
+
+    name: str
+    modules: dict[str, Any]
+    run: Callable[[Any, int], Any]
+
+
+@dataclass
+class CalibratedStage:
+    """A calibrated stage: its tensors under their whole-model names and its ModelOpt state."""
+
+    name: str
+    tensors: dict[str, Any]
+    modelopt_state: dict[str, Any]
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def skeleton(checkpoint: Path, auto_class: Any, dtype: Any) -> Any:
+    """The model of ``checkpoint``'s config with every parameter on the meta device (buffers real)."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def stored_names(model: Any, store: TensorStore, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Model parameter name -> stored tensor name, through the family's load-time renaming."""
+    keys = set(model.state_dict())
+    mapping: dict[str, str] = {}
+    for name in store.names():
+        target = name
+        if name not in keys:
+            for stored, module in renames:
+                if name.startswith(stored) and module + name.removeprefix(stored) in keys:
+                    target = module + name.removeprefix(stored)
+                    break
+        mapping[target] = name
+    return mapping
+
+
+class _RowEmbedding:
+    """Stands in for the input embedding: the rows of the tokens calibration uses, read once."""
+
+    def __new__(cls, table_rows: Any, ids: Any):
+        import torch
+
+        class RowEmbedding(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.rows = table_rows
+                lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+                lookup[ids] = torch.arange(len(ids))
+                self.lookup = lookup
+
+            def forward(self, input_ids):
+                return self.rows[self.lookup[input_ids]]
+
+        return RowEmbedding()
+
+
+class Layerwise:
+    """The skeleton of a checkpoint's model and its calibration stages, materialized one at a time."""
+
+    def __init__(
+        self, checkpoint: Path, auto_class: Any, renames: tuple[tuple[str, str], ...], dtype: Any, device: str
+    ):
+        import torch
+
+        self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
+        self.store = TensorStore(checkpoint)
+        self.model = skeleton(checkpoint, auto_class, dtype)
+        self.names = {id(module): name for name, module in self.model.named_modules()}
+        self.stored = stored_names(self.model, self.store, renames)
+        self._stored_prefixes: dict[str, list[str]] = {}
+        for loaded in self.stored:
+            parts = loaded.split(".")
+            for cut in range(1, len(parts)):
+                self._stored_prefixes.setdefault(".".join(parts[:cut]) + ".", []).append(loaded)
+        decoder = self.model.get_decoder()
+        self.layers = decoder.layers
+        self.norm = decoder.norm
+        self.lm_head = self.model.get_output_embeddings()
+        self.tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        self._torch = torch
+
+    def name_of(self, module: Any) -> str:
+        return self.names[id(module)]
+
+    # -- weights ------------------------------------------------------------------------------------------------
+
+    def _stored_tensor(self, name: str):
+        if name not in self.stored and self.tied and name == f"{self.name_of(self.lm_head)}.weight":
+            name = f"{self.name_of(self.model.get_input_embeddings())}.weight"
+        if name not in self.stored:
+            raise SourceError(f"{self.checkpoint}: no stored tensor for {name}; is the checkpoint whole?")
+        return self.store.get(self.stored[name])
+
+    def materialize(self, module: Any) -> None:
+        """Give ``module``'s meta parameters their stored values, cast to the calibration dtype."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        prefix = self.name_of(module)
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.device.type != "meta":
+                continue
+            value = self._stored_tensor(f"{prefix}.{name}").to(self.dtype)
+            set_module_tensor_to_device(module, name, self.device, value=value)
+
+    def release(self, module: Any) -> None:
+        """Return ``module``'s parameters to the meta device, freeing their memory."""
+        module.to("meta")
+
+    def saved_name(self, name: str) -> str:
+        """The name ``save_pretrained`` writes model tensor ``name`` under: the name it was loaded from (the
+        family's load-time renaming reverted); a new tensor (a quantizer's) follows its module's renaming."""
+        if name in self.stored:
+            return self.stored[name]
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut]) + "."
+            loaded = next((m for m in self._stored_prefixes.get(prefix, ())), None)
+            if loaded is not None:
+                suffix = loaded.removeprefix(prefix)
+                return self.stored[loaded].removesuffix(suffix) + name.removeprefix(prefix)
+        return name
+
+    def passthrough_tensors(self, claimed: set[str]) -> Iterator[tuple[str, Any]]:
+        """Every model tensor no stage holds, as stored and cast to the calibration dtype (save_pretrained's names)."""
+        for name in self.model.state_dict():
+            if name in claimed or (self.tied and name == f"{self.name_of(self.lm_head)}.weight"):
+                continue
+            yield name, self._stored_tensor(name).to(self.dtype)
+
+    # -- the states each stage runs on ---------------------------------------------------------------------------
+
+    def embedded(self, batches: list) -> list:
+        """The input embeddings of ``batches``, from the rows those tokens use."""
+        torch = self._torch
+        embedding = self.model.get_input_embeddings()
+        ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+        table = self._stored_tensor(f"{self.name_of(embedding)}.weight")
+        rows = table[ids].to(self.dtype).to(self.device)
+        del table
+        self.model.set_input_embeddings(_RowEmbedding(rows, ids))
+        try:
+            return [self.model.get_input_embeddings()(b.to(self.device)) for b in batches]
+        finally:
+            self.model.set_input_embeddings(embedding)
+
+    def layer_calls(self, batches: list) -> list[list[LayerCall]]:
+        """What each decoder layer is called with, per batch: the model's own forward, every layer a recorder."""
+        torch = self._torch
+        calls: list[list[LayerCall]] = [[] for _ in self.layers]
+        originals = list(self.layers)
+        embedding = self.model.get_input_embeddings()
+        ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
+        rows = torch.zeros((len(ids), embedding.embedding_dim), dtype=self.dtype, device=self.device)
+        last = len(originals) - 1
+
+        class Recorder(torch.nn.Module):
+            def __init__(self, index: int, original: Any) -> None:
+                super().__init__()
+                self.index = index
+                self.attention_type = getattr(original, "attention_type", None)
+
+            def forward(self, hidden_states, *args, **kwargs):
+                calls[self.index].append(LayerCall(args, kwargs))
+                if self.index == last:
+                    raise _Recorded
+                return hidden_states
+
+        for index, original in enumerate(originals):
+            self.layers[index] = Recorder(index, original)
+        self.model.set_input_embeddings(_RowEmbedding(rows, ids))
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    try:
+                        self.model(input_ids=batch.to(self.device), use_cache=False)
+                    except _Recorded:
+                        continue
+                    raise SourceError(f"{self.checkpoint}: the model's forward never reached its last decoder layer")
+        finally:
+            for index, original in enumerate(originals):
+                self.layers[index] = original
+            self.model.set_input_embeddings(embedding)
+        return calls
+
+    # -- stages ----------------------------------------------------------------------------------------------------
+
+    def layer_stage(self, index: int, calls: list[LayerCall]) -> Stage:
+        layer = self.layers[index]
+
+        def run(hidden, batch):
+            call = calls[batch]
+            out = layer(hidden, *call.args, **call.kwargs)
+            return out[0] if isinstance(out, tuple) else out
+
+        return Stage(self.name_of(layer), {self.name_of(layer): layer}, run)
+
+    def head_stage(self) -> Stage:
+        norm, head = self.norm, self.lm_head
+
+        def run(hidden, batch):
+            return head(norm(hidden))
+
+        return Stage("head", {self.name_of(norm): norm, self.name_of(head): head}, run)
+
+    def rest_stage(self) -> Stage:
+        """Every other module (the embeddings, a vision tower), left on the meta device: ModelOpt converts them
+        too (their quantizers belong in the whole model's state), and no recipe calibrates any of them. Its
+        states are the batches' token ids."""
+        staged = {id(m) for m in (*self.layers, self.norm, self.lm_head)}
+        holders = {id(self.model)} | {id(m) for m in self.model.modules() if any(id(c) in staged for c in m.modules())}
+        rest: dict[str, Any] = {}
+
+        def visit(module: Any) -> None:
+            for child in module.children():
+                if id(child) in staged:
+                    continue
+                if id(child) in holders:
+                    visit(child)
+                else:
+                    rest[self.name_of(child)] = child
+
+        visit(self.model)
+        embedding = self.model.get_input_embeddings()
+
+        def run(ids, batch):
+            # The whole-model forward runs the embedding (ModelOpt's disabled quantizers around it record the
+            # dtype they saw); on the meta device this costs nothing and records the same.
+            return embedding(ids.to("meta"))
+
+        return Stage("rest", rest, run)
+
+
+def container(modules: dict[str, Any]) -> Any:
+    """A module tree holding ``modules`` at their whole-model paths, so quantizer names and recipe patterns
+    are the whole model's."""
+    import torch
+
+    root = torch.nn.Module()
+    for path, module in modules.items():
+        parent = root
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(parts[-1], module)
+    return root
+
+
+@contextmanager
+def _stage_without_weight_quantizers_allowed() -> Iterator[None]:
+    """ModelOpt refuses a quantize call that enables no weight quantizer, a guard meant for whole models; a
+    stage may rightly have none (the LM head stage of a recipe that leaves the head float). ModelOpt's own
+    switch for such partial stages (``MODELOPT_SKIP_WEIGHT_QUANT_CHECK``), set only for the call."""
+    previous = os.environ.get(SKIP_WEIGHT_CHECK)
+    os.environ[SKIP_WEIGHT_CHECK] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[SKIP_WEIGHT_CHECK]
+        else:
+            os.environ[SKIP_WEIGHT_CHECK] = previous
+
+
+SKIP_WEIGHT_CHECK = "MODELOPT_SKIP_WEIGHT_QUANT_CHECK"
+
+
+def calibrate_stage(
+    stage: Stage, states: list, config: dict[str, Any], *, next_states: bool
+) -> tuple[CalibratedStage, list | None]:
+    """Quantize ``stage`` with ModelOpt on ``states``; its float outputs first when the next stage needs them."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import torch
+
+    started = time.monotonic()
+    with torch.no_grad():
+        outputs = [stage.run(h, i) for i, h in enumerate(states)] if next_states else None
+
+    def forward_loop(_model) -> None:
+        with torch.no_grad():
+            for i, h in enumerate(states):
+                stage.run(h, i)
+
+    root = container(stage.modules)
+    with _stage_without_weight_quantizers_allowed():
+        mtq.quantize(root, config, forward_loop=forward_loop)
+    # No copies: releasing the stage moves its modules to the meta device, leaving these tensors to the caller.
+    tensors = {name: t.detach() for name, t in root.state_dict().items()}
+    state = mto.modelopt_state(root)
+    return CalibratedStage(stage.name, tensors, state, time.monotonic() - started), outputs
+
+
+def _position(quantizer: str, order: dict[str, int]) -> int:
+    """The whole-model position of the stage module holding ``quantizer`` (its longest path prefix in ``order``)."""
+    parts = quantizer.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        position = order.get(".".join(parts[:cut]))
+        if position is not None:
+            return position
+    return len(order)
+
+
+def merged_modelopt_state(states: list[dict[str, Any]], order: dict[str, int]) -> dict[str, Any]:
+    """The whole model's ModelOpt state from its stages': the same modes, each quantizer's metadata united, in
+    the whole model's order of the stage modules, ``order`` (so the saved state is the same bytes as a
+    whole-model run's)."""
+    first = states[0]
+    modes = []
+    for position, (mode, mode_state) in enumerate(first["modelopt_state_dict"]):
+        metadata = mode_state.get("metadata", {})
+        if "quantizer_state" in metadata:
+            united: dict[str, Any] = {}
+            for state in states:
+                other_mode, other = state["modelopt_state_dict"][position]
+                if other_mode != mode or other["config"] != mode_state["config"]:
+                    raise SourceError(f"stage states disagree on ModelOpt mode {mode}")
+                united.update(other["metadata"]["quantizer_state"])
+            # Stage by stage in the whole model's module order; within a stage, in its own (the subtree's) order.
+            united = dict(sorted(united.items(), key=lambda item: _position(item[0], order)))
+            mode_state = {**mode_state, "metadata": {**metadata, "quantizer_state": united}}
+        modes.append((mode, mode_state))
+    return {**first, "modelopt_state_dict": modes}
+
+
+@dataclass
+class LayerwiseResult:
+    """What a layer-by-layer quantization produced besides its tensors (already written)."""
+
+    modelopt_state: dict[str, Any]
+    model: Any  # the skeleton: its config and generation config are the checkpoint's
+    seconds_per_stage: dict[str, float]
+
+
+def quantize_layerwise(
+    checkpoint: Path,
+    auto_class: Any,
+    renames: tuple[tuple[str, str], ...],
+    config: dict[str, Any],
+    batches: list,
+    *,
+    dtype: Any,
+    device: str,
+    write: Callable[[str, Any], None],
+) -> LayerwiseResult:
+    """Quantize ``checkpoint`` with ModelOpt's ``config`` one stage at a time; ``write(name, tensor)`` receives
+    every tensor of the quantized model under the name ``save_pretrained`` would write it."""
+    import copy
+
+    from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
+
+    model = Layerwise(checkpoint, auto_class, renames, dtype, device)
+    # ModelOpt inserts KV-cache quantizers into the attention classes it registers from a whole HF model.
+    register_hf_attentions_on_the_fly(model.model)
+    states = model.embedded(batches)
+    calls = model.layer_calls(batches)
+    stage_states, seconds, claimed, stages_seen = [], {}, set(), []
+
+    def finish(stage: Stage, done: CalibratedStage) -> None:
+        for name, tensor in done.tensors.items():
+            claimed.add(name)
+            if not (model.tied and name == f"{model.name_of(model.lm_head)}.weight"):
+                write(model.saved_name(name), tensor)
+        stage_states.append(done.modelopt_state)
+        stages_seen.append(stage)
+        seconds[stage.name] = round(done.seconds, 3)
+        for module in stage.modules.values():
+            model.release(module)
+
+    for index, layer in enumerate(model.layers):
+        model.materialize(layer)
+        stage = model.layer_stage(index, calls[index])
+        calls[index] = []
+        done, states = calibrate_stage(stage, states, copy.deepcopy(config), next_states=True)
+        log.info("layer %d/%d calibrated in %.1f s", index + 1, len(model.layers), done.seconds)
+        finish(stage, done)
+    for module in (model.norm, model.lm_head):
+        model.materialize(module)
+    stage = model.head_stage()
+    done, _ = calibrate_stage(stage, states, copy.deepcopy(config), next_states=False)
+    del states
+    finish(stage, done)
+    rest = model.rest_stage()
+    done, _ = calibrate_stage(rest, batches, copy.deepcopy(config), next_states=False)
+    stage_states.append(done.modelopt_state)
+    for name, tensor in model.passthrough_tensors(claimed):
+        write(model.saved_name(name), tensor)
+    staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
+    order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}
+    return LayerwiseResult(merged_modelopt_state(stage_states, order), model.model, seconds)

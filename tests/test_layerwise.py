@@ -1,0 +1,143 @@
+"""quantize-llm calibrates one decoder layer at a time; its checkpoint must be exactly ModelOpt's whole-model one.
+
+The reference is ModelOpt's own whole-model path, written here from its public API and independent of
+``quant/layerwise.py``: the model loaded whole by transformers in float32, ``mtq.quantize`` with the same
+recipe and forward loop over the same batches, ``save_pretrained`` and ``mto.modelopt_state``. Every saved
+tensor (weights with SmoothQuant / AWQ scales folded in, every ``_amax`` and ``_pre_quant_scale``) must be
+bit-identical, the configs equal and the ModelOpt state equal (as data: pickle may share equal objects
+differently, so the file's bytes are not compared), for each family and each part of the precision
+grammar (weights alone, an LM head, a KV cache, tied embeddings, fused projections, a VLM's renamed decoder and
+its untouched vision tower). Controls: a different calibration set, or the per-layer loop fed layer i's inputs
+instead of its outputs, must differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.sources import read_hf_config
+from edgellm_steps.models.families import family_for
+from edgellm_steps.quant import layerwise
+from edgellm_steps.quant.calibration import calibration_batches
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+from edgellm_steps.quant.precision import parse_precision
+from edgellm_steps.quant.prequantized import MODELOPT_STATE, load_modelopt_state
+from edgellm_steps.quant.quantize_llm import quantize_llm, stable_modelopt_state
+from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
+
+SAMPLES, TOKENS = 4, 32
+
+#: (checkpoint case, precision): every weight algorithm (max, SmoothQuant, AWQ-lite, NVFP4's two levels), LM head
+#: and KV quantizers, tied embeddings, fused qkv / gate_up (Phi-3), qk norms (Qwen3), a VLM (renamed decoder,
+#: mrope positions, a vision tower ModelOpt converts but never calibrates).
+CASES = [
+    ("qwen2", "fp8"),
+    ("qwen2", "int8_sq"),
+    ("qwen2", "int4_awq"),
+    ("qwen2", "nvfp4-lmnvfp4-kvfp8"),
+    ("llama-tied", "int8_sq-lmfp8"),
+    ("phi3", "int4_awq-kvfp8"),
+    ("qwen3", "fp8-lmfp8-kvfp8"),
+    ("qwen2_vl", "fp8"),
+]
+
+WIDE = {"hidden_size": 128, "intermediate_size": 256}
+
+
+def modelopt_whole_model(checkpoint, output, precision: str) -> None:
+    """ModelOpt's whole-model quantization of ``checkpoint``, saved as transformers and ModelOpt save it."""
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization as mtq
+    import transformers
+
+    parsed = parse_precision(precision)
+    spec = family_for(read_hf_config(checkpoint), where=str(checkpoint))
+    batches = calibration_batches(checkpoint, None, SAMPLES, TOKENS, calibration_batch_size(parsed))
+    model = getattr(transformers, spec.hf_auto_class).from_pretrained(
+        str(checkpoint), dtype=torch.float32, use_safetensors=True
+    )
+
+    def forward_loop(quant_model) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                quant_model(ids)
+
+    with cpu_fake_quantization():
+        mtq.quantize(model.eval(), modelopt_config(parsed, spec.quant_exclude), forward_loop=forward_loop)
+    model.save_pretrained(str(output))
+    torch.save(stable_modelopt_state(mto.modelopt_state(model)), output / MODELOPT_STATE)
+
+
+def _tensors(directory) -> dict[str, torch.Tensor]:
+    store = TensorStore(directory)
+    return {name: store.get(name) for name in store.names()}
+
+
+def _same(a, b) -> bool:
+    """Structural equality where tensors compare by dtype and value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        return both and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize(("case", "precision"), CASES)
+def test_layer_by_layer_equals_modelopts_whole_model_quantization(checkpoint_factory, tmp_path, case, precision):
+    # int4 and nvfp4 need GEMM input dims in blocks of 128 / 16.
+    checkpoint = checkpoint_factory(case, **(WIDE if precision.startswith(("int4", "nvfp4")) else {}))
+    quantize_llm(checkpoint, tmp_path / "layerwise", precision=precision, calib_size=SAMPLES, calib_max_tokens=TOKENS)
+    modelopt_whole_model(checkpoint, tmp_path / "whole", precision)
+    got, want = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "whole")
+    assert sorted(got) == sorted(want)
+    different = [name for name in want if not _same(got[name], want[name])]
+    assert not different, different[:5]
+    assert any(name.endswith("_quantizer._amax") for name in got)
+    for config in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "layerwise" / config).read_text()) == json.loads(
+            (tmp_path / "whole" / config).read_text()
+        ), config
+    assert _same(load_modelopt_state(tmp_path / "layerwise"), load_modelopt_state(tmp_path / "whole"))
+
+
+def test_controls_another_calibration_set_or_unpropagated_states_differ(checkpoint_factory, tmp_path, monkeypatch):
+    checkpoint = checkpoint_factory("qwen2")
+    modelopt_whole_model(checkpoint, tmp_path / "whole", "fp8")
+    want = _tensors(tmp_path / "whole")
+    amax = [name for name in want if name.endswith("input_quantizer._amax") and ".layers.1." in name]
+
+    other = tmp_path / "other.txt"
+    other.write_text(
+        "\n\n".join(f"Entirely different text, paragraph {i}: {'zebra ' * (i % 7 + 1)}" for i in range(40))
+    )
+    quantize_llm(
+        checkpoint,
+        tmp_path / "other",
+        precision="fp8",
+        dataset_dir=str(other),
+        calib_size=SAMPLES,
+        calib_max_tokens=TOKENS,
+    )
+    assert any(not torch.equal(_tensors(tmp_path / "other")[name], want[name]) for name in amax)
+
+    # Every layer calibrated on the embeddings (layer i's inputs never replaced by its outputs).
+    real = layerwise.calibrate_stage
+
+    def unpropagated(stage, states, config, *, next_states):
+        done, _ = real(stage, states, copy.deepcopy(config), next_states=next_states)
+        return done, states if next_states else None
+
+    monkeypatch.setattr(layerwise, "calibrate_stage", unpropagated)
+    quantize_llm(checkpoint, tmp_path / "stale", precision="fp8", calib_size=SAMPLES, calib_max_tokens=TOKENS)
+    stale = _tensors(tmp_path / "stale")
+    assert all(not torch.equal(stale[name], want[name]) for name in amax)
+    layer0 = [name for name in want if name.endswith("input_quantizer._amax") and ".layers.0." in name]
+    assert all(torch.equal(stale[name], want[name]) for name in layer0)  # the first layer's inputs are right
