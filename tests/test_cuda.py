@@ -6,6 +6,8 @@ Skipped where torch sees no GPU (CI machines); run by hand on a GPU host with
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,19 @@ def test_quantize_on_cuda_exports_and_verifies(checkpoint_factory, tmp_path, pre
     export_llm(tmp_path / "q", tmp_path / "llm")
     summary = verify_onnx(tmp_path / "llm", tmp_path / "q")
     assert summary["passed"] and summary["precision"] == precision, summary
+
+
+def test_quantize_on_cuda_holds_about_one_layer_in_gpu_memory(checkpoint_factory, tmp_path):
+    """Layer-by-layer calibration on the GPU: the peak GPU memory is about one decoder layer (plus the cached
+    hidden states and the LM head stage), not the model: 12 layers, each 1/12 of the decoder's bytes."""
+    base = checkpoint_factory("qwen2", hidden_size=512, intermediate_size=2048, num_hidden_layers=12)
+    config = json.loads((base / "config.json").read_text())
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    layer_bytes = 2 * (4 * hidden * hidden + 3 * hidden * inter)  # float16, GQA rounded up to full heads
+    head_bytes = 2 * vocab * hidden
+    torch.cuda.reset_peak_memory_stats()
+    quantize_llm(base, tmp_path / "q", precision="fp8", device="cuda", calib_size=16, calib_max_tokens=64)
+    peak = torch.cuda.max_memory_allocated()
+    whole = 12 * layer_bytes + 2 * head_bytes
+    print(f"peak GPU memory {peak / 2**20:.1f} MiB; one layer {layer_bytes / 2**20:.1f} MiB; model {whole / 2**20:.1f}")
+    assert peak < 3 * max(layer_bytes, head_bytes) + 64 * 2**20 < whole

@@ -28,7 +28,8 @@ class ShardWriter:
         self._total = 0
 
     def add(self, name: str, tensor: Any) -> None:
-        """Queue ``tensor`` (a CPU tensor) under ``name``; a full shard is written first."""
+        """Queue ``tensor`` (a CPU tensor) under ``name``; a shard is written as soon as it is full, so a tensor as
+        large as a shard is written at once rather than held."""
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self.flush()
@@ -37,6 +38,8 @@ class ShardWriter:
         self._pending[name] = tensor.detach().contiguous().cpu()
         self._pending_bytes += size
         self._total += size
+        if self._pending_bytes >= self.max_shard_bytes:
+            self.flush()
 
     def flush(self) -> None:
         """Write the queued tensors as one shard."""

@@ -42,6 +42,10 @@ from edgellm_steps.errors import SourceError
 log = logging.getLogger(__name__)
 
 
+#: Rows converted to the calibration dtype at a time when a stored tensor is cast.
+CAST_ROWS = 4096
+
+
 class _Recorded(Exception):
     """Raised by the last layer's recorder: every layer's call has been captured, the forward may stop."""
 
@@ -131,6 +135,10 @@ class Layerwise:
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self.store = TensorStore(checkpoint)
         self.model = skeleton(checkpoint, auto_class, dtype)
+        for module in self.model.modules():  # the real buffers (rope tables) go where the states are computed
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(device)
         self.names = {id(module): name for name, module in self.model.named_modules()}
         self.stored = stored_names(self.model, self.store, renames)
         self._stored_prefixes: dict[str, list[str]] = {}
@@ -150,12 +158,37 @@ class Layerwise:
 
     # -- weights ------------------------------------------------------------------------------------------------
 
-    def _stored_tensor(self, name: str):
+    def _stored_name(self, name: str) -> str:
         if name not in self.stored and self.tied and name == f"{self.name_of(self.lm_head)}.weight":
             name = f"{self.name_of(self.model.get_input_embeddings())}.weight"
         if name not in self.stored:
             raise SourceError(f"{self.checkpoint}: no stored tensor for {name}; is the checkpoint whole?")
-        return self.store.get(self.stored[name])
+        return self.stored[name]
+
+    def _cast_tensor(self, name: str):
+        """Stored tensor ``name`` in the calibration dtype, converted a block of rows at a time (an 8B model's
+        embedding table is 1 GB stored and 2 GB in float32: never both whole at once)."""
+        stored = self._stored_name(name)
+        shape = self.store.shape(stored)
+        if len(shape) < 2:
+            return self.store.get(stored).to(self.dtype)
+        out = self._torch.empty(shape, dtype=self.dtype)
+        row = 0
+        for chunk in self.store.row_chunks(stored, CAST_ROWS):
+            out[row : row + len(chunk)] = chunk
+            row += len(chunk)
+        return out
+
+    def _rows(self, name: str, ids: Any):
+        """Rows ``ids`` (sorted, unique) of stored matrix ``name`` in the calibration dtype, read a block at a time."""
+        stored = self._stored_name(name)
+        out = self._torch.empty((len(ids), self.store.shape(stored)[1]), dtype=self.dtype)
+        start = 0
+        for chunk in self.store.row_chunks(stored, CAST_ROWS):
+            inside = (ids >= start) & (ids < start + len(chunk))
+            out[inside] = chunk[ids[inside] - start].to(self.dtype)
+            start += len(chunk)
+        return out
 
     def materialize(self, module: Any) -> None:
         """Give ``module``'s meta parameters their stored values, cast to the calibration dtype."""
@@ -165,7 +198,7 @@ class Layerwise:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.device.type != "meta":
                 continue
-            value = self._stored_tensor(f"{prefix}.{name}").to(self.dtype)
+            value = self._cast_tensor(f"{prefix}.{name}")
             set_module_tensor_to_device(module, name, self.device, value=value)
 
     def release(self, module: Any) -> None:
@@ -191,7 +224,7 @@ class Layerwise:
         for name in self.model.state_dict():
             if name in claimed or (self.tied and name == f"{self.name_of(self.lm_head)}.weight"):
                 continue
-            yield name, self._stored_tensor(name).to(self.dtype)
+            yield name, self._cast_tensor(name)
 
     # -- the states each stage runs on ---------------------------------------------------------------------------
 
@@ -200,9 +233,7 @@ class Layerwise:
         torch = self._torch
         embedding = self.model.get_input_embeddings()
         ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
-        table = self._stored_tensor(f"{self.name_of(embedding)}.weight")
-        rows = table[ids].to(self.dtype).to(self.device)
-        del table
+        rows = self._rows(f"{self.name_of(embedding)}.weight", ids).to(self.device)
         self.model.set_input_embeddings(_RowEmbedding(rows, ids))
         try:
             return [self.model.get_input_embeddings()(b.to(self.device)) for b in batches]
@@ -390,6 +421,13 @@ def merged_modelopt_state(states: list[dict[str, Any]], order: dict[str, int]) -
     return {**first, "modelopt_state_dict": modes}
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 @dataclass
 class LayerwiseResult:
     """What a layer-by-layer quantization produced besides its tensors (already written)."""
@@ -409,9 +447,13 @@ def quantize_layerwise(
     dtype: Any,
     device: str,
     write: Callable[[str, Any], None],
+    stage_written: Callable[[], None] = lambda: None,
+    calibrate_head: bool = True,
 ) -> LayerwiseResult:
     """Quantize ``checkpoint`` with ModelOpt's ``config`` one stage at a time; ``write(name, tensor)`` receives
-    every tensor of the quantized model under the name ``save_pretrained`` would write it."""
+    every tensor of the quantized model under the name ``save_pretrained`` would write it, and
+    ``stage_written()`` is called after each stage's (so a writer need not hold one stage while the next runs).
+    ``calibrate_head``: whether the recipe quantizes the LM head (otherwise its stage runs on the meta device)."""
     import copy
 
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
@@ -421,6 +463,7 @@ def quantize_layerwise(
     register_hf_attentions_on_the_fly(model.model)
     states = model.embedded(batches)
     calls = model.layer_calls(batches)
+    log.info("embedded %d batches (peak RSS so far %.2f GiB)", len(batches), _peak_rss_gib())
     stage_states, seconds, claimed, stages_seen = [], {}, set(), []
 
     def finish(stage: Stage, done: CalibratedStage) -> None:
@@ -431,6 +474,7 @@ def quantize_layerwise(
         stage_states.append(done.modelopt_state)
         stages_seen.append(stage)
         seconds[stage.name] = round(done.seconds, 3)
+        stage_written()
         for module in stage.modules.values():
             model.release(module)
 
@@ -439,19 +483,35 @@ def quantize_layerwise(
         stage = model.layer_stage(index, calls[index])
         calls[index] = []
         done, states = calibrate_stage(stage, states, copy.deepcopy(config), next_states=True)
-        log.info("layer %d/%d calibrated in %.1f s", index + 1, len(model.layers), done.seconds)
+        log.info(
+            "layer %d/%d calibrated in %.1f s (peak RSS so far %.2f GiB)",
+            index + 1,
+            len(model.layers),
+            done.seconds,
+            _peak_rss_gib(),
+        )
         finish(stage, done)
-    for module in (model.norm, model.lm_head):
-        model.materialize(module)
     stage = model.head_stage()
+    if calibrate_head:
+        for module in stage.modules.values():
+            model.materialize(module)
+    else:
+        # Nothing to calibrate in the head: ModelOpt still converts it (its disabled quantizers are part of the
+        # state, and record the dtype they see), but on the meta device, where the logits cost nothing; its
+        # weights are written as stored, like the embeddings.
+        states = [h.to("meta") for h in states]
     done, _ = calibrate_stage(stage, states, copy.deepcopy(config), next_states=False)
     del states
+    if not calibrate_head:
+        done.tensors = {name: t for name, t in done.tensors.items() if t.device.type != "meta"}
     finish(stage, done)
+    log.info("final norm and LM head calibrated in %.1f s (peak RSS so far %.2f GiB)", done.seconds, _peak_rss_gib())
     rest = model.rest_stage()
     done, _ = calibrate_stage(rest, batches, copy.deepcopy(config), next_states=False)
     stage_states.append(done.modelopt_state)
     for name, tensor in model.passthrough_tensors(claimed):
         write(model.saved_name(name), tensor)
+    log.info("the other tensors written (peak RSS so far %.2f GiB)", _peak_rss_gib())
     staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
     order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}
     return LayerwiseResult(merged_modelopt_state(stage_states, order), model.model, seconds)

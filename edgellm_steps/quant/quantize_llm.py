@@ -1,10 +1,12 @@
-"""quantize-llm: an HF checkpoint -> a ModelOpt fake-quantized HF checkpoint.
+"""quantize-llm: an HF checkpoint -> a ModelOpt fake-quantized HF checkpoint, one decoder layer at a time.
 
-The output directory is a normal HF checkpoint (weights, with smoothing and AWQ
-scales folded in by ModelOpt, plus every quantizer's calibrated ``_amax`` /
-``_pre_quant_scale`` as tensors), ``modelopt_state.pth`` (the quantizers' configuration,
-plain data that verify reads back weights-only), the source's tokenizer files copied
-byte for byte, and ``edgellm_quantization.json`` naming the precision for the export step.
+The output directory is a normal HF checkpoint (weights, with smoothing and AWQ scales folded in
+by ModelOpt, plus every quantizer's calibrated ``_amax`` / ``_pre_quant_scale`` as tensors, in
+shards with an index as ``save_pretrained`` writes a large model), ``modelopt_state.pth`` (the
+quantizers' configuration, plain data that verify reads back weights-only), the source's tokenizer
+files copied byte for byte, and ``edgellm_quantization.json`` naming the precision for the export
+step. Calibration is ModelOpt's ``mtq.quantize`` applied layer by layer (``layerwise.py``), which
+gives the whole-model result in about one layer's memory.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ def quantize_llm(
                 dtype=dtype,
                 device=device,
                 write=writer.add,
+                stage_written=writer.flush,
+                calibrate_head=precision.lm_head is not None,
             )
         writer.close()
         save_model_config(result.model, checkpoint, staging)
