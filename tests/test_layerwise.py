@@ -141,3 +141,28 @@ def test_controls_another_calibration_set_or_unpropagated_states_differ(checkpoi
     assert all(not torch.equal(stale[name], want[name]) for name in amax)
     layer0 = [name for name in want if name.endswith("input_quantizer._amax") and ".layers.0." in name]
     assert all(torch.equal(stale[name], want[name]) for name in layer0)  # the first layer's inputs are right
+
+
+def test_a_checkpoint_written_in_shards_loads_in_transformers(checkpoint_factory, tmp_path, monkeypatch):
+    """Large models are written in several shards with an index; transformers' own loader must read them back
+    as the tensors quantize wrote (the tiny models of the other tests fit one file)."""
+    import transformers
+
+    from edgellm_steps.artifacts import shard_writer
+
+    checkpoint = checkpoint_factory("qwen2")
+    monkeypatch.setattr(shard_writer.ShardWriter.__init__, "__defaults__", (64 * 1024,))
+    quantize_llm(checkpoint, tmp_path / "q", precision="fp8", calib_size=SAMPLES, calib_max_tokens=TOKENS)
+    shards = sorted((tmp_path / "q").glob("model-*-of-*.safetensors"))
+    index = json.loads((tmp_path / "q" / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+    written = _tensors(tmp_path / "q")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32)
+    state = loaded.state_dict()
+    weights = [name for name in written if "_quantizer" not in name]
+    assert weights and all(torch.equal(state[name], written[name]) for name in weights)
+    # Control: the index is what the loader follows; a shard it names that is gone fails the load.
+    shards[0].unlink()
+    with pytest.raises(OSError):
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32)

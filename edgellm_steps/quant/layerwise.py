@@ -475,6 +475,7 @@ def quantize_layerwise(
         stages_seen.append(stage)
         seconds[stage.name] = round(done.seconds, 3)
         stage_written()
+        done.tensors = {}  # written: the next stage must not find this one still in memory
         for module in stage.modules.values():
             model.release(module)
 
@@ -511,6 +512,7 @@ def quantize_layerwise(
     stage_states.append(done.modelopt_state)
     for name, tensor in model.passthrough_tensors(claimed):
         write(model.saved_name(name), tensor)
+        del tensor  # before the next one is cast (an 8B model's embedding table is 2 GB in float32)
     log.info("the other tensors written (peak RSS so far %.2f GiB)", _peak_rss_gib())
     staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
     order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}
