@@ -41,6 +41,13 @@ class ShardWriter:
         if self._pending_bytes >= self.max_shard_bytes:
             self.flush()
 
+    def end_group(self) -> None:
+        """A group of tensors (a model layer) is complete: write what is queued when it is a sizable part of a
+        shard, so the next group is not read while this one is held; small groups keep accumulating (a small
+        model stays one file)."""
+        if self._pending_bytes >= self.max_shard_bytes // 4:
+            self.flush()
+
     def flush(self) -> None:
         """Write the queued tensors as one shard."""
         from safetensors.torch import save_file

@@ -186,7 +186,7 @@ def quantize_llm(
                 dtype=dtype,
                 device=device,
                 write=writer.add,
-                stage_written=writer.flush,
+                stage_written=writer.end_group,
                 calibrate_head=precision.lm_head is not None,
             )
         writer.close()
