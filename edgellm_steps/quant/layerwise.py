@@ -32,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class CalibratedStage:
     tensors: dict[str, Any]
     modelopt_state: dict[str, Any]
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def container(modules: dict[str, Any]) -> Any:
@@ -127,8 +126,7 @@ def _position(quantizer: str, order: dict[str, int]) -> int:
 
 def merged_modelopt_state(states: list[dict[str, Any]], order: dict[str, int]) -> dict[str, Any]:
     """The whole model's ModelOpt state from its stages': the same modes, each quantizer's metadata united, in
-    the whole model's order of the stage modules, ``order`` (so the saved state is the same bytes as a
-    whole-model run's)."""
+    the whole model's order of the stage modules, ``order``: the data a whole-model run saves, in its order."""
     first = states[0]
     modes = []
     for position, (mode, mode_state) in enumerate(first["modelopt_state_dict"]):
