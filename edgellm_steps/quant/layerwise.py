@@ -158,7 +158,6 @@ class LayerwiseResult:
 
     modelopt_state: dict[str, Any]
     model: Any  # the skeleton: its config and generation config are the checkpoint's
-    seconds_per_stage: dict[str, float]
 
 
 def quantize_layerwise(
@@ -188,7 +187,7 @@ def quantize_layerwise(
     states = model.embedded(batches)
     calls = model.layer_calls(batches)
     log.info("embedded %d batches (peak RSS so far %.2f GiB)", len(batches), _peak_rss_gib())
-    stage_states, seconds, claimed, stages_seen = [], {}, set(), []
+    stage_states, claimed, stages_seen = [], set(), []
 
     def finish(stage: Stage, done: CalibratedStage) -> None:
         for name, tensor in done.tensors.items():
@@ -197,7 +196,6 @@ def quantize_layerwise(
                 write(model.saved_name(name), tensor)
         stage_states.append(done.modelopt_state)
         stages_seen.append(stage)
-        seconds[stage.name] = round(done.seconds, 3)
         stage_written()
         done.tensors = {}  # written: the next stage must not find this one still in memory
         for module in stage.modules.values():
@@ -240,4 +238,4 @@ def quantize_layerwise(
     log.info("the other tensors written (peak RSS so far %.2f GiB)", _peak_rss_gib())
     staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
     order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}
-    return LayerwiseResult(merged_modelopt_state(stage_states, order), model.model, seconds)
+    return LayerwiseResult(merged_modelopt_state(stage_states, order), model.model)

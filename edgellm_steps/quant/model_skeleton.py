@@ -53,39 +53,37 @@ def skeleton(checkpoint: Path, auto_class: Any, dtype: Any) -> Any:
     return model.eval()
 
 
+def module_name(name: str, keys: set[str], renames: tuple[tuple[str, str], ...]) -> str:
+    """The model's name for stored tensor ``name``, through the family's load-time renaming."""
+    if name in keys:
+        return name
+    for stored, module in renames:
+        if name.startswith(stored) and module + name.removeprefix(stored) in keys:
+            return module + name.removeprefix(stored)
+    return name
+
+
 def stored_names(model: Any, store: TensorStore, renames: tuple[tuple[str, str], ...]) -> dict[str, str]:
     """Model parameter name -> stored tensor name, through the family's load-time renaming."""
     keys = set(model.state_dict())
-    mapping: dict[str, str] = {}
-    for name in store.names():
-        target = name
-        if name not in keys:
-            for stored, module in renames:
-                if name.startswith(stored) and module + name.removeprefix(stored) in keys:
-                    target = module + name.removeprefix(stored)
-                    break
-        mapping[target] = name
-    return mapping
+    return {module_name(name, keys, renames): name for name in store.names()}
 
 
-class _RowEmbedding:
-    """Stands in for the input embedding: the rows of the tokens calibration uses, read once."""
+def _row_embedding(rows: Any, ids: Any) -> Any:
+    """A stand-in for the input embedding holding only ``rows``, the table's rows of token ``ids``."""
+    import torch
 
-    def __new__(cls, table_rows: Any, ids: Any):
-        import torch
+    class RowEmbedding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows = rows
+            self.lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+            self.lookup[ids] = torch.arange(len(ids))
 
-        class RowEmbedding(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.rows = table_rows
-                lookup = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-                lookup[ids] = torch.arange(len(ids))
-                self.lookup = lookup
+        def forward(self, input_ids):
+            return self.rows[self.lookup[input_ids]]
 
-            def forward(self, input_ids):
-                return self.rows[self.lookup[input_ids]]
-
-        return RowEmbedding()
+    return RowEmbedding()
 
 
 class ModelSkeleton:
@@ -105,11 +103,12 @@ class ModelSkeleton:
                     module._buffers[name] = buffer.to(device)
         self.names = {id(module): name for name, module in self.model.named_modules()}
         self.stored = stored_names(self.model, self.store, renames)
-        self._stored_prefixes: dict[str, list[str]] = {}
+        #: Module path prefix -> one loaded tensor under it (how a new tensor there is renamed on saving).
+        self._under_prefix: dict[str, str] = {}
         for loaded in self.stored:
             parts = loaded.split(".")
             for cut in range(1, len(parts)):
-                self._stored_prefixes.setdefault(".".join(parts[:cut]) + ".", []).append(loaded)
+                self._under_prefix.setdefault(".".join(parts[:cut]) + ".", loaded)
         decoder = self.model.get_decoder()
         self.layers = decoder.layers
         self.norm = decoder.norm
@@ -177,7 +176,7 @@ class ModelSkeleton:
         parts = name.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:cut]) + "."
-            loaded = next((m for m in self._stored_prefixes.get(prefix, ())), None)
+            loaded = self._under_prefix.get(prefix)
             if loaded is not None:
                 suffix = loaded.removeprefix(prefix)
                 return self.stored[loaded].removesuffix(suffix) + name.removeprefix(prefix)
@@ -198,7 +197,7 @@ class ModelSkeleton:
         embedding = self.model.get_input_embeddings()
         ids = torch.unique(torch.cat([b.reshape(-1) for b in batches]))
         rows = self._rows(f"{self.name_of(embedding)}.weight", ids).to(self.device)
-        self.model.set_input_embeddings(_RowEmbedding(rows, ids))
+        self.model.set_input_embeddings(_row_embedding(rows, ids))
         try:
             return [self.model.get_input_embeddings()(b.to(self.device)) for b in batches]
         finally:
@@ -228,7 +227,7 @@ class ModelSkeleton:
 
         for index, original in enumerate(originals):
             self.layers[index] = Recorder(index, original)
-        self.model.set_input_embeddings(_RowEmbedding(rows, ids))
+        self.model.set_input_embeddings(_row_embedding(rows, ids))
         try:
             with torch.no_grad():
                 for batch in batches:

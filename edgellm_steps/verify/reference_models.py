@@ -23,6 +23,7 @@ from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.formats import INT4_GROUP_SIZE
 from edgellm_steps.quant.gptq import gptq_codes
+from edgellm_steps.quant.model_skeleton import module_name
 from edgellm_steps.quant.prequantized import HeldPrecision, load_modelopt_state
 from edgellm_steps.quant.recipes import modelopt_config
 from edgellm_steps.quant.unified import open_tensors
@@ -41,16 +42,6 @@ def _float_model(checkpoint: Path, dtype):
     return _auto_class(checkpoint).from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
 
 
-def _module_name(name: str, keys: set[str], renames: tuple[tuple[str, str], ...]) -> str:
-    """The model's name for stored tensor ``name``, through the family's load-time renaming."""
-    if name in keys:
-        return name
-    for stored, module in renames:
-        if name.startswith(stored) and module + name.removeprefix(stored) in keys:
-            return module + name.removeprefix(stored)
-    return name
-
-
 def _fake_quantized_model(checkpoint: Path, dtype):
     import modelopt.torch.opt as mto
 
@@ -59,7 +50,7 @@ def _fake_quantized_model(checkpoint: Path, dtype):
     store = TensorStore(checkpoint)
     renames = family_for(read_hf_config(checkpoint), where=str(checkpoint)).hf_renames
     keys = set(model.state_dict())
-    quantizers = {_module_name(name, keys, renames): store.get(name) for name in store.names() if "_quantizer." in name}
+    quantizers = {module_name(name, keys, renames): store.get(name) for name in store.names() if "_quantizer." in name}
     result = model.load_state_dict(quantizers, strict=False)
     if result.unexpected_keys:
         raise SourceError(
@@ -133,7 +124,7 @@ def _unified_model(checkpoint: Path, dtype, held: HeldPrecision):
         if isinstance(m, TensorQuantizer)
         for part in ("_amax", "_pre_quant_scale")
     }
-    stored = {_module_name(n, keys, family.hf_renames): n for n in store.names() if "_quantizer." in n}
+    stored = {module_name(n, keys, family.hf_renames): n for n in store.names() if "_quantizer." in n}
     if unknown := sorted(set(stored) - keys):
         raise SourceError(f"{checkpoint}: scales of {unknown[:3]} match no quantizer of the {held.precision} recipe")
     for name, quantizer in model.named_modules():
