@@ -7,8 +7,9 @@ tensor (weights with SmoothQuant / AWQ scales folded in, every ``_amax`` and ``_
 bit-identical, the configs equal and the ModelOpt state equal (as data: pickle may share equal objects
 differently, so the file's bytes are not compared), for each family and each part of the precision
 grammar (weights alone, an LM head, a KV cache, tied embeddings, fused projections, a VLM's renamed decoder and
-its untouched vision tower). Controls: a different calibration set, or the per-layer loop fed layer i's inputs
-instead of its outputs, must differ.
+its untouched vision tower); and the same from the shared statistics pass (calibrate-llm) for every precision it
+serves. Controls: a different calibration set (either way), or the per-layer loop fed layer i's inputs instead of
+its outputs, must differ; statistics of another model are refused.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.sources import read_hf_config
+from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import family_for
 from edgellm_steps.quant import layerwise
+from edgellm_steps.quant.calibrate_llm import calibrate_llm
 from edgellm_steps.quant.calibration import calibration_batches
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.precision import parse_precision
@@ -90,22 +93,31 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize(("case", "precision"), CASES)
-def test_layer_by_layer_equals_modelopts_whole_model_quantization(checkpoint_factory, tmp_path, case, precision):
-    # int4 and nvfp4 need GEMM input dims in blocks of 128 / 16.
-    checkpoint = checkpoint_factory(case, **(WIDE if precision.startswith(("int4", "nvfp4")) else {}))
-    quantize_llm(checkpoint, tmp_path / "layerwise", precision=precision, calib_size=SAMPLES, calib_max_tokens=TOKENS)
-    modelopt_whole_model(checkpoint, tmp_path / "whole", precision)
-    got, want = _tensors(tmp_path / "layerwise"), _tensors(tmp_path / "whole")
+def _assert_modelopts(got_dir, want_dir) -> None:
+    """``got_dir`` holds exactly ModelOpt's whole-model checkpoint ``want_dir``: tensors, configs, state."""
+    got, want = _tensors(got_dir), _tensors(want_dir)
     assert sorted(got) == sorted(want)
     different = [name for name in want if not _same(got[name], want[name])]
     assert not different, different[:5]
     assert any(name.endswith("_quantizer._amax") for name in got)
     for config in ("config.json", "generation_config.json"):
-        assert json.loads((tmp_path / "layerwise" / config).read_text()) == json.loads(
-            (tmp_path / "whole" / config).read_text()
-        ), config
-    assert _same(load_modelopt_state(tmp_path / "layerwise"), load_modelopt_state(tmp_path / "whole"))
+        assert json.loads((got_dir / config).read_text()) == json.loads((want_dir / config).read_text()), config
+    assert _same(load_modelopt_state(got_dir), load_modelopt_state(want_dir))
+
+
+@pytest.mark.parametrize(("case", "precision"), CASES)
+def test_layer_by_layer_equals_modelopts_whole_model_quantization(checkpoint_factory, tmp_path, case, precision):
+    """Both layer-by-layer ways: on the cached hidden states, and (every precision but AWQ's) from the shared
+    statistics pass."""
+    # int4 and nvfp4 need GEMM input dims in blocks of 128 / 16.
+    checkpoint = checkpoint_factory(case, **(WIDE if precision.startswith(("int4", "nvfp4")) else {}))
+    modelopt_whole_model(checkpoint, tmp_path / "whole", precision)
+    quantize_llm(checkpoint, tmp_path / "layerwise", precision=precision, calib_size=SAMPLES, calib_max_tokens=TOKENS)
+    _assert_modelopts(tmp_path / "layerwise", tmp_path / "whole")
+    if parse_precision(precision).from_statistics:
+        calibrate_llm(checkpoint, tmp_path / "statistics", calib_size=SAMPLES, calib_max_tokens=TOKENS)
+        quantize_llm(checkpoint, tmp_path / "shared", precision=precision, statistics_dir=tmp_path / "statistics")
+        _assert_modelopts(tmp_path / "shared", tmp_path / "whole")
 
 
 def test_controls_another_calibration_set_or_unpropagated_states_differ(checkpoint_factory, tmp_path, monkeypatch):
@@ -127,6 +139,17 @@ def test_controls_another_calibration_set_or_unpropagated_states_differ(checkpoi
         calib_max_tokens=TOKENS,
     )
     assert any(not torch.equal(_tensors(tmp_path / "other")[name], want[name]) for name in amax)
+    # The same from the shared statistics of the other text.
+    calibrate_llm(
+        checkpoint, tmp_path / "other-stats", dataset_dir=str(other), calib_size=SAMPLES, calib_max_tokens=TOKENS
+    )
+    quantize_llm(checkpoint, tmp_path / "other-shared", precision="fp8", statistics_dir=tmp_path / "other-stats")
+    assert any(not torch.equal(_tensors(tmp_path / "other-shared")[name], want[name]) for name in amax)
+    # Statistics are read back only for the model they were taken from.
+    with pytest.raises(SourceError, match="another model"):
+        quantize_llm(
+            checkpoint_factory("qwen3"), tmp_path / "wrong", precision="fp8", statistics_dir=tmp_path / "other-stats"
+        )
 
     # Every layer calibrated on the embeddings (layer i's inputs never replaced by its outputs).
     real = layerwise.calibrate_stage

@@ -3,6 +3,7 @@
 Each name is also a console script (``edgellm-<name>``) and a module ``edgellm_steps/cli/<name with _>.py``.
 """
 
+CALIBRATE_LLM = "calibrate-llm"
 QUANTIZE_LLM = "quantize-llm"
 QUANTIZE_DRAFT = "quantize-draft"
 EXPORT_LLM = "export-llm"
@@ -21,6 +22,7 @@ VERIFY_SIGNATURE = "verify-signature"
 ALL = (
     VERIFY_SIGNATURE,
     DEQUANTIZE_FP8,
+    CALIBRATE_LLM,
     QUANTIZE_LLM,
     QUANTIZE_DRAFT,
     EXPORT_LLM,

@@ -8,18 +8,25 @@ from edgellm_steps.cli import run_cli
 from edgellm_steps.quant.precision import GRAMMAR
 from edgellm_steps.quant.quantize_llm import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE, quantize_llm
 
+#: The flags that say what to calibrate on (unset ones take the step's defaults).
+CALIBRATION_FLAGS = ("dataset_dir", "calib_size", "calib_max_tokens", "calib_batch_size")
 
-def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
-    """The precision, calibration and device flags quantize-llm and quantize-draft share."""
-    parser.add_argument("--precision", required=True, help=f"the precision to make: {GRAMMAR}")
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
+    """The calibration, device and thread flags of calibrate-llm, quantize-llm and quantize-draft."""
     parser.add_argument(
         "--dataset_dir",
         default=None,
         help="calibration text: a .txt/.jsonl file or directory, or a HF dataset id (default: built-in corpus)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--calib_size", type=int, default=calib_size, help="calibration samples")
-    parser.add_argument("--calib_max_tokens", type=int, default=calib_max_tokens, help="tokens per calibration sample")
+    parser.add_argument("--calib_size", type=int, default=None, help=f"calibration samples (default: {calib_size})")
+    parser.add_argument(
+        "--calib_max_tokens",
+        type=int,
+        default=None,
+        help=f"tokens per calibration sample (default: {calib_max_tokens})",
+    )
     parser.add_argument(
         "--calib_batch_size", type=int, default=None, help="calibration batch (default: 1, or 16 for int4_awq)"
     )
@@ -31,26 +38,48 @@ def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int,
     )
 
 
-def quantization_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The parsed flags as keyword arguments of the quantize functions; applies ``--threads``."""
+def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
+    """The precision and the calibration flags quantize-llm and quantize-draft share."""
+    parser.add_argument("--precision", required=True, help=f"the precision to make: {GRAMMAR}")
+    add_calibration_arguments(parser, calib_size, calib_max_tokens)
+
+
+def calibration_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The parsed calibration flags that were given, as keyword arguments; applies ``--threads``."""
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be at least 1")
         import torch
 
         torch.set_num_threads(args.threads)
-    names = ("precision", "dataset_dir", "device")
-    names += ("calib_size", "calib_max_tokens", "calib_batch_size")
-    return {name: getattr(args, name) for name in names}
+    options = {"device": args.device}
+    options.update({name: getattr(args, name) for name in CALIBRATION_FLAGS if getattr(args, name) is not None})
+    return options
+
+
+def quantization_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The parsed flags as keyword arguments of the quantize functions; applies ``--threads``."""
+    return {"precision": args.precision, **calibration_options(parser, args)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgellm-quantize-llm", description=__doc__)
     parser.add_argument("--model_dir", required=True, help="HF checkpoint directory or hub id")
     parser.add_argument("--output_dir", required=True, help="quantized checkpoint directory")
+    parser.add_argument(
+        "--statistics_dir",
+        default=None,
+        help="calibrate from the model's shared statistics (edgellm-calibrate-llm's output) instead of running it "
+        "on calibration text (every precision but int4_awq)",
+    )
     add_quantization_arguments(parser, DEFAULT_CALIB_SIZE, DEFAULT_CALIB_MAX_TOKENS)
     args = parser.parse_args(argv)
     options = quantization_options(parser, args)
+    if args.statistics_dir is not None:
+        given = [f"--{name}" for name in CALIBRATION_FLAGS if name in options]
+        if given:
+            parser.error(f"{', '.join(given)}: the statistics were calibrated already; give them to calibrate-llm")
+        options["statistics_dir"] = args.statistics_dir
     return run_cli(lambda: quantize_llm(args.model_dir, args.output_dir, **options))
 
 

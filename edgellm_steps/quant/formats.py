@@ -117,6 +117,9 @@ class Format:
     quantize_instead: str | None
     #: Calibration samples per forward pass by default (the classic tool's); None: never calibrated.
     calibration_batch: int | None
+    #: Its calibration reads nothing of the activations but their maxima (max calibration, SmoothQuant), so the
+    #: model's shared statistics pass (calibrate-llm) serves it; False: it needs the activations (AWQ's search).
+    from_statistics: bool
     #: Host memory of a quantize-llm job with these weights; None: no quantize job.
     quantize_peak: PeakModel | None
     #: verify-onnx holds the float model: bytes of it per byte of checkpoint weights in this format.
@@ -151,6 +154,7 @@ _ROWS = (
         quant_method_label=None,
         quantize_instead=None,
         calibration_batch=1,
+        from_statistics=True,
         # fp16 weights with LM-head or KV overrides calibrate like fp8 (measured: fp16-lmfp8-kvfp8 3.3 GiB).
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
@@ -173,6 +177,7 @@ _ROWS = (
         quant_method_label=None,
         quantize_instead=None,
         calibration_batch=1,
+        from_statistics=True,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
         tolerance=Tolerance(0.25, 0.98, False, "fp8 activation and KV quantization noise (floor 3.5-14%)", 8e-2, 0.995),
@@ -194,6 +199,7 @@ _ROWS = (
         quant_method_label=None,
         quantize_instead=None,
         calibration_batch=1,
+        from_statistics=True,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
         tolerance=Tolerance(0.15, 0.99, False, "int8 activation quantization noise (floor 1.7-2.1%)"),
@@ -215,6 +221,7 @@ _ROWS = (
         quant_method_label=None,
         quantize_instead=None,
         calibration_batch=16,
+        from_statistics=False,
         # AWQ's search holds more: measured 5.7 GiB at batch 1, 10.2 GiB at batch 16 on the 0.5B model.
         quantize_peak=PeakModel(factor=5.9, logit_bytes=4.5),
         verify_expansion=1,
@@ -237,6 +244,7 @@ _ROWS = (
         quant_method_label="GPTQ",
         quantize_instead="int4_awq",
         calibration_batch=None,
+        from_statistics=False,
         quantize_peak=None,
         # verify runs the float model holding the dequantized weights: int4 -> 16 bits (an upper bound,
         # since a GPTQ checkpoint's embeddings and norms are 16-bit already). Derived, not measured.
@@ -263,6 +271,7 @@ _ROWS = (
         quant_method_label=None,
         quantize_instead=None,
         calibration_batch=1,
+        from_statistics=True,
         quantize_peak=_CALIBRATION_PEAK,
         verify_expansion=1,
         tolerance=Tolerance(0.45, 0.88, False, "nvfp4 activation quantization noise (floor 8-26%)", 0.30, 0.96),
@@ -278,6 +287,10 @@ FLOAT_WEIGHTS = "fp16"
 
 #: The table, by format name, in the order the grammar lists them.
 FORMATS: dict[str, Format] = {row.name: row for row in _ROWS}
+
+#: The calibration batch of the shared statistics pass: that of every format it serves (the pass is one
+#: forward for all of them, so they must agree; padding in a larger batch would change the maxima).
+(STATISTICS_BATCH,) = {row.calibration_batch for row in _ROWS if row.from_statistics}
 
 
 def formats_for(role: Role) -> tuple[str, ...]:

@@ -28,16 +28,16 @@ the calibration tokens' rows are read once.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgellm_steps.errors import SourceError
+from edgellm_steps.quant.activation_statistics import Observed, statistics_forward_loop
 from edgellm_steps.quant.model_skeleton import ModelSkeleton, Stage
+from edgellm_steps.quant.stages import peak_rss_gib, quantize_stage
 
 log = logging.getLogger(__name__)
 
@@ -52,48 +52,18 @@ class CalibratedStage:
     seconds: float = 0.0
 
 
-def container(modules: dict[str, Any]) -> Any:
-    """A module tree holding ``modules`` at their whole-model paths, so quantizer names and recipe patterns
-    are the whole model's."""
-    import torch
+def _calibrated(stage: Stage, root: Any, started: float) -> CalibratedStage:
+    import modelopt.torch.opt as mto
 
-    root = torch.nn.Module()
-    for path, module in modules.items():
-        parent = root
-        parts = path.split(".")
-        for part in parts[:-1]:
-            if not hasattr(parent, part):
-                parent.add_module(part, torch.nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(parts[-1], module)
-    return root
-
-
-@contextmanager
-def _stage_without_weight_quantizers_allowed() -> Iterator[None]:
-    """ModelOpt refuses a quantize call that enables no weight quantizer, a guard meant for whole models; a
-    stage may rightly have none (the LM head stage of a recipe that leaves the head float). ModelOpt's own
-    switch for such partial stages (``MODELOPT_SKIP_WEIGHT_QUANT_CHECK``), set only for the call."""
-    previous = os.environ.get(SKIP_WEIGHT_CHECK)
-    os.environ[SKIP_WEIGHT_CHECK] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[SKIP_WEIGHT_CHECK]
-        else:
-            os.environ[SKIP_WEIGHT_CHECK] = previous
-
-
-SKIP_WEIGHT_CHECK = "MODELOPT_SKIP_WEIGHT_QUANT_CHECK"
+    # No copies: releasing the stage moves its modules to the meta device, leaving these tensors to the caller.
+    tensors = {name: t.detach() for name, t in root.state_dict().items()}
+    return CalibratedStage(stage.name, tensors, mto.modelopt_state(root), time.monotonic() - started)
 
 
 def calibrate_stage(
     stage: Stage, states: list, config: dict[str, Any], *, next_states: bool
 ) -> tuple[CalibratedStage, list | None]:
     """Quantize ``stage`` with ModelOpt on ``states``; its float outputs first when the next stage needs them."""
-    import modelopt.torch.opt as mto
-    import modelopt.torch.quantization as mtq
     import torch
 
     started = time.monotonic()
@@ -105,13 +75,19 @@ def calibrate_stage(
             for i, h in enumerate(states):
                 stage.run(h, i)
 
-    root = container(stage.modules)
-    with _stage_without_weight_quantizers_allowed():
-        mtq.quantize(root, config, forward_loop=forward_loop)
-    # No copies: releasing the stage moves its modules to the meta device, leaving these tensors to the caller.
-    tensors = {name: t.detach() for name, t in root.state_dict().items()}
-    state = mto.modelopt_state(root)
-    return CalibratedStage(stage.name, tensors, state, time.monotonic() - started), outputs
+    return _calibrated(stage, quantize_stage(stage.modules, config, forward_loop), started), outputs
+
+
+def calibrate_stage_from_statistics(
+    stage: Stage, statistics: Observed, config: dict[str, Any], *, dtype: Any, device: str
+) -> CalibratedStage:
+    """Quantize ``stage`` with ModelOpt, its activation quantizers handed the shared pass's maxima (no forward)."""
+    started = time.monotonic()
+
+    def forward_loop(root) -> None:
+        statistics_forward_loop(root, statistics, dtype=dtype, device=device)(root)
+
+    return _calibrated(stage, quantize_stage(stage.modules, config, forward_loop), started)
 
 
 def _position(quantizer: str, order: dict[str, int]) -> int:
@@ -145,13 +121,6 @@ def merged_modelopt_state(states: list[dict[str, Any]], order: dict[str, int]) -
     return {**first, "modelopt_state_dict": modes}
 
 
-def _peak_rss_gib() -> float:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 @dataclass
 class LayerwiseResult:
     """What a layer-by-layer quantization produced besides its tensors (already written)."""
@@ -165,8 +134,9 @@ def quantize_layerwise(
     auto_class: Any,
     renames: tuple[tuple[str, str], ...],
     config: dict[str, Any],
-    batches: list,
+    batches: list | None = None,
     *,
+    statistics: Observed | None = None,
     dtype: Any,
     device: str,
     write: Callable[[str, Any], None],
@@ -176,18 +146,32 @@ def quantize_layerwise(
     """Quantize ``checkpoint`` with ModelOpt's ``config`` one stage at a time; ``write(name, tensor)`` receives
     every tensor of the quantized model under the name ``save_pretrained`` would write it, and
     ``stage_written()`` is called after each stage's (so a writer need not hold one stage while the next runs).
-    ``calibrate_head``: whether the recipe quantizes the LM head (otherwise its stage runs on the meta device)."""
-    import copy
 
+    Calibrated either on ``batches`` (each stage runs on the float outputs of the one before) or from
+    ``statistics``, the shared pass's maxima (``activation_statistics.py``: no stage runs at all).
+    ``calibrate_head``: whether the recipe quantizes the LM head (otherwise it stays on the meta device)."""
     from modelopt.torch.quantization.plugins.huggingface import register_hf_attentions_on_the_fly
 
+    if (batches is None) == (statistics is None):
+        raise ValueError("quantize_layerwise calibrates on batches or from statistics: give exactly one")
     model = ModelSkeleton(checkpoint, auto_class, renames, dtype, device)
     # ModelOpt inserts KV-cache quantizers into the attention classes it registers from a whole HF model.
     register_hf_attentions_on_the_fly(model.model)
-    states = model.embedded(batches)
-    calls = model.layer_calls(batches)
-    log.info("embedded %d batches (peak RSS so far %.2f GiB)", len(batches), _peak_rss_gib())
+    if batches is not None:
+        states = model.embedded(batches)
+        calls = model.layer_calls(batches)
+        log.info("embedded %d batches (peak RSS so far %.2f GiB)", len(batches), peak_rss_gib())
+    else:
+        states, calls = None, [[] for _ in model.layers]
     stage_states, claimed, stages_seen = [], set(), []
+
+    def calibrate(stage: Stage, *, next_states: bool) -> CalibratedStage:
+        nonlocal states
+        if statistics is not None:
+            return calibrate_stage_from_statistics(stage, statistics, config, dtype=dtype, device=device)
+        done, outputs = calibrate_stage(stage, states, config, next_states=next_states)
+        states = outputs
+        return done
 
     def finish(stage: Stage, done: CalibratedStage) -> None:
         for name, tensor in done.tensors.items():
@@ -205,37 +189,46 @@ def quantize_layerwise(
         model.materialize(layer)
         stage = model.layer_stage(index, calls[index])
         calls[index] = []
-        done, states = calibrate_stage(stage, states, copy.deepcopy(config), next_states=True)
+        done = calibrate(stage, next_states=True)
         log.info(
             "layer %d/%d calibrated in %.1f s (peak RSS so far %.2f GiB)",
             index + 1,
             len(model.layers),
             done.seconds,
-            _peak_rss_gib(),
+            peak_rss_gib(),
         )
         finish(stage, done)
     stage = model.head_stage()
     if calibrate_head:
         for module in stage.modules.values():
             model.materialize(module)
-    else:
+    elif states is not None:
         # Nothing to calibrate in the head: ModelOpt still converts it (its disabled quantizers are part of the
         # state, and record the dtype they see), but on the meta device, where the logits cost nothing; its
         # weights are written as stored, like the embeddings.
         states = [h.to("meta") for h in states]
-    done, _ = calibrate_stage(stage, states, copy.deepcopy(config), next_states=False)
-    del states
+    done = calibrate(stage, next_states=False)
+    states = None
     if not calibrate_head:
         done.tensors = {name: t for name, t in done.tensors.items() if t.device.type != "meta"}
     finish(stage, done)
-    log.info("final norm and LM head calibrated in %.1f s (peak RSS so far %.2f GiB)", done.seconds, _peak_rss_gib())
+    log.info("final norm and LM head calibrated in %.1f s (peak RSS so far %.2f GiB)", done.seconds, peak_rss_gib())
     rest = model.rest_stage()
-    done, _ = calibrate_stage(rest, batches, copy.deepcopy(config), next_states=False)
+    # The rest's quantizers only record the dtype of what the embedding returns (on the meta device): one
+    # batch of token ids shows them that as well as all.
+    ids = batches if batches is not None else [_one_token()]
+    done, _ = calibrate_stage(rest, ids, config, next_states=False)
     stage_states.append(done.modelopt_state)
     for name, tensor in model.passthrough_tensors(claimed):
         write(model.saved_name(name), tensor)
         del tensor  # before the next one is cast (an 8B model's embedding table is 2 GB in float32)
-    log.info("the other tensors written (peak RSS so far %.2f GiB)", _peak_rss_gib())
+    log.info("the other tensors written (peak RSS so far %.2f GiB)", peak_rss_gib())
     staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
     order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}
     return LayerwiseResult(merged_modelopt_state(stage_states, order), model.model)
+
+
+def _one_token() -> Any:
+    import torch
+
+    return torch.zeros((1, 1), dtype=torch.long)

@@ -50,6 +50,12 @@ class Precision:
         """Weights made by quantize-llm, or any override; float weights export as is, held formats are quantized."""
         return FORMATS[self.weights].made == "quantize" or bool(self.lm_head or self.kv_cache)
 
+    @property
+    def from_statistics(self) -> bool:
+        """Calibrated from the model's shared statistics pass (its weights' format says; the LM-head and KV-cache
+        overrides are max calibration, which the statistics serve)."""
+        return FORMATS[self.weights].from_statistics
+
     def formats(self) -> tuple[str, ...]:
         """Every numeric format the graph carries, for SM floor checks and parity tolerances."""
         return tuple(f for f in (self.weights, self.lm_head, self.kv_cache) if f)

@@ -24,6 +24,7 @@ from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.shard_writer import ShardWriter
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
+from edgellm_steps.quant.activation_statistics import load_statistics
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.formats import FORMATS
@@ -129,51 +130,72 @@ def device_and_dtype(device: str):
     return "cpu", torch.float32
 
 
+def float_source(model_dir: str | Path) -> Any:
+    """The checkpoint to calibrate (``open_checkpoint``'s record), refused when it is already quantized, every
+    shard header checked before an hour of calibration."""
+    opened = open_checkpoint(model_dir)
+    if opened.held is not None:
+        raise PrecisionError(
+            f"{opened.path} is already quantized as {opened.held.precision} ({opened.held.origin}); it is not "
+            f"quantized again: export it directly (precision {opened.held.precision} in the workflow)"
+        )
+    TensorStore(opened.path)
+    return opened
+
+
 def quantize_llm(
     model_dir: str | Path,
     output_dir: str | Path,
     *,
     precision: str,
+    statistics_dir: str | Path | None = None,
     dataset_dir: str | None = None,
     device: str = "cpu",
     calib_size: int = DEFAULT_CALIB_SIZE,
     calib_max_tokens: int = DEFAULT_CALIB_MAX_TOKENS,
     calib_batch_size: int | None = None,
 ) -> Path:
-    """Quantize ``model_dir`` with ModelOpt, calibrating on ``dataset_dir`` (built-in corpus when None)."""
+    """Quantize ``model_dir`` with ModelOpt: from the shared pass's ``statistics_dir`` (calibrate-llm's output)
+    when given, else calibrating on ``dataset_dir`` (built-in corpus when None)."""
     started = time.monotonic()
     precision = quantizable_precision(precision)
     device, dtype = device_and_dtype(device)
-    opened = open_checkpoint(model_dir)
-    checkpoint, hf_config, spec, held = opened.path, opened.hf_config, opened.spec, opened.held
-    if held is not None:
-        raise PrecisionError(
-            f"{checkpoint} is already quantized as {held.precision} ({held.origin}); it is not quantized again: "
-            f"export it directly (precision {held.precision} in the workflow)"
-        )
+    opened = float_source(model_dir)
+    checkpoint, hf_config, spec = opened.path, opened.hf_config, opened.spec
     check_block_dims(hf_config, precision, where=str(checkpoint))
-    TensorStore(checkpoint)  # every shard header checked before an hour of calibration
 
     import torch
     import transformers
 
-    batch = calib_batch_size or calibration_batch_size(precision)
-    batches = calibration_batches(checkpoint, dataset_dir, calib_size, calib_max_tokens, batch)
-    log.info(
-        "calibrating %s on %d samples x %d tokens (batch %d) on %s",
-        precision,
-        calib_size,
-        calib_max_tokens,
-        batch,
-        device,
-    )
+    if statistics_dir is not None:
+        if not precision.from_statistics:
+            raise PrecisionError(
+                f"{precision.weights} calibrates on the activations themselves (AWQ's search), not from the shared "
+                "statistics: quantize it without --statistics_dir"
+            )
+        shared, recorded = load_statistics(Path(statistics_dir), checkpoint)
+        calibration, source = {**recorded, "statistics": "shared"}, {"statistics": shared}
+        log.info("calibrating %s from the shared statistics of %s", precision, statistics_dir)
+    else:
+        batch = calib_batch_size or calibration_batch_size(precision)
+        batches = calibration_batches(checkpoint, dataset_dir, calib_size, calib_max_tokens, batch)
+        calibration = calibration_record(dataset_dir, calib_size, calib_max_tokens, batch, device)
+        source = {"batches": batches}
+        log.info(
+            "calibrating %s on %d samples x %d tokens (batch %d) on %s",
+            precision,
+            calib_size,
+            calib_max_tokens,
+            batch,
+            device,
+        )
 
     # Layer by layer (quant/layerwise.py): ModelOpt's quantize on one decoder layer at a time, its weights read
     # from the shards (safetensors only: nothing in the source, a modelopt_state.pth or a pickled .bin, is ever
     # unpickled), so memory holds one layer and the cached hidden states whatever the model's size.
     auto_class = getattr(transformers, spec.hf_auto_class)
     config = modelopt_config(precision, spec.quant_exclude)
-    info = quantization_record(precision, calibration_record(dataset_dir, calib_size, calib_max_tokens, batch, device))
+    info = quantization_record(precision, calibration)
     with staged_directory(Path(output_dir)) as staging:
         writer = ShardWriter(staging)
         with cpu_fake_quantization(), torch.no_grad():
@@ -182,7 +204,7 @@ def quantize_llm(
                 auto_class,
                 spec.hf_renames,
                 config,
-                batches,
+                **source,
                 dtype=dtype,
                 device=device,
                 write=writer.add,
