@@ -1,5 +1,31 @@
-# quantize-llm: HF checkpoint -> ModelOpt fake-quantized checkpoint (contract section 2).
+# calibrate-llm: HF checkpoint -> the model's shared calibration statistics (every precision but AWQ's).
+# quantize-llm: HF checkpoint (+ those statistics) -> ModelOpt fake-quantized checkpoint (contract section 2).
 # quantize-draft: EAGLE3 draft -> fake-quantized draft, calibrated through the base (contract 5).
+
+
+rule calibrate_llm:
+    input:
+        unpack(ask(INPUTS.calibrate_llm, "model")),
+    output:
+        manifest=targets.CALIBRATION_MANIFEST,
+    log:
+        "logs/calibrate_llm/{model}.log",
+    benchmark:
+        "benchmarks/calibrate_llm/{model}.tsv"
+    conda:
+        "../envs/export.yaml"
+    threads: ask(RESOURCES.quantize_threads, "model")
+    resources:
+        mem_mb=ask(RESOURCES.calibrate_mem_mb, "model"),
+        gpu=ask(RESOURCES.quantize_gpus, "model"),
+    params:
+        **step(steps.CALIBRATE_LLM),
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+        options=ask(INPUTS.calibrate_options, "model"),
+        device=ask_unrecorded(INPUTS.quantize_device, "model"),
+    shell:
+        "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.manifest:q})"
+        " {params.options} --device {params.device} --threads {threads} > {log:q} 2>&1"
 
 
 rule quantize_llm:

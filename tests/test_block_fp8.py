@@ -163,7 +163,7 @@ def test_fp16_and_fp8_exports_build_through_one_dequantize_job(release, tmp_path
     write_config(tmp_path, scenario("quantized"))
     targets = ["onnx/tiny_fp16/llm/model.onnx", "onnx/tiny_fp8/llm/model.onnx"]
     plan = run_snakemake(tmp_path, "-n", *targets)
-    assert planned_jobs(plan.output) == {"dequantize_fp8": 1, "quantize_llm": 1, "export_llm": 2}
+    assert planned_jobs(plan.output) == {"dequantize_fp8": 1, "calibrate_llm": 1, "quantize_llm": 1, "export_llm": 2}
     run_snakemake(tmp_path, *targets)
     check_step_output(tmp_path / "dequantized/tiny", steps.DEQUANTIZE_FP8)
     check_step_output(tmp_path / "quantized/tiny_fp8", steps.QUANTIZE_LLM)

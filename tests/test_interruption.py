@@ -25,6 +25,7 @@ from .support import (
     copy_checkpoint,
     planned_jobs,
     run_snakemake,
+    scenario,
     tool_env,
     write_config,
 )
@@ -132,3 +133,48 @@ def test_an_orphan_of_a_killed_workflow_never_replaces_the_rerun_result(big_work
     assert json.loads((big_workdir / MANIFEST).read_text())["parameters"]["chat_template"] == "template.json"
     assert NOTHING in run_snakemake(big_workdir, "-n", ONNX).output
     assert not list((big_workdir / "onnx/tiny_fp16").glob(".staging-*"))
+
+
+def test_sigkill_of_the_shared_calibration_loses_nothing_a_rerun_cannot_rebuild(tmp_path, checkpoint_factory):
+    """The shared pass killed while it writes: no statistics, no quantized checkpoint; the rerun makes both, and
+    the statistics equal those of an uninterrupted pass."""
+    copy_checkpoint(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    write_config(tmp_path, scenario("quantized"))
+    target = "quantized/tiny_fp8/manifest.json"
+    command = [str(BIN / "snakemake"), "--directory", str(tmp_path), "--snakefile", str(REPO / "Snakefile"), "-c1"]
+    process = subprocess.Popen(
+        [*command, target], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    staging = staging_prefix(tmp_path / "calibration/tiny")
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "calibration").glob(f"{staging}*")):
+        assert process.poll() is None, "the calibration finished before it could be interrupted"
+        assert time.monotonic() < deadline, "the calibration never started"
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (tmp_path / "calibration/tiny/manifest.json").exists() and not (tmp_path / target).exists()
+    assert planned_jobs(run_snakemake(tmp_path, "-n", target).output) == {"calibrate_llm": 1, "quantize_llm": 1}
+    run_snakemake(tmp_path, "--unlock")
+    run_snakemake(tmp_path, target)
+    assert NOTHING in run_snakemake(tmp_path, "-n", target).output
+    assert not list((tmp_path / "calibration").glob(".staging-*"))
+    again = subprocess.run(
+        [
+            str(BIN / "edgellm-calibrate-llm"),
+            "--model_dir",
+            str(tmp_path / "ckpt"),
+            "--output_dir",
+            str(tmp_path / "again"),
+            "--calib_size",
+            "4",
+            "--calib_max_tokens",
+            "32",
+        ],
+        env=tool_env(),
+        capture_output=True,
+        check=True,
+    )
+    assert again.returncode == 0
+    name = "statistics.safetensors"
+    assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "calibration/tiny" / name).read_bytes()

@@ -164,7 +164,13 @@ def test_a_merged_adapter_is_a_model_variant(workdir):
 
     write_config(workdir, MERGED_CONFIG)
     plan = run_snakemake(workdir, "-n", "engines/sm110/tiny+chat_fp8.engine")
-    assert planned_jobs(plan.output) == {"merge_lora": 1, "quantize_llm": 1, "export_llm": 1, "build_engine": 1}
+    assert planned_jobs(plan.output) == {
+        "merge_lora": 1,
+        "calibrate_llm": 1,
+        "quantize_llm": 1,
+        "export_llm": 1,
+        "build_engine": 1,
+    }
     everything = run_snakemake(workdir, "-n").output
     assert "engines/sm110/tiny+chat_fp16.engine" in everything and "engines/sm110/tiny_fp8.engine" in everything
     run_snakemake(workdir, "onnx/tiny+chat_fp16/llm/model.onnx", "onnx/tiny_fp16/llm/model.onnx")

@@ -24,6 +24,7 @@ def test_qwen3_vl_builds_verified_exports_and_plans_its_engine(workdir):
     tower's parity with ModelOpt's is proven in test_visual_qwen3)."""
     plan = run_snakemake(workdir, "-n", *REPORTS)
     assert planned_jobs(plan.output) == {
+        "calibrate_llm": 1,
         "quantize_llm": 1,
         "export_llm": 2,
         "export_visual": 1,

@@ -43,13 +43,20 @@ def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkp
     # The vision encoder's own precision reruns its export (and report), nothing of the language model.
     write_config(workdir, CONFIG + "    visual_precision: fp8\n")
     replan = run_snakemake(workdir, "-n", *targets, "onnx/vlm_fp8/llm/model.onnx")
-    assert planned_jobs(replan.output) == {"export_visual": 1, "verify_visual": 1, "quantize_llm": 1, "export_llm": 1}
+    assert planned_jobs(replan.output) == {
+        "export_visual": 1,
+        "verify_visual": 1,
+        "calibrate_llm": 1,
+        "quantize_llm": 1,
+        "export_llm": 1,
+    }
     assert "--quantization fp8" in replan.output
 
 
 def test_vlm_engine_targets_plan_both_engines_and_share_the_vision_engine(workdir):
     plan = run_snakemake(workdir, "-n", "engines/vlm_fp16.engine", "engines/vlm_int8_sq.engine")
     assert planned_jobs(plan.output) == {
+        "calibrate_llm": 1,
         "quantize_llm": 1,
         "export_llm": 2,
         "export_visual": 1,

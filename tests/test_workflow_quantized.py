@@ -34,20 +34,29 @@ QUANT_PRECISIONS = (
 
 
 def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_path, checkpoint_factory):
+    """One shared calibration pass serves every precision but AWQ's; adding a precision reuses it, a changed
+    calibration setting reruns it and every precision made from it, where calibration runs reruns nothing."""
     copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
     write_config(tmp_path, QUANT_CONFIG)
     targets = [f"onnx/tiny_{p}/llm/model.onnx" for p in (*QUANT_PRECISIONS, "fp16")]
     plan = run_snakemake(tmp_path, "-n", *targets)
-    assert planned_jobs(plan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(targets)}
+    jobs = {"calibrate_llm": 1, "quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(targets)}
+    assert planned_jobs(plan.output) == jobs
     run_snakemake(tmp_path, *targets)
     for precision in QUANT_PRECISIONS:
         info = json.loads((tmp_path / f"quantized/tiny_{precision}/edgellm_quantization.json").read_text())
         assert info["precision"] == precision and info["calibration"]["samples"] == 4
+        assert (info["calibration"].get("statistics") == "shared") == (precision != "int4_awq"), precision
     assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+    # Another precision of the model: its own quantize job, from the statistics already there.
+    added = run_snakemake(tmp_path, "-n", *targets, "onnx/tiny_nvfp4-kvfp8/llm/model.onnx")
+    assert planned_jobs(added.output) == {"quantize_llm": 1, "export_llm": 1}
 
     write_config(tmp_path, QUANT_CONFIG.replace("calib_size: 4", "calib_size: 6") + "      device: cpu\n")
     replan = run_snakemake(tmp_path, "-n", *targets)
-    assert planned_jobs(replan.output) == {"quantize_llm": len(QUANT_PRECISIONS), "export_llm": len(QUANT_PRECISIONS)}
+    stale = len(QUANT_PRECISIONS)
+    assert planned_jobs(replan.output) == {"calibrate_llm": 1, "quantize_llm": stale, "export_llm": stale}
     assert "--calib_size 6" in replan.output
     write_config(tmp_path, QUANT_CONFIG + "      device: cuda\n")
     assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output

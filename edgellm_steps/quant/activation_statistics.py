@@ -44,6 +44,8 @@ STATISTICS_CONFIG: dict[str, Any] = {
 #: The file of a statistics directory holding the maxima, one float32 vector per quantizer (by its
 #: whole-model name).
 STATISTICS_FILE = "statistics.safetensors"
+#: Its metadata entry: how the maxima were calibrated, the quantizers a forward calls, the checkpoint's layout.
+RECORD_KEY = "edgellm_statistics"
 
 
 def _is_weight_quantizer(name: str) -> bool:
@@ -172,11 +174,14 @@ def save_statistics(observed: Observed, directory: Path, calibration: dict[str, 
 
     from safetensors.torch import save_file
 
-    metadata = {
-        "calibration": json.dumps(calibration, sort_keys=True),
-        "called": json.dumps(sorted(observed.called)),
+    # One metadata entry: safetensors writes its metadata map in no fixed order, and the same pass must write
+    # the same bytes (a rerun that changes nothing leaves every precision made from it current).
+    record = {
+        "calibration": calibration,
+        "called": sorted(observed.called),
         "weights_layout": weights_layout(checkpoint),
     }
+    metadata = {RECORD_KEY: json.dumps(record, sort_keys=True)}
     save_file(dict(sorted(observed.maxima.items())), str(directory / STATISTICS_FILE), metadata=metadata)
 
 
@@ -193,11 +198,12 @@ def load_statistics(directory: Path, checkpoint: Path) -> tuple[Observed, dict[s
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         maxima = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
-    if any(key not in metadata for key in ("calibration", "called", "weights_layout")):
+    record = json.loads(metadata[RECORD_KEY]) if RECORD_KEY in metadata else None
+    if not isinstance(record, dict) or any(key not in record for key in ("calibration", "called", "weights_layout")):
         raise SourceError(f"{path} is not a calibration statistics file (no calibration record): rerun calibrate-llm")
-    if metadata["weights_layout"] != weights_layout(checkpoint):
+    if record["weights_layout"] != weights_layout(checkpoint):
         raise SourceError(
             f"{path} was taken from another model than {checkpoint} (other tensors or shapes): rerun calibrate-llm "
             "on this checkpoint"
         )
-    return Observed(maxima, set(json.loads(metadata["called"]))), json.loads(metadata["calibration"])
+    return Observed(maxima, set(record["called"])), record["calibration"]

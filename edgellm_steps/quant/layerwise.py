@@ -20,6 +20,10 @@ called with. Each *stage* (a decoder layer; then the final norm with the LM head
    cached inputs;
 4. handed over (its tensors under the whole-model names, its ModelOpt state) and freed.
 
+A precision whose calibration reads only activation maxima (``activation_statistics.py``) skips steps 2
+and 3's forwards: ``mtq.quantize``'s forward loop hands each activation quantizer the maxima the shared
+statistics pass recorded, and no stage runs at all.
+
 Everything else the checkpoint holds (the embeddings, a vision tower) has no calibrated quantizer and
 is passed through as stored, cast to the calibration dtype. The embeddings are never materialized:
 the calibration tokens' rows are read once.

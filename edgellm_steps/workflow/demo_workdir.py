@@ -39,6 +39,7 @@ models:
 _WILDCARDS = {"model": DEMO_MODEL, "precision": DEMO_PRECISION}
 #: What the demo builds, in the work directory: (what, directory).
 DEMO_ARTIFACTS = (
+    ("shared calibration statistics", targets.path(targets.CALIBRATION, **_WILDCARDS)),
     ("quantized checkpoint (ModelOpt fp8)", os.path.dirname(targets.path(targets.QUANTIZED, **_WILDCARDS))),
     ("language model ONNX export", targets.path(targets.export_dir(LLM), **_WILDCARDS)),
     ("vision encoder ONNX export", targets.path(targets.export_dir(VISUAL), **_WILDCARDS)),

@@ -14,6 +14,9 @@ from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.workflow import resources
 from edgellm_steps.workflow.model_facts import Facts
 
+#: The weight format whose quantize job's measured peak sizes a calibrate-llm job.
+STATISTICS_SIZED_AS = "fp8"
+
 
 class JobResources:
     """Resources of every rule's jobs, answered from the checked facts."""
@@ -37,6 +40,10 @@ class JobResources:
         """Host RAM of a quantize job: measured peaks per weight format and calibration batch (resources.py)."""
         checked = self.facts.model(model)
         return self._quantize_mem_mb(model, checked.precision(precision), checked.weight_bytes)
+
+    def calibrate_mem_mb(self, model: str) -> int:
+        """Host RAM of a calibrate-llm job: its pass runs the layers as an fp8 quantize job calibrating on text does."""
+        return self._quantize_mem_mb(model, Precision(STATISTICS_SIZED_AS), self.facts.model(model).weight_bytes)
 
     def quantize_draft_mem_mb(self, model: str) -> int:
         """Host RAM of a quantize-draft job: the float base runs beside the draft being calibrated."""

@@ -108,23 +108,47 @@ class RuleInputs:
         needed = self.facts.model(model).needs_quantize(precision)
         return targets.path(targets.QUANTIZED, model=model, precision=precision) if needed else None
 
-    def quantize_llm(self, model: str, precision: str) -> dict[str, Any]:
-        """Inputs of quantize_llm: the source stamps and a local calibration corpus."""
+    def _quantized_precision(self, model: str, precision: str) -> Precision:
         if self.quantized_manifest(model, precision) is None:
             raise PrecisionError(f"precision '{precision}' has no quantize step: export the checkpoint directly")
-        return {"source": self.facts.model(model).source_stamps, **self._calibration(model)}
+        return self.facts.model(model).precision(precision)
+
+    def quantize_llm(self, model: str, precision: str) -> dict[str, Any]:
+        """Inputs of quantize_llm: the source stamps, and the model's shared statistics (every precision they
+        serve) or a local calibration corpus (AWQ's, which calibrates on the text itself)."""
+        stamps = {"source": self.facts.model(model).source_stamps}
+        if self._quantized_precision(model, precision).from_statistics:
+            return {**stamps, "statistics": targets.path(targets.CALIBRATION_MANIFEST, model=model)}
+        return {**stamps, **self._calibration(model)}
 
     def quantize_options(self, model: str, precision: str) -> str:
-        """The quantize CLI flags that decide its output (recorded, so a change reruns the job)."""
-        return self._quantize_flags(model, self.facts.model(model).precision(precision))
+        """The quantize CLI flags that decide its output (recorded, so a change reruns the job): the precision,
+        and the calibration flags unless the shared statistics (an input, whose own job records them) serve it."""
+        parsed = self._quantized_precision(model, precision)
+        if parsed.from_statistics:
+            statistics = shlex.quote(targets.path(targets.CALIBRATION, model=model))
+            return f"--precision {parsed} --statistics_dir {statistics}"
+        return f"--precision {parsed} {self._calibration_flags(model)}"
 
-    def _quantize_flags(self, model: str, precision: Precision) -> str:
-        """The precision and calibration flags quantize-llm and quantize-draft share."""
+    def calibrate_llm(self, model: str) -> dict[str, Any]:
+        """Inputs of calibrate_llm: the source stamps and a local calibration corpus."""
+        checked = self.facts.model(model)
+        held = checked.checkpoint.held
+        if held is not None:
+            raise ConfigError(
+                f"model '{model}' is already quantized as {held.precision}, so "
+                f"{targets.path(targets.CALIBRATION_MANIFEST, model=model)} is not a target: nothing is calibrated"
+            )
+        return {"source": checked.source_stamps, **self._calibration(model)}
+
+    def calibrate_options(self, model: str) -> str:
+        """The calibrate-llm flags that decide its output (recorded)."""
+        return self._calibration_flags(model)
+
+    def _calibration_flags(self, model: str) -> str:
+        """The calibration flags of calibrate-llm, quantize-llm (AWQ) and quantize-draft."""
         quant = self.facts.model(model).settings.quantization
-        flags = [
-            f"--precision {precision}",
-            f"--calib_size {quant.calib_size} --calib_max_tokens {quant.calib_max_tokens}",
-        ]
+        flags = [f"--calib_size {quant.calib_size} --calib_max_tokens {quant.calib_max_tokens}"]
         if quant.batch_size:
             flags.append(f"--calib_batch_size {quant.batch_size}")
         if quant.dataset:
@@ -153,7 +177,7 @@ class RuleInputs:
 
     def quantize_draft_options(self, model: str) -> str:
         """The quantize-draft flags that decide its output (recorded)."""
-        return self._quantize_flags(model, self.facts.model(model).draft_precision)
+        return f"--precision {self.facts.model(model).draft_precision} {self._calibration_flags(model)}"
 
     def quantized_draft_manifest(self, model: str) -> str | None:
         """The quantize-draft manifest when the draft's precision needs that step, else None."""

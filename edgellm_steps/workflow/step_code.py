@@ -27,6 +27,7 @@ STEP_ENTRY_POINTS = {
     steps.EXPORT_VISUAL: f"{PACKAGE}.cli.export_visual",
     steps.EXPORT_DRAFT: f"{PACKAGE}.cli.export_draft",
     steps.REDUCE_VOCAB: f"{PACKAGE}.cli.reduce_vocab",
+    steps.CALIBRATE_LLM: f"{PACKAGE}.cli.calibrate_llm",
     steps.QUANTIZE_LLM: f"{PACKAGE}.cli.quantize_llm",
     steps.QUANTIZE_DRAFT: f"{PACKAGE}.cli.quantize_draft",
     steps.INSERT_LORA: f"{PACKAGE}.cli.insert_lora",

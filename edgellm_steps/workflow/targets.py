@@ -27,6 +27,9 @@ WILDCARDS = {
     "signed": rf"source|draft|lora/{_NAME}",
 }
 
+#: The model's shared calibration pass (calibrate-llm): the statistics every precision but AWQ's is made from.
+CALIBRATION = "calibration/{model}"
+CALIBRATION_MANIFEST = CALIBRATION + "/manifest.json"
 QUANTIZED = "quantized/{model}_{precision}/manifest.json"
 QUANTIZED_DRAFT = "quantized/{model}/draft_{draft_precision}/manifest.json"
 VOCAB_MAP = "vocab/{model}/vocab_map.safetensors"
