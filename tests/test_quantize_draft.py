@@ -112,6 +112,56 @@ def test_a_wrong_scale_in_the_export_fails_verify(quantized, tmp_path):
         verify_onnx(tmp_path / "onnx", checkpoint)
 
 
+def _whole_base_quantized_draft(base, draft, precision: str) -> dict[str, torch.Tensor]:
+    """The draft quantized as ModelOpt does with the whole float base loaded by transformers: its hidden states
+    from ``output_hidden_states``, ``mtq.quantize`` with the same recipe and the same two draft steps."""
+    import modelopt.torch.quantization as mtq
+
+    from edgellm_steps.artifacts.draft_weights import open_draft_store
+    from edgellm_steps.models.eagle3_draft import Eagle3Draft
+    from edgellm_steps.quant.calibration import calibration_batches
+    from edgellm_steps.quant.draft_quantizers import register_draft_attention
+    from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
+    from edgellm_steps.quant.precision import parse_precision
+    from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
+
+    parsed = parse_precision(precision)
+    batches = calibration_batches(
+        base, None, CALIB["calib_size"], CALIB["calib_max_tokens"], calibration_batch_size(parsed)
+    )
+    vlm = "vision_config" in json.loads((base / "config.json").read_text())
+    auto = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+    base_model = auto.from_pretrained(str(base), dtype=torch.float32).eval()
+    register_draft_attention()
+    model = Eagle3Draft.from_store(json.loads((draft / "config.json").read_text()), open_draft_store(draft))
+
+    def forward_loop(quant_model) -> None:
+        with torch.no_grad():
+            for ids in batches:
+                states = base_model(ids, output_hidden_states=True).hidden_states
+                hidden_in = torch.cat([states[i] for i in PICKED], dim=-1)[:, :-1]
+                embeds = base_model.get_input_embeddings()(ids[:, 1:])
+                _, own = quant_model(embeds, hidden_in, torch.zeros_like(embeds))
+                quant_model(embeds[:, 1:], torch.zeros_like(hidden_in[:, 1:]), own[:, :-1])
+
+    with cpu_fake_quantization():
+        mtq.quantize(model.to(torch.float32), modelopt_config(parsed), forward_loop=forward_loop)
+    return {name: value.detach() for name, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("variant", ["fp8-kvfp8", "vlm-fp8"])
+def test_the_base_run_layer_by_layer_gives_exactly_the_whole_base_calibration(quantized, variant):
+    """quantize-draft never loads the whole base (its layers up to the deepest picked state run one at a time):
+    every tensor of the quantized draft equals ModelOpt's calibration through the whole base, bit for bit."""
+    base, draft, checkpoint, _ = quantized(variant)
+    want = _whole_base_quantized_draft(base, draft, VARIANTS[variant][-1])
+    got = load_file(str(checkpoint / "model.safetensors"))
+    assert set(want) <= set(got)
+    different = [n for n, v in want.items() if got[n].dtype != v.dtype or not torch.equal(got[n], v)]
+    assert not different, different[:5]
+    assert any(name.endswith("_quantizer._amax") for name in want)
+
+
 @pytest.mark.parametrize("variant", ["fp8-kvfp8", "vlm-fp8"])
 def test_fc_is_calibrated_on_the_base_hidden_states_contract_5_names(quantized, variant):
     """fc's input range is max |concat(HF hidden states 2, 4, 5)| over the calibration tokens but the last.

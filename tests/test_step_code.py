@@ -57,7 +57,10 @@ def digests(package_dir) -> dict[str, str]:
     ("module", "changed"),
     [
         ("export/llm_graph.py", {"export-llm", "export-draft"}),  # the LLM and draft exports only
-        ("quant/calibration.py", {"quantize-llm", "quantize-draft", "reduce-vocab"}),  # the text corpus readers
+        # The text corpus readers.
+        ("quant/calibration.py", {"calibrate-llm", "quantize-llm", "quantize-draft", "reduce-vocab"}),
+        # A recipe: the quantize jobs, never the shared statistics pass.
+        ("quant/recipes.py", {"export-visual", "quantize-llm", "quantize-draft", "verify-onnx"}),
         ("engine/profiles.py", {"build-engine"}),
         ("verify/reference.py", {"verify-onnx"}),
         ("export/sidecars.py", {"export-llm", "export-visual", "export-draft"}),
@@ -65,7 +68,15 @@ def digests(package_dir) -> dict[str, str]:
         ("export/visual_io.py", {"export-visual", "verify-onnx", "build-engine"}),  # its I/O: graph, feeds, profiles
         (
             "quant/nvfp4.py",
-            {"export-llm", "export-visual", "export-draft", "quantize-llm", "quantize-draft", "verify-onnx"},
+            {
+                "export-llm",
+                "export-visual",
+                "export-draft",
+                "calibrate-llm",
+                "quantize-llm",
+                "quantize-draft",
+                "verify-onnx",
+            },
         ),
     ],
 )

@@ -5,56 +5,15 @@ from __future__ import annotations
 import argparse
 
 from edgellm_steps.cli import run_cli
+from edgellm_steps.cli.calibrate_llm import CALIBRATION_FLAGS, add_calibration_arguments, calibration_options
 from edgellm_steps.quant.precision import GRAMMAR
 from edgellm_steps.quant.quantize_llm import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE, quantize_llm
-
-#: The flags that say what to calibrate on (unset ones take the step's defaults).
-CALIBRATION_FLAGS = ("dataset_dir", "calib_size", "calib_max_tokens", "calib_batch_size")
-
-
-def add_calibration_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
-    """The calibration, device and thread flags of calibrate-llm, quantize-llm and quantize-draft."""
-    parser.add_argument(
-        "--dataset_dir",
-        default=None,
-        help="calibration text: a .txt/.jsonl file or directory, or a HF dataset id (default: built-in corpus)",
-    )
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--calib_size", type=int, default=None, help=f"calibration samples (default: {calib_size})")
-    parser.add_argument(
-        "--calib_max_tokens",
-        type=int,
-        default=None,
-        help=f"tokens per calibration sample (default: {calib_max_tokens})",
-    )
-    parser.add_argument(
-        "--calib_batch_size", type=int, default=None, help="calibration batch (default: 1, or 16 for int4_awq)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
-    )
 
 
 def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int, calib_max_tokens: int) -> None:
     """The precision and the calibration flags quantize-llm and quantize-draft share."""
     parser.add_argument("--precision", required=True, help=f"the precision to make: {GRAMMAR}")
     add_calibration_arguments(parser, calib_size, calib_max_tokens)
-
-
-def calibration_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The parsed calibration flags that were given, as keyword arguments; applies ``--threads``."""
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    options = {"device": args.device}
-    options.update({name: getattr(args, name) for name in CALIBRATION_FLAGS if getattr(args, name) is not None})
-    return options
 
 
 def quantization_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:

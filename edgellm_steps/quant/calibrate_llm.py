@@ -17,14 +17,14 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.quant.activation_statistics import collect_statistics, save_statistics
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
-from edgellm_steps.quant.formats import STATISTICS_BATCH
-from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
-from edgellm_steps.quant.quantize_llm import (
+from edgellm_steps.quant.calibration_source import (
     DEFAULT_CALIB_MAX_TOKENS,
     DEFAULT_CALIB_SIZE,
     device_and_dtype,
     float_source,
 )
+from edgellm_steps.quant.formats import STATISTICS_BATCH
+from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 
 log = logging.getLogger(__name__)
 

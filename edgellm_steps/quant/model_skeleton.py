@@ -242,6 +242,35 @@ class ModelSkeleton:
             self.model.set_input_embeddings(embedding)
         return calls
 
+    def float_states(self, batches: list, picks: set[int]) -> dict[int, list]:
+        """Per batch, the hidden states transformers' ``output_hidden_states`` reports at each index of ``picks``
+        (entry i < L: what decoder layer i is called with, 0 the embeddings; entry L: the final norm's output).
+        Only the layers below the deepest pick run, in float, one at a time."""
+        deepest, count = max(picks), len(self.layers)
+        if not 0 <= min(picks) <= deepest <= count:
+            raise SourceError(f"{self.checkpoint}: hidden states {sorted(picks)} asked of a model of {count} layers")
+        states = self.embedded(batches)
+        calls = self.layer_calls(batches)
+        found: dict[int, list] = {}
+        for index in range(deepest + 1):
+            if index == count:  # the last entry is normed, as the decoder returns it
+                self.materialize(self.norm)
+                with self._torch.no_grad():
+                    states = [self.norm(h) for h in states]
+                self.release(self.norm)
+            if index in picks:
+                found[index] = states
+            if index == deepest:
+                break
+            layer = self.layers[index]
+            self.materialize(layer)
+            stage = self.layer_stage(index, calls[index])
+            with self._torch.no_grad():
+                states = [stage.run(h, i) for i, h in enumerate(states)]
+            calls[index] = []
+            self.release(layer)
+        return found
+
     # -- stages ----------------------------------------------------------------------------------------------------
 
     def layer_stage(self, index: int, calls: list[LayerCall]) -> Stage:

@@ -37,6 +37,7 @@ from edgellm_steps.models.families import EAGLE3_DRAFT
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.draft_quantizers import register_draft_attention
+from edgellm_steps.quant.model_skeleton import ModelSkeleton
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
 from edgellm_steps.quant.prequantized import MODELOPT_STATE, QUANT_INFO, HeldPrecision, held_precision
 from edgellm_steps.quant.quantize_llm import (
@@ -112,21 +113,21 @@ def quantize_draft(
         batch,
         device,
     )
-    # Plain loading, safetensors only (the base); the draft through its weights-only store.
-    base_model = getattr(transformers, spec.hf_auto_class).from_pretrained(str(base), dtype=dtype, use_safetensors=True)
-    base_model = base_model.to(device).eval()
+    # The base as a skeleton (quant/model_skeleton.py): its layers below the deepest picked state run one at a
+    # time in float from the shards (safetensors only), so memory holds one base layer and the picked states,
+    # never the whole base; the states are exactly those of the whole base's forward.
     picks = eagle_hidden_state_indices(decoder_dims(base_config).num_layers)
-    embed = base_model.get_input_embeddings()
+    skeleton = ModelSkeleton(base, getattr(transformers, spec.hf_auto_class), spec.hf_renames, dtype, device)
+    found = skeleton.float_states(batches, {0, *picks})
+    del skeleton
     register_draft_attention()
     model = Eagle3Draft.from_store(draft_config, store).to(device=device, dtype=dtype)
 
     def forward_loop(quant_model) -> None:
         with torch.no_grad():
-            for ids in tqdm(batches, desc="calibration", unit="batch", file=sys.stderr, mininterval=5):
-                ids = ids.to(device)
-                states = base_model(ids, output_hidden_states=True).hidden_states
-                hidden_in = torch.cat([states[i] for i in picks], dim=-1)[:, :-1]
-                embeds = embed(ids[:, 1:])
+            for b in tqdm(range(len(batches)), desc="calibration", unit="batch", file=sys.stderr, mininterval=5):
+                hidden_in = torch.cat([found[i][b] for i in picks], dim=-1)[:, :-1]
+                embeds = found[0][b][:, 1:]  # the base's embeddings of the next tokens
                 _, own = quant_model(embeds, hidden_in, torch.zeros_like(embeds))
                 quant_model(embeds[:, 1:], torch.zeros_like(hidden_in[:, 1:]), own[:, :-1])
 

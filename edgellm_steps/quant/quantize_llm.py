@@ -19,14 +19,18 @@ from typing import Any
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.shard_writer import ShardWriter
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
-from edgellm_steps.errors import EdgeLLMError, MissingDependencyError, PrecisionError
+from edgellm_steps.errors import PrecisionError
 from edgellm_steps.quant.activation_statistics import load_statistics
 from edgellm_steps.quant.calibration import calibration_batches, calibration_record
-from edgellm_steps.quant.checkpoint_record import open_checkpoint
+from edgellm_steps.quant.calibration_source import (
+    DEFAULT_CALIB_MAX_TOKENS,
+    DEFAULT_CALIB_SIZE,
+    device_and_dtype,
+    float_source,
+)
 from edgellm_steps.quant.formats import FORMATS
 from edgellm_steps.quant.layerwise import quantize_layerwise
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
@@ -36,9 +40,6 @@ from edgellm_steps.quant.recipes import calibration_batch_size, modelopt_config
 from edgellm_steps.quant.shape_checks import check_block_dims
 
 log = logging.getLogger(__name__)
-
-DEFAULT_CALIB_SIZE = 512
-DEFAULT_CALIB_MAX_TOKENS = 512
 
 
 def quantizable_precision(text: str) -> Precision:
@@ -115,32 +116,6 @@ def save_model_config(model: Any, checkpoint: Path, directory: Path) -> None:
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(checkpoint))
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(str(directory))
-
-
-def device_and_dtype(device: str):
-    """The torch device and the calibration dtype: float32 on the CPU, float16 on a GPU."""
-    import torch
-
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise MissingDependencyError("--device cuda was given but torch sees no CUDA GPU; use --device cpu")
-        return "cuda", torch.float16
-    if device != "cpu":
-        raise EdgeLLMError(f"unknown device '{device}': use cpu or cuda")
-    return "cpu", torch.float32
-
-
-def float_source(model_dir: str | Path) -> Any:
-    """The checkpoint to calibrate (``open_checkpoint``'s record), refused when it is already quantized, every
-    shard header checked before an hour of calibration."""
-    opened = open_checkpoint(model_dir)
-    if opened.held is not None:
-        raise PrecisionError(
-            f"{opened.path} is already quantized as {opened.held.precision} ({opened.held.origin}); it is not "
-            f"quantized again: export it directly (precision {opened.held.precision} in the workflow)"
-        )
-    TensorStore(opened.path)
-    return opened
 
 
 def quantize_llm(

@@ -124,7 +124,7 @@ class RuleInputs:
     def quantize_options(self, model: str, precision: str) -> str:
         """The quantize CLI flags that decide its output (recorded, so a change reruns the job): the precision,
         and the calibration flags unless the shared statistics (an input, whose own job records them) serve it."""
-        parsed = self._quantized_precision(model, precision)
+        parsed = self.facts.model(model).precision(precision)
         if parsed.from_statistics:
             statistics = shlex.quote(targets.path(targets.CALIBRATION, model=model))
             return f"--precision {parsed} --statistics_dir {statistics}"
