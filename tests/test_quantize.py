@@ -311,16 +311,20 @@ def test_quantize_cli_rejects_a_precision_without_a_quantize_step(checkpoint_fac
     assert "needs no quantize step" in result.stderr.strip().splitlines()[-1]
 
 
-def test_builtin_corpus_is_offline_and_large_enough():
-    corpus = builtin_corpus()
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    """The whole built-in corpus, parsed once for the module (a parse of the standard library takes seconds)."""
+    return builtin_corpus()
+
+
+def test_builtin_corpus_is_offline_large_enough_and_the_same_each_time(corpus):
     assert len(corpus) > 1000 and sum(len(t) for t in corpus) > 500_000
-    assert corpus == builtin_corpus()
+    assert corpus_texts(None) is not corpus and list(corpus_texts(None)) == corpus
 
 
-def test_calibration_reads_the_builtin_corpus_lazily_and_samples_what_the_whole_corpus_gives(base):
+def test_calibration_reads_the_builtin_corpus_lazily_and_samples_what_the_whole_corpus_gives(base, corpus):
     """Samples cut from the lazily read corpus equal those cut from the whole list; few paragraphs are read."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
-    corpus = builtin_corpus()
     for samples, tokens in ((8, 32), (64, 512)):
         lazy = calibration_samples(tokenizer, iter_builtin_corpus(), samples, tokens)
         assert lazy == calibration_samples(tokenizer, corpus, samples, tokens)
@@ -328,7 +332,6 @@ def test_calibration_reads_the_builtin_corpus_lazily_and_samples_what_the_whole_
     read = []
     calibration_samples(tokenizer, (read.append(text) or text for text in corpus_texts(None)), 8, 32)
     assert 0 < len(read) < len(corpus) // 10
-    assert corpus_texts(None) is not corpus and list(corpus_texts(None)) == corpus
 
 
 def test_local_corpora(tmp_path):

@@ -97,6 +97,48 @@ def test_requests_cover_every_measured_peak_with_the_margin_and_not_much_more(me
     assert MARGIN * measured.peak_mib <= request + 1 <= 2.5 * measured.peak_mib
 
 
+def layer_bytes(config: dict) -> int:
+    """One decoder layer's weights in float32, from the config (q, k, v, o and the three MLP matrices)."""
+    hidden, heads, kv = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    return 4 * (head_dim * (2 * heads + 2 * kv) * hidden + 3 * hidden * config["intermediate_size"])
+
+
+QWEN_05B_SHAPE = {"hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864}
+LLAMA_8B_SHAPE = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336}
+#: (kind, shape, vocab, calibration tokens, measured peak MiB): the runs ``LAYERWISE_PEAKS`` cites.
+LAYERWISE_RUNS = [
+    ("calibrate", QWEN_05B_SHAPE, 151_936, 16 * 128, 953),
+    ("calibrate", QWEN_05B_SHAPE, 151_936, 64 * 256, 1426),
+    ("calibrate", QWEN_05B_SHAPE, 151_936, 256 * 512, 1780),
+    ("calibrate", LLAMA_8B_SHAPE, 128_256, 16 * 128, 1626),
+    ("from statistics", QWEN_05B_SHAPE, 151_936, 0, 1924),
+    ("from statistics", LLAMA_8B_SHAPE, 128_256, 0, 3789),
+]
+
+
+@pytest.mark.parametrize(("kind", "shape", "vocab", "tokens", "peak_mib"), LAYERWISE_RUNS)
+def test_layerwise_requests_cover_every_measured_peak_with_the_margin(kind, shape, vocab, tokens, peak_mib):
+    hidden = shape["hidden_size"]
+    request = resources.layerwise_mem_mb(
+        kind,
+        layer_bytes=layer_bytes(shape),
+        state_bytes=4 * tokens * hidden,
+        table_bytes=4 * vocab * hidden,
+    )
+    assert MARGIN * peak_mib <= request <= max(FLOOR_MB, 2 * MARGIN * peak_mib)
+
+
+def test_an_8b_shared_calibration_asks_for_a_fraction_of_the_whole_model_fit():
+    """8B shape at the default calibration (512 samples of 512 tokens): the whole-model fit asked 3.3x the
+    checkpoint (53 GB); the pass holds one layer and the states, the quantize jobs a layer and the table."""
+    sizes = {"layer_bytes": layer_bytes(LLAMA_8B_SHAPE), "table_bytes": 4 * 128_256 * 4096}
+    calibrate = resources.layerwise_mem_mb("calibrate", state_bytes=4 * 512 * 512 * 4096, **sizes)
+    from_statistics = resources.layerwise_mem_mb("from statistics", state_bytes=0, **sizes)
+    whole = quantize_mem_mb(16 * 10**9, "fp8", batch=1, tokens=512, vocab_size=128_256)
+    assert from_statistics < calibrate < whole / 4
+
+
 # Planner: what the rules ask for one model.
 
 
@@ -193,11 +235,25 @@ def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_pa
     cpu_fp8 = jobs[("quantize_llm", "model=cpu, precision=fp8")]
     cpu_awq = jobs[("quantize_llm", "model=cpu, precision=int4_awq")]
     gpu_awq = jobs[("quantize_llm", "model=gpu, precision=int4_awq")]
-    assert cpu_fp8["mem_mb"] == quantize("fp8", 1)
+    calibrate = jobs[("calibrate_llm", "model=cpu")]
+    # The shared calibration's jobs hold a layer (and the states, or the embedding table), not the model: they
+    # ask for less than AWQ's pass on the text, whatever the checkpoint's bytes.
+    config = json.loads((ckpt / "config.json").read_text())
+    hidden, tokens = config["hidden_size"], 512 * 2048
+    assert calibrate["mem_mb"] == str(
+        resources.layerwise_mem_mb(
+            "calibrate", layer_bytes=layer_bytes(config), state_bytes=4 * tokens * hidden, table_bytes=0
+        )
+    )
+    assert cpu_fp8["mem_mb"] == str(
+        resources.layerwise_mem_mb(
+            "from statistics", layer_bytes=layer_bytes(config), state_bytes=0, table_bytes=4 * vocab * hidden
+        )
+    )
     assert cpu_awq["mem_mb"] == gpu_awq["mem_mb"] == quantize("int4_awq", 16)
-    assert int(quantize("fp8", 1)) > FLOOR_MB and int(quantize("int4_awq", 16)) > int(quantize("fp8", 1))
+    assert int(quantize("int4_awq", 16)) > int(calibrate["mem_mb"]) >= int(cpu_fp8["mem_mb"]) >= FLOOR_MB
     # device cpu: no GPU; device cuda: one GPU (any SM).
-    assert cpu_fp8["gpu"] == cpu_awq["gpu"] == "0" and gpu_awq["gpu"] == "1"
+    assert cpu_fp8["gpu"] == cpu_awq["gpu"] == calibrate["gpu"] == "0" and gpu_awq["gpu"] == "1"
     assert "constraint" not in gpu_awq
     # threads: the config's, capped at --cores 2 (the default of 8 shows as 2).
     assert cpu_fp8["threads"] == cpu_awq["threads"] == "1" and gpu_awq["threads"] == "2"
@@ -211,19 +267,3 @@ def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_pa
     # The step commands get the threads (torch.set_num_threads).
     assert "--device cpu --threads 1 >" in plan and "--device cuda --threads 2 >" in plan
     assert "--report reports/cpu_fp16/verify.json --threads 1 >" in plan
-
-
-QUANT_RUN_CONFIG = scenario("resources_quant_run")
-
-
-@pytest.mark.workflow
-def test_threads_and_device_rerun_nothing(tmp_path, checkpoint_factory):
-    copy_checkpoint(checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path / "ckpt")
-    write_config(tmp_path, QUANT_RUN_CONFIG)
-    target = "quantized/tiny_fp8/manifest.json"
-    run_snakemake(tmp_path, target)
-    log = (tmp_path / "logs/quantize_llm/tiny_fp8.log").read_text()
-    assert (tmp_path / target).is_file(), log
-    write_config(tmp_path, QUANT_RUN_CONFIG + "      threads: 1\n      device: cuda\n")
-    plan = run_snakemake(tmp_path, "-n", target)
-    assert "Nothing to be done" in plan.output, plan.output

@@ -19,6 +19,7 @@ final norm's output.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,11 +116,19 @@ def collect_statistics(
     calls = model.layer_calls(batches)
     observed = Observed({}, set())
     for index, layer in enumerate(model.layers):
+        started = time.monotonic()
         model.materialize(layer)
         states = _observe(model.layer_stage(index, calls[index]), states, observed, next_states=True)
         calls[index] = []
         model.release(layer)
-        log.info("layer %d/%d observed (peak RSS so far %.2f GiB)", index + 1, len(model.layers), peak_rss_gib())
+        seconds = time.monotonic() - started
+        log.info(
+            "layer %d/%d observed in %.1f s (peak RSS so far %.2f GiB)",
+            index + 1,
+            len(model.layers),
+            seconds,
+            peak_rss_gib(),
+        )
     norm, head = model.norm, model.lm_head
     model.materialize(norm)
     # The head's input is the final norm's output; its matrix (a row per vocabulary entry) is never read: a

@@ -14,9 +14,6 @@ from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.workflow import resources
 from edgellm_steps.workflow.model_facts import Facts
 
-#: The weight format whose quantize job's measured peak sizes a calibrate-llm job.
-STATISTICS_SIZED_AS = "fp8"
-
 
 class JobResources:
     """Resources of every rule's jobs, answered from the checked facts."""
@@ -37,13 +34,31 @@ class JobResources:
         )
 
     def quantize_mem_mb(self, model: str, precision: str) -> int:
-        """Host RAM of a quantize job: measured peaks per weight format and calibration batch (resources.py)."""
+        """Host RAM of a quantize job: from the shared statistics, one layer and the embedding table; calibrating
+        on the text (AWQ), the measured peaks per weight format and calibration batch (resources.py)."""
         checked = self.facts.model(model)
-        return self._quantize_mem_mb(model, checked.precision(precision), checked.weight_bytes)
+        parsed = checked.precision(precision)
+        if parsed.from_statistics:
+            return self._layerwise_mem_mb(model, "from statistics")
+        return self._quantize_mem_mb(model, parsed, checked.weight_bytes)
+
+    def _layerwise_mem_mb(self, model: str, kind: str) -> int:
+        """mem_mb of a job of the shared calibration, from the model's shapes (float32: the CPU's calibration dtype,
+        an upper bound of what a GPU job keeps on the host)."""
+        checked = self.facts.model(model)
+        dims, quant = checked.checkpoint.dims, checked.settings.quantization
+        attention = dims.head_dim * (2 * dims.num_heads + 2 * dims.num_kv_heads) * dims.hidden_size
+        layer = attention + 3 * dims.hidden_size * dims.intermediate_size
+        return resources.layerwise_mem_mb(
+            kind,
+            layer_bytes=4 * layer,
+            state_bytes=4 * quant.calib_size * quant.calib_max_tokens * dims.hidden_size,
+            table_bytes=4 * dims.vocab_size * dims.hidden_size,
+        )
 
     def calibrate_mem_mb(self, model: str) -> int:
-        """Host RAM of a calibrate-llm job: its pass runs the layers as an fp8 quantize job calibrating on text does."""
-        return self._quantize_mem_mb(model, Precision(STATISTICS_SIZED_AS), self.facts.model(model).weight_bytes)
+        """Host RAM of a calibrate-llm job: one decoder layer and the cached hidden states (resources.py)."""
+        return self._layerwise_mem_mb(model, "calibrate")
 
     def quantize_draft_mem_mb(self, model: str) -> int:
         """Host RAM of a quantize-draft job: the float base runs beside the draft being calibrated."""

@@ -108,6 +108,44 @@ def quantize_mem_mb(weight_bytes: int, weights: str, *, batch: int, tokens: int,
     return request_mb(peak.factor * weight_bytes + peak.logit_bytes * batch * tokens * vocab_size)
 
 
+@dataclass(frozen=True)
+class LayerwisePeak:
+    """Peak RSS (MiB) of a job of the shared calibration, which holds one decoder layer, never the model:
+
+    peak = base_mib + layer x (one decoder layer in float32) + states x (the cached hidden states:
+           samples x tokens x hidden, float32) + table x (the largest matrix written whole: vocab x hidden,
+           float32)
+    """
+
+    base_mib: float
+    layer: float
+    states: float
+    table: float
+
+
+#: The layer-by-layer jobs the shared calibration runs: calibrate-llm (its pass holds a layer and the states,
+#: inputs and outputs) and quantize-llm from its statistics (a layer, then the embedding table cast whole as it
+#: is written). The smallest round constants that cover every measured run (MiB, ru_maxrss):
+#:
+#: - calibrate-llm: Qwen2.5-0.5B shape (24 layers of 57 MiB in float32), 16 x 128 tokens (states 7 MiB): 953;
+#:   64 x 256 (56 MiB): 1243 and 1426; its 2-layer variant, 256 x 512 (448 MiB): 1780; Llama-3.1-8B shape (32
+#:   layers of 832 MiB), 16 x 128 (32 MiB): 1626 (bench/shared_calibration_bench.py,
+#:   bench/layerwise_quantize_bench.py --shared).
+#: - quantize-llm --statistics_dir: 0.5B (embedding table 519 MiB in float32): fp8 1475, int8_sq 1924, nvfp4
+#:   1787, fp8-kvfp8 1807; 8B (table 2004 MiB): fp8 3740, nvfp4 3789.
+LAYERWISE_PEAKS = {
+    "calibrate": LayerwisePeak(base_mib=1300, layer=0.6, states=2, table=0),
+    "from statistics": LayerwisePeak(base_mib=1400, layer=0.5, states=0, table=1),
+}
+
+
+def layerwise_mem_mb(kind: str, *, layer_bytes: int, state_bytes: int, table_bytes: int) -> int:
+    """mem_mb of a layer-by-layer job (``LAYERWISE_PEAKS``: "calibrate" or "from statistics"), with the margin."""
+    peak = LAYERWISE_PEAKS[kind]
+    parts = peak.layer * layer_bytes + peak.states * state_bytes + peak.table * table_bytes
+    return request_mb(peak.base_mib * MIB + parts)
+
+
 def dequantize_mem_mb() -> int:
     """mem_mb of a dequantize-fp8 job: it streams one row of blocks (or 64 MiB of a table) at a time, so its
     peak is the interpreter's and torch's, whatever the checkpoint's size (:data:`DEQUANTIZE_PEAK_MIB`)."""
