@@ -56,3 +56,38 @@ use rule verify_onnx as verify_lora with:
         **step(steps.VERIFY_ONNX),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
         adapter=ask_unrecorded(INPUTS.adapter_option, "model", "adapter"),
+
+
+# The accuracy report of a model: every configured precision's LLM export (and fp16's) run on held-out
+# text; perplexity, agreement with fp16, size. Its page and plot go into `snakemake --report`.
+rule accuracy_report:
+    input:
+        unpack(ask(INPUTS.accuracy_report, "model")),
+    output:
+        report=targets.ACCURACY_REPORT,
+        page=report(
+            targets.ACCURACY_PAGE,
+            category="Accuracy",
+            labels={"model": "{model}", "figure": "table"},
+        ),
+        plot=report(
+            targets.ACCURACY_PLOT,
+            category="Accuracy",
+            labels={"model": "{model}", "figure": "plot"},
+        ),
+    log:
+        "logs/accuracy_report/{model}.log",
+    benchmark:
+        "benchmarks/accuracy_report/{model}.tsv"
+    conda:
+        "../envs/export.yaml"
+    threads: ask(RESOURCES.verify_threads, "model")
+    resources:
+        mem_mb=ask(RESOURCES.accuracy_mem_mb, "model"),
+    params:
+        **step(steps.ACCURACY_REPORT),
+        options=ask(INPUTS.accuracy_options, "model"),
+        checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
+    shell:
+        "{params.command} {params.options} --model_dir {params.checkpoint:q} --report {output.report:q}"
+        " --page {output.page:q} --plot {output.plot:q} > {log:q} 2>&1"

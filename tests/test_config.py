@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from edgellm_steps.engine.limits import BuildLimits
-from edgellm_steps.errors import ConfigError
+from edgellm_steps.errors import ConfigError, EdgeLLMError
 from edgellm_steps.workflow.config import model_settings, validate_config
 from edgellm_steps.workflow.planning import load_workflow_config
 
@@ -107,3 +107,41 @@ def test_job_threads_have_defaults_and_are_validated():
     for bad in ({"quantization": {"threads": 0}}, {"verify": {"threads": "many"}}, {"verify": {"cores": 2}}):
         with pytest.raises(ConfigError, match=r"invalid config at models\.m\.(quantization|verify)"):
             validate_config({"models": {"m": {"source": "x", **bad}}})
+
+
+def test_accuracy_report_compares_fp16_with_the_configured_precisions(checkpoint_factory, tmp_path):
+    """Its inputs are fp16's and each configured precision's LLM export; its recorded flags name them and what is
+    measured; held-out text that is the calibration text, or a model it cannot compare, is refused in one line."""
+    import shutil
+
+    from edgellm_steps.workflow.planning import Planner
+
+    shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+    (tmp_path / "held.txt").write_text("some held-out prose, long enough to be text\n")
+
+    def planner(**settings) -> Planner:
+        config = {"models": {"m": {"source": str(tmp_path / "ckpt"), **settings}}}
+        validate_config(config)
+        return Planner(config, state_dir=tmp_path / "state")
+
+    inputs = planner(precisions=["fp8", "fp16-kvfp8"]).inputs
+    assert inputs.accuracy_report("m") == {
+        f"export_{p}": f"onnx/m_{p}/llm/manifest.json" for p in ("fp16", "fp8", "fp16-kvfp8")
+    }
+    assert inputs.accuracy_options("m") == (
+        "--export fp16=onnx/m_fp16/llm --export fp8=onnx/m_fp8/llm --export fp16-kvfp8=onnx/m_fp16-kvfp8/llm"
+        " --model m --samples 8 --tokens 128"
+    )
+    held = str(tmp_path / "held.txt")
+    given = planner(accuracy={"dataset": held, "samples": 2}).inputs
+    assert given.accuracy_report("m") == {"export_fp16": "onnx/m_fp16/llm/manifest.json", "dataset": [held]}
+    assert given.accuracy_options("m").endswith(f"--samples 2 --tokens 128 --dataset {held}")
+    refused = {
+        "is its quantization.dataset": {"accuracy": {"dataset": held}, "quantization": {"dataset": held}},
+        "does not exist": {"accuracy": {"dataset": str(tmp_path / "missing.txt")}},
+        "has a reduced vocabulary": {"reduced_vocab": {"size": 64}},
+        "unknown weight precision": {"precisions": ["fp16", "fp7"]},
+    }
+    for expected, settings in refused.items():
+        with pytest.raises(EdgeLLMError, match=expected):
+            planner(**settings).inputs.accuracy_report("m")

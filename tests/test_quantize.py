@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 
@@ -15,11 +16,15 @@ from onnx import TensorProto, numpy_helper
 from edgellm_steps.errors import EdgeLLMError, PrecisionError
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.models.demo import train_tokenizer
+from edgellm_steps.models.demo.trained import train_briefly
 from edgellm_steps.plugins.int4_gemm import pack_int4, unpack_int4
 from edgellm_steps.quant.calibration import (
+    CALIBRATION_SPLIT,
+    HELD_OUT_EVERY,
     builtin_corpus,
     calibration_samples,
     corpus_texts,
+    held_out_texts,
     iter_builtin_corpus,
     load_corpus,
 )
@@ -58,8 +63,12 @@ LAYER = "model.layers.1.mlp.down_proj"
 
 
 @pytest.fixture(scope="module")
-def base(checkpoint_factory):
-    return checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+def base(checkpoint_factory, tmp_path_factory):
+    """A tiny Qwen2 trained for a few seconds (models/demo/trained.py): peaked predictions, so perplexity and
+    agreement differ measurably between precisions."""
+    return train_briefly(
+        checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path_factory.mktemp("trained") / "ckpt"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,16 +328,22 @@ def corpus() -> list[str]:
 
 def test_builtin_corpus_is_offline_large_enough_and_the_same_each_time(corpus):
     assert len(corpus) > 1000 and sum(len(t) for t in corpus) > 500_000
-    assert corpus_texts(None) is not corpus and list(corpus_texts(None)) == corpus
+    # The held-out split is every 20th paragraph, one the calibration never reads (their first 2000 checked: the
+    # splits are read lazily, a whole pass over the standard library takes seconds).
+    held_out = corpus[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
+    assert list(itertools.islice(held_out_texts(None), 100)) == held_out[:100] and sum(map(len, held_out)) > 50_000
+    calibration = [t for i, t in enumerate(corpus) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+    assert list(itertools.islice(corpus_texts(None), 1900)) == calibration[:1900]
 
 
 def test_calibration_reads_the_builtin_corpus_lazily_and_samples_what_the_whole_corpus_gives(base, corpus):
     """Samples cut from the lazily read corpus equal those cut from the whole list; few paragraphs are read."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
     for samples, tokens in ((8, 32), (64, 512)):
-        lazy = calibration_samples(tokenizer, iter_builtin_corpus(), samples, tokens)
-        assert lazy == calibration_samples(tokenizer, corpus, samples, tokens)
-    assert calibration_samples(tokenizer, corpus[1:], 64, 512) != lazy  # control: another stream differs
+        lazy = calibration_samples(tokenizer, iter_builtin_corpus(split=CALIBRATION_SPLIT), samples, tokens)
+        whole = [t for i, t in enumerate(corpus) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        assert lazy == calibration_samples(tokenizer, whole, samples, tokens)
+    assert calibration_samples(tokenizer, corpus, 64, 512) != lazy  # control: the held-out paragraphs differ
     read = []
     calibration_samples(tokenizer, (read.append(text) or text for text in corpus_texts(None)), 8, 32)
     assert 0 < len(read) < len(corpus) // 10
@@ -401,3 +416,77 @@ def test_an_eagle_base_exports_in_every_weight_format(quantized, tmp_path, preci
         expected = hf_path_logits(reference, ids, tokens, PARENTS)
     result = compare_logits(logits, expected)
     assert result.passed(tolerance_for(parse_precision(precision).formats())), f"{precision}: {result}"
+
+
+#: Precisions of the accuracy report's test: one per weight format, from this module's quantized exports.
+ACCURACY_PRECISIONS = ("fp8", "int8_sq", "int4_awq", "nvfp4")
+
+
+def independent_figures(model, reference, windows: list[list[int]], shift: int = 1) -> dict[str, float]:
+    """Mean NLL of the token ``shift`` ahead, top-1 agreement and KL of transformers ``model`` against
+    ``reference``, on ``windows`` (``shift`` 0, scoring the token each position reads, is the negative control)."""
+    with torch.no_grad():
+        ids = torch.tensor(windows)
+        logp = torch.log_softmax(model(ids).logits.double(), -1)[:, :-1]
+        ref = torch.log_softmax(reference(ids).logits.double(), -1)[:, :-1]
+    targets = ids[:, shift : ids.shape[1] - 1 + shift]
+    return {
+        "mean_nll": float(-logp.gather(-1, targets[..., None]).mean()),
+        "top1_agreement": float((logp.argmax(-1) == ref.argmax(-1)).double().mean()),
+        "mean_kl": float((ref.exp() * (ref - logp)).sum(-1).mean()),
+    }
+
+
+#: How far the report's figures (the exported graphs, float16) may land from transformers' (float32), measured on
+#: this base: mean NLL 0.6e-4 (fp16) to 7e-4 (fp8); agreement equal; KL 2-6% apart.
+ACCURACY_BOUNDS = {"mean_nll": 2e-3, "top1_agreement": 0.03, "mean_kl": 0.15}
+
+
+def accuracy_misses(got: dict[str, float], want: dict[str, float]) -> list[str]:
+    """The figures of ``got`` outside :data:`ACCURACY_BOUNDS` of ``want`` (KL relative, the others absolute)."""
+    misses = [k for k in ("mean_nll", "top1_agreement") if abs(got[k] - want[k]) > ACCURACY_BOUNDS[k]]
+    if abs(got["mean_kl"] - want["mean_kl"]) > ACCURACY_BOUNDS["mean_kl"] * max(want["mean_kl"], 1e-6):
+        misses.append("mean_kl")
+    return misses
+
+
+def test_accuracy_report_figures_are_transformers_and_modelopt_figures(base, quantized, fp16_export, tmp_path):
+    """The report's perplexity, agreement and KL of every weight format, from the exported graphs, equal what
+    transformers computes on the float model and ModelOpt's fake-quantized models for the same held-out windows."""
+    from edgellm_steps.quant.calibration import held_out_texts
+    from edgellm_steps.verify.accuracy import accuracy_report
+
+    exports = {"fp16": fp16_export, **{p: quantized(p)[1] for p in ACCURACY_PRECISIONS}}
+    paths = {name: tmp_path / f"accuracy.{name}" for name in ("json", "html", "png")}
+    report = accuracy_report(
+        exports, base, report=paths["json"], page=paths["html"], plot=paths["png"], model="tiny", samples=3, tokens=40
+    )
+    assert json.loads(paths["json"].read_text()) == report
+    assert paths["png"].read_bytes().startswith(b"\x89PNG") and b"data:image/png;base64," in paths["html"].read_bytes()
+    # The windows, cut here from the held-out split: paragraphs joined by EOS, the first 3 x 40 tokens.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+    stream = []
+    for text in held_out_texts(None):
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= 120:
+            break
+    windows = [stream[i * 40 : (i + 1) * 40] for i in range(3)]
+    float_model = load_reference_model(base, None, torch.float32)
+    want, unshifted = {}, {}
+    with cpu_fake_quantization():
+        for precision in ("fp16", *ACCURACY_PRECISIONS):
+            model = float_model if precision == "fp16" else fake_quant_module(quantized(precision)[0], "model")[0]
+            want[precision] = independent_figures(model, float_model, windows)
+            unshifted[precision] = independent_figures(model, float_model, windows, shift=0)
+    figures = report["precisions"]
+    for precision, got in figures.items():
+        print(precision, {k: (round(got[k], 6), round(want[precision][k], 6)) for k in want[precision]})
+        assert not accuracy_misses(got, want[precision]), (precision, got, want[precision])
+        assert got["perplexity"] == pytest.approx(np.exp(got["mean_nll"]))
+        # Negative controls: scoring the token each position reads, or another precision's model, is caught.
+        assert "mean_nll" in accuracy_misses(got, unshifted[precision]), unshifted[precision]
+        other = ACCURACY_PRECISIONS[(ACCURACY_PRECISIONS.index(precision) + 1) % 4] if precision != "fp16" else "nvfp4"
+        assert accuracy_misses(got, want[other]), (precision, other)
+    assert figures["fp16"]["top1_agreement"] == 1 and figures["fp16"]["mean_kl"] == 0
+    assert figures["int4_awq"]["engine_bytes_estimate"] < figures["fp8"]["engine_bytes_estimate"]
+    assert figures["fp8"]["engine_bytes_estimate"] < figures["fp16"]["engine_bytes_estimate"]

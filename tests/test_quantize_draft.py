@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from edgellm_steps.errors import ParityError, PrecisionError
 from edgellm_steps.export.export_draft import export_draft
 from edgellm_steps.models.demo import make_eagle3_draft
-from edgellm_steps.quant.calibration import builtin_corpus, calibration_samples
+from edgellm_steps.quant.calibration import calibration_samples, corpus_texts
 from edgellm_steps.quant.quantize_draft import quantize_draft
 from edgellm_steps.quant.quantize_llm import quantize_llm
 from edgellm_steps.verify.verify_onnx import verify_onnx
@@ -172,7 +172,9 @@ def test_fc_is_calibrated_on_the_base_hidden_states_contract_5_names(quantized, 
     """
     base, _, checkpoint, _ = quantized(variant)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
-    ids = torch.tensor(calibration_samples(tokenizer, builtin_corpus(), CALIB["calib_size"], CALIB["calib_max_tokens"]))
+    ids = torch.tensor(
+        calibration_samples(tokenizer, corpus_texts(None), CALIB["calib_size"], CALIB["calib_max_tokens"])
+    )
     vlm = "vision_config" in json.loads((base / "config.json").read_text())
     auto = transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(str(base), dtype=torch.float32)

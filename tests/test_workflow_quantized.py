@@ -23,6 +23,7 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
 
 
 QUANT_CONFIG = scenario("quantized")
+ACCURACY = "reports/tiny/accuracy.json"
 #: One precision per part of the grammar the rules pass on (weights alone, a KV cache over fp16 weights, and
 #: weights with an lm_head and a KV cache); fp8 weights go through the workflow in the demo, the block-FP8 and
 #: the Qwen3-VL tests; each format's quantize and export is proven against ModelOpt in test_quantize.
@@ -48,6 +49,23 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
         assert info["precision"] == precision and info["calibration"]["samples"] == 4
         assert (info["calibration"].get("statistics") == "shared") == (precision != "int4_awq"), precision
     assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
+
+    # The accuracy report of the configured precisions: one job over the exports already built, its page and
+    # plot in Snakemake's own report; a changed accuracy setting reruns it alone.
+    configured = QUANT_CONFIG + f"    precisions: [{', '.join(QUANT_PRECISIONS)}]\n"
+    write_config(tmp_path, configured)
+    assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY).output) == {"accuracy_report": 1}
+    run_snakemake(tmp_path, ACCURACY)
+    run_snakemake(tmp_path, ACCURACY, "--report", "report.html")
+    report = json.loads((tmp_path / ACCURACY).read_text())
+    assert list(report["precisions"]) == ["fp16", *sorted(QUANT_PRECISIONS)] and report["inputs"]["samples"] == 8
+    assert report["precisions"]["fp16"]["top1_agreement"] == 1
+    assert all(0 < figures["perplexity"] < 1000 for figures in report["precisions"].values())
+    html = (tmp_path / "report.html").read_text()
+    assert "accuracy.png" in html and "accuracy.html" in html
+    write_config(tmp_path, configured + "    accuracy: {samples: 4}\n")
+    assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY, *targets).output) == {"accuracy_report": 1}
+    write_config(tmp_path, QUANT_CONFIG)
 
     # Another precision of the model: its own quantize job, from the statistics already there.
     added = run_snakemake(tmp_path, "-n", *targets, "onnx/tiny_nvfp4-kvfp8/llm/model.onnx")

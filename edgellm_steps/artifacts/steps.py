@@ -15,6 +15,7 @@ PROCESS_LORA = "process-lora"
 MERGE_LORA = "merge-lora"
 DEQUANTIZE_FP8 = "dequantize-fp8"
 VERIFY_ONNX = "verify-onnx"
+ACCURACY_REPORT = "accuracy-report"
 BUILD_ENGINE = "build-engine"
 VERIFY_SIGNATURE = "verify-signature"
 
@@ -33,5 +34,6 @@ ALL = (
     PROCESS_LORA,
     MERGE_LORA,
     VERIFY_ONNX,
+    ACCURACY_REPORT,
     BUILD_ENGINE,
 )

@@ -40,10 +40,24 @@ def _stdlib_sources(stdlib: Path) -> list[Path]:
     return [stdlib.joinpath(*parts) for parts in sorted(found)]
 
 
-def iter_builtin_corpus(limit_chars: int = 8_000_000) -> Iterator[str]:
-    """Paragraphs of the standard library's docstrings, in a stable order, parsed as they are read."""
+#: One built-in paragraph in this many is held out: calibration never reads it, the accuracy report reads only
+#: those (about 60 KB of prose, some 15k tokens).
+HELD_OUT_EVERY = 20
+CALIBRATION_SPLIT = "calibration"
+HELD_OUT_SPLIT = "held-out"
+
+
+def iter_builtin_corpus(limit_chars: int = 8_000_000, split: str | None = None) -> Iterator[str]:
+    """Paragraphs of the standard library's docstrings, in a stable order, parsed as they are read.
+
+    ``split`` keeps the calibration paragraphs or the held-out ones (every :data:`HELD_OUT_EVERY`-th);
+    None keeps them all (what reduce-vocab counts and the demo tokenizer learns from).
+    """
+    if split not in (None, CALIBRATION_SPLIT, HELD_OUT_SPLIT):
+        raise ValueError(f"unknown corpus split {split!r}")
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     total = 0
+    index = 0
     for path in _stdlib_sources(stdlib):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
@@ -55,9 +69,13 @@ def iter_builtin_corpus(limit_chars: int = 8_000_000) -> Iterator[str]:
             doc = ast.get_docstring(node)
             for paragraph in (doc or "").split("\n\n"):
                 text = " ".join(paragraph.split())
-                if len(text.split()) >= _MIN_WORDS:
+                if len(text.split()) < _MIN_WORDS:
+                    continue
+                held_out = index % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+                index += 1
+                total += len(text)
+                if split is None or held_out == (split == HELD_OUT_SPLIT):
                     yield text
-                    total += len(text)
         if total >= limit_chars:
             break
 
@@ -143,8 +161,14 @@ def _load_hub_dataset(name: str) -> list[str]:
 
 
 def corpus_texts(source: str | None) -> Iterable[str]:
-    """:func:`load_corpus`, read lazily where it is the built-in corpus (samples need its first paragraphs)."""
-    return iter_builtin_corpus() if source in (None, "", BUILTIN) else load_corpus(source)
+    """Calibration text: :func:`load_corpus`, or the built-in corpus's calibration split, read lazily (samples
+    need its first paragraphs)."""
+    return iter_builtin_corpus(split=CALIBRATION_SPLIT) if source in (None, "", BUILTIN) else load_corpus(source)
+
+
+def held_out_texts(source: str | None) -> Iterable[str]:
+    """Text to measure accuracy on: the built-in corpus's held-out split, or a local corpus of the user's."""
+    return iter_builtin_corpus(split=HELD_OUT_SPLIT) if source in (None, "", BUILTIN) else load_corpus(source)
 
 
 def calibration_samples(tokenizer, texts: Iterable[str], num_samples: int, max_tokens: int) -> list[list[int]]:

@@ -102,10 +102,14 @@ def hf_rope_table(model, length: int) -> np.ndarray:
     three components are equal, so row p is the ordinary RoPE of position p, which is what
     the runtime fills for a text-only sequence.
     """
+    base = model.model
+    return rope_table(getattr(base, "rotary_emb", None) or base.language_model.rotary_emb, length)
+
+
+def rope_table(rotary, length: int) -> np.ndarray:
+    """``rope_rotary_cos_sin`` [1, length, rot] from a transformers rotary embedding module."""
     import torch
 
-    base = model.model
-    rotary = getattr(base, "rotary_emb", None) or base.language_model.rotary_emb
     positions = torch.arange(length)[None]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)

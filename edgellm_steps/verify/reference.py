@@ -73,6 +73,11 @@ class LLMRunner:
         ]
         self.hidden_states: np.ndarray | None = None
 
+    def reset(self) -> None:
+        """Empty the KV caches: the next step starts new sequences (the graph stays loaded)."""
+        self.caches = [np.zeros_like(cache) for cache in self.caches]
+        self.lengths = np.zeros_like(self.lengths)
+
     def step(
         self,
         token_ids: list[list[int]],

@@ -44,6 +44,16 @@ class VerifySettings:
 
 
 @dataclass(frozen=True)
+class AccuracySettings:
+    """What the accuracy report measures on (part of what it reports: a change reruns it)."""
+
+    #: Held-out text: None for the built-in corpus's held-out split, else a local file or directory.
+    dataset: str | None
+    samples: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class DraftSettings:
     """An EAGLE3 draft configured for a model."""
 
@@ -89,6 +99,7 @@ class ModelSettings:
     build: BuildLimits
     quantization: QuantizationSettings
     verify: VerifySettings
+    accuracy: AccuracySettings
     #: The source's model-signing signature, verified before any step reads the source.
     signature: SignatureSpec | None = None
 
@@ -179,5 +190,6 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         build=BuildLimits(**merged["build"]),
         quantization=QuantizationSettings(**merged["quantization"]),
         verify=VerifySettings(**merged["verify"]),
+        accuracy=AccuracySettings(**merged["accuracy"]),
         signature=signature_spec(merged.get("signature"), f"model '{name}'"),
     )

@@ -82,6 +82,17 @@ class JobResources:
             return resources.verify_mem_mb(checked.weight_bytes)
         return resources.verify_mem_mb(checked.weight_bytes, held.precision.weights, unified=held.unified)
 
+    def accuracy_mem_mb(self, model: str) -> int:
+        """Host RAM of an accuracy-report job: a graph run and the baseline's log-probabilities (resources.py)."""
+        checked = self.facts.model(model)
+        accuracy = checked.settings.accuracy
+        return resources.accuracy_mem_mb(
+            checked.weight_bytes,
+            samples=accuracy.samples,
+            tokens=accuracy.tokens,
+            vocab_size=checked.checkpoint.dims.vocab_size,
+        )
+
     def verify_visual_mem_mb(self, model: str) -> int:
         """Host RAM of a vision verify job: bounded by the verify of the whole model (the tower is a part)."""
         return resources.verify_mem_mb(self.facts.model(model).weight_bytes)

@@ -157,3 +157,11 @@ def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS, *, unified: b
     a unified export's stored codes count as the float16 weights they dequantize to (``unified.LAYOUTS``)."""
     expansion = LAYOUTS[weights].expansion if unified else FORMATS[weights].verify_expansion
     return request_mb(PEAKS["verify"].factor * expansion * weight_bytes)
+
+
+def accuracy_mem_mb(weight_bytes: int, *, samples: int, tokens: int, vocab_size: int) -> int:
+    """mem_mb of an accuracy-report job: one export's graph run at a time, bounded by verify-onnx's measured
+    factor (which also holds the transformers model), plus the fp16 export's log-probabilities it keeps
+    (float32) and one window's in float64 a few times over."""
+    logits = (4 * samples + 3 * 8) * tokens * vocab_size
+    return request_mb(PEAKS["verify"].factor * weight_bytes + logits)

@@ -35,6 +35,7 @@ STEP_ENTRY_POINTS = {
     steps.MERGE_LORA: f"{PACKAGE}.cli.merge_lora",
     steps.DEQUANTIZE_FP8: f"{PACKAGE}.cli.dequantize_fp8",
     steps.VERIFY_ONNX: f"{PACKAGE}.cli.verify_onnx",
+    steps.ACCURACY_REPORT: f"{PACKAGE}.cli.accuracy_report",
     steps.BUILD_ENGINE: f"{PACKAGE}.cli.build_engine",
     steps.VERIFY_SIGNATURE: f"{PACKAGE}.cli.verify_signature",
 }

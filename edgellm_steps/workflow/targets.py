@@ -50,6 +50,10 @@ VISUAL_ENGINE = "engines/sm{sm}/visual/{model}.engine"
 VERIFY_REPORT = "reports/{model}_{precision}/verify.json"
 VISUAL_REPORT = "reports/{model}/visual/verify.json"
 LORA_REPORT = "reports/{model}_{precision}/lora/{adapter}/verify.json"
+#: The accuracy report of every configured precision of a model: figures, page and plot.
+ACCURACY_REPORT = "reports/{model}/accuracy.json"
+ACCURACY_PAGE = "reports/{model}/accuracy.html"
+ACCURACY_PLOT = "reports/{model}/accuracy.png"
 #: verify-signature's stamp: ``{signed}`` is ``source``, ``draft`` or ``lora/<adapter>``.
 SIGNATURE = "signatures/{model}/{signed}.json"
 SIGNED_SOURCE, SIGNED_DRAFT, SIGNED_ADAPTER = "source", "draft", "lora/{adapter}"

@@ -1,0 +1,200 @@
+"""The accuracy report: what each precision of a model costs in quality, measured on its exports themselves.
+
+Each configured precision's LLM export runs (``onnx.reference`` with the CPU implementations of the plugin
+ops, as verify-onnx runs it) over windows of text that calibration never read: the built-in corpus's
+held-out split, or ``accuracy.dataset``. Each window is one prefill, and every next token is scored:
+
+- ``perplexity``: exp of the mean negative log-likelihood of the text's next tokens;
+- ``next_token_accuracy``: how often the most likely token is the text's next one;
+- ``top1_agreement``: how often the most likely token is the fp16 export's (the baseline: 1 for itself);
+- ``mean_kl``: KL(fp16 export || this export) of the next-token distributions, nats per token;
+- ``export_bytes``: the export directory on disk; ``engine_bytes_estimate``: the graph and its weights file,
+  what a TensorRT engine holds (the embedding table and tokenizer stay beside it).
+
+The fp16 export's log-probabilities are kept (float32) while the others run, so memory grows with
+samples x tokens x vocabulary: 8 x 128 tokens of a 152k vocabulary is 0.6 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgellm_steps.artifacts import steps
+from edgellm_steps.artifacts.atomic import claim_file, write_claimed
+from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.errors import EdgeLLMError
+from edgellm_steps.graph.onnx_builder import ONNX_NAME
+from edgellm_steps.quant.calibration import BUILTIN, held_out_texts
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS
+from edgellm_steps.verify.accuracy_page import page_html, plot_png
+from edgellm_steps.verify.reference import LLMRunner
+from edgellm_steps.verify.reference_models import config_rope_table
+
+log = logging.getLogger(__name__)
+
+#: The precision every other one is compared with: the float export.
+BASELINE = FLOAT_WEIGHTS
+
+
+def held_out_windows(tokenizer, texts: Iterable[str], samples: int, tokens: int) -> list[list[int]]:
+    """``samples`` windows of ``tokens`` token ids cut from the text stream (paragraphs joined by EOS).
+
+    Unlike calibration the text is never cycled: a window scored twice would count twice.
+    """
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    needed = samples * tokens
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+        if len(stream) >= needed:
+            return [stream[i * tokens : (i + 1) * tokens] for i in range(samples)]
+    raise EdgeLLMError(
+        f"the held-out text gives {len(stream)} tokens, fewer than accuracy.samples x accuracy.tokens = {needed}; "
+        "add text to accuracy.dataset or lower samples or tokens"
+    )
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-probabilities, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class Tally:
+    """Sums over the scored positions of every window; :meth:`figures` turns them into the report's numbers."""
+
+    positions: int = 0
+    nll: float = 0.0
+    correct: int = 0
+    agree: int = 0
+    kl: float = 0.0
+
+    def add(self, logp: np.ndarray, baseline: np.ndarray, window: list[int]) -> None:
+        """Score one window: ``logp`` and ``baseline`` are [S, V] log-probabilities; position p predicts p + 1."""
+        scored, reference = logp[:-1], baseline[:-1].astype(np.float64)
+        targets = np.asarray(window[1:])
+        self.positions += len(targets)
+        self.nll -= float(scored[np.arange(len(targets)), targets].sum())
+        self.correct += int((scored.argmax(-1) == targets).sum())
+        self.agree += int((scored.argmax(-1) == reference.argmax(-1)).sum())
+        self.kl += float((np.exp(reference) * (reference - scored)).sum())
+
+    def figures(self) -> dict[str, float]:
+        n = self.positions
+        return {
+            "perplexity": math.exp(self.nll / n),
+            "mean_nll": self.nll / n,
+            "next_token_accuracy": self.correct / n,
+            "top1_agreement": self.agree / n,
+            "mean_kl": self.kl / n,
+        }
+
+
+def export_sizes(onnx_dir: Path) -> dict[str, int]:
+    """Bytes of the export directory, and of what an engine is built from: the graph and its weights file."""
+    files = [f for f in onnx_dir.iterdir() if f.is_file()]
+    graph = [f for f in files if f.name == ONNX_NAME or f.suffix == ".data"]
+    return {
+        "export_bytes": sum(f.stat().st_size for f in files),
+        "engine_bytes_estimate": sum(f.stat().st_size for f in graph),
+    }
+
+
+def _check_export(precision: str, onnx_dir: Path) -> None:
+    check_step_output(onnx_dir, steps.EXPORT_LLM)
+    if "reduced_vocab_size" in json.loads((onnx_dir / "config.json").read_text()):
+        raise EdgeLLMError(
+            f"{onnx_dir} ({precision}) has a reduced vocabulary: its logits lack the ids it dropped, so its "
+            "perplexity is not comparable; measure the model without reduced_vocab"
+        )
+
+
+def measure_accuracy(
+    exports: dict[str, Path],
+    checkpoint: Path,
+    *,
+    model: str = "model",
+    dataset: str | None = None,
+    samples: int = 8,
+    tokens: int = 128,
+) -> dict[str, Any]:
+    """The report's figures for ``exports`` (precision -> LLM export directory, the fp16 one among them).
+
+    ``checkpoint`` is the float source the exports came from: its tokenizer cuts the windows and its config
+    gives the RoPE table the runtime feeds.
+    """
+    import transformers
+
+    exports = {precision: Path(directory) for precision, directory in exports.items()}
+    if BASELINE not in exports:
+        raise EdgeLLMError(f"the accuracy report compares every precision with the {BASELINE} export; give it one")
+    for precision, directory in exports.items():
+        _check_export(precision, directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    windows = held_out_windows(tokenizer, held_out_texts(dataset), samples, tokens)
+    rope = config_rope_table(Path(checkpoint), tokens)
+    baseline: list[np.ndarray] = []
+    results: dict[str, dict[str, Any]] = {}
+    order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
+    for precision in order:
+        runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens)
+        tally = Tally()
+        for k, window in enumerate(windows):
+            runner.reset()
+            logp = log_softmax(runner.step([window], all_logits=True)[0])
+            if precision == BASELINE:
+                baseline.append(logp.astype(np.float32))
+            tally.add(logp, baseline[k], window)
+        figures = tally.figures()
+        results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}
+        log.info(
+            "%s: perplexity %.4g, top-1 agreement %.2f%%, mean KL %.3g",
+            precision,
+            figures["perplexity"],
+            100 * figures["top1_agreement"],
+            figures["mean_kl"],
+        )
+    return {
+        "model": model,
+        "model_dir": str(checkpoint),
+        "baseline": BASELINE,
+        "inputs": {
+            "dataset": dataset or BUILTIN,
+            "split": "held-out" if dataset in (None, "", BUILTIN) else "given",
+            "samples": samples,
+            "tokens": tokens,
+            "scored_tokens": samples * (tokens - 1),
+        },
+        "precisions": results,
+    }
+
+
+def accuracy_report(
+    exports: dict[str, Path],
+    checkpoint: Path,
+    *,
+    report: Path,
+    page: Path | None = None,
+    plot: Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Measure (:func:`measure_accuracy`, ``options`` passed on) and write the JSON ``report``, and the ``plot``
+    (PNG) and HTML ``page`` when given; each file is written whole or not at all, the JSON last."""
+    claims = {path: claim_file(Path(path)) for path in (plot, page, report) if path is not None}
+    figures = measure_accuracy(exports, checkpoint, **options)
+    png = plot_png(figures) if plot is not None or page is not None else b""
+    if plot is not None:
+        write_claimed(claims[plot], png)
+    if page is not None:
+        write_claimed(claims[page], page_html(figures, png))
+    write_claimed(claims[report], (json.dumps(figures, indent=2) + "\n").encode())
+    return figures
