@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -145,3 +147,36 @@ def test_accuracy_report_compares_fp16_with_the_configured_precisions(checkpoint
     for expected, settings in refused.items():
         with pytest.raises(EdgeLLMError, match=expected):
             planner(**settings).inputs.accuracy_report("m")
+
+
+def test_quantization_exclude_is_resolved_at_planning_and_recorded_by_quantize(checkpoint_factory, tmp_path):
+    """Patterns are checked against the source's decoder Linears; the quantize flags (recorded) carry them, the
+    shared calibration's do not; a pattern matching nothing, or every Linear, is refused in one line."""
+    import shutil
+
+    from edgellm_steps.workflow.planning import Planner
+
+    shutil.copytree(checkpoint_factory("qwen2"), tmp_path / "ckpt")
+
+    def inputs(*patterns: str):
+        config = {"models": {"m": {"source": str(tmp_path / "ckpt"), "quantization": {"exclude": list(patterns)}}}}
+        validate_config(config)
+        return Planner(config, state_dir=tmp_path / "state").inputs
+
+    planned = inputs("*.down_proj", "model.layers.0.*")
+    assert planned.facts.model("m").excluded_linears == [
+        *(f"model.layers.0.{n}" for n in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj")),
+        *(f"model.layers.0.self_attn.{x}_proj" for x in "koqv"),
+        "model.layers.1.mlp.down_proj",
+    ]
+    assert planned.quantize_options("m", "fp8").endswith(
+        "--statistics_dir calibration/m --exclude '*.down_proj' --exclude 'model.layers.0.*'"
+    )
+    assert "--exclude" not in planned.calibrate_options("m")
+    for patterns, expected in (
+        (("*.mlp.gate",), "pattern '*.mlp.gate' matches no decoder Linear of model 'm'"),
+        (("lm_head",), "pattern 'lm_head' matches no decoder Linear"),
+        (("model.layers.*",), "matches every decoder Linear"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            inputs(*patterns).quantize_options("m", "fp8")

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from .support import CONFIG, NOTHING, ONNX, copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
+from .support import (
+    CONFIG,
+    NOTHING,
+    ONNX,
+    copy_checkpoint,
+    planned_jobs,
+    run_snakemake,
+    scenario,
+    write_config,
+)
 
 pytestmark = pytest.mark.workflow
 
@@ -65,6 +74,12 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
     assert "accuracy.png" in html and "accuracy.html" in html
     write_config(tmp_path, configured + "    accuracy: {samples: 4}\n")
     assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY, *targets).output) == {"accuracy_report": 1}
+    # Layers kept in fp16: every quantize job reruns (and what reads it), the shared statistics do not.
+    write_config(tmp_path, QUANT_CONFIG + '      exclude: ["model.layers.0.self_attn.*"]\n')
+    replan = run_snakemake(tmp_path, "-n", *targets)
+    stale = len(QUANT_PRECISIONS)
+    assert planned_jobs(replan.output) == {"quantize_llm": stale, "export_llm": stale}
+    assert "--exclude 'model.layers.0.self_attn.*'" in replan.output
     write_config(tmp_path, QUANT_CONFIG)
 
     # Another precision of the model: its own quantize job, from the statistics already there.
@@ -73,7 +88,6 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
 
     write_config(tmp_path, QUANT_CONFIG.replace("calib_size: 4", "calib_size: 6") + "      device: cpu\n")
     replan = run_snakemake(tmp_path, "-n", *targets)
-    stale = len(QUANT_PRECISIONS)
     assert planned_jobs(replan.output) == {"calibrate_llm": 1, "quantize_llm": stale, "export_llm": stale}
     assert "--calib_size 6" in replan.output
     # Where and how calibration runs changes nothing built.
@@ -96,6 +110,11 @@ def test_gptq_checkpoint_exports_without_a_quantize_job(tmp_path, checkpoint_fac
     summary = json.loads((tmp_path / report).read_text())
     assert summary["passed"] and summary["precision"] == "int4_gptq"
     assert all(case["greedy_match"] for case in summary["cases"].values())
+    # Its Linears are quantized already: layers to keep in fp16 are refused, not ignored.
+    write_config(tmp_path, CONFIG + '    quantization: {exclude: ["*.down_proj"]}\n')
+    refused = run_snakemake(tmp_path, "-n", target, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    assert "already quantized as int4_gptq, so quantization.exclude cannot keep its Linears" in refused.output
     assert json.loads((tmp_path / "onnx/tiny_int4_gptq/llm/manifest.json").read_text())["parameters"]["precision"] == (
         "int4_gptq"
     )

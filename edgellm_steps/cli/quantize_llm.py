@@ -31,9 +31,16 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrate from the model's shared statistics (edgellm-calibrate-llm's output) instead of running it "
         "on calibration text (every precision but int4_awq)",
     )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep the decoder Linears whose stored module names match PATTERN (shell-style) in float; repeatable",
+    )
     add_quantization_arguments(parser, DEFAULT_CALIB_SIZE, DEFAULT_CALIB_MAX_TOKENS)
     args = parser.parse_args(argv)
-    options = quantization_options(parser, args)
+    options = {**quantization_options(parser, args), "exclude": tuple(args.exclude)}
     if args.statistics_dir is not None:
         given = [f"--{name}" for name in CALIBRATION_FLAGS if name in options]
         if given:

@@ -26,6 +26,7 @@ from edgellm_steps.export.vocab_map import VOCAB_MAP_FILE, load_vocab_map
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
 from edgellm_steps.models.eagle import check_eagle_base
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
+from edgellm_steps.quant.exclusions import decoder_linears
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.quant_plan import QuantPlan
 from edgellm_steps.quant.unified import open_tensors
@@ -73,6 +74,8 @@ def export_llm(
     quant = QuantPlan.from_held(held, spec.lm_head.removesuffix(".weight"))
     quant.check_tensors(store, str(checkpoint))
     precision = quant.precision
+    # Decoder Linears a quantized checkpoint left float (quantization.exclude): float16 GEMMs in the graph.
+    float_linears = [m for m in decoder_linears(store, spec) if quant.weights and quant.linear_format(m, store) is None]
     vocab_map = load_vocab_map(reduced_vocab_dir, dims.vocab_size) if reduced_vocab_dir else None
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
@@ -99,6 +102,7 @@ def export_llm(
                 "chat_template": str(chat_template) if chat_template else None,
                 "eagle_base": eagle_base,
                 "reduced_vocab_size": None if vocab_map is None else len(vocab_map),
+                "float_linears": float_linears,
             },
         )
     log.info("export finished in %.1f s", time.monotonic() - started)

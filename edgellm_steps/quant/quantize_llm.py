@@ -19,6 +19,7 @@ from typing import Any
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
+from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.shard_writer import ShardWriter
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
@@ -31,6 +32,7 @@ from edgellm_steps.quant.calibration_source import (
     device_and_dtype,
     float_source,
 )
+from edgellm_steps.quant.exclusions import decoder_linears, excluded_linears, exclusion_patterns
 from edgellm_steps.quant.formats import FORMATS
 from edgellm_steps.quant.layerwise import quantize_layerwise
 from edgellm_steps.quant.nvfp4 import cpu_fake_quantization
@@ -55,8 +57,11 @@ def quantizable_precision(text: str) -> Precision:
     return precision
 
 
-def quantization_record(precision: Precision, calibration: dict[str, Any]) -> dict[str, Any]:
-    """``edgellm_quantization.json``: the precision the export reads back, and how it was calibrated."""
+def quantization_record(
+    precision: Precision, calibration: dict[str, Any], exclude: tuple[str, ...] = (), excluded: list[str] | None = None
+) -> dict[str, Any]:
+    """``edgellm_quantization.json``: the precision the export reads back, how it was calibrated, and the
+    Linears kept in float (``quantization.exclude``'s patterns and what they matched)."""
     import modelopt
 
     return {
@@ -65,6 +70,8 @@ def quantization_record(precision: Precision, calibration: dict[str, Any]) -> di
         "lm_head": precision.lm_head,
         "kv_cache": precision.kv_cache,
         "calibration": calibration,
+        "exclude": list(exclude),
+        "excluded_linears": excluded or [],
         "modelopt_version": modelopt.__version__,
     }
 
@@ -129,15 +136,20 @@ def quantize_llm(
     calib_size: int = DEFAULT_CALIB_SIZE,
     calib_max_tokens: int = DEFAULT_CALIB_MAX_TOKENS,
     calib_batch_size: int | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> Path:
     """Quantize ``model_dir`` with ModelOpt: from the shared pass's ``statistics_dir`` (calibrate-llm's output)
-    when given, else calibrating on ``dataset_dir`` (built-in corpus when None)."""
+    when given, else calibrating on ``dataset_dir`` (built-in corpus when None). The decoder Linears matched
+    by ``exclude`` (shell-style patterns over stored module names) stay float (``exclusions.py``)."""
     started = time.monotonic()
     precision = quantizable_precision(precision)
     device, dtype = device_and_dtype(device)
     opened = float_source(model_dir)
     checkpoint, hf_config, spec = opened.path, opened.hf_config, opened.spec
     check_block_dims(hf_config, precision, where=str(checkpoint))
+    exclude = tuple(exclude)
+    store = TensorStore(checkpoint)
+    excluded = excluded_linears(exclude, decoder_linears(store, spec.resolved(store.names())), str(checkpoint))
 
     import torch
     import transformers
@@ -169,8 +181,10 @@ def quantize_llm(
     # from the shards (safetensors only: nothing in the source, a modelopt_state.pth or a pickled .bin, is ever
     # unpickled), so memory holds one layer and the cached hidden states whatever the model's size.
     auto_class = getattr(transformers, spec.hf_auto_class)
-    config = modelopt_config(precision, spec.quant_exclude)
-    info = quantization_record(precision, calibration)
+    config = modelopt_config(precision, spec.quant_exclude + exclusion_patterns(excluded, spec.hf_renames))
+    if excluded:
+        log.info("keeping %d Linears in float (quantization.exclude %s)", len(excluded), list(exclude))
+    info = quantization_record(precision, calibration, exclude, excluded)
     with staged_directory(Path(output_dir)) as staging:
         writer = ShardWriter(staging)
         with cpu_fake_quantization(), torch.no_grad():

@@ -33,6 +33,8 @@ class QuantizationSettings:
     device: str
     #: CPU threads of a quantize job (Snakemake's ``threads``; not part of what is built).
     threads: int
+    #: Decoder Linears kept in float in every quantized precision (shell-style patterns of stored module names).
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,9 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
             for adapter, entry in (merged["lora"] or {}).items()
         },
         build=BuildLimits(**merged["build"]),
-        quantization=QuantizationSettings(**merged["quantization"]),
+        quantization=QuantizationSettings(
+            **{**merged["quantization"], "exclude": tuple(merged["quantization"]["exclude"])}
+        ),
         verify=VerifySettings(**merged["verify"]),
         accuracy=AccuracySettings(**merged["accuracy"]),
         signature=signature_spec(merged.get("signature"), f"model '{name}'"),

@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_d2t_header
 from edgellm_steps.artifacts.signatures import SignatureSpec, check_signature_files
@@ -26,6 +27,7 @@ from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_
 from edgellm_steps.models.families import runtime_rope_warning
 from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
+from edgellm_steps.quant.exclusions import decoder_linears, excluded_linears
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
 from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
@@ -120,6 +122,29 @@ class CheckedModel:
         elif held.gptq is not None:
             check_gptq_config(held.gptq, where=where)
         check_block_dims(self.checkpoint.hf_config, precision, where=where)
+
+    @cached_property
+    def excluded_linears(self) -> list[str]:
+        """``quantization.exclude`` resolved against the source's decoder Linears ([] when none is configured).
+
+        A pre-quantized source has no float weights to keep: exclusions on it are refused, not ignored.
+        """
+        patterns = self.settings.quantization.exclude
+        if not patterns:
+            return []
+        held = self.checkpoint.held
+        if held is not None:
+            raise ConfigError(
+                f"model '{self.name}' is already quantized as {held.precision}, so quantization.exclude cannot keep "
+                "its Linears in float; remove quantization.exclude, or give the unquantized source to quantize here"
+            )
+        opened = self.facts.model(self.base).source if self.merged_adapter is not None else self.source
+        store = TensorStore(opened.path)
+        linears = decoder_linears(store, opened.spec.resolved(store.names()))
+        try:
+            return excluded_linears(patterns, linears, f"model '{self.name}'")
+        except PrecisionError as err:
+            raise ConfigError(f"{err} under models.{self.name}.quantization") from None
 
     def needs_quantize(self, text: str) -> bool:
         """Whether ``precision`` is made by the quantize step (checked to fit the source first)."""

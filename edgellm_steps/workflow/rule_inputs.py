@@ -125,11 +125,14 @@ class RuleInputs:
     def quantize_options(self, model: str, precision: str) -> str:
         """The quantize CLI flags that decide its output (recorded, so a change reruns the job): the precision,
         and the calibration flags unless the shared statistics (an input, whose own job records them) serve it."""
-        parsed = self.facts.model(model).precision(precision)
+        checked = self.facts.model(model)
+        parsed = checked.precision(precision)
+        checked.excluded_linears  # noqa: B018 (each pattern matches a decoder Linear)
+        exclude = "".join(f" --exclude {shlex.quote(p)}" for p in checked.settings.quantization.exclude)
         if parsed.from_statistics:
             statistics = shlex.quote(targets.path(targets.CALIBRATION, model=model))
-            return f"--precision {parsed} --statistics_dir {statistics}"
-        return f"--precision {parsed} {self._calibration_flags(model)}"
+            return f"--precision {parsed} --statistics_dir {statistics}{exclude}"
+        return f"--precision {parsed} {self._calibration_flags(model)}{exclude}"
 
     def calibrate_llm(self, model: str) -> dict[str, Any]:
         """Inputs of calibrate_llm: the source stamps and a local calibration corpus."""
@@ -218,6 +221,7 @@ class RuleInputs:
         """Inputs of export_llm: the quantized checkpoint's manifest or the source stamps, and a chat template."""
         quantized = self.quantized_manifest(model, precision)
         checked = self.facts.model(model)
+        checked.excluded_linears  # noqa: B018 (exclusions on a pre-quantized source are refused, not ignored)
         inputs: dict[str, Any] = {"quantized": quantized} if quantized else {"source": checked.source_stamps}
         if template := checked.chat_template:
             inputs["chat_template"] = template
