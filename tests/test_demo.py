@@ -57,4 +57,10 @@ def test_make_demo_builds_the_export_in_the_given_directory(tmp_path):
     assert f"language model ONNX export             {export}/" in output
     assert f"vision encoder ONNX export             {demo / VISUAL}/" in output
     assert "vision encoder vs the transformers tower         fp16: passed; one_image" in output
+    # It ends with the accuracy table: the trained demo model's fp16 and fp8 exports on held-out text.
+    accuracy = json.loads((demo / "reports/demo-qwen2.5-vl/accuracy.json").read_text())["precisions"]
+    vocabulary = json.loads((demo / "checkpoints/demo-qwen2.5-vl/config.json").read_text())["text_config"]["vocab_size"]
+    # Trained, the model predicts far better than uniformly (a random one's perplexity is about its vocabulary).
+    assert list(accuracy) == ["fp16", "fp8"] and accuracy["fp16"]["perplexity"] < vocabulary / 3
+    assert "Accuracy on 1016 held-out tokens" in output and "  fp8 " in output
     assert {name: snapshot(REPO / name) for name in WORK_DIR_ENTRIES} == before, "make demo wrote into the checkout"

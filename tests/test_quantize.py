@@ -67,9 +67,8 @@ LAYER = "model.layers.1.mlp.down_proj"
 def base(checkpoint_factory, tmp_path_factory):
     """A tiny Qwen2 trained for a few seconds (models/demo/trained.py): peaked predictions, so perplexity and
     agreement differ measurably between precisions."""
-    return train_briefly(
-        checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256), tmp_path_factory.mktemp("trained") / "ckpt"
-    )
+    random = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
+    return train_briefly(random, tmp_path_factory.mktemp("trained") / "ckpt", corpus_texts(None))
 
 
 @pytest.fixture(scope="module")

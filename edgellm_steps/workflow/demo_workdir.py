@@ -1,7 +1,8 @@
 """The demo work directory: a tiny Qwen2.5-VL checkpoint and the config that builds it, and what it built.
 
 The checkpoint is a real Qwen2.5-VL architecture (decoder and vision tower) with seeded
-random weights and a locally trained tokenizer, so the demo needs no network. Existing
+random weights and a locally trained tokenizer, its language model then trained for a few seconds
+on the built-in corpus (so its accuracy report means something), so the demo needs no network. Existing
 files are kept: re-running the demo must not make its artifacts stale. Its targets are the
 workflow's own paths (``workflow/targets.py``), so the Makefile asks for them by name.
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from edgellm_steps.artifacts.atomic import write_if_changed
 from edgellm_steps.export.kinds import LLM, VISUAL
 from edgellm_steps.graph.opsets import ONNX_NAME
 from edgellm_steps.models.demo import make_checkpoint
+from edgellm_steps.models.demo.trained import train_briefly
+from edgellm_steps.quant.calibration import corpus_texts
 from edgellm_steps.workflow import targets
 
 log = logging.getLogger(__name__)
@@ -48,12 +52,14 @@ DEMO_REPORTS = (
     ("language model vs transformers (fake-quantized)", targets.path(targets.VERIFY_REPORT, **_WILDCARDS)),
     ("vision encoder vs the transformers tower", targets.path(targets.VISUAL_REPORT, **_WILDCARDS)),
 )
+DEMO_ACCURACY = targets.path(targets.ACCURACY_REPORT, **_WILDCARDS)
 DEMO_ENGINE = targets.path(targets.DEFAULT_ENGINE, **_WILDCARDS)
 #: What ``make demo`` builds: both exports and both reports (the engine is planned only).
 DEMO_TARGETS = (
     targets.export_path(LLM, ONNX_NAME, DEMO_MODEL, DEMO_PRECISION),
     targets.export_path(VISUAL, ONNX_NAME, DEMO_MODEL),
     *(report for _, report in DEMO_REPORTS),
+    DEMO_ACCURACY,
 )
 
 
@@ -63,15 +69,18 @@ def make_demo(workdir: Path) -> None:
     if (checkpoint / "config.json").is_file():
         log.info("demo checkpoint already at %s", checkpoint)
     else:
-        make_checkpoint(
-            checkpoint,
-            family="qwen2_5_vl",
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            # head_dim 32: the temporal, height and width sections cover its 16 rotary frequencies.
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
-        )
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=checkpoint.parent, prefix=".making-") as tmp:
+            random = make_checkpoint(
+                Path(tmp) / "random",
+                family="qwen2_5_vl",
+                hidden_size=128,
+                intermediate_size=384,
+                num_hidden_layers=2,
+                # head_dim 32: the temporal, height and width sections cover its 16 rotary frequencies.
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [4, 6, 6]},
+            )
+            os.replace(train_briefly(random, Path(tmp) / "trained", corpus_texts(None)), checkpoint)
     write_if_changed(workdir / "config.yaml", DEMO_CONFIG.encode())
 
 
@@ -97,6 +106,17 @@ def demo_summary(workdir: Path) -> str:
         )
         verdict = "passed" if report["passed"] else "FAILED"
         lines.append(f"  {what:<48} {report['precision']}: {verdict}; {cases}")
+    accuracy = json.loads((workdir / DEMO_ACCURACY).read_text())
+    lines.append(
+        f"Accuracy on {accuracy['inputs']['scored_tokens']} held-out tokens ({workdir / DEMO_ACCURACY}, "
+        f"{Path(targets.ACCURACY_PAGE).name} beside it):"
+    )
+    lines.append(f"  {'precision':<12}{'perplexity':>12}{'top-1 vs fp16':>15}{'KL vs fp16':>12}{'engine MB':>11}")
+    for precision, figures in accuracy["precisions"].items():
+        lines.append(
+            f"  {precision:<12}{figures['perplexity']:>12.2f}{figures['top1_agreement']:>15.1%}"
+            f"{figures['mean_kl']:>12.2e}{figures['engine_bytes_estimate'] / 1e6:>11.2f}"
+        )
     lines.append(f"Engine target (planned above, built on an SM110 GPU host): {workdir / DEMO_ENGINE}/")
     lines.append(f"  holds llm.engine and visual/visual.engine; logs in {workdir / 'logs'}/")
     return "\n".join(lines)

@@ -4,13 +4,15 @@ A random-weight model predicts nearly uniformly: its perplexity is about its voc
 text, and quantization moves it by a fraction of a percent, so an accuracy figure (or a check of one) cannot
 tell a right answer from a wrong one. A few hundred steps of next-token training on the corpus's calibration
 split give peaked predictions: perplexity well below the vocabulary, clear differences between precisions.
-Deterministic for a seed on one machine (one thread).
+Only the language model learns (text only); a vision tower keeps its weights. Deterministic for a seed on
+one machine (one thread).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 def train_briefly(
     checkpoint: str | Path,
     output_dir: str | Path,
+    texts: Iterable[str],
     *,
     steps: int = 200,
     batch: int = 8,
@@ -26,16 +29,26 @@ def train_briefly(
     learning_rate: float = 1e-2,
     seed: int = 0,
 ) -> Path:
-    """Copy ``checkpoint`` to ``output_dir`` with its weights trained ``steps`` AdamW steps on the corpus."""
+    """Copy ``checkpoint`` to ``output_dir`` with its weights trained ``steps`` AdamW steps on ``texts`` (the
+    calibration corpus: its stream of tokens, paragraphs joined by EOS, cut into ``batch`` x ``tokens`` batches)."""
     import torch
     import transformers
 
-    from edgellm_steps.quant.calibration import calibration_samples, corpus_texts
+    from edgellm_steps.artifacts.sources import read_hf_config
+    from edgellm_steps.models.families import family_for
 
     source, output = Path(checkpoint), Path(output_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(source))
-    samples = calibration_samples(tokenizer, corpus_texts(None), steps * batch, tokens)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    separator = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + separator
+        if len(stream) >= steps * batch * tokens:
+            break
+    stream *= -(-steps * batch * tokens // len(stream))  # a short text is repeated
+    samples = [stream[i * tokens : (i + 1) * tokens] for i in range(steps * batch)]
+    auto_class = getattr(transformers, family_for(read_hf_config(source), where=str(source)).hf_auto_class)
+    model = auto_class.from_pretrained(str(source), dtype=torch.float32)
     stored = transformers.AutoConfig.from_pretrained(str(source)).dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
