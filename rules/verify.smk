@@ -7,7 +7,11 @@ rule verify_onnx:
     input:
         unpack(ask(INPUTS.verify_onnx, "model", "precision")),
     output:
-        report=targets.VERIFY_REPORT,
+        report=report(
+            targets.VERIFY_REPORT,
+            category="Verify",
+            labels={"model": "{model}", "export": "{precision}"},
+        ),
     log:
         "logs/verify_onnx/{model}_{precision}.log",
     benchmark:
@@ -30,7 +34,11 @@ use rule verify_onnx as verify_visual with:
     input:
         unpack(ask(INPUTS.verify_visual, "model")),
     output:
-        report=targets.VISUAL_REPORT,
+        report=report(
+            targets.VISUAL_REPORT,
+            category="Verify",
+            labels={"model": "{model}", "export": "visual"},
+        ),
     log:
         "logs/verify_visual/{model}.log",
     benchmark:
@@ -47,7 +55,11 @@ use rule verify_onnx as verify_lora with:
     input:
         unpack(ask(INPUTS.verify_lora, "model", "precision", "adapter")),
     output:
-        report=targets.LORA_REPORT,
+        report=report(
+            targets.LORA_REPORT,
+            category="Verify",
+            labels={"model": "{model}", "export": "{precision} + {adapter}"},
+        ),
     log:
         "logs/verify_lora/{model}_{precision}/{adapter}.log",
     benchmark:
@@ -59,7 +71,8 @@ use rule verify_onnx as verify_lora with:
 
 
 # The accuracy report of a model: every configured precision's LLM export (and fp16's) run on held-out
-# text; perplexity, agreement with fp16, size. Its page and plot go into `snakemake --report`.
+# text; perplexity, agreement with fp16, size. Its page and plot, and every verify report, go into
+# `snakemake --report`.
 rule accuracy_report:
     input:
         unpack(ask(INPUTS.accuracy_report, "model")),

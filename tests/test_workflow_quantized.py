@@ -29,6 +29,10 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
     report = json.loads((tmp_path / "reports/tiny_fp16/verify.json").read_text())
     assert report["passed"] and report["cases"]["prefill_decode"]["greedy_match"]
     assert NOTHING in run_snakemake(tmp_path, "-n", "reports/tiny_fp16/verify.json").output
+    # Snakemake's own report holds the verify report.
+    run_snakemake(tmp_path, "reports/tiny_fp16/verify.json", "--report", "report.html")
+    html = (tmp_path / "report.html").read_text()
+    assert "Verify" in html and "verify.json" in html
 
 
 QUANT_CONFIG = scenario("quantized")
