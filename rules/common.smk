@@ -78,9 +78,9 @@ def all_export_targets():
 
 
 def step_code(name):
-    """A recorded param: editing a step's implementation reruns its jobs."""
-    version = f"{name} implementation {step_code_digest(name)}"
-    return lambda wildcards: version
+    """A recorded param: editing a step's implementation reruns its jobs. Computed when a job of the rule
+    is planned (step_code_digest caches it), not when the rule is defined: a plan pays for its own steps."""
+    return lambda wildcards: f"{name} implementation {step_code_digest(name)}"
 
 
 # Under --software-deployment-method conda the step runs in the rule's env, whose pip section

@@ -8,6 +8,7 @@ gets after inheriting ``defaults``.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,9 +111,11 @@ class ModelSettings:
         return self.sm_targets[0]
 
 
+@functools.cache
 def load_schema(path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The parsed schema, read once per process (every plan validates against it): callers must not modify it."""
     with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _location(error: jsonschema.ValidationError) -> str:
