@@ -58,11 +58,14 @@ def digests(package_dir) -> dict[str, str]:
     [
         ("export/llm_graph.py", {"export-llm", "export-draft"}),  # the LLM and draft exports only
         # The text corpus readers.
-        ("quant/calibration.py", {"calibrate-llm", "quantize-llm", "quantize-draft", "reduce-vocab"}),
+        (
+            "quant/calibration.py",
+            {"calibrate-llm", "quantize-llm", "quantize-draft", "reduce-vocab", "accuracy-report"},
+        ),
         # A recipe: the quantize jobs, never the shared statistics pass.
         ("quant/recipes.py", {"export-visual", "quantize-llm", "quantize-draft", "verify-onnx"}),
         ("engine/profiles.py", {"build-engine"}),
-        ("verify/reference.py", {"verify-onnx"}),
+        ("verify/reference.py", {"verify-onnx", "accuracy-report"}),
         ("export/sidecars.py", {"export-llm", "export-visual", "export-draft"}),
         ("export/visual_graph.py", {"export-visual"}),  # verify-onnx reads the vision graph's I/O names only
         ("export/visual_io.py", {"export-visual", "verify-onnx", "build-engine"}),  # its I/O: graph, feeds, profiles
@@ -76,6 +79,7 @@ def digests(package_dir) -> dict[str, str]:
                 "quantize-llm",
                 "quantize-draft",
                 "verify-onnx",
+                "accuracy-report",
             },
         ),
     ],

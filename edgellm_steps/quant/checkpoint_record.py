@@ -16,13 +16,15 @@ from typing import Any
 from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims, weight_files
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.artifacts.tokenizer_files import check_tokenizer
-from edgellm_steps.errors import SourceError
+from edgellm_steps.errors import PrecisionError, SourceError
 from edgellm_steps.models.families import FamilySpec, family_for
 from edgellm_steps.models.vision_geometry import check_vision_source
 from edgellm_steps.quant.block_fp8 import BlockFP8Source, block_fp8_config, check_block_fp8_weights
-from edgellm_steps.quant.formats import FLOAT_WEIGHTS
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
+from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.prequantized import HeldPrecision, held_precision
+from edgellm_steps.quant.shape_checks import check_block_dims
 from edgellm_steps.quant.source_weights import check_source_weights
 
 
@@ -85,3 +87,26 @@ def open_checkpoint(
             raise
         raise SourceError(f"model '{model}' ({path}): {err}") from err
     return OpenedCheckpoint(path, hf_config, spec, dims, files, held, block_fp8)
+
+
+def check_source_fits(opened: OpenedCheckpoint, precision: Precision, model: str) -> None:
+    """A float source is quantized to any precision made here; a pre-quantized one is exported as the precision
+    it holds, and only as that one (refused in one line naming the target to ask for)."""
+    held, where = opened.held, f"model '{model}'"
+    weights = FORMATS[precision.weights]
+    if held is None:
+        if not weights.made_here:
+            raise PrecisionError(
+                f"{where}: {weights.name} exports a checkpoint already quantized with {weights.quant_method_label} "
+                f"(quantization_config.quant_method: {weights.quant_method}), and this one is not; "
+                f"use {weights.quantize_instead} to quantize it"
+            )
+    elif precision != held.precision:
+        raise PrecisionError(
+            f"{where}: the source is already quantized as {held.precision} ({held.origin}) and is never read as "
+            f"fp16 or quantized again; request precision {held.precision} "
+            f"(onnx/{model}_{held.precision}/llm/model.onnx)"
+        )
+    elif held.gptq is not None:
+        check_gptq_config(held.gptq, where=where)
+    check_block_dims(opened.hf_config, precision, where=where)

@@ -18,6 +18,8 @@ from fnmatch import fnmatchcase
 from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.models.families import FamilySpec
+from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint
+from edgellm_steps.quant.prequantized import HeldPrecision
 
 #: The quantizers of a Linear that an exclusion disables.
 LINEAR_QUANTIZERS = ("weight_quantizer", "input_quantizer", "output_quantizer")
@@ -62,3 +64,19 @@ def exclusion_patterns(linears: Iterable[str], renames: tuple[tuple[str, str], .
         candidates += [module + linear.removeprefix(stored) for stored, module in renames if linear.startswith(stored)]
         names += [f"{name}.{quantizer}" for name in candidates for quantizer in LINEAR_QUANTIZERS]
     return tuple(names)
+
+
+def source_exclusions(
+    patterns: tuple[str, ...], opened: OpenedCheckpoint, held: HeldPrecision | None, where: str
+) -> list[str]:
+    """``patterns`` resolved against ``opened``'s decoder Linears ([] for none). A source that ``held`` a precision
+    already has no float weights to keep: exclusions on it are refused, not ignored."""
+    if not patterns:
+        return []
+    if held is not None:
+        raise PrecisionError(
+            f"{where} is already quantized as {held.precision}, so quantization.exclude cannot keep its Linears in "
+            "float; remove quantization.exclude, or give the unquantized source to quantize here"
+        )
+    store = TensorStore(opened.path)
+    return excluded_linears(patterns, decoder_linears(store, opened.spec.resolved(store.names())), where)

@@ -35,8 +35,8 @@ from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.quant.calibration import BUILTIN, held_out_texts
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.verify.accuracy_page import page_html, plot_png
+from edgellm_steps.verify.parity import config_rope_table
 from edgellm_steps.verify.reference import LLMRunner
-from edgellm_steps.verify.reference_models import config_rope_table
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,12 @@ format's base bound and never looser than its ceiling.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
+from edgellm_steps.artifacts.sources import read_hf_config
+from edgellm_steps.models.families import family_for
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS, Tolerance
 
 #: How far past the reference's own noise floor a correct export may land. The export and the float16
@@ -115,3 +118,18 @@ def rope_table(rotary, length: int) -> np.ndarray:
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
     half = cos.shape[-1] // 2
     return torch.cat([cos[..., :half], sin[..., :half]], dim=-1).float().numpy()
+
+
+def config_rope_table(checkpoint: Path, length: int) -> np.ndarray:
+    """The runtime's ``rope_rotary_cos_sin`` [1, length, rot] for ``checkpoint``, from transformers' own rotary
+    module built from its config alone (the model is laid out on the meta device: no weight is read)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    auto_class = getattr(transformers, family_for(read_hf_config(checkpoint), where=str(checkpoint)).hf_auto_class)
+    with torch.device("meta"):
+        skeleton = auto_class.from_config(config)
+    base = skeleton.model
+    rotary = getattr(base, "rotary_emb", None) or base.language_model.rotary_emb
+    return rope_table(type(rotary)(config=rotary.config), length)

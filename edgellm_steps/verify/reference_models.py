@@ -27,7 +27,6 @@ from edgellm_steps.quant.model_skeleton import module_name
 from edgellm_steps.quant.prequantized import HeldPrecision, load_modelopt_state
 from edgellm_steps.quant.recipes import modelopt_config
 from edgellm_steps.quant.unified import open_tensors
-from edgellm_steps.verify.parity import rope_table
 
 _GPTQ_PARTS = (".qweight", ".qzeros", ".scales", ".g_idx")
 
@@ -157,17 +156,3 @@ def load_reference_model(checkpoint: Path, held: HeldPrecision | None, dtype):
         # dtype, as the graph stores its scales, and SmoothQuant's scaled input stays float16.
         model = _fake_quantized_model(checkpoint, dtype).to(dtype)
     return model.eval()
-
-
-def config_rope_table(checkpoint: Path, length: int):
-    """The runtime's ``rope_rotary_cos_sin`` [1, length, rot] for ``checkpoint``, from transformers' own rotary
-    module built from its config alone (the model is laid out on the meta device: no weight is read)."""
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
-    with torch.device("meta"):
-        skeleton = _auto_class(checkpoint).from_config(config)
-    base = skeleton.model
-    rotary = getattr(base, "rotary_emb", None) or base.language_model.rotary_emb
-    return rope_table(type(rotary)(config=rotary.config), length)

@@ -14,7 +14,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_d2t_header
 from edgellm_steps.artifacts.signatures import SignatureSpec, check_signature_files
@@ -26,13 +25,12 @@ from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_base
 from edgellm_steps.models.families import runtime_rope_warning
 from edgellm_steps.quant.calibration import check_corpus_source
-from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, open_checkpoint
-from edgellm_steps.quant.exclusions import decoder_linears, excluded_linears
+from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, check_source_fits, open_checkpoint
+from edgellm_steps.quant.exclusions import source_exclusions
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS, FORMATS
-from edgellm_steps.quant.gptq import check_gptq_config
 from edgellm_steps.quant.precision import SM_FLOOR, Precision, check_sm_supports, parse_precision
 from edgellm_steps.quant.prequantized import held_precision
-from edgellm_steps.quant.shape_checks import check_block_dims, check_draft_block_dims
+from edgellm_steps.quant.shape_checks import check_draft_block_dims
 from edgellm_steps.workflow import targets
 from edgellm_steps.workflow.config import ModelSettings, load_schema, model_settings
 
@@ -102,54 +100,22 @@ class CheckedModel:
             log.warning("model '%s': %s", self.name, warning)
         return opened
 
-    def check_source_fits(self, precision: Precision) -> None:
-        """A pre-quantized source is exported as the precision it holds, and only as that one."""
-        held, where = self.checkpoint.held, f"model '{self.name}'"
-        weights = FORMATS[precision.weights]
-        if held is None:
-            if not weights.made_here:
-                raise PrecisionError(
-                    f"{where}: {weights.name} exports a checkpoint already quantized with {weights.quant_method_label} "
-                    f"(quantization_config.quant_method: {weights.quant_method}), and this one is not; "
-                    f"use {weights.quantize_instead} to quantize it"
-                )
-        elif precision != held.precision:
-            raise PrecisionError(
-                f"{where}: the source is already quantized as {held.precision} ({held.origin}) and is never read as "
-                f"fp16 or quantized again; request precision {held.precision} "
-                f"(onnx/{self.name}_{held.precision}/llm/model.onnx)"
-            )
-        elif held.gptq is not None:
-            check_gptq_config(held.gptq, where=where)
-        check_block_dims(self.checkpoint.hf_config, precision, where=where)
-
     @cached_property
     def excluded_linears(self) -> list[str]:
-        """``quantization.exclude`` resolved against the source's decoder Linears ([] when none is configured).
-
-        A pre-quantized source has no float weights to keep: exclusions on it are refused, not ignored.
-        """
-        patterns = self.settings.quantization.exclude
+        """``quantization.exclude`` resolved against the source's decoder Linears (``quant/exclusions.py``)."""
+        patterns, where = self.settings.quantization.exclude, f"model '{self.name}'"
         if not patterns:
             return []
-        held = self.checkpoint.held
-        if held is not None:
-            raise ConfigError(
-                f"model '{self.name}' is already quantized as {held.precision}, so quantization.exclude cannot keep "
-                "its Linears in float; remove quantization.exclude, or give the unquantized source to quantize here"
-            )
         opened = self.facts.model(self.base).source if self.merged_adapter is not None else self.source
-        store = TensorStore(opened.path)
-        linears = decoder_linears(store, opened.spec.resolved(store.names()))
         try:
-            return excluded_linears(patterns, linears, f"model '{self.name}'")
+            return source_exclusions(patterns, opened, self.checkpoint.held, where)
         except PrecisionError as err:
             raise ConfigError(f"{err} under models.{self.name}.quantization") from None
 
     def needs_quantize(self, text: str) -> bool:
         """Whether ``precision`` is made by the quantize step (checked to fit the source first)."""
         precision = self.precision(text)
-        self.check_source_fits(precision)
+        check_source_fits(self.checkpoint, precision, self.name)
         return self.checkpoint.held is None and precision.needs_quantize_step
 
     def signed(self, content: list[str], signature: SignatureSpec | None, part: str) -> list[str]:
@@ -223,6 +189,14 @@ class CheckedModel:
                 raise ConfigError(f"model '{self.name}' {key}: {err}; fix {key} in your config") from None
             self._corpora.add(key)
         return source
+
+    def corpus_files(self, key: str) -> list[str]:
+        """The files of a local corpus (:meth:`corpus`): inputs whose content decides a step's output."""
+        source = self.corpus(key)
+        found = Path(source) if source else None
+        if found is None or not found.exists():
+            return []
+        return [str(f) for f in sorted(found.rglob("*")) if f.is_file()] if found.is_dir() else [str(found)]
 
     def require_vision_language(self) -> None:
         if not self.vision_language:

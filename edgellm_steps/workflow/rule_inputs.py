@@ -14,76 +14,24 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.signatures import KEYLESS, SignatureSpec
 from edgellm_steps.errors import ConfigError, PrecisionError
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, LLM, MANIFEST, VISUAL
-from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.workflow import targets
+from edgellm_steps.workflow.accuracy_inputs import AccuracyInputs
 from edgellm_steps.workflow.model_facts import Facts
-
-
-def _local_files(path: str) -> list[str]:
-    """A local text file, or every file of a directory: inputs whose content decides a step's output."""
-    found = Path(path)
-    return [str(f) for f in sorted(found.rglob("*")) if f.is_file()] if found.is_dir() else [str(found)]
+from edgellm_steps.workflow.signature_inputs import SignatureInputs
 
 
 def _flags(limits: dict[str, int]) -> str:
     return " ".join(f"--{key} {value}" for key, value in sorted(limits.items()))
 
 
-class RuleInputs:
+class RuleInputs(SignatureInputs, AccuracyInputs):
     """Inputs and options of every rule, answered from the checked facts."""
 
     def __init__(self, facts: Facts) -> None:
         self.facts = facts
-
-    # signatures
-
-    def _signed_part(self, model: str, signed: str) -> tuple[Path, SignatureSpec, list[str]]:
-        """The directory behind ``signatures/<model>/<signed>.json``, its signature and its content stamps."""
-        checked = self.facts.model(model)
-        if signed == targets.SIGNED_SOURCE:
-            part, path, spec = "source", checked.source.path, checked.settings.signature
-            content = checked.source_content_stamps if spec else []
-        elif signed == targets.SIGNED_DRAFT:
-            part, path, spec = "draft", checked.draft_checkpoint, checked.settings.draft.signature
-            content = checked.draft_content_stamps if spec else []
-        else:
-            adapter = signed.removeprefix("lora/")
-            part, path = f"adapter '{adapter}'", checked.adapter_checkpoint(adapter)
-            spec = checked.settings.lora[adapter].signature
-            content = checked.adapter_content_stamps(adapter) if spec else []
-        if spec is None:
-            raise ConfigError(
-                f"model '{model}' {part} declares no signature, so signatures/{model}/{signed}.json is not a target; "
-                "add signature: {file: <model_signing bundle>, public_key: <PEM>} beside its source"
-            )
-        checked.signed(content, spec, signed)  # its files exist
-        return path, spec, content
-
-    def verify_signature(self, model: str, signed: str) -> dict[str, Any]:
-        """Inputs of verify_signature: the signature, the key or certificates it is checked with, and the content
-        stamps of the signed directory, so a changed signature, key or signed file re-verifies."""
-        _, spec, content = self._signed_part(model, signed)
-        return {"signature": spec.file, "trust": list(spec.trust_files), "content": content}
-
-    def signed_directory(self, model: str, signed: str) -> str:
-        """The directory verify-signature checks (not recorded: its content is, through its stamps)."""
-        return str(self._signed_part(model, signed)[0])
-
-    def signature_options(self, model: str, signed: str) -> str:
-        """How verify-signature checks the signature: its key or certificates (inputs, so not recorded here)."""
-        spec = self._signed_part(model, signed)[1]
-        if spec.method == KEYLESS:
-            return f"--identity {shlex.quote(spec.identity)} --oidc_issuer {shlex.quote(spec.oidc_issuer)}"
-        return f"--{spec.method} " + " ".join(shlex.quote(path) for path in spec.trust_files)
-
-    def signature_method(self, model: str, signed: str) -> str:
-        """Recorded: the method, and a keyless signer's identity, decide what a verification accepts."""
-        spec = self._signed_part(model, signed)[1]
-        return spec.describe() if spec.method == KEYLESS else spec.method
 
     # dequantize (a block-FP8 source)
 
@@ -160,8 +108,8 @@ class RuleInputs:
         return " ".join(flags)
 
     def _calibration(self, model: str) -> dict[str, Any]:
-        dataset = self.facts.model(model).corpus("quantization.dataset")
-        return {"calibration": _local_files(dataset)} if dataset and Path(dataset).exists() else {}
+        files = self.facts.model(model).corpus_files("quantization.dataset")
+        return {"calibration": files} if files else {}
 
     def quantize_device(self, model: str) -> str:
         """Where calibration runs (not recorded: it does not change what is built)."""
@@ -274,9 +222,8 @@ class RuleInputs:
         inputs: dict[str, Any] = {"source": checked.source_stamps}
         if checked.settings.draft is not None:
             inputs["draft"] = checked.draft_stamps
-        corpus = checked.corpus("reduced_vocab.corpus")
-        if corpus and Path(corpus).exists():
-            inputs["corpus"] = _local_files(corpus)
+        if files := checked.corpus_files("reduced_vocab.corpus"):
+            inputs["corpus"] = files
         return inputs
 
     def reduce_vocab_options(self, model: str) -> str:
@@ -338,54 +285,6 @@ class RuleInputs:
             "lora_graph": targets.path(targets.LORA_GRAPH, model=model, precision=precision),
             "adapter": checked.adapter_stamps(adapter),
         }
-
-    def _accuracy_precisions(self, model: str) -> list[str]:
-        """fp16 (the baseline) and every configured precision of the model, each checked."""
-        checked = self.facts.model(model)
-        where = targets.path(targets.ACCURACY_REPORT, model=model)
-        if (held := checked.checkpoint.held) is not None:
-            raise ConfigError(
-                f"model '{model}' is already quantized as {held.precision}, so {where} is not a target: it compares "
-                "each precision with the fp16 export, which a pre-quantized source has not"
-            )
-        if checked.settings.reduced_vocab is not None:
-            raise ConfigError(
-                f"model '{model}' has a reduced vocabulary, so {where} is not a target: its logits lack the ids it "
-                "drops and its perplexity would not be comparable; add the model again without reduced_vocab"
-            )
-        precisions = [FLOAT_WEIGHTS, *(p for p in checked.settings.precisions if p != FLOAT_WEIGHTS)]
-        for precision in precisions:
-            checked.precision(precision)
-        return precisions
-
-    def accuracy_report(self, model: str) -> dict[str, Any]:
-        """Inputs of accuracy_report: the LLM export of fp16 and of every configured precision, the held-out text."""
-        inputs: dict[str, Any] = {
-            f"export_{p}": targets.export_path(LLM, MANIFEST, model, p) for p in self._accuracy_precisions(model)
-        }
-        checked = self.facts.model(model)
-        dataset = checked.corpus("accuracy.dataset")
-        if dataset and dataset == checked.settings.quantization.dataset:
-            raise ConfigError(
-                f"model '{model}' accuracy.dataset is its quantization.dataset: accuracy measured on the calibration "
-                "text says nothing of other text; give held-out text, or null for the built-in held-out split"
-            )
-        if dataset and Path(dataset).exists():
-            inputs["dataset"] = _local_files(dataset)
-        return inputs
-
-    def accuracy_options(self, model: str) -> str:
-        """The flags that decide the report (recorded): the exports compared (fp16 and the configured precisions;
-        their content is tracked through their manifests), the held-out text and how much of it."""
-        accuracy = self.facts.model(model).settings.accuracy
-        flags = [
-            "--export " + shlex.quote(f"{p}={os.path.dirname(targets.export_path(LLM, MANIFEST, model, p))}")
-            for p in self._accuracy_precisions(model)
-        ]
-        flags.append(f"--model {shlex.quote(model)} --samples {accuracy.samples} --tokens {accuracy.tokens}")
-        if accuracy.dataset:
-            flags.append(f"--dataset {shlex.quote(accuracy.dataset)}")
-        return " ".join(flags)
 
     # engines
 

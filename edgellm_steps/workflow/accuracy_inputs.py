@@ -1,0 +1,70 @@
+"""What the accuracy_report job reads and the flags it passes: the exports it compares and the held-out text.
+
+A part of :class:`~edgellm_steps.workflow.rule_inputs.RuleInputs`, kept apart as the rule of one step.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+from edgellm_steps.errors import ConfigError
+from edgellm_steps.export.kinds import LLM, MANIFEST
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS
+from edgellm_steps.workflow import targets
+from edgellm_steps.workflow.model_facts import Facts
+
+
+class AccuracyInputs:
+    """Inputs and options of accuracy_report, answered from the checked facts."""
+
+    facts: Facts
+
+    def _accuracy_precisions(self, model: str) -> list[str]:
+        """fp16 (the baseline) and every configured precision of the model, each checked."""
+        checked = self.facts.model(model)
+        where = targets.path(targets.ACCURACY_REPORT, model=model)
+        if (held := checked.checkpoint.held) is not None:
+            raise ConfigError(
+                f"model '{model}' is already quantized as {held.precision}, so {where} is not a target: it compares "
+                "each precision with the fp16 export, which a pre-quantized source has not"
+            )
+        if checked.settings.reduced_vocab is not None:
+            raise ConfigError(
+                f"model '{model}' has a reduced vocabulary, so {where} is not a target: its logits lack the ids it "
+                "drops and its perplexity would not be comparable; add the model again without reduced_vocab"
+            )
+        precisions = [FLOAT_WEIGHTS, *(p for p in checked.settings.precisions if p != FLOAT_WEIGHTS)]
+        for precision in precisions:
+            checked.precision(precision)
+        return precisions
+
+    def accuracy_report(self, model: str) -> dict[str, Any]:
+        """Inputs of accuracy_report: the LLM export of fp16 and of every configured precision, the held-out text."""
+        inputs: dict[str, Any] = {
+            f"export_{p}": targets.export_path(LLM, MANIFEST, model, p) for p in self._accuracy_precisions(model)
+        }
+        checked = self.facts.model(model)
+        dataset = checked.corpus("accuracy.dataset")
+        if dataset and dataset == checked.settings.quantization.dataset:
+            raise ConfigError(
+                f"model '{model}' accuracy.dataset is its quantization.dataset: accuracy measured on the calibration "
+                "text says nothing of other text; give held-out text, or null for the built-in held-out split"
+            )
+        if files := checked.corpus_files("accuracy.dataset"):
+            inputs["dataset"] = files
+        return inputs
+
+    def accuracy_options(self, model: str) -> str:
+        """The flags that decide the report (recorded): the exports compared (fp16 and the configured precisions;
+        their content is tracked through their manifests), the held-out text and how much of it."""
+        accuracy = self.facts.model(model).settings.accuracy
+        flags = [
+            "--export " + shlex.quote(f"{p}={os.path.dirname(targets.export_path(LLM, MANIFEST, model, p))}")
+            for p in self._accuracy_precisions(model)
+        ]
+        flags.append(f"--model {shlex.quote(model)} --samples {accuracy.samples} --tokens {accuracy.tokens}")
+        if accuracy.dataset:
+            flags.append(f"--dataset {shlex.quote(accuracy.dataset)}")
+        return " ".join(flags)
