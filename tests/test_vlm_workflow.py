@@ -89,3 +89,21 @@ def test_a_text_only_model_has_no_visual_target(tmp_path, checkpoint_factory):
     assert "model 'vlm' is a text-only qwen2 model with no vision encoder" in refused.output
     # Its engine plan has no vision engine.
     assert "build_visual_engine" not in planned_jobs(run_snakemake(tmp_path, "-n", "engines/vlm_fp16.engine").output)
+
+
+def test_the_readme_rule_graph_is_the_workflow_s(workdir):
+    """The README draws the rule graph of a VLM's engine, verify and accuracy targets as Snakemake does."""
+    import re
+
+    from .support import REPO
+
+    write_config(workdir, CONFIG + "    precisions: [fp8]\n    sm_targets: [110]\n")
+    targets = ("engines/vlm_fp8.engine", "reports/vlm_fp8/verify.json", "reports/vlm/visual/verify.json")
+    drawn = run_snakemake(workdir, "--rulegraph", "mermaid-js", "--", *targets, "reports/vlm/accuracy.json").stdout
+
+    def edges(text: str) -> set[tuple[str, str]]:
+        names = dict(re.findall(r"^\s*(id\d+)\[(\w+)\]", text, re.MULTILINE))
+        return {(names[a], names[b]) for a, b in re.findall(r"^\s*(id\d+) --> (id\d+)", text, re.MULTILINE)}
+
+    readme = (REPO / "README.md").read_text()
+    assert edges(drawn) and edges(readme.split("```mermaid")[1].split("```")[0]) == edges(drawn)
