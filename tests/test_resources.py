@@ -114,6 +114,9 @@ LAYERWISE_RUNS = [
     ("calibrate", LLAMA_8B_SHAPE, 128_256, 16 * 128, 1626),
     ("from statistics", QWEN_05B_SHAPE, 151_936, 0, 1924),
     ("from statistics", LLAMA_8B_SHAPE, 128_256, 0, 3789),
+    ("on the text", QWEN_05B_SHAPE, 151_936, 64 * 256, 2310),  # int4_awq, batch 16
+    ("on the text", QWEN_05B_SHAPE, 151_936, 64 * 256, 2033),  # fp8
+    ("on the text", LLAMA_8B_SHAPE, 128_256, 16 * 128, 3564),  # fp8
 ]
 
 
@@ -148,24 +151,28 @@ def planner(source: Path, **settings) -> Planner:
     return Planner(config, state_dir=source.parent / "state")
 
 
-def test_planner_uses_the_recipe_batch_capped_at_the_calibration_samples(checkpoint_factory, tmp_path):
+def test_quantize_jobs_ask_for_one_layer_with_the_states_or_the_table(checkpoint_factory, tmp_path):
+    """A quantize job holds one decoder layer: from the statistics with the embedding table, on the text (AWQ) also
+    with the cached states, so its request grows with the calibration tokens and not with the batch."""
     ckpt = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
-    weight_bytes = (ckpt / "model.safetensors").stat().st_size
-    vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    tokens = 10**6  # far above the floor, so that the batch shows
+    config = json.loads((ckpt / "config.json").read_text())
+    tokens = 10**5  # far above the floor, so that the states show
 
-    def expected(weights: str, batch: int) -> int:
-        return quantize_mem_mb(weight_bytes, weights, batch=batch, tokens=tokens, vocab_size=vocab)
+    def expected(kind: str, samples: int) -> int:
+        return resources.layerwise_mem_mb(
+            kind,
+            layer_bytes=layer_bytes(config),
+            state_bytes=4 * samples * tokens * config["hidden_size"],
+            table_bytes=4 * config["vocab_size"] * config["hidden_size"],
+        )
 
     default = planner(ckpt, quantization={"calib_max_tokens": tokens})
-    assert default.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 16) > FLOOR_MB
-    assert default.resources.quantize_mem_mb("m", "fp8-kvfp8") == expected("fp8", 1)
-    assert default.resources.quantize_mem_mb("m", "fp16-lmfp8") == expected("fp16", 1)
+    assert default.resources.quantize_mem_mb("m", "int4_awq") == expected("on the text", 512) > FLOOR_MB
+    assert default.resources.quantize_mem_mb("m", "fp8-kvfp8") == expected("from statistics", 512) == FLOOR_MB
     few = planner(ckpt, quantization={"calib_max_tokens": tokens, "calib_size": 4})
-    assert few.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 4)
-    chosen = planner(ckpt, quantization={"calib_max_tokens": tokens, "batch_size": 2})
-    assert chosen.resources.quantize_mem_mb("m", "int4_awq") == expected("int4_awq", 2)
-    assert chosen.resources.quantize_mem_mb("m", "nvfp4") == expected("nvfp4", 2)
+    assert few.resources.quantize_mem_mb("m", "int4_awq") == expected("on the text", 4)
+    batched = planner(ckpt, quantization={"calib_max_tokens": tokens, "batch_size": 2})
+    assert batched.resources.quantize_mem_mb("m", "int4_awq") == expected("on the text", 512)
 
 
 def test_planner_threads_and_gpus_follow_the_config(checkpoint_factory):
@@ -229,9 +236,6 @@ def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_pa
     plan = run_snakemake(tmp_path, "-n", "-p", *targets).output
     jobs = dry_run_jobs(plan)
 
-    def quantize(weights: str, batch: int) -> str:
-        return str(quantize_mem_mb(SPARSE_BYTES, weights, batch=batch, tokens=2048, vocab_size=vocab))
-
     cpu_fp8 = jobs[("quantize_llm", "model=cpu, precision=fp8")]
     cpu_awq = jobs[("quantize_llm", "model=cpu, precision=int4_awq")]
     gpu_awq = jobs[("quantize_llm", "model=gpu, precision=int4_awq")]
@@ -250,8 +254,11 @@ def test_dry_run_shows_memory_threads_and_gpu_of_quantize_and_verify_jobs(tmp_pa
             "from statistics", layer_bytes=layer_bytes(config), state_bytes=0, table_bytes=4 * vocab * hidden
         )
     )
-    assert cpu_awq["mem_mb"] == gpu_awq["mem_mb"] == quantize("int4_awq", 16)
-    assert int(quantize("int4_awq", 16)) > int(calibrate["mem_mb"]) >= int(cpu_fp8["mem_mb"]) >= FLOOR_MB
+    on_text = resources.layerwise_mem_mb(
+        "on the text", layer_bytes=layer_bytes(config), state_bytes=4 * tokens * hidden, table_bytes=4 * vocab * hidden
+    )
+    assert cpu_awq["mem_mb"] == gpu_awq["mem_mb"] == str(on_text)
+    assert on_text > int(calibrate["mem_mb"]) >= int(cpu_fp8["mem_mb"]) >= FLOOR_MB
     # device cpu: no GPU; device cuda: one GPU (any SM).
     assert cpu_fp8["gpu"] == cpu_awq["gpu"] == calibrate["gpu"] == "0" and gpu_awq["gpu"] == "1"
     assert "constraint" not in gpu_awq

@@ -34,13 +34,10 @@ class JobResources:
         )
 
     def quantize_mem_mb(self, model: str, precision: str) -> int:
-        """Host RAM of a quantize job: from the shared statistics, one layer and the embedding table; calibrating
-        on the text (AWQ), the measured peaks per weight format and calibration batch (resources.py)."""
-        checked = self.facts.model(model)
-        parsed = checked.precision(precision)
-        if parsed.from_statistics:
-            return self._layerwise_mem_mb(model, "from statistics")
-        return self._quantize_mem_mb(model, parsed, checked.weight_bytes)
+        """Host RAM of a quantize job, which holds one decoder layer (resources.py): from the shared statistics, the
+        layer and the embedding table; calibrating on the text (AWQ), also the cached states and its activations."""
+        parsed = self.facts.model(model).precision(precision)
+        return self._layerwise_mem_mb(model, "from statistics" if parsed.from_statistics else "on the text")
 
     def _layerwise_mem_mb(self, model: str, kind: str) -> int:
         """mem_mb of a job of the shared calibration, from the model's shapes (float32: the CPU's calibration dtype,
