@@ -524,3 +524,28 @@ def test_excluded_linears_stay_float16_and_the_accuracy_report_shows_it(base, qu
         quantize_llm(base, tmp_path / "all", precision="fp8", exclude=("model.layers.*",), **CALIB)
     with pytest.raises(PrecisionError, match=re.escape("'*.mlp.gate' matches no decoder Linear")):
         quantize_llm(base, tmp_path / "bad", precision="fp8", exclude=("*.mlp.gate",), **CALIB)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int4_awq", "nvfp4-lmnvfp4-kvfp8"])
+def test_the_streamed_graph_computes_the_whole_graph_bit_for_bit(base, quantized, fp16_export, precision):
+    """One decoder layer's weights at a time (verify/streamed_graph.py), the same logits and caches as
+    onnx.reference running the whole graph, through a ragged prefill and a decode step; each layer's segment
+    reads that layer's weights only."""
+    from edgellm_steps.verify.streamed_graph import StreamedGraph
+
+    export = fp16_export if precision == "fp16" else quantized(precision)[1]
+    table = hf_rope_table(transformers.AutoModelForCausalLM.from_pretrained(str(base)), 32)
+    ids = [np.random.default_rng(3).integers(0, 300, 20).tolist(), [7, 8, 9]]
+    runs = []
+    for streamed in (False, True):
+        runner = LLMRunner(export, table, batch=2, capacity=32, streamed=streamed)
+        runs.append((runner.step(ids, all_logits=True), runner.step([[5], [6]]), runner.caches))
+    (whole, step, caches), (got, got_step, got_caches) = runs
+    assert np.array_equal(whole, got) and np.array_equal(step, got_step)
+    assert all(np.array_equal(a, b) for a, b in zip(caches, got_caches, strict=True))
+    graph = StreamedGraph(export / "model.onnx", [])
+    weights = {t.name for t in graph.proto_.graph.initializer if t.name.startswith("model.layers.")}
+    for segment in graph._segments:
+        layers = {name.split(".")[2] for name in segment.reads if name in weights}
+        assert layers == ({segment.key.split()[1]} if segment.key.startswith("layer") else set()), segment.key
+    assert [s.key for s in graph._segments] == ["layer 0", "layer 1", "tail"]

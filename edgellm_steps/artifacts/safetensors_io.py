@@ -221,6 +221,16 @@ class SafetensorsFile:
         data = self._read(entry.begin, entry.end - entry.begin)
         return np.frombuffer(data, dtype=np.dtype(numpy_name)).reshape(entry.shape)
 
+    def mapped_array(self, name: str) -> np.ndarray:
+        """A numpy-typed tensor mapped read-only from the file: indexing it reads only the rows it touches (an
+        embedding table looked up for a few tokens)."""
+        entry = self._entries[name]
+        numpy_name = _TORCH_NAMES[entry.dtype]
+        if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            raise SourceError(f"{self.path}: tensor {_short(name)} is {entry.dtype}, which numpy cannot hold")
+        offset = self._data_start + entry.begin
+        return np.memmap(self.path, dtype=np.dtype(numpy_name), mode="r", offset=offset, shape=entry.shape)
+
     def _read(self, offset: int, size: int) -> bytearray:
         buffer = bytearray(size)
         view = memoryview(buffer)

@@ -1,8 +1,9 @@
 """The accuracy report: what each precision of a model costs in quality, measured on its exports themselves.
 
 Each configured precision's LLM export runs (``onnx.reference`` with the CPU implementations of the plugin
-ops, as verify-onnx runs it) over windows of text that calibration never read: the built-in corpus's
-held-out split, or ``accuracy.dataset``. Each window is one prefill, and every next token is scored:
+ops, as verify-onnx runs it, but one decoder layer at a time: ``streamed_graph.py``) over windows of text
+that calibration never read: the built-in corpus's held-out split, or ``accuracy.dataset``. Each window is
+one prefill, and every next token is scored:
 
 - ``perplexity``: exp of the mean negative log-likelihood of the text's next tokens;
 - ``next_token_accuracy``: how often the most likely token is the text's next one;
@@ -11,8 +12,9 @@ held-out split, or ``accuracy.dataset``. Each window is one prefill, and every n
 - ``export_bytes``: the export directory on disk; ``engine_bytes_estimate``: the graph and its weights file,
   what a TensorRT engine holds (the embedding table and tokenizer stay beside it).
 
-The fp16 export's log-probabilities are kept (float32) while the others run, so memory grows with
-samples x tokens x vocabulary: 8 x 128 tokens of a 152k vocabulary is 0.6 GB.
+Memory holds one decoder layer's weights, the LM head, the embedding rows of the window and the fp16
+export's log-probabilities, kept (float32) while the others run: samples x tokens x vocabulary, 0.6 GB for
+8 x 128 tokens of a 152k vocabulary.
 """
 
 from __future__ import annotations
@@ -146,14 +148,14 @@ def measure_accuracy(
     results: dict[str, dict[str, Any]] = {}
     order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
     for precision in order:
-        runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens)
+        runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens, streamed=True)
         tally = Tally()
         for k, window in enumerate(windows):
             runner.reset()
             logp = log_softmax(runner.step([window], all_logits=True)[0])
             if precision == BASELINE:
                 baseline.append(logp.astype(np.float32))
-            tally.add(logp, baseline[k], window)
+            tally.add(logp, logp if precision == BASELINE else baseline[k], window)
         figures = tally.figures()
         results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}
         log.info(

@@ -15,9 +15,11 @@ from onnx import helper
 from onnx.reference import ReferenceEvaluator
 from safetensors.numpy import load_file
 
+from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 from edgellm_steps.export import llm_io
 from edgellm_steps.graph.onnx_builder import ONNX_NAME
 from edgellm_steps.plugins import REFERENCE_OPS
+from edgellm_steps.verify.streamed_graph import StreamedGraph
 
 
 def lora_feeds(inputs, adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,13 +53,21 @@ class LLMRunner:
         capacity: int,
         graph: str = ONNX_NAME,
         lora: dict[str, np.ndarray] | None = None,
+        streamed: bool = False,
     ) -> None:
         """``graph`` names the ONNX file to run; a LoRA graph (``lora_model.onnx``) gets ``lora``'s tensors
-        (a processed adapter) and, for every LoRA input the adapter lacks, rank 0, as the runtime binds it."""
+        (a processed adapter) and, for every LoRA input the adapter lacks, rank 0, as the runtime binds it.
+        ``streamed`` runs it one decoder layer at a time (:mod:`streamed_graph`: the same outputs, one layer's
+        weights in memory) and reads only the embedding rows its tokens use."""
         onnx_dir = Path(onnx_dir)
         self.config = json.loads((onnx_dir / "config.json").read_text())
-        self.embedding = load_file(str(onnx_dir / "embedding.safetensors"))["embedding"]
-        self.session = ReferenceEvaluator(str(onnx_dir / graph), new_ops=list(REFERENCE_OPS))
+        table = onnx_dir / "embedding.safetensors"
+        if streamed:
+            self.embedding = SafetensorsFile(table).mapped_array("embedding")
+            self.session = StreamedGraph(onnx_dir / graph, list(REFERENCE_OPS))
+        else:
+            self.embedding = load_file(str(table))["embedding"]
+            self.session = ReferenceEvaluator(str(onnx_dir / graph), new_ops=list(REFERENCE_OPS))
         self.lora = lora_feeds(self.session.proto_.graph.input, lora or {})
         self.rope = rope_table.astype(np.float32)
         layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
