@@ -262,3 +262,22 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: source directory")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_float16_matmul_of_the_reference_runner_is_numpys_within_one_step():
+    """LLMRunner's MatMul multiplies float16 in float32 through BLAS; numpy's float16 matmul accumulates in float
+    too, in another order: every result within one float16 step of numpy's, most equal. Control: accumulating in
+    float16 (rounding every partial sum) lands further off."""
+    from edgellm_steps.verify.reference import MatMul
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(shape).astype(np.float16) for shape in ((64, 512), (512, 96)))
+    want = np.matmul(a, b)
+    (got,) = MatMul._run(None, a, b)
+    step = np.spacing(np.abs(want)).astype(np.float32)
+    off = np.abs(got.astype(np.float32) - want.astype(np.float32))
+    assert got.dtype == np.float16 and (off <= step).all() and (off == 0).mean() > 0.9
+    partial = np.zeros((64, 96), np.float16)
+    for k in range(512):
+        partial = (partial + np.outer(a[:, k], b[k]).astype(np.float16)).astype(np.float16)
+    assert (np.abs(partial.astype(np.float32) - want.astype(np.float32)) > step).any()
