@@ -450,11 +450,18 @@ def accuracy_misses(got: dict[str, float], want: dict[str, float]) -> list[str]:
     return misses
 
 
-def test_accuracy_report_figures_are_transformers_and_modelopt_figures(base, quantized, fp16_export, tmp_path):
+def test_accuracy_report_figures_are_transformers_and_modelopt_figures(
+    base, quantized, fp16_export, tmp_path, monkeypatch
+):
     """The report's perplexity, agreement and KL of every weight format, from the exported graphs, equal what
-    transformers computes on the float model and ModelOpt's fake-quantized models for the same held-out windows."""
+    transformers computes on the float model and ModelOpt's fake-quantized models for the same held-out windows
+    (each window fed in chunks of 16 tokens through the KV cache, as the report feeds long windows)."""
     from edgellm_steps.quant.calibration import held_out_texts
+    from edgellm_steps.verify import accuracy
     from edgellm_steps.verify.accuracy import accuracy_report
+
+    monkeypatch.setattr(accuracy, "CHUNK_TOKENS", 16)
+    monkeypatch.setattr(accuracy, "ROWS", 7)
 
     exports = {"fp16": fp16_export, **{p: quantized(p)[1] for p in ACCURACY_PRECISIONS}}
     paths = {name: tmp_path / f"accuracy.{name}" for name in ("json", "html", "png")}

@@ -12,9 +12,9 @@ one prefill, and every next token is scored:
 - ``export_bytes``: the export directory on disk; ``engine_bytes_estimate``: the graph and its weights file,
   what a TensorRT engine holds (the embedding table and tokenizer stay beside it).
 
-Memory holds one decoder layer's weights, the LM head, the embedding rows of the window and the fp16
-export's log-probabilities, kept (float32) while the others run: samples x tokens x vocabulary, 0.6 GB for
-8 x 128 tokens of a 152k vocabulary.
+Memory holds one decoder layer's weights (the LM head last), the logits of :data:`CHUNK_TOKENS` tokens and,
+when other precisions follow, the fp16 export's log-probabilities (float32: samples x tokens x vocabulary,
+0.6 GB for 8 x 128 tokens of a 152k vocabulary).
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+#: Tokens a window is fed in at a time (chunked prefill through the KV cache, as the runtime may run it), and
+#: logit rows turned into log-probabilities at a time: memory is bounded whatever the window and vocabulary.
+CHUNK_TOKENS = 256
+ROWS = 64
+
+
 @dataclass
 class Tally:
     """Sums over the scored positions of every window; :meth:`figures` turns them into the report's numbers."""
@@ -80,15 +86,23 @@ class Tally:
     agree: int = 0
     kl: float = 0.0
 
-    def add(self, logp: np.ndarray, baseline: np.ndarray, window: list[int]) -> None:
-        """Score one window: ``logp`` and ``baseline`` are [S, V] log-probabilities; position p predicts p + 1."""
-        scored, reference = logp[:-1], baseline[:-1].astype(np.float64)
-        targets = np.asarray(window[1:])
-        self.positions += len(targets)
-        self.nll -= float(scored[np.arange(len(targets)), targets].sum())
-        self.correct += int((scored.argmax(-1) == targets).sum())
-        self.agree += int((scored.argmax(-1) == reference.argmax(-1)).sum())
-        self.kl += float((np.exp(reference) * (reference - scored)).sum())
+    def add(self, logits: np.ndarray, baseline: np.ndarray | None, targets: list[int]) -> np.ndarray:
+        """Score positions whose next tokens are ``targets`` from their ``logits`` ([n, V], n = len(targets)),
+        against the ``baseline`` log-probabilities ([n, V]; None: these are the baseline's). Returns their
+        log-probabilities (float32), :data:`ROWS` rows at a time in float64."""
+        kept = np.empty(logits.shape, np.float32)
+        for first in range(0, len(targets), ROWS):
+            rows = slice(first, first + ROWS)
+            scored = log_softmax(logits[rows])
+            reference = scored if baseline is None else baseline[rows].astype(np.float64)
+            wanted = np.asarray(targets[rows])
+            self.positions += len(wanted)
+            self.nll -= float(scored[np.arange(len(wanted)), wanted].sum())
+            self.correct += int((scored.argmax(-1) == wanted).sum())
+            self.agree += int((scored.argmax(-1) == reference.argmax(-1)).sum())
+            self.kl += float((np.exp(reference) * (reference - scored)).sum())
+            kept[rows] = scored
+        return kept
 
     def figures(self) -> dict[str, float]:
         n = self.positions
@@ -144,7 +158,7 @@ def measure_accuracy(
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     windows = held_out_windows(tokenizer, held_out_texts(dataset), samples, tokens)
     rope = config_rope_table(Path(checkpoint), tokens)
-    baseline: list[np.ndarray] = []
+    baseline: dict[tuple[int, int], np.ndarray] = {}
     results: dict[str, dict[str, Any]] = {}
     order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
     for precision in order:
@@ -152,10 +166,13 @@ def measure_accuracy(
         tally = Tally()
         for k, window in enumerate(windows):
             runner.reset()
-            logp = log_softmax(runner.step([window], all_logits=True)[0])
-            if precision == BASELINE:
-                baseline.append(logp.astype(np.float32))
-            tally.add(logp, logp if precision == BASELINE else baseline[k], window)
+            for start in range(0, tokens, CHUNK_TOKENS):
+                logits = runner.step([window[start : start + CHUNK_TOKENS]], all_logits=True)[0]
+                targets = window[start + 1 : start + CHUNK_TOKENS + 1]
+                reference = None if precision == BASELINE else baseline[k, start]
+                kept = tally.add(logits[: len(targets)], reference, targets)
+                if precision == BASELINE and len(order) > 1:
+                    baseline[k, start] = kept
         figures = tally.figures()
         results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}
         log.info(
