@@ -4,11 +4,12 @@
   (``models/demo/trained.py``), quantized to fp8, int8_sq, int4_awq and nvfp4 (32 samples x 64 tokens),
   each exported, then ``edgellm-accuracy-report`` over fp16 and the four on 8 x 128 held-out tokens. Its plot
   is the README's example, ``bench/results/accuracy_example.png``.
-- ``0.5b``: the Qwen2.5-0.5B-shaped random checkpoint of ``bench.export_bench`` exported in fp16, and the
-  report over it alone (``--samples`` x ``--tokens``): how fast and in how much memory the graph runs through
-  ``onnx.reference`` today (tokens per second, peak RSS).
+- ``0.5b`` and ``8b``: the Qwen2.5-0.5B- and Llama-3.1-8B-shaped random checkpoints of ``bench.export_bench``
+  exported in fp16, and the report over that export alone (``--samples`` x ``--tokens``, fed 256 tokens at a
+  time): how fast and in how much memory the graph runs one decoder layer at a time (tokens per second, peak
+  RSS). Target for the 8B shape on 2048 tokens: at most 3 GB peak RSS.
 
-    .venv/bin/python -m bench.accuracy_bench [tiny] [0.5b] [--samples 1] [--tokens 128]
+    .venv/bin/python -m bench.accuracy_bench [tiny] [0.5b] [8b] [--samples 1] [--tokens 128]
 
 Runs are appended to bench/results/accuracy_bench.json.
 """
@@ -76,7 +77,7 @@ def _step(tool: str, model_dir: Path, output_dir: Path, *flags: str) -> None:
 
 def main() -> int:
     parser = bench_parser(__doc__)
-    parser.add_argument("cases", nargs="*", default=["tiny", "0.5b"], choices=["tiny", "0.5b"])
+    parser.add_argument("cases", nargs="*", default=["tiny", "0.5b"], choices=["tiny", "0.5b", "8b"])
     parser.add_argument("--samples", type=int, default=1, help="0.5b: windows of held-out text (default 1)")
     parser.add_argument("--tokens", type=int, default=128, help="0.5b: tokens per window (default 128)")
     args = parser.parse_args()
@@ -95,17 +96,20 @@ def main() -> int:
             _step("edgellm-export-llm", quantized, out / precision)
         runs.append(_report(exports, checkpoint, out, 8, 128, "tiny"))
         shutil.copyfile(out / "accuracy.png", EXAMPLE_PLOT)
-    if "0.5b" in args.cases:
-        checkpoint = args.workdir / "0.5b-checkpoint"
+    for shape in ("0.5b", "8b"):
+        if shape not in args.cases:
+            continue
+        checkpoint = args.workdir / f"{shape}-checkpoint"
         if not (checkpoint / "config.json").is_file():
             subprocess.run(
-                module_command("bench.export_bench", "0.5b", "--generate-only", "--workdir", str(args.workdir)),
+                module_command("bench.export_bench", shape, "--generate-only", "--workdir", str(args.workdir)),
                 check=True,
             )
-        out = args.workdir / "accuracy-0.5b"
+        out = args.workdir / f"accuracy-{shape}"
         shutil.rmtree(out, ignore_errors=True)
         _step("edgellm-export-llm", checkpoint, out / "fp16")
-        runs.append(_report({"fp16": out / "fp16"}, checkpoint, out, args.samples, args.tokens, "0.5b"))
+        runs.append(_report({"fp16": out / "fp16"}, checkpoint, out, args.samples, args.tokens, shape))
+        shutil.rmtree(out, ignore_errors=True)
     if not args.no_record:
         record("accuracy_bench", runs, args.note)
     return 0
