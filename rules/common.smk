@@ -78,8 +78,11 @@ def all_export_targets():
 
 
 def step_code(name):
-    """A recorded param: editing a step's implementation reruns its jobs. Computed when a job of the rule
-    is planned (step_code_digest caches it), not when the rule is defined: a plan pays for its own steps."""
+    """A recorded param: editing a step's implementation reruns its jobs.
+
+    The digest is computed when a job of this step is planned (step_code_digest caches it), not at
+    parse time, so a plan pays only for its own steps.
+    """
     return lambda wildcards: f"{name} implementation {step_code_digest(name)}"
 
 

@@ -49,6 +49,7 @@ def _hostile_files(workdir: Path, base: Path) -> None:
     (root / "template.json").write_text(json.dumps(template))
     (root / "calib.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
     (root / "corpus.txt").write_text("hello world, the model speaks\n" * 40)
+    (root / "heldout.txt").write_text("A held-out line the calibration never read.\n" * 40)
     (root / PLUGIN).write_bytes(b"")
     for name in ("vlm.sig", "signer.pub"):  # planning checks that they exist; no job here verifies one
         (root / name).write_text("{}")
@@ -78,6 +79,7 @@ def _config(workdir: Path) -> str:
                 "sm_targets": [110],
                 "build": {"max_lora_rank": 4},
                 "lora": {"chat": f"{HOSTILE}/adapter one"},
+                "accuracy": {"dataset": f"{HOSTILE}/heldout.txt"},
             },
             "vlm": {
                 "source": f"{HOSTILE}/vlm",
@@ -93,8 +95,8 @@ def _config(workdir: Path) -> str:
 
 WORKDIR = WorkdirLayout(checkpoint="llama", config="models: {}\n", extras=_hostile_files)
 
-#: Targets that plan every rule: engines (EAGLE pair, quantized, LoRA, VLM), verify reports, a merged variant,
-#: a block-FP8 release's export.
+#: Targets that plan every rule: engines (EAGLE pair, quantized, LoRA, VLM), verify and accuracy reports, a merged
+#: variant, a block-FP8 release's export.
 TARGETS = (
     "engines/tiny_fp16.engine",
     "engines/tiny_fp8.engine",
@@ -103,6 +105,7 @@ TARGETS = (
     "engines/vlm_fp16.engine",
     "reports/vlm/visual/verify.json",
     "reports/adapted_fp16/lora/chat/verify.json",
+    "reports/adapted/accuracy.json",
     "onnx/merged+m_fp16/llm/model.onnx",
     "onnx/released_fp16/llm/model.onnx",
 )
@@ -116,6 +119,7 @@ HOSTILE_FILES = (
     "template.json",
     "calib.txt",
     "corpus.txt",
+    "heldout.txt",
     PLUGIN,
     "vlm.sig",
     "signer.pub",
@@ -127,6 +131,7 @@ HOSTILE_FLAGS = {
     "--chat_template",
     "--dataset_dir",
     "--corpus",
+    "--dataset",
     "--plugin_path",
     "--adapter_dir",
     "--input_dir",

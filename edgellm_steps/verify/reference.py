@@ -39,11 +39,11 @@ class MatMul(OpRun):
         if a.dtype != np.float16 or b.dtype != np.float16:
             return (np.matmul(a, b),)
         left = a.astype(np.float32)
-        if b.ndim != 2 or b.shape[1] <= self.COLUMNS:
+        if b.ndim != 2 or b.shape[1] <= MatMul.COLUMNS:
             return (np.matmul(left, b.astype(np.float32)).astype(np.float16),)
         out = np.empty((*a.shape[:-1], b.shape[1]), np.float16)
-        for first in range(0, b.shape[1], self.COLUMNS):
-            part = slice(first, first + self.COLUMNS)
+        for first in range(0, b.shape[1], MatMul.COLUMNS):
+            part = slice(first, first + MatMul.COLUMNS)
             out[..., part] = np.matmul(left, b[:, part].astype(np.float32))
         return (out,)
 
