@@ -117,6 +117,7 @@ LAYERWISE_RUNS = [
     ("on the text", QWEN_05B_SHAPE, 151_936, 64 * 256, 2310),  # int4_awq, batch 16
     ("on the text", QWEN_05B_SHAPE, 151_936, 64 * 256, 2033),  # fp8
     ("on the text", LLAMA_8B_SHAPE, 128_256, 16 * 128, 3564),  # fp8
+    ("on the text", LLAMA_8B_SHAPE, 128_256, 16 * 128, 3711),  # int4_awq, batch 16
 ]
 
 

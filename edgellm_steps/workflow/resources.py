@@ -135,7 +135,7 @@ class LayerwisePeak:
 #:   1787, fp8-kvfp8 1807; 8B (table 2004 MiB): fp8 3740, nvfp4 3789.
 #: - quantize-llm calibrating on the text (int4_awq: AWQ's search needs the activations; batch 16): a layer, the
 #:   cached states with each layer's outputs and AWQ's activations of a batch, then the table written whole:
-#:   0.5B, 64 x 256: 2310; AWQ_RUNS; fp8 on the text (no workflow job does it; the same loop): 0.5B 64 x 256
+#:   0.5B, 64 x 256: 2310; 8B, 16 x 128: 3711; fp8 on the text (no workflow job does it; the same loop): 0.5B 64 x 256
 #:   2033, 8B 16 x 128 3564.
 LAYERWISE_PEAKS = {
     "calibrate": LayerwisePeak(base_mib=1300, layer=0.6, states=2, table=0),
