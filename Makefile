@@ -24,10 +24,12 @@ $(SETUP_STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 # The headline: a tiny Qwen2.5-VL quantized to fp8, its language model and vision encoder exported
-# and verified, then the plan of its engine target (both engines; building them needs a GPU host).
+# and verified, its accuracy report and Snakemake's report of it all (report.html in the work directory),
+# then the plan of its engine target (both engines; building them needs a GPU host).
 demo: setup
 	$(DEMO) --workdir $(DEMO_DIR)
 	$(SNAKEMAKE) --cores 2 $$($(DEMO) --targets build)
+	$(SNAKEMAKE) --report report.html $$($(DEMO) --targets build)  # demo_workdir.DEMO_SNAKEMAKE_REPORT
 	$(SNAKEMAKE) --dry-run $$($(DEMO) --targets engine)
 	@echo
 	$(DEMO) --workdir $(DEMO_DIR) --summary

@@ -12,7 +12,7 @@ rule export_llm:
     log:
         "logs/export_llm/{model}_{precision}.log",
     benchmark:
-        "benchmarks/export_llm/{model}_{precision}.tsv"
+        targets.EXPORT_LLM_BENCHMARK
     conda:
         "../envs/export.yaml"
     params:

@@ -11,7 +11,7 @@ rule calibrate_llm:
     log:
         "logs/calibrate_llm/{model}.log",
     benchmark:
-        "benchmarks/calibrate_llm/{model}.tsv"
+        targets.CALIBRATE_BENCHMARK
     conda:
         "../envs/export.yaml"
     threads: ask(RESOURCES.quantize_threads, "model")
@@ -36,7 +36,7 @@ rule quantize_llm:
     log:
         "logs/quantize_llm/{model}_{precision}.log",
     benchmark:
-        "benchmarks/quantize_llm/{model}_{precision}.tsv"
+        targets.QUANTIZE_BENCHMARK
     conda:
         "../envs/export.yaml"
     threads: ask(RESOURCES.quantize_threads, "model")

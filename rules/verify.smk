@@ -91,7 +91,7 @@ rule accuracy_report:
     log:
         "logs/accuracy_report/{model}.log",
     benchmark:
-        "benchmarks/accuracy_report/{model}.tsv"
+        targets.ACCURACY_BENCHMARK
     conda:
         "../envs/export.yaml"
     threads: ask(RESOURCES.verify_threads, "model")
@@ -104,3 +104,30 @@ rule accuracy_report:
     shell:
         "{params.command} {params.options} --model_dir {params.checkpoint:q} --report {output.report:q}"
         " --page {output.page:q} --plot {output.plot:q} > {log:q} 2>&1"
+
+
+# What the jobs behind the accuracy report cost: wall time and peak memory from their benchmarks/ files
+# (read, not required: a deleted one is listed as not measured, and never reruns its job). Cheap, so local.
+localrules:
+    job_costs,
+
+
+rule job_costs:
+    input:
+        unpack(ask(INPUTS.job_costs, "model")),
+    output:
+        report=targets.JOB_COSTS,
+        page=report(
+            targets.JOB_COSTS_PAGE,
+            category="Costs",
+            labels={"model": "{model}", "figure": "jobs"},
+        ),
+    log:
+        "logs/job_costs/{model}.log",
+    conda:
+        "../envs/export.yaml"
+    params:
+        **step(steps.JOB_COSTS),
+        options=ask_unrecorded(INPUTS.job_costs_options, "model"),
+    shell:
+        "{params.command} {params.options} --report {output.report:q} --page {output.page:q} > {log:q} 2>&1"

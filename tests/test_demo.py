@@ -63,4 +63,8 @@ def test_make_demo_builds_the_export_in_the_given_directory(tmp_path):
     # Trained, the model predicts far better than uniformly (a random one's perplexity is about its vocabulary).
     assert list(accuracy) == ["fp16", "fp8"] and accuracy["fp16"]["perplexity"] < vocabulary / 3
     assert "Accuracy on 1016 held-out tokens" in output and "  fp8 " in output
+    # Snakemake's own report of the work directory holds the accuracy page, the jobs table and the verify reports.
+    html = (demo / "report.html").read_text()
+    assert all(name in html for name in ("accuracy.html", "accuracy.png", "jobs.html", "verify.json")), "report"
+    assert f"Snakemake's report (accuracy, jobs, verify, rule graph): {demo / 'report.html'}" in output
     assert {name: snapshot(REPO / name) for name in WORK_DIR_ENTRIES} == before, "make demo wrote into the checkout"

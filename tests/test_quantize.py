@@ -437,6 +437,41 @@ def independent_figures(model, reference, windows: list[list[int]], shift: int =
     }
 
 
+def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each decoder layer's output hidden states, taken by forward hooks on transformers' layers."""
+    captured = []
+
+    def keep(module, args, output):
+        captured.append((output[0] if isinstance(output, tuple) else output).double())
+
+    hooks = [layer.register_forward_hook(keep) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def independent_layer_errors(model, reference, windows: list[list[int]], positions: int) -> list[float]:
+    """Per layer, ||h - h_reference|| / ||h_reference|| over the first ``positions`` of every window."""
+    ids = torch.tensor(windows)[:, :positions]
+    ours, theirs = layer_outputs(model, ids), layer_outputs(reference, ids)
+    return [float((a - b).norm() / b.norm()) for a, b in zip(ours, theirs, strict=True)]
+
+
+#: The report's per-layer hidden-state error (float16 graphs against the fp16 graph) against ModelOpt's and
+#: transformers' (float32): relative, plus a floor for the float16 graphs' own rounding. Measured within 6%
+#: (fp8 0.0133 / 0.0126 at layer 0, nvfp4 0.0495 / 0.0500).
+LAYER_BOUNDS = (0.15, 1e-3)
+
+
+def layer_misses(got: list[float], want: list[float]) -> list[int]:
+    relative, floor = LAYER_BOUNDS
+    return [i for i, (g, w) in enumerate(zip(got, want, strict=True)) if abs(g - w) > relative * w + floor]
+
+
 #: How far the report's figures (the exported graphs, float16) may land from transformers' (float32), measured on
 #: this base: mean NLL 0.6e-4 (fp16) to 7e-4 (fp8); agreement equal; KL 2-6% apart.
 ACCURACY_BOUNDS = {"mean_nll": 2e-3, "top1_agreement": 0.03, "mean_kl": 0.15}
@@ -479,22 +514,30 @@ def test_accuracy_report_figures_are_transformers_and_modelopt_figures(
             break
     windows = [stream[i * 40 : (i + 1) * 40] for i in range(3)]
     float_model = load_reference_model(base, None, torch.float32)
-    want, unshifted = {}, {}
+    want, unshifted, want_layers = {}, {}, {}
     with cpu_fake_quantization():
         for precision in ("fp16", *ACCURACY_PRECISIONS):
             model = float_model if precision == "fp16" else fake_quant_module(quantized(precision)[0], "model")[0]
             want[precision] = independent_figures(model, float_model, windows)
             unshifted[precision] = independent_figures(model, float_model, windows, shift=0)
+            # The first chunk's positions (16 here), where the report compares every layer's hidden states.
+            want_layers[precision] = independent_layer_errors(model, float_model, windows, 16)
     figures = report["precisions"]
     for precision, got in figures.items():
         print(precision, {k: (round(got[k], 6), round(want[precision][k], 6)) for k in want[precision]})
         assert not accuracy_misses(got, want[precision]), (precision, got, want[precision])
         assert got["perplexity"] == pytest.approx(np.exp(got["mean_nll"]))
+        layers = want_layers[precision]
+        print(precision, "layers", got["layer_relative_error"], layers)
+        assert len(got["layer_relative_error"]) == 2 and not layer_misses(got["layer_relative_error"], layers)
         # Negative controls: scoring the token each position reads, or another precision's model, is caught.
         assert "mean_nll" in accuracy_misses(got, unshifted[precision]), unshifted[precision]
         other = ACCURACY_PRECISIONS[(ACCURACY_PRECISIONS.index(precision) + 1) % 4] if precision != "fp16" else "nvfp4"
         assert accuracy_misses(got, want[other]), (precision, other)
+        if precision != "fp16":
+            assert layer_misses(got["layer_relative_error"], want_layers[other]), (precision, other)
     assert figures["fp16"]["top1_agreement"] == 1 and figures["fp16"]["mean_kl"] == 0
+    assert figures["fp16"]["layer_relative_error"] == [0, 0]
     assert figures["int4_awq"]["engine_bytes_estimate"] < figures["fp8"]["engine_bytes_estimate"]
     assert figures["fp8"]["engine_bytes_estimate"] < figures["fp16"]["engine_bytes_estimate"]
 

@@ -106,6 +106,7 @@ TARGETS = (
     "reports/vlm/visual/verify.json",
     "reports/adapted_fp16/lora/chat/verify.json",
     "reports/adapted/accuracy.json",
+    "reports/adapted/jobs.json",
     "onnx/merged+m_fp16/llm/model.onnx",
     "onnx/released_fp16/llm/model.onnx",
 )

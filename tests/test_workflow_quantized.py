@@ -37,6 +37,7 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
 
 QUANT_CONFIG = scenario("quantized")
 ACCURACY = "reports/tiny/accuracy.json"
+JOBS = "reports/tiny/jobs.json"
 #: One precision per part of the grammar the rules pass on (weights alone, a KV cache over fp16 weights, and
 #: weights with an lm_head and a KV cache); fp8 weights go through the workflow in the demo, the block-FP8 and
 #: the Qwen3-VL tests; each format's quantize and export is proven against ModelOpt in test_quantize.
@@ -67,15 +68,29 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
     # plot in Snakemake's own report; a changed accuracy setting reruns it alone.
     configured = QUANT_CONFIG + f"    precisions: [{', '.join(QUANT_PRECISIONS)}]\n"
     write_config(tmp_path, configured)
-    assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY).output) == {"accuracy_report": 1}
-    run_snakemake(tmp_path, ACCURACY)
-    run_snakemake(tmp_path, ACCURACY, "--report", "report.html")
+    assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY, JOBS).output) == {"accuracy_report": 1, "job_costs": 1}
+    run_snakemake(tmp_path, ACCURACY, JOBS)
+    run_snakemake(tmp_path, ACCURACY, JOBS, "--report", "report.html")
     report = json.loads((tmp_path / ACCURACY).read_text())
     assert list(report["precisions"]) == ["fp16", *sorted(QUANT_PRECISIONS)] and report["inputs"]["samples"] == 8
     assert report["precisions"]["fp16"]["top1_agreement"] == 1
     assert all(0 < figures["perplexity"] < 1000 for figures in report["precisions"].values())
     html = (tmp_path / "report.html").read_text()
-    assert "accuracy.png" in html and "accuracy.html" in html
+    assert "accuracy.png" in html and "accuracy.html" in html and "jobs.html" in html
+    # The jobs table: every job of the chain, each figure Snakemake's own benchmark row.
+    costs = json.loads((tmp_path / JOBS).read_text())
+    names = [job["job"] for job in costs["jobs"]]
+    assert names[0] == "calibrate-llm" and names[-1] == "accuracy-report" and len(names) == 2 + 2 * 3 + 1
+    for job in costs["jobs"]:
+        header, row = (tmp_path / job["benchmark"]).read_text().splitlines()[:2]
+        measured = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+        assert job["wall_s"] == float(measured["s"]) and job["max_rss_mib"] == float(measured["max_rss"]), job
+    assert costs["not_measured"] == [] and costs["max_rss_mib"] > 100
+    # A deleted benchmark file reruns no job: the table says it was not measured.
+    (tmp_path / "benchmarks/quantize_llm/tiny_int4_awq.tsv").unlink()
+    assert NOTHING in run_snakemake(tmp_path, "-n", ACCURACY, JOBS).output
+    run_snakemake(tmp_path, JOBS, "--forcerun", "job_costs")
+    assert json.loads((tmp_path / JOBS).read_text())["not_measured"] == ["quantize-llm int4_awq"]
     write_config(tmp_path, configured + "    accuracy: {samples: 4}\n")
     assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY, *targets).output) == {"accuracy_report": 1}
     # Layers kept in fp16: every quantize job reruns (and what reads it), the shared statistics do not.

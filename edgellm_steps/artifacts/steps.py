@@ -16,6 +16,7 @@ MERGE_LORA = "merge-lora"
 DEQUANTIZE_FP8 = "dequantize-fp8"
 VERIFY_ONNX = "verify-onnx"
 ACCURACY_REPORT = "accuracy-report"
+JOB_COSTS = "job-costs"
 BUILD_ENGINE = "build-engine"
 VERIFY_SIGNATURE = "verify-signature"
 
@@ -35,5 +36,6 @@ ALL = (
     MERGE_LORA,
     VERIFY_ONNX,
     ACCURACY_REPORT,
+    JOB_COSTS,
     BUILD_ENGINE,
 )

@@ -9,12 +9,16 @@ one prefill, and every next token is scored:
 - ``next_token_accuracy``: how often the most likely token is the text's next one;
 - ``top1_agreement``: how often the most likely token is the fp16 export's (the baseline: 1 for itself);
 - ``mean_kl``: KL(fp16 export || this export) of the next-token distributions, nats per token;
+- ``layer_relative_error``: per decoder layer, ||h - h_fp16|| / ||h_fp16|| of its output hidden states over the
+  first :data:`LAYER_ROWS` positions of each window: where along the depth a precision departs from fp16
+  (what ``quantization.exclude`` acts on);
 - ``export_bytes``: the export directory on disk; ``engine_bytes_estimate``: the graph and its weights file,
   what a TensorRT engine holds (the embedding table and tokenizer stay beside it).
 
 Memory holds one decoder layer's weights (the LM head last), the logits of :data:`CHUNK_TOKENS` tokens and,
 when other precisions follow, the fp16 export's log-probabilities (float32: samples x tokens x vocabulary,
-0.6 GB for 8 x 128 tokens of a 152k vocabulary).
+0.6 GB for 8 x 128 tokens of a 152k vocabulary) and its hidden states at those positions (float16: samples x
+64 x layers x hidden, 134 MB for 8 windows of an 8B shape).
 """
 
 from __future__ import annotations
@@ -72,8 +76,10 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 #: Tokens a window is fed in at a time (chunked prefill through the KV cache, as the runtime may run it), and
 #: logit rows turned into log-probabilities at a time: memory is bounded whatever the window and vocabulary.
-CHUNK_TOKENS = 256
+CHUNK_TOKENS = 512
 ROWS = 64
+#: Positions of each window whose hidden states every layer is compared at (the first ones of its first chunk).
+LAYER_ROWS = 64
 
 
 @dataclass
@@ -113,6 +119,27 @@ class Tally:
             "top1_agreement": self.agree / n,
             "mean_kl": self.kl / n,
         }
+
+
+@dataclass
+class LayerErrors:
+    """Per decoder layer, the squared distance of the hidden states from the baseline's and the baseline's
+    squared norm, summed over the compared positions (float64)."""
+
+    distance: np.ndarray | None = None
+    norm: np.ndarray | None = None
+
+    def add(self, hidden: np.ndarray, baseline: np.ndarray) -> None:
+        """``hidden`` and ``baseline``: [layers, positions, hidden size] of one window."""
+        ours, theirs = hidden.astype(np.float64), baseline.astype(np.float64)
+        distance, norm = ((ours - theirs) ** 2).sum(axis=(1, 2)), (theirs**2).sum(axis=(1, 2))
+        self.distance = distance if self.distance is None else self.distance + distance
+        self.norm = norm if self.norm is None else self.norm + norm
+
+    def relative_errors(self) -> list[float]:
+        if self.distance is None or self.norm is None:
+            return []
+        return [float(e) for e in np.sqrt(self.distance / np.maximum(self.norm, np.finfo(np.float64).tiny))]
 
 
 def export_sizes(onnx_dir: Path) -> dict[str, int]:
@@ -159,21 +186,27 @@ def measure_accuracy(
     windows = held_out_windows(tokenizer, held_out_texts(dataset), samples, tokens)
     rope = config_rope_table(Path(checkpoint), tokens)
     baseline: dict[tuple[int, int], np.ndarray] = {}
+    baseline_layers: dict[int, np.ndarray] = {}
     results: dict[str, dict[str, Any]] = {}
     order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
     for precision in order:
         runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens, streamed=True)
-        tally = Tally()
+        tally, layers = Tally(), LayerErrors()
         for k, window in enumerate(windows):
             runner.reset()
             for start in range(0, tokens, CHUNK_TOKENS):
                 logits = runner.step([window[start : start + CHUNK_TOKENS]], all_logits=True)[0]
+                if start == 0:
+                    hidden = np.stack([h[0, :LAYER_ROWS] for h in runner.session.layer_outputs])
+                    if precision == BASELINE:
+                        baseline_layers[k] = hidden
+                    layers.add(hidden, baseline_layers[k])
                 targets = window[start + 1 : start + CHUNK_TOKENS + 1]
                 reference = None if precision == BASELINE else baseline[k, start]
                 kept = tally.add(logits[: len(targets)], reference, targets)
                 if precision == BASELINE and len(order) > 1:
                     baseline[k, start] = kept
-        figures = tally.figures()
+        figures = {**tally.figures(), "layer_relative_error": layers.relative_errors()}
         results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}
         log.info(
             "%s: perplexity %.4g, top-1 agreement %.2f%%, mean KL %.3g",

@@ -1,7 +1,8 @@
 """The accuracy report as a person reads it: a plot of quality against size (PNG) and a self-contained HTML page.
 
 The plot puts one point per precision: the graph's bytes (what the engine holds) across, perplexity on the
-held-out text up, and the top-1 agreement with the fp16 export in a second panel. The page holds the table
+held-out text up, and the top-1 agreement with the fp16 export in a second panel; a third draws each
+precision's hidden-state error against fp16 layer by layer (where along the depth it departs). The page holds the table
 and the plot inline, so it can be mailed or opened from a Snakemake report alone.
 """
 
@@ -18,6 +19,7 @@ COLUMNS = (
     ("next-token accuracy", "next_token_accuracy", "{:.1%}"),
     ("top-1 agreement with fp16", "top1_agreement", "{:.1%}"),
     ("mean KL from fp16 (nats/token)", "mean_kl", "{:.3g}"),
+    ("largest layer error vs fp16", "layer_relative_error", "{:.3g}"),
     ("engine estimate (MB)", "engine_bytes_estimate", "{:.1f}"),
     ("export on disk (MB)", "export_bytes", "{:.1f}"),
 )
@@ -34,7 +36,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
     figures = report["precisions"]
     names = list(figures)
     sizes = [figures[n]["engine_bytes_estimate"] / _MEGABYTE for n in names]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, (left, right, depth) = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     for axis, key, label in (
         (left, "perplexity", "perplexity on held-out text (lower is better)"),
         (right, "top1_agreement", f"top-1 agreement with {report['baseline']}"),
@@ -46,6 +48,16 @@ def plot_png(report: dict[str, Any]) -> bytes:
         axis.set_xlabel("engine size estimate (MB)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
+    for name in names:
+        errors = figures[name].get("layer_relative_error") or []
+        if name != report["baseline"] and errors:
+            depth.plot(range(len(errors)), errors, marker="o", label=name)
+    depth.set_xlabel("decoder layer")
+    depth.set_ylabel(f"hidden-state error vs {report['baseline']} (relative)")
+    if depth.lines:
+        depth.set_yscale("log")
+        depth.legend(fontsize=8)
+    depth.grid(True, alpha=0.3)
     fig.suptitle(f"{report['model']}: {report['inputs']['scored_tokens']} held-out tokens")
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -63,6 +75,10 @@ def page_html(report: dict[str, Any], png: bytes) -> bytes:
         cells = []
         for _, key, fmt in COLUMNS:
             value = figures[key] / _MEGABYTE if "bytes" in key else figures[key]
+            if isinstance(value, list):  # per layer: the largest, and where
+                value, where = (max(value), f" (layer {value.index(max(value))})") if value else (None, "")
+                cells.append("<td>-</td>" if value is None else f"<td>{fmt.format(value)}{where}</td>")
+                continue
             cells.append(f"<td>{fmt.format(value)}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
     image = base64.b64encode(png).decode()

@@ -8,7 +8,9 @@ after; tensors pass between segments by name and are dropped after their last re
 the same ops on the same arrays in the same order, so the outputs equal the whole graph's bit for bit.
 
 :class:`StreamedGraph` answers the two things :class:`~edgellm_steps.verify.reference.LLMRunner` asks of
-``onnx.reference.ReferenceEvaluator``: ``proto_`` (the graph, its inputs and outputs) and ``run``.
+``onnx.reference.ReferenceEvaluator``: ``proto_`` (the graph, its inputs and outputs) and ``run``. Segments also
+expose what the whole graph hides: after a run, :attr:`StreamedGraph.layer_outputs` holds each decoder layer's
+output hidden states (the residual stream the next layer reads), for the accuracy report's per-layer error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+
+#: Element types whose stored bytes are their numpy array's (little-endian, unpacked).
+_PLAIN = {
+    t: helper.tensor_dtype_to_np_dtype(t)
+    for t in (
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.INT8,
+        TensorProto.UINT8,
+        TensorProto.INT32,
+        TensorProto.INT64,
+    )
+}
 
 #: The segment of a node: its decoder layer's index, from the exporter's node names.
 _LAYER = re.compile(r"^/model/layers\.(\d+)/")
@@ -43,12 +58,17 @@ class _Segment:
     """One segment: its nodes as a graph whose inputs are what it reads (weights included) and whose outputs
     are what later segments or the graph's outputs read."""
 
-    def __init__(self, key: str, nodes: list, model: onnx.ModelProto, wanted_later: set[str]) -> None:
+    def __init__(
+        self, key: str, nodes: list, model: onnx.ModelProto, wanted_later: set[str], graph_outputs: set[str]
+    ) -> None:
         produced = {name for node in nodes for name in node.output if name}
         read = [name for node in nodes for name in node.input if name and name not in produced]
         self.key = key
         self.reads = list(dict.fromkeys(read))
         self.writes = [name for node in nodes for name in node.output if name in wanted_later]
+        #: What the next segment reads of this one that is no graph output: for a decoder layer, its hidden states
+        #: (the last such tensor written: the residual sum the layer ends with).
+        self.passed_on = [name for name in self.writes if name not in graph_outputs]
         graph = helper.make_graph(
             nodes,
             key,
@@ -75,18 +95,28 @@ class StreamedGraph:
         self._segments: list[_Segment] = []
         for position, key in enumerate(order):
             later = {name for k in order[position + 1 :] for n in grouped[k] for name in n.input} | outputs
-            self._segments.append(_Segment(key, grouped[key], self.proto_, later))
+            self._segments.append(_Segment(key, grouped[key], self.proto_, later, outputs))
         #: The last segment reading each tensor: after it runs, the tensor is dropped.
         self._last_reader = {name: i for i, segment in enumerate(self._segments) for name in segment.reads}
+        #: Each decoder layer's output hidden states of the last run, in layer order.
+        self.layer_outputs: list[np.ndarray] = []
 
     def _weight(self, name: str) -> np.ndarray:
-        """An initializer's value, its bytes read from the external data file only now."""
+        """An initializer's value, its bytes read from the external data file only now.
+
+        A plain numeric tensor is read straight into its array (one copy: an 8B LM head is 1 GB); a packed or
+        8-bit float one goes through ``numpy_helper``, which unpacks it (three transient copies of a smaller
+        tensor).
+        """
         tensor = self._initializers[name]
         if not onnx.external_data_helper.uses_external_data(tensor):
             return numpy_helper.to_array(tensor)
         info = onnx.external_data_helper.ExternalDataInfo(tensor)
         with open(self._directory / info.location, "rb") as handle:
             handle.seek(info.offset or 0)
+            if tensor.data_type in _PLAIN:
+                count = int(np.prod(tensor.dims, dtype=np.int64))
+                return np.fromfile(handle, _PLAIN[tensor.data_type], count).reshape(tuple(tensor.dims))
             data = handle.read(info.length) if info.length else handle.read()
         inline = TensorProto()
         inline.CopyFrom(tensor)
@@ -100,10 +130,13 @@ class StreamedGraph:
         if names is not None:
             raise ValueError("a streamed graph returns every output")
         live = dict(feeds)
+        self.layer_outputs = []
         for index, segment in enumerate(self._segments):
             inputs = {name: live[name] if name in live else self._weight(name) for name in segment.reads}
             results = ReferenceEvaluator(segment.model, new_ops=self._new_ops).run(None, inputs)
             live.update(zip(segment.writes, results, strict=True))
+            if segment.key.startswith("layer ") and segment.passed_on:
+                self.layer_outputs.append(live[segment.passed_on[-1]])
             for name in segment.reads:
                 if self._last_reader[name] == index and name not in feeds:
                     live.pop(name, None)

@@ -176,7 +176,9 @@ def verify_onnx(
     rope = hf_rope_table(model.get_base_model() if adapter is not None else model, capacity)  # PEFT wraps it
 
     def runner_for(batch: int) -> LLMRunner:
-        return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity, graph=graph, lora=lora)
+        """The export's graph (or its LoRA graph, whose inserted nodes insert-lora names and places in their
+        layer), one decoder layer's weights in memory at a time: bit for bit the whole graph's outputs."""
+        return LLMRunner(Path(onnx_dir), rope, batch=batch, capacity=capacity, graph=graph, lora=lora, streamed=True)
 
     kept = _kept_columns(Path(onnx_dir))
 

@@ -68,3 +68,34 @@ class AccuracyInputs:
         if accuracy.dataset:
             flags.append(f"--dataset {shlex.quote(accuracy.dataset)}")
         return " ".join(flags)
+
+    def _accuracy_jobs(self, model: str) -> list[tuple[str, str, str]]:
+        """The jobs behind the accuracy report, in the chain's order: (name, benchmark file, what it wrote)."""
+        precisions = self._accuracy_precisions(model)
+        checked = self.facts.model(model)
+        jobs = []
+        quantized = [p for p in precisions if self.quantized_manifest(model, p)]
+        if any(checked.precision(p).from_statistics for p in quantized):
+            calibrated = targets.path(targets.CALIBRATION_MANIFEST, model=model)
+            jobs.append(("calibrate-llm", targets.path(targets.CALIBRATE_BENCHMARK, model=model), calibrated))
+        for p in quantized:
+            wildcards = {"model": model, "precision": p}
+            made = targets.path(targets.QUANTIZED, **wildcards)
+            jobs.append((f"quantize-llm {p}", targets.path(targets.QUANTIZE_BENCHMARK, **wildcards), made))
+        for p in precisions:
+            made = targets.export_path(LLM, MANIFEST, model, p)
+            benchmark = targets.path(targets.EXPORT_LLM_BENCHMARK, model=model, precision=p)
+            jobs.append((f"export-llm {p}", benchmark, made))
+        report = targets.path(targets.ACCURACY_REPORT, model=model)
+        jobs.append(("accuracy-report", targets.path(targets.ACCURACY_BENCHMARK, model=model), report))
+        return jobs
+
+    def job_costs(self, model: str) -> dict[str, Any]:
+        """Inputs of job_costs: what each job of the chain wrote, so the table is made again whenever one of them
+        ran again. The benchmark files themselves are read, not required: a missing one must not rerun its job."""
+        return {f"made_{i}": made for i, (_, _, made) in enumerate(self._accuracy_jobs(model))}
+
+    def job_costs_options(self, model: str) -> str:
+        """The jobs and their benchmark files, in the chain's order."""
+        flags = [f"--benchmark {shlex.quote(f'{name}={path}')}" for name, path, _ in self._accuracy_jobs(model)]
+        return " ".join([*flags, f"--model {shlex.quote(model)}"])

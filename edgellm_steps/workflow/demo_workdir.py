@@ -53,13 +53,18 @@ DEMO_REPORTS = (
     ("vision encoder vs the transformers tower", targets.path(targets.VISUAL_REPORT, **_WILDCARDS)),
 )
 DEMO_ACCURACY = targets.path(targets.ACCURACY_REPORT, **_WILDCARDS)
+DEMO_JOBS = targets.path(targets.JOB_COSTS, **_WILDCARDS)
+#: Snakemake's report of the demo's targets (``make demo`` runs ``snakemake --report`` into it).
+DEMO_SNAKEMAKE_REPORT = "report.html"
 DEMO_ENGINE = targets.path(targets.DEFAULT_ENGINE, **_WILDCARDS)
-#: What ``make demo`` builds: both exports and both reports (the engine is planned only).
+#: What ``make demo`` builds: both exports, both verify reports, the accuracy report and its jobs' costs (the engine
+#: is planned only).
 DEMO_TARGETS = (
     targets.export_path(LLM, ONNX_NAME, DEMO_MODEL, DEMO_PRECISION),
     targets.export_path(VISUAL, ONNX_NAME, DEMO_MODEL),
     *(report for _, report in DEMO_REPORTS),
     DEMO_ACCURACY,
+    DEMO_JOBS,
 )
 
 
@@ -117,6 +122,13 @@ def demo_summary(workdir: Path) -> str:
             f"  {precision:<12}{figures['perplexity']:>12.2f}{figures['top1_agreement']:>15.1%}"
             f"{figures['mean_kl']:>12.2e}{figures['engine_bytes_estimate'] / 1e6:>11.2f}"
         )
+    jobs = json.loads((workdir / DEMO_JOBS).read_text())
+    lines.append(
+        f"Jobs: {len(jobs['jobs'])} measured in {workdir / DEMO_JOBS}, {jobs['total_wall_s']:.0f} s in all, "
+        f"the largest peak {jobs['max_rss_mib']:.0f} MiB"
+    )
+    if (workdir / DEMO_SNAKEMAKE_REPORT).is_file():
+        lines.append(f"Snakemake's report (accuracy, jobs, verify, rule graph): {workdir / DEMO_SNAKEMAKE_REPORT}")
     lines.append(f"Engine target (planned above, built on an SM110 GPU host): {workdir / DEMO_ENGINE}/")
     lines.append(f"  holds llm.engine and visual/visual.engine; logs in {workdir / 'logs'}/")
     return "\n".join(lines)

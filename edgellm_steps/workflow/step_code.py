@@ -36,6 +36,7 @@ STEP_ENTRY_POINTS = {
     steps.DEQUANTIZE_FP8: f"{PACKAGE}.cli.dequantize_fp8",
     steps.VERIFY_ONNX: f"{PACKAGE}.cli.verify_onnx",
     steps.ACCURACY_REPORT: f"{PACKAGE}.cli.accuracy_report",
+    steps.JOB_COSTS: f"{PACKAGE}.cli.job_costs",
     steps.BUILD_ENGINE: f"{PACKAGE}.cli.build_engine",
     steps.VERIFY_SIGNATURE: f"{PACKAGE}.cli.verify_signature",
 }

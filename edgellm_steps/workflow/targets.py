@@ -54,6 +54,14 @@ LORA_REPORT = "reports/{model}_{precision}/lora/{adapter}/verify.json"
 ACCURACY_REPORT = "reports/{model}/accuracy.json"
 ACCURACY_PAGE = "reports/{model}/accuracy.html"
 ACCURACY_PLOT = "reports/{model}/accuracy.png"
+#: The wall time and peak memory of the jobs behind that report, from their benchmark files.
+JOB_COSTS = "reports/{model}/jobs.json"
+JOB_COSTS_PAGE = "reports/{model}/jobs.html"
+#: Where Snakemake measures the jobs of that chain (each rule's ``benchmark:``).
+CALIBRATE_BENCHMARK = "benchmarks/calibrate_llm/{model}.tsv"
+QUANTIZE_BENCHMARK = "benchmarks/quantize_llm/{model}_{precision}.tsv"
+EXPORT_LLM_BENCHMARK = "benchmarks/export_llm/{model}_{precision}.tsv"
+ACCURACY_BENCHMARK = "benchmarks/accuracy_report/{model}.tsv"
 #: verify-signature's stamp: ``{signed}`` is ``source``, ``draft`` or ``lora/<adapter>``.
 SIGNATURE = "signatures/{model}/{signed}.json"
 SIGNED_SOURCE, SIGNED_DRAFT, SIGNED_ADAPTER = "source", "draft", "lora/{adapter}"
