@@ -92,11 +92,13 @@ class Tally:
     agree: int = 0
     kl: float = 0.0
 
-    def add(self, logits: np.ndarray, baseline: np.ndarray | None, targets: list[int]) -> np.ndarray:
+    def add(
+        self, logits: np.ndarray, baseline: np.ndarray | None, targets: list[int], *, keep: bool = False
+    ) -> np.ndarray | None:
         """Score positions whose next tokens are ``targets`` from their ``logits`` ([n, V], n = len(targets)),
-        against the ``baseline`` log-probabilities ([n, V]; None: these are the baseline's). Returns their
-        log-probabilities (float32), :data:`ROWS` rows at a time in float64."""
-        kept = np.empty(logits.shape, np.float32)
+        against the ``baseline`` log-probabilities ([n, V]; None: these are the baseline's), :data:`ROWS` rows at
+        a time in float64. With ``keep``, returns their log-probabilities (float32)."""
+        kept = np.empty(logits.shape, np.float32) if keep else None
         for first in range(0, len(targets), ROWS):
             rows = slice(first, first + ROWS)
             scored = log_softmax(logits[rows])
@@ -107,7 +109,8 @@ class Tally:
             self.correct += int((scored.argmax(-1) == wanted).sum())
             self.agree += int((scored.argmax(-1) == reference.argmax(-1)).sum())
             self.kl += float((np.exp(reference) * (reference - scored)).sum())
-            kept[rows] = scored
+            if kept is not None:
+                kept[rows] = scored
         return kept
 
     def figures(self) -> dict[str, float]:
@@ -203,8 +206,9 @@ def measure_accuracy(
                     layers.add(hidden, baseline_layers[k])
                 targets = window[start + 1 : start + CHUNK_TOKENS + 1]
                 reference = None if precision == BASELINE else baseline[k, start]
-                kept = tally.add(logits[: len(targets)], reference, targets)
-                if precision == BASELINE and len(order) > 1:
+                keep = precision == BASELINE and len(order) > 1
+                kept = tally.add(logits[: len(targets)], reference, targets, keep=keep)
+                if kept is not None:
                     baseline[k, start] = kept
         figures = {**tally.figures(), "layer_relative_error": layers.relative_errors()}
         results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}

@@ -103,7 +103,8 @@ class LLMRunner:
         layers, hkv, d = (self.config[k] for k in ("num_hidden_layers", "num_key_value_heads", "head_dim"))
         past = next(i for i in self.session.proto_.graph.input if i.name == llm_io.past_name(0))
         cache_dtype = helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
-        self.caches = [np.zeros((batch, 2, hkv, capacity, d), cache_dtype) for _ in range(layers)]
+        self._cache = ((batch, 2, hkv, capacity, d), cache_dtype, layers)
+        self.caches = [np.zeros(self._cache[0], cache_dtype) for _ in range(layers)]
         self.lengths = np.zeros(batch, np.int32)
         #: An EAGLE base graph takes tree inputs and returns the hidden states of every new token.
         self.eagle = any(i.name == llm_io.ATTENTION_POS_ID for i in self.session.proto_.graph.input)
@@ -115,7 +116,8 @@ class LLMRunner:
 
     def reset(self) -> None:
         """Empty the KV caches: the next step starts new sequences (the graph stays loaded)."""
-        self.caches = [np.zeros_like(cache) for cache in self.caches]
+        shape, dtype, layers = self._cache
+        self.caches = [np.zeros(shape, dtype) for _ in range(layers)]
         self.lengths = np.zeros_like(self.lengths)
 
     def step(
@@ -165,8 +167,11 @@ class LLMRunner:
             # An empty start index means a plain prefill into an empty cache.
             llm_io.KVCACHE_START_INDEX: start if start.any() else np.zeros(0, np.int32),
         }
-        for i, cache in enumerate(self.caches):
+        # The caches are handed to the graph (a streamed one drops each after its layer): the runner keeps none.
+        caches, self.caches = self.caches, []
+        for i, cache in enumerate(caches):
             feeds[llm_io.past_name(i)] = cache
+        del caches
         feeds.update(self.lora)
         for i, name in enumerate(self.deepstack_inputs):
             given = None if deepstack is None else np.asarray(deepstack[i], np.float16)
@@ -180,7 +185,7 @@ class LLMRunner:
         outputs = self.session.run(None, feeds)
         names = [o.name for o in self.session.proto_.graph.output]
         result = dict(zip(names, outputs, strict=True))
-        self.caches = [result[llm_io.present_name(i)] for i in range(len(self.caches))]
+        self.caches = [result[llm_io.present_name(i)] for i in range(self._cache[2])]
         self.lengths = start + counts
         self.hidden_states = result.get(llm_io.HIDDEN_STATES)
         return result[llm_io.LOGITS]

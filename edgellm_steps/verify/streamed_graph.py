@@ -88,16 +88,22 @@ class StreamedGraph:
         self._new_ops = new_ops
         self._initializers = {t.name: t for t in self.proto_.graph.initializer}
         nodes = list(self.proto_.graph.node)
-        keys = _segment_keys(nodes)
-        order = list(dict.fromkeys(keys))
         outputs = {o.name for o in self.proto_.graph.output}
-        grouped = {key: [n for n, k in zip(nodes, keys, strict=True) if k == key] for key in order}
+        # Segments are runs of consecutive nodes with one key, so they run in the graph's (topological) order
+        # even where a node named after one layer sits among another's (a run of its own then).
+        runs: list[tuple[str, list]] = []
+        for node, key in zip(nodes, _segment_keys(nodes), strict=True):
+            if runs and runs[-1][0] == key:
+                runs[-1][1].append(node)
+            else:
+                runs.append((key, [node]))
         self._segments: list[_Segment] = []
-        for position, key in enumerate(order):
-            later = {name for k in order[position + 1 :] for n in grouped[k] for name in n.input} | outputs
-            self._segments.append(_Segment(key, grouped[key], self.proto_, later, outputs))
+        for position, (key, run) in enumerate(runs):
+            later = {name for _, r in runs[position + 1 :] for n in r for name in n.input} | outputs
+            self._segments.append(_Segment(key, run, self.proto_, later, outputs))
         #: The last segment reading each tensor: after it runs, the tensor is dropped.
         self._last_reader = {name: i for i, segment in enumerate(self._segments) for name in segment.reads}
+        self._output_names = outputs
         #: Each decoder layer's output hidden states of the last run, in layer order.
         self.layer_outputs: list[np.ndarray] = []
 
@@ -126,18 +132,24 @@ class StreamedGraph:
         return numpy_helper.to_array(inline)
 
     def run(self, names: Any, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Every graph output, in the graph's order (``names`` must be None, as LLMRunner passes it)."""
+        """Every graph output, in the graph's order (``names`` must be None, as LLMRunner passes it).
+
+        The caller hands ``feeds`` over: each fed tensor is removed from it after the last segment that reads it
+        (an 8B export's past KV caches are 0.27 GB at 2k tokens; the new ones replace them layer by layer).
+        """
         if names is not None:
             raise ValueError("a streamed graph returns every output")
         live = dict(feeds)
-        self.layer_outputs = []
+        by_layer: dict[str, np.ndarray] = {}
         for index, segment in enumerate(self._segments):
             inputs = {name: live[name] if name in live else self._weight(name) for name in segment.reads}
             results = ReferenceEvaluator(segment.model, new_ops=self._new_ops).run(None, inputs)
             live.update(zip(segment.writes, results, strict=True))
             if segment.key.startswith("layer ") and segment.passed_on:
-                self.layer_outputs.append(live[segment.passed_on[-1]])
+                by_layer[segment.key] = live[segment.passed_on[-1]]
             for name in segment.reads:
-                if self._last_reader[name] == index and name not in feeds:
+                if self._last_reader[name] == index and name not in self._output_names:
                     live.pop(name, None)
+                    feeds.pop(name, None)
+        self.layer_outputs = list(by_layer.values())
         return [live[o.name] for o in self.proto_.graph.output]
