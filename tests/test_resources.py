@@ -143,6 +143,37 @@ def test_an_8b_shared_calibration_asks_for_a_fraction_of_the_whole_model_fit():
     assert from_statistics < calibrate < whole / 4
 
 
+#: (shape, layers, vocab, samples, tokens, precisions compared, measured peak MiB): bench/accuracy_bench.py runs.
+TINY_SHAPE = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
+ACCURACY_RUNS = [
+    (TINY_SHAPE, 2, 384, 8, 128, 4, 447),  # the trained tiny Qwen2, fp16 and four precisions
+    (LLAMA_8B_SHAPE, 32, 128_256, 1, 2048, 0, 2688),  # fp16 alone
+]
+
+
+@pytest.mark.parametrize(("shape", "layers", "vocab", "samples", "tokens", "compared", "peak_mib"), ACCURACY_RUNS)
+def test_accuracy_requests_cover_every_measured_peak_with_the_margin(
+    shape, layers, vocab, samples, tokens, compared, peak_mib
+):
+    hidden, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_key_value_heads"]
+    request = resources.accuracy_mem_mb(
+        segment_bytes=max(layer_bytes(shape) // 2, 2 * vocab * hidden),
+        vocab_size=vocab,
+        samples=samples,
+        tokens=tokens,
+        compared=compared,
+        cache_bytes=2 * layers * 2 * kv * (hidden // heads) * tokens,
+        hidden_bytes=2 * samples * 64 * layers * hidden,
+    )
+    assert MARGIN * peak_mib <= request <= max(FLOOR_MB, 2 * MARGIN * peak_mib)
+
+
+def test_the_accuracy_request_reads_the_reports_chunk():
+    from edgellm_steps.verify import accuracy
+
+    assert resources.ACCURACY_CHUNK_TOKENS == accuracy.CHUNK_TOKENS
+
+
 # Planner: what the rules ask for one model.
 
 

@@ -77,7 +77,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 #: Tokens a window is fed in at a time (chunked prefill through the KV cache, as the runtime may run it), and
 #: logit rows turned into log-probabilities at a time: memory is bounded whatever the window and vocabulary.
 CHUNK_TOKENS = 512
-ROWS = 64
+ROWS = 32
 #: Positions of each window whose hidden states every layer is compared at (the first ones of its first chunk).
 LAYER_ROWS = 64
 
@@ -194,6 +194,7 @@ def measure_accuracy(
     order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
     for precision in order:
         runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens, streamed=True)
+        runner.session.layer_rows = LAYER_ROWS
         tally, layers = Tally(), LayerErrors()
         for k, window in enumerate(windows):
             runner.reset()

@@ -32,6 +32,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figures = report["precisions"]
     names = list(figures)
@@ -53,6 +54,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
         if name != report["baseline"] and errors:
             depth.plot(range(len(errors)), errors, marker="o", label=name)
     depth.set_xlabel("decoder layer")
+    depth.xaxis.set_major_locator(MaxNLocator(integer=True))
     depth.set_ylabel(f"hidden-state error vs {report['baseline']} (relative)")
     if depth.lines:
         depth.set_yscale("log")

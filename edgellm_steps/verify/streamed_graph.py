@@ -104,8 +104,10 @@ class StreamedGraph:
         #: The last segment reading each tensor: after it runs, the tensor is dropped.
         self._last_reader = {name: i for i, segment in enumerate(self._segments) for name in segment.reads}
         self._output_names = outputs
-        #: Each decoder layer's output hidden states of the last run, in layer order.
+        #: Each decoder layer's output hidden states of the last run, in layer order: the first
+        #: :attr:`layer_rows` positions of each sequence (a copy: the rest is freed; 0 keeps none, None all).
         self.layer_outputs: list[np.ndarray] = []
+        self.layer_rows: int | None = 0
 
     def _weight(self, name: str) -> np.ndarray:
         """An initializer's value, its bytes read from the external data file only now.
@@ -145,8 +147,8 @@ class StreamedGraph:
             inputs = {name: live[name] if name in live else self._weight(name) for name in segment.reads}
             results = ReferenceEvaluator(segment.model, new_ops=self._new_ops).run(None, inputs)
             live.update(zip(segment.writes, results, strict=True))
-            if segment.key.startswith("layer ") and segment.passed_on:
-                by_layer[segment.key] = live[segment.passed_on[-1]]
+            if segment.key.startswith("layer ") and segment.passed_on and self.layer_rows != 0:
+                by_layer[segment.key] = live[segment.passed_on[-1]][:, : self.layer_rows].copy()
             for name in segment.reads:
                 if self._last_reader[name] == index and name not in self._output_names:
                     live.pop(name, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.workflow import resources
@@ -80,14 +81,21 @@ class JobResources:
         return resources.verify_mem_mb(checked.weight_bytes, held.precision.weights, unified=held.unified)
 
     def accuracy_mem_mb(self, model: str) -> int:
-        """Host RAM of an accuracy-report job: a graph run and the baseline's log-probabilities (resources.py)."""
+        """Host RAM of an accuracy-report job: one layer (or the LM head) of one export at a time, a chunk's logits,
+        the baseline's log-probabilities and hidden states, the KV caches (resources.py)."""
         checked = self.facts.model(model)
-        accuracy = checked.settings.accuracy
+        accuracy, dims = checked.settings.accuracy, checked.checkpoint.dims
+        attention = dims.head_dim * (2 * dims.num_heads + 2 * dims.num_kv_heads) * dims.hidden_size
+        layer = attention + 3 * dims.hidden_size * dims.intermediate_size
+        kv_per_token = 2 * dims.num_kv_heads * dims.head_dim
         return resources.accuracy_mem_mb(
-            checked.weight_bytes,
+            segment_bytes=2 * max(layer, dims.vocab_size * dims.hidden_size),
+            vocab_size=dims.vocab_size,
             samples=accuracy.samples,
             tokens=accuracy.tokens,
-            vocab_size=checked.checkpoint.dims.vocab_size,
+            compared=sum(1 for p in checked.settings.precisions if p != FLOAT_WEIGHTS),
+            cache_bytes=2 * dims.num_layers * kv_per_token * accuracy.tokens,
+            hidden_bytes=2 * accuracy.samples * 64 * dims.num_layers * dims.hidden_size,
         )
 
     def verify_visual_mem_mb(self, model: str) -> int:

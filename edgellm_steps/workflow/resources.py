@@ -165,9 +165,55 @@ def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS, *, unified: b
     return request_mb(PEAKS["verify"].factor * expansion * weight_bytes)
 
 
-def accuracy_mem_mb(weight_bytes: int, *, samples: int, tokens: int, vocab_size: int) -> int:
-    """mem_mb of an accuracy-report job: one export's graph run at a time, bounded by verify-onnx's measured
-    factor (which also holds the transformers model), plus the fp16 export's log-probabilities it keeps
-    (float32) and one window's in float64 a few times over."""
-    logits = (4 * samples + 3 * 8) * tokens * vocab_size
-    return request_mb(PEAKS["verify"].factor * weight_bytes + logits)
+#: Tokens of a window the accuracy report feeds at a time (``verify/accuracy.py`` ``CHUNK_TOKENS``; a test holds
+#: them equal: the workflow does not import the runner).
+ACCURACY_CHUNK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class AccuracyPeak:
+    """The accuracy report's peak: it runs one export at a time, one decoder layer's weights at a time (or the LM
+    head), so nothing in it grows with the number of layers but the KV caches. Terms, in bytes of what the job
+    holds: the largest float16 weight segment (a layer or the LM head) with its float32 slices; a chunk's logits
+    (float16 from the graph, float32 out, scored in float64 rows); the baseline's float32 log-probabilities when
+    other precisions follow; the past and present KV caches; the baseline's hidden states (float16, 64 positions
+    a window)."""
+
+    base_mib: float
+    weights: float
+    chunk_logits: float
+    baseline_logits: float
+    caches: float
+    hidden: float
+
+
+#: Fitted to bench/accuracy_bench.py (MiB, ru_maxrss): the trained tiny Qwen2 (5 exports, 8 x 128 tokens) 447; the
+#: Llama-3.1-8B shape (fp16, 1 x 2048 tokens: LM head 1.05 GB, caches 0.27 GB) 2688. Both requests are the floor;
+#: the weight term makes a 70B shape's (LM head 2.1 GB) larger.
+ACCURACY_PEAK = AccuracyPeak(base_mib=600, weights=1.5, chunk_logits=10, baseline_logits=4, caches=2, hidden=1)
+
+
+def accuracy_mem_mb(
+    *,
+    segment_bytes: int,
+    vocab_size: int,
+    samples: int,
+    tokens: int,
+    compared: int,
+    cache_bytes: int,
+    hidden_bytes: int,
+) -> int:
+    """mem_mb of an accuracy-report job (:data:`ACCURACY_PEAK`): ``segment_bytes`` the largest float16 layer or
+    LM head, ``compared`` the precisions besides the baseline, ``cache_bytes`` one sequence's KV caches of
+    ``tokens`` tokens, ``hidden_bytes`` the baseline's hidden states kept."""
+    peak = ACCURACY_PEAK
+    chunk = min(tokens, ACCURACY_CHUNK_TOKENS) * vocab_size
+    baseline = samples * tokens * vocab_size if compared else 0
+    parts = (
+        peak.weights * segment_bytes
+        + peak.chunk_logits * chunk
+        + peak.baseline_logits * baseline
+        + peak.caches * cache_bytes
+        + peak.hidden * hidden_bytes
+    )
+    return request_mb(peak.base_mib * MIB + parts)
