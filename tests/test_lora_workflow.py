@@ -62,6 +62,10 @@ def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir)
     config = json.loads((workdir / "lora/tiny/code/config.json").read_text())
     assert config["r"] == 8 and config["target_modules"] == ["down_proj", "o_proj"]
     assert NOTHING in run_snakemake(workdir, "-n", *TARGETS).output
+    # The accuracy report measures each served adapter too, from the graph and the processed adapters built.
+    accuracy = run_snakemake(workdir, "-n", "--printshellcmds", "reports/tiny/accuracy.json").output
+    assert planned_jobs(accuracy) == {"accuracy_report": 1}
+    assert "--adapter chat=lora/tiny/chat --adapter code=lora/tiny/code" in accuracy
     plan = run_snakemake(workdir, "-n", "--printshellcmds", "engines/sm110/tiny_fp16.engine")
     job = next(j for j in plan.output.split("rule ") if j.startswith("build_engine:"))
     assert "--lora_adapter chat=lora/tiny/chat" in job and "--lora_adapter code=lora/tiny/code" in job

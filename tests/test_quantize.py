@@ -599,3 +599,50 @@ def test_the_streamed_graph_computes_the_whole_graph_bit_for_bit(base, quantized
         layers = {name.split(".")[2] for name in segment.reads if name in weights}
         assert layers == ({segment.key.split()[1]} if segment.key.startswith("layer") else set()), segment.key
     assert [s.key for s in graph._segments] == ["layer 0", "layer 1", "tail"]
+
+
+def test_the_accuracy_report_measures_each_precision_with_a_served_adapter(base, quantized, fp16_export, tmp_path):
+    """With a served LoRA adapter the report runs each precision's lora_model.onnx fed the processed adapter and
+    compares it with the fp16 export fed the same adapter: the fp16 row is transformers with PEFT's adapter, the
+    fp8 row ModelOpt's fake-quantized model with it. Control: the model without the adapter lands elsewhere."""
+    import shutil
+
+    import peft
+
+    from edgellm_steps.lora.insert_lora import insert_lora
+    from edgellm_steps.lora.process_lora import process_lora
+    from edgellm_steps.models.demo import make_lora_adapter
+    from edgellm_steps.quant.calibration import held_out_texts
+    from edgellm_steps.verify.accuracy import measure_accuracy
+
+    exports = {}
+    for precision, directory in (("fp16", fp16_export), ("fp8", quantized("fp8")[1])):
+        exports[precision] = shutil.copytree(directory, tmp_path / precision)
+        insert_lora(exports[precision])
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    make_lora_adapter(tmp_path / "adapter", base, targets, seed=1, r=4, b_scale=1.0)  # a delta the NLL shows
+    process_lora(tmp_path / "adapter", tmp_path / "processed", model_dir=base)
+    report = measure_accuracy(exports, base, samples=2, tokens=24, adapters={"chat": tmp_path / "processed"})
+    figures = report["precisions"]
+    assert list(figures) == ["fp16", "fp8", "fp16+lora:chat", "fp8+lora:chat"]
+    assert figures["fp8+lora:chat"]["baseline"] == "fp16+lora:chat" and figures["fp16+lora:chat"]["mean_kl"] == 0
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+    stream = []
+    for text in held_out_texts(None):
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= 48:
+            break
+    windows = [stream[:24], stream[24:48]]
+    float_model = load_reference_model(base, None, torch.float32)
+    with cpu_fake_quantization():
+        plain = independent_figures(float_model, float_model, windows)
+        adapted = peft.PeftModel.from_pretrained(float_model, str(tmp_path / "adapter")).eval()
+        want = independent_figures(adapted, adapted, windows)
+        fake = fake_quant_module(quantized("fp8")[0], "model")[0]
+        fake_adapted = peft.PeftModel.from_pretrained(fake, str(tmp_path / "adapter")).eval()
+        want_fp8 = independent_figures(fake_adapted, adapted, windows)
+    print({name: (round(f["mean_nll"], 4), f["top1_agreement"], f["mean_kl"]) for name, f in figures.items()})
+    print("transformers+PEFT", want, "ModelOpt fp8+PEFT", want_fp8, "no adapter", plain)
+    assert not accuracy_misses(figures["fp16+lora:chat"], want), (figures["fp16+lora:chat"], want)
+    assert not accuracy_misses(figures["fp8+lora:chat"], want_fp8), (figures["fp8+lora:chat"], want_fp8)
+    assert "mean_nll" in accuracy_misses(figures["fp16+lora:chat"], plain), plain

@@ -8,22 +8,33 @@ from edgellm_steps.cli import run_cli
 from edgellm_steps.verify.accuracy import accuracy_report
 
 
-def _export(text: str) -> tuple[str, str]:
-    precision, sep, directory = text.partition("=")
-    if not sep or not precision or not directory:
-        raise argparse.ArgumentTypeError(f"--export takes PRECISION=DIR, not {text!r}")
-    return precision, directory
+def _pair(flag: str, name: str):
+    def parse(text: str) -> tuple[str, str]:
+        key, sep, directory = text.partition("=")
+        if not sep or not key or not directory:
+            raise argparse.ArgumentTypeError(f"{flag} takes {name}=DIR, not {text!r}")
+        return key, directory
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgellm-accuracy-report", description=__doc__)
     parser.add_argument(
         "--export",
-        type=_export,
+        type=_pair("--export", "PRECISION"),
         action="append",
         required=True,
         metavar="PRECISION=DIR",
         help="an LLM export directory and its precision; repeat for each, fp16 among them (the baseline)",
+    )
+    parser.add_argument(
+        "--adapter",
+        type=_pair("--adapter", "NAME"),
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a served LoRA adapter (a process-lora output): each export's lora_model.onnx is measured fed with it",
     )
     parser.add_argument("--model_dir", required=True, help="the float checkpoint they came from (tokenizer, RoPE)")
     parser.add_argument("--model", default="model", help="the model's name, for the titles")
@@ -35,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", default=None, help="the PNG plot")
     args = parser.parse_args(argv)
     exports = dict(args.export)
-    if len(exports) != len(args.export):
-        parser.error("each precision takes one --export")
+    adapters = dict(args.adapter)
+    if len(exports) != len(args.export) or len(adapters) != len(args.adapter):
+        parser.error("each precision takes one --export, each adapter one --adapter")
     if args.samples < 1 or args.tokens < 2:
         parser.error("--samples must be at least 1 and --tokens at least 2")
     return run_cli(
@@ -50,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset=args.dataset,
             samples=args.samples,
             tokens=args.tokens,
+            adapters=adapters,
         )
     )
 

@@ -12,6 +12,9 @@ one prefill, and every next token is scored:
 - ``layer_relative_error``: per decoder layer, ||h - h_fp16|| / ||h_fp16|| of its output hidden states over the
   first :data:`LAYER_ROWS` positions of each window: where along the depth a precision departs from fp16
   (what ``quantization.exclude`` acts on);
+- with served LoRA adapters (``adapters``), the same figures for each precision's ``lora_model.onnx`` fed the
+  processed adapter (row ``<precision>+lora:<adapter>``), against the fp16 export with that adapter: what a
+  precision costs the adapted model;
 - ``export_bytes``: the export directory on disk; ``engine_bytes_estimate``: the graph and its weights file,
   what a TensorRT engine holds (the embedding table and tokenizer stay beside it).
 
@@ -36,8 +39,11 @@ import numpy as np
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import claim_file, write_claimed
 from edgellm_steps.artifacts.manifest import check_step_output
+from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.graph.onnx_builder import ONNX_NAME
+from edgellm_steps.lora.insert_lora import LORA_ONNX_NAME, check_lora_graph
+from edgellm_steps.lora.process_lora import PROCESSED_WEIGHTS
 from edgellm_steps.quant.calibration import BUILTIN, held_out_texts
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.verify.accuracy_page import page_html, plot_png
@@ -164,6 +170,64 @@ def _check_export(precision: str, onnx_dir: Path) -> None:
         )
 
 
+@dataclass
+class Variant:
+    """One row of the report: an export's ``graph`` run with ``lora`` feeds (a processed adapter's tensors)."""
+
+    name: str
+    onnx_dir: Path
+    graph: str = ONNX_NAME
+    lora: dict[str, np.ndarray] | None = None
+
+
+def _measure_group(
+    group: list[Variant], windows: list[list[int]], rope: np.ndarray, tokens: int
+) -> dict[str, dict[str, Any]]:
+    """The figures of each variant, against the group's first (its baseline): every window fed in chunks
+    through the KV cache, the baseline's log-probabilities and hidden states kept while the others run."""
+    baseline: dict[tuple[int, int], np.ndarray] = {}
+    baseline_layers: dict[int, np.ndarray] = {}
+    results: dict[str, dict[str, Any]] = {}
+    for position, variant in enumerate(group):
+        is_baseline = position == 0
+        runner = LLMRunner(
+            variant.onnx_dir, rope, batch=1, capacity=tokens, graph=variant.graph, lora=variant.lora, streamed=True
+        )
+        runner.session.layer_rows = LAYER_ROWS
+        tally, layers = Tally(), LayerErrors()
+        for k, window in enumerate(windows):
+            runner.reset()
+            for start in range(0, tokens, CHUNK_TOKENS):
+                logits = runner.step([window[start : start + CHUNK_TOKENS]], all_logits=True)[0]
+                if start == 0:
+                    hidden = np.stack([h[0, :LAYER_ROWS] for h in runner.session.layer_outputs])
+                    if is_baseline:
+                        baseline_layers[k] = hidden
+                    layers.add(hidden, baseline_layers[k])
+                targets = window[start + 1 : start + CHUNK_TOKENS + 1]
+                reference = None if is_baseline else baseline[k, start]
+                keep = is_baseline and len(group) > 1
+                kept = tally.add(logits[: len(targets)], reference, targets, keep=keep)
+                if kept is not None:
+                    baseline[k, start] = kept
+        figures = {**tally.figures(), "layer_relative_error": layers.relative_errors()}
+        results[variant.name] = {
+            **figures,
+            **export_sizes(variant.onnx_dir),
+            "onnx_dir": str(variant.onnx_dir),
+            "graph": variant.graph,
+            "baseline": group[0].name,
+        }
+        log.info(
+            "%s: perplexity %.4g, top-1 agreement %.2f%%, mean KL %.3g",
+            variant.name,
+            figures["perplexity"],
+            100 * figures["top1_agreement"],
+            figures["mean_kl"],
+        )
+    return results
+
+
 def measure_accuracy(
     exports: dict[str, Path],
     checkpoint: Path,
@@ -172,8 +236,10 @@ def measure_accuracy(
     dataset: str | None = None,
     samples: int = 8,
     tokens: int = 128,
+    adapters: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """The report's figures for ``exports`` (precision -> LLM export directory, the fp16 one among them).
+    """The report's figures for ``exports`` (precision -> LLM export directory, the fp16 one among them), and
+    with ``adapters`` (name -> process-lora output directory) for each export's LoRA graph fed each adapter.
 
     ``checkpoint`` is the float source the exports came from: its tokenizer cuts the windows and its config
     gives the RoPE table the runtime feeds.
@@ -185,41 +251,21 @@ def measure_accuracy(
         raise EdgeLLMError(f"the accuracy report compares every precision with the {BASELINE} export; give it one")
     for precision, directory in exports.items():
         _check_export(precision, directory)
+    order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
+    groups = [[Variant(p, exports[p]) for p in order]]
+    for adapter, directory in sorted((adapters or {}).items()):
+        check_step_output(Path(directory), steps.PROCESS_LORA)
+        weights = SafetensorsFile(Path(directory) / PROCESSED_WEIGHTS)
+        tensors = {name: weights.read_array(name) for name in weights.names()}
+        for p in order:
+            check_lora_graph(exports[p])
+        groups.append([Variant(f"{p}+lora:{adapter}", exports[p], LORA_ONNX_NAME, tensors) for p in order])
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     windows = held_out_windows(tokenizer, held_out_texts(dataset), samples, tokens)
     rope = config_rope_table(Path(checkpoint), tokens)
-    baseline: dict[tuple[int, int], np.ndarray] = {}
-    baseline_layers: dict[int, np.ndarray] = {}
     results: dict[str, dict[str, Any]] = {}
-    order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
-    for precision in order:
-        runner = LLMRunner(exports[precision], rope, batch=1, capacity=tokens, streamed=True)
-        runner.session.layer_rows = LAYER_ROWS
-        tally, layers = Tally(), LayerErrors()
-        for k, window in enumerate(windows):
-            runner.reset()
-            for start in range(0, tokens, CHUNK_TOKENS):
-                logits = runner.step([window[start : start + CHUNK_TOKENS]], all_logits=True)[0]
-                if start == 0:
-                    hidden = np.stack([h[0, :LAYER_ROWS] for h in runner.session.layer_outputs])
-                    if precision == BASELINE:
-                        baseline_layers[k] = hidden
-                    layers.add(hidden, baseline_layers[k])
-                targets = window[start + 1 : start + CHUNK_TOKENS + 1]
-                reference = None if precision == BASELINE else baseline[k, start]
-                keep = precision == BASELINE and len(order) > 1
-                kept = tally.add(logits[: len(targets)], reference, targets, keep=keep)
-                if kept is not None:
-                    baseline[k, start] = kept
-        figures = {**tally.figures(), "layer_relative_error": layers.relative_errors()}
-        results[precision] = {**figures, **export_sizes(exports[precision]), "onnx_dir": str(exports[precision])}
-        log.info(
-            "%s: perplexity %.4g, top-1 agreement %.2f%%, mean KL %.3g",
-            precision,
-            figures["perplexity"],
-            100 * figures["top1_agreement"],
-            figures["mean_kl"],
-        )
+    for group in groups:
+        results.update(_measure_group(group, windows, rope, tokens))
     return {
         "model": model,
         "model_dir": str(checkpoint),
@@ -232,6 +278,7 @@ def measure_accuracy(
             "scored_tokens": samples * (tokens - 1),
         },
         "precisions": results,
+        "adapters": {name: str(directory) for name, directory in sorted((adapters or {}).items())},
     }
 
 

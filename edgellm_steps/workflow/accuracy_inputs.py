@@ -54,6 +54,12 @@ class AccuracyInputs:
             )
         if files := checked.corpus_files("accuracy.dataset"):
             inputs["dataset"] = files
+        # Served adapters: each precision's LoRA graph and each processed adapter.
+        for adapter in checked.lora_adapters:
+            inputs[f"adapter_{adapter}"] = targets.path(targets.LORA_ADAPTER, model=model, adapter=adapter)
+        if checked.lora_adapters:
+            for p in self._accuracy_precisions(model):
+                inputs[f"lora_graph_{p}"] = targets.path(targets.LORA_GRAPH, model=model, precision=p)
         return inputs
 
     def accuracy_options(self, model: str) -> str:
@@ -64,6 +70,9 @@ class AccuracyInputs:
             "--export " + shlex.quote(f"{p}={os.path.dirname(targets.export_path(LLM, MANIFEST, model, p))}")
             for p in self._accuracy_precisions(model)
         ]
+        for adapter in self.facts.model(model).lora_adapters:
+            where = os.path.dirname(targets.path(targets.LORA_ADAPTER, model=model, adapter=adapter))
+            flags.append("--adapter " + shlex.quote(f"{adapter}={where}"))
         flags.append(f"--model {shlex.quote(model)} --samples {accuracy.samples} --tokens {accuracy.tokens}")
         if accuracy.dataset:
             flags.append(f"--dataset {shlex.quote(accuracy.dataset)}")
