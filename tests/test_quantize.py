@@ -437,6 +437,19 @@ def independent_figures(model, reference, windows: list[list[int]], shift: int =
     }
 
 
+def held_out_windows_here(base, samples: int, tokens: int) -> list[list[int]]:
+    """The report's windows, cut here from the held-out split: paragraphs joined by EOS, the first samples x tokens."""
+    from edgellm_steps.quant.calibration import held_out_texts
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
+    stream = []
+    for text in held_out_texts(None):
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(stream) >= samples * tokens:
+            break
+    return [stream[i * tokens : (i + 1) * tokens] for i in range(samples)]
+
+
 def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """Each decoder layer's output hidden states, taken by forward hooks on transformers' layers."""
     captured = []
@@ -491,7 +504,6 @@ def test_accuracy_report_figures_are_transformers_and_modelopt_figures(
     """The report's perplexity, agreement and KL of every weight format, from the exported graphs, equal what
     transformers computes on the float model and ModelOpt's fake-quantized models for the same held-out windows
     (each window fed in chunks of 16 tokens through the KV cache, as the report feeds long windows)."""
-    from edgellm_steps.quant.calibration import held_out_texts
     from edgellm_steps.verify import accuracy
     from edgellm_steps.verify.accuracy import accuracy_report
 
@@ -505,14 +517,7 @@ def test_accuracy_report_figures_are_transformers_and_modelopt_figures(
     )
     assert json.loads(paths["json"].read_text()) == report
     assert paths["png"].read_bytes().startswith(b"\x89PNG") and b"data:image/png;base64," in paths["html"].read_bytes()
-    # The windows, cut here from the held-out split: paragraphs joined by EOS, the first 3 x 40 tokens.
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
-    stream = []
-    for text in held_out_texts(None):
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= 120:
-            break
-    windows = [stream[i * 40 : (i + 1) * 40] for i in range(3)]
+    windows = held_out_windows_here(base, 3, 40)
     float_model = load_reference_model(base, None, torch.float32)
     want, unshifted, want_layers = {}, {}, {}
     with cpu_fake_quantization():
@@ -612,7 +617,6 @@ def test_the_accuracy_report_measures_each_precision_with_a_served_adapter(base,
     from edgellm_steps.lora.insert_lora import insert_lora
     from edgellm_steps.lora.process_lora import process_lora
     from edgellm_steps.models.demo import make_lora_adapter
-    from edgellm_steps.quant.calibration import held_out_texts
     from edgellm_steps.verify.accuracy import measure_accuracy
 
     exports = {}
@@ -626,13 +630,7 @@ def test_the_accuracy_report_measures_each_precision_with_a_served_adapter(base,
     figures = report["precisions"]
     assert list(figures) == ["fp16", "fp8", "fp16+lora:chat", "fp8+lora:chat"]
     assert figures["fp8+lora:chat"]["baseline"] == "fp16+lora:chat" and figures["fp16+lora:chat"]["mean_kl"] == 0
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(base))
-    stream = []
-    for text in held_out_texts(None):
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(stream) >= 48:
-            break
-    windows = [stream[:24], stream[24:48]]
+    windows = held_out_windows_here(base, 2, 24)
     float_model = load_reference_model(base, None, torch.float32)
     with cpu_fake_quantization():
         plain = independent_figures(float_model, float_model, windows)
