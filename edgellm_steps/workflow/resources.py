@@ -62,6 +62,8 @@ FLOOR_MB = 4096
 #: verify-onnx (any precision; a held format's bytes count ``verify_expansion`` times).
 PEAKS: dict[str, PeakModel] = {
     **{name: row.quantize_peak for name, row in FORMATS.items() if row.quantize_peak is not None},
+    # Fitted when verify ran the whole graph; streamed it peaks at 3.3x (3232 MiB, 0.5B fp16). Kept: the vision
+    # verify and merge-lora jobs size by it too and have not been measured since.
     "verify": PeakModel(factor=8.9),
 }
 
