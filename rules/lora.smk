@@ -12,7 +12,7 @@ rule insert_lora:
     log:
         "logs/insert_lora/{model}_{precision}.log",
     benchmark:
-        "benchmarks/insert_lora/{model}_{precision}.tsv"
+        targets.INSERT_LORA_BENCHMARK
     conda:
         "../envs/export.yaml"
     params:
@@ -31,7 +31,7 @@ rule process_lora:
     log:
         "logs/process_lora/{model}/{adapter}.log",
     benchmark:
-        "benchmarks/process_lora/{model}/{adapter}.tsv"
+        targets.PROCESS_LORA_BENCHMARK
     conda:
         "../envs/export.yaml"
     params:

@@ -66,6 +66,11 @@ def test_adapters_are_processed_once_per_model_and_linked_by_the_engine(workdir)
     accuracy = run_snakemake(workdir, "-n", "--printshellcmds", "reports/tiny/accuracy.json").output
     assert planned_jobs(accuracy) == {"accuracy_report": 1}
     assert "--adapter chat=lora/tiny/chat --adapter code=lora/tiny/code" in accuracy
+    # Its jobs table lists the LoRA jobs behind it too.
+    costs = run_snakemake(workdir, "-n", "--printshellcmds", "reports/tiny/jobs.json").output
+    assert planned_jobs(costs) == {"accuracy_report": 1, "job_costs": 1}
+    assert "--benchmark 'insert-lora fp16=benchmarks/insert_lora/tiny_fp16.tsv'" in costs
+    assert "--benchmark 'process-lora code=benchmarks/process_lora/tiny/code.tsv'" in costs
     plan = run_snakemake(workdir, "-n", "--printshellcmds", "engines/sm110/tiny_fp16.engine")
     job = next(j for j in plan.output.split("rule ") if j.startswith("build_engine:"))
     assert "--lora_adapter chat=lora/tiny/chat" in job and "--lora_adapter code=lora/tiny/code" in job

@@ -79,7 +79,8 @@ class AccuracyInputs:
         return " ".join(flags)
 
     def _accuracy_jobs(self, model: str) -> list[tuple[str, str, str]]:
-        """The jobs behind the accuracy report, in the chain's order: (name, benchmark file, what it wrote)."""
+        """The jobs behind the accuracy report, in the chain's order: (name, benchmark file, what it wrote); with
+        served adapters, each precision's insert-lora and each adapter's process-lora."""
         precisions = self._accuracy_precisions(model)
         checked = self.facts.model(model)
         jobs = []
@@ -95,6 +96,17 @@ class AccuracyInputs:
             made = targets.export_path(LLM, MANIFEST, model, p)
             benchmark = targets.path(targets.EXPORT_LLM_BENCHMARK, model=model, precision=p)
             jobs.append((f"export-llm {p}", benchmark, made))
+        if adapters := checked.lora_adapters:
+            for p in precisions:
+                wildcards = {"model": model, "precision": p}
+                made = targets.path(targets.LORA_GRAPH, **wildcards)
+                jobs.append((f"insert-lora {p}", targets.path(targets.INSERT_LORA_BENCHMARK, **wildcards), made))
+            for adapter in adapters:
+                wildcards = {"model": model, "adapter": adapter}
+                made = targets.path(targets.LORA_ADAPTER, **wildcards)
+                jobs.append(
+                    (f"process-lora {adapter}", targets.path(targets.PROCESS_LORA_BENCHMARK, **wildcards), made)
+                )
         report = targets.path(targets.ACCURACY_REPORT, model=model)
         jobs.append(("accuracy-report", targets.path(targets.ACCURACY_BENCHMARK, model=model), report))
         return jobs

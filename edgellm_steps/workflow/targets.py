@@ -62,6 +62,8 @@ CALIBRATE_BENCHMARK = "benchmarks/calibrate_llm/{model}.tsv"
 QUANTIZE_BENCHMARK = "benchmarks/quantize_llm/{model}_{precision}.tsv"
 EXPORT_LLM_BENCHMARK = "benchmarks/export_llm/{model}_{precision}.tsv"
 ACCURACY_BENCHMARK = "benchmarks/accuracy_report/{model}.tsv"
+INSERT_LORA_BENCHMARK = "benchmarks/insert_lora/{model}_{precision}.tsv"
+PROCESS_LORA_BENCHMARK = "benchmarks/process_lora/{model}/{adapter}.tsv"
 #: verify-signature's stamp: ``{signed}`` is ``source``, ``draft`` or ``lora/<adapter>``.
 SIGNATURE = "signatures/{model}/{signed}.json"
 SIGNED_SOURCE, SIGNED_DRAFT, SIGNED_ADAPTER = "source", "draft", "lora/{adapter}"
