@@ -44,8 +44,11 @@ def plot_png(report: dict[str, Any]) -> bytes:
     ):
         values = [figures[n][key] for n in names]
         axis.scatter(sizes, values)
-        for name, x, y in zip(names, sizes, values, strict=True):
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # Labels alternately above and below their points in order of size: neighbours stay legible.
+        rank = {i: r for r, i in enumerate(sorted(range(len(names)), key=sizes.__getitem__))}
+        for index, (name, x, y) in enumerate(zip(names, sizes, values, strict=True)):
+            below = rank[index] % 2 == 0
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, -11 if below else 4), fontsize=8)
         axis.set_xlabel("engine size estimate (MB)")
         axis.set_ylabel(label)
         axis.grid(True, alpha=0.3)
