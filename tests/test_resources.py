@@ -172,6 +172,7 @@ def test_the_accuracy_request_reads_the_reports_chunk():
     from edgellm_steps.verify import accuracy
 
     assert resources.ACCURACY_CHUNK_TOKENS == accuracy.CHUNK_TOKENS
+    assert resources.ACCURACY_LAYER_ROWS == accuracy.LAYER_ROWS
 
 
 # Planner: what the rules ask for one model.

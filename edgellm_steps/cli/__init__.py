@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
 
 from edgellm_steps.errors import EdgeLLMError
+
+
+def key_value(flag: str, key: str, value: str = "DIR") -> Callable[[str], tuple[str, str]]:
+    """An argparse type for ``flag`` taking ``KEY=VALUE`` (both non-empty): one line naming the form otherwise."""
+
+    def parse(text: str) -> tuple[str, str]:
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest:
+            raise argparse.ArgumentTypeError(f"{flag} takes {key}={value}, not {text!r}")
+        return name, rest
+
+    return parse
 
 
 def run_cli(body: Callable[[], object]) -> int:

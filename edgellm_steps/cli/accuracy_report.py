@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import key_value, run_cli
 from edgellm_steps.verify.accuracy import accuracy_report
-
-
-def _pair(flag: str, name: str):
-    def parse(text: str) -> tuple[str, str]:
-        key, sep, directory = text.partition("=")
-        if not sep or not key or not directory:
-            raise argparse.ArgumentTypeError(f"{flag} takes {name}=DIR, not {text!r}")
-        return key, directory
-
-    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgellm-accuracy-report", description=__doc__)
     parser.add_argument(
         "--export",
-        type=_pair("--export", "PRECISION"),
+        type=key_value("--export", "PRECISION"),
         action="append",
         required=True,
         metavar="PRECISION=DIR",
@@ -30,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--adapter",
-        type=_pair("--adapter", "NAME"),
+        type=key_value("--adapter", "NAME"),
         action="append",
         default=[],
         metavar="NAME=DIR",

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import key_value, run_cli
 from edgellm_steps.verify.job_costs import job_costs
-
-
-def _benchmark(text: str) -> tuple[str, str]:
-    job, sep, path = text.partition("=")
-    if not sep or not job or not path:
-        raise argparse.ArgumentTypeError(f"--benchmark takes JOB=FILE, not {text!r}")
-    return job, path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgellm-job-costs", description=__doc__)
     parser.add_argument(
         "--benchmark",
-        type=_benchmark,
+        type=key_value("--benchmark", "JOB", "FILE"),
         action="append",
         required=True,
         metavar="JOB=FILE",

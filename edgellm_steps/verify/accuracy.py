@@ -253,12 +253,13 @@ def measure_accuracy(
         _check_export(precision, directory)
     order = [BASELINE, *sorted(p for p in exports if p != BASELINE)]
     groups = [[Variant(p, exports[p]) for p in order]]
+    if adapters:
+        for p in order:
+            check_lora_graph(exports[p])
     for adapter, directory in sorted((adapters or {}).items()):
         check_step_output(Path(directory), steps.PROCESS_LORA)
         weights = SafetensorsFile(Path(directory) / PROCESSED_WEIGHTS)
         tensors = {name: weights.read_array(name) for name in weights.names()}
-        for p in order:
-            check_lora_graph(exports[p])
         groups.append([Variant(f"{p}+lora:{adapter}", exports[p], LORA_ONNX_NAME, tensors) for p in order])
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
     windows = held_out_windows(tokenizer, held_out_texts(dataset), samples, tokens)

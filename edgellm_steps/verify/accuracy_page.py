@@ -13,6 +13,8 @@ import html
 import io
 from typing import Any
 
+from edgellm_steps.verify.html_page import html_page
+
 #: Columns of the page's table: (title, key in a precision's figures, format).
 COLUMNS = (
     ("perplexity", "perplexity", "{:.4g}"),
@@ -87,19 +89,13 @@ def page_html(report: dict[str, Any], png: bytes) -> bytes:
             cells.append(f"<td>{fmt.format(value)}</td>")
         rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
     image = base64.b64encode(png).decode()
-    text = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Accuracy of {html.escape(report["model"])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em .8em;text-align:right}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f2f2f2}}</style></head>
-<body><h1>Accuracy of {html.escape(report["model"])}</h1>
-<p>Each precision's exported graph, run on {inputs["samples"]} windows of {inputs["tokens"]} tokens of
+    body = f"""<p>Each precision's exported graph, run on {inputs["samples"]} windows of {inputs["tokens"]} tokens of
 {html.escape(str(inputs["dataset"]))} ({html.escape(inputs["split"])} text, never used in calibration):
 {inputs["scored_tokens"]} next tokens scored. Agreement and KL are against the {html.escape(report["baseline"])}
 export on the same tokens.</p>
 <table><tr><th>precision</th>{head}</tr>
 {chr(10).join(rows)}
 </table>
-<p><img alt="quality against size" src="data:image/png;base64,{image}"></p>
-</body></html>
-"""
-    return text.encode()
+<p><img alt="quality against size" src="data:image/png;base64,{image}"></p>"""
+    title = f"Accuracy of {report['model']}"
+    return html_page(title, title, body)

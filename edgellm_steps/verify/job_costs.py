@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.atomic import claim_file, write_claimed
+from edgellm_steps.verify.html_page import html_page
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +83,11 @@ def _page(summary: dict[str, Any]) -> bytes:
         else:
             cells = '<td colspan="3">not measured (no benchmark file)</td>'
         rows.append(f"<tr><th>{html.escape(job['job'])}</th>{cells}</tr>")
-    model = html.escape(summary["model"])
-    text = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Jobs of {model}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.3em .8em;text-align:right}}
-table{{border-collapse:collapse}}tr:nth-child(even){{background:#f2f2f2}}</style></head>
-<body><h1>Jobs of {model}'s accuracy report</h1>
-<p>Each job's last run as Snakemake measured it (<code>benchmarks/</code>): wall time, peak resident memory
-of the job's processes, CPU time. {summary["total_wall_s"]:.1f} s in all; the largest peak
+    body = f"""<p>Each job's last run as Snakemake measured it (<code>benchmarks/</code>): wall time, peak resident
+memory of the job's processes, CPU time. {summary["total_wall_s"]:.1f} s in all; the largest peak
 {summary["max_rss_mib"]:.0f} MiB.</p>
 <table><tr><th>job</th><th>wall (s)</th><th>peak RSS (MiB)</th><th>CPU (s)</th></tr>
 {chr(10).join(rows)}
-</table>
-</body></html>
-"""
-    return text.encode()
+</table>"""
+    model = summary["model"]
+    return html_page(f"Jobs of {model}", f"Jobs of {model}'s accuracy report", body)

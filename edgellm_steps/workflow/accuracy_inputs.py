@@ -54,10 +54,9 @@ class AccuracyInputs:
             )
         if files := checked.corpus_files("accuracy.dataset"):
             inputs["dataset"] = files
-        # Served adapters: each precision's LoRA graph and each processed adapter.
-        for adapter in checked.lora_adapters:
-            inputs[f"adapter_{adapter}"] = targets.path(targets.LORA_ADAPTER, model=model, adapter=adapter)
-        if checked.lora_adapters:
+        # Served adapters: each processed adapter and each precision's LoRA graph.
+        if adapters := checked.lora_adapters:
+            inputs |= {f"adapter_{a}": targets.path(targets.LORA_ADAPTER, model=model, adapter=a) for a in adapters}
             for p in self._accuracy_precisions(model):
                 inputs[f"lora_graph_{p}"] = targets.path(targets.LORA_GRAPH, model=model, precision=p)
         return inputs

@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import math
 
+from edgellm_steps.artifacts.checkpoint import DecoderDims
 from edgellm_steps.artifacts.draft_weights import draft_weight_files
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import calibration_batch_size
 from edgellm_steps.workflow import resources
 from edgellm_steps.workflow.model_facts import Facts
+
+
+def _layer_parameters(dims: DecoderDims) -> int:
+    """Weights of one decoder layer: q, k, v and o, and the three MLP matrices."""
+    attention = dims.head_dim * (2 * dims.num_heads + 2 * dims.num_kv_heads) * dims.hidden_size
+    return attention + 3 * dims.hidden_size * dims.intermediate_size
 
 
 class JobResources:
@@ -45,11 +52,9 @@ class JobResources:
         an upper bound of what a GPU job keeps on the host)."""
         checked = self.facts.model(model)
         dims, quant = checked.checkpoint.dims, checked.settings.quantization
-        attention = dims.head_dim * (2 * dims.num_heads + 2 * dims.num_kv_heads) * dims.hidden_size
-        layer = attention + 3 * dims.hidden_size * dims.intermediate_size
         return resources.layerwise_mem_mb(
             kind,
-            layer_bytes=4 * layer,
+            layer_bytes=4 * _layer_parameters(dims),
             state_bytes=4 * quant.calib_size * quant.calib_max_tokens * dims.hidden_size,
             table_bytes=4 * dims.vocab_size * dims.hidden_size,
         )
@@ -85,17 +90,15 @@ class JobResources:
         the baseline's log-probabilities and hidden states, the KV caches (resources.py)."""
         checked = self.facts.model(model)
         accuracy, dims = checked.settings.accuracy, checked.checkpoint.dims
-        attention = dims.head_dim * (2 * dims.num_heads + 2 * dims.num_kv_heads) * dims.hidden_size
-        layer = attention + 3 * dims.hidden_size * dims.intermediate_size
         kv_per_token = 2 * dims.num_kv_heads * dims.head_dim
         return resources.accuracy_mem_mb(
-            segment_bytes=2 * max(layer, dims.vocab_size * dims.hidden_size),
+            segment_bytes=2 * max(_layer_parameters(dims), dims.vocab_size * dims.hidden_size),
             vocab_size=dims.vocab_size,
             samples=accuracy.samples,
             tokens=accuracy.tokens,
             compared=sum(1 for p in checked.settings.precisions if p != FLOAT_WEIGHTS),
             cache_bytes=2 * dims.num_layers * kv_per_token * accuracy.tokens,
-            hidden_bytes=2 * accuracy.samples * 64 * dims.num_layers * dims.hidden_size,
+            hidden_bytes=2 * accuracy.samples * resources.ACCURACY_LAYER_ROWS * dims.num_layers * dims.hidden_size,
         )
 
     def verify_visual_mem_mb(self, model: str) -> int:

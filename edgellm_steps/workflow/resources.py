@@ -167,9 +167,11 @@ def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS, *, unified: b
     return request_mb(PEAKS["verify"].factor * expansion * weight_bytes)
 
 
-#: Tokens of a window the accuracy report feeds at a time (``verify/accuracy.py`` ``CHUNK_TOKENS``; a test holds
-#: them equal: the workflow does not import the runner).
+#: Tokens of a window the accuracy report feeds at a time, and positions of a window whose hidden states it keeps
+#: per layer (``verify/accuracy.py`` ``CHUNK_TOKENS`` and ``LAYER_ROWS``; a test holds them equal: the workflow
+#: does not import the runner).
 ACCURACY_CHUNK_TOKENS = 512
+ACCURACY_LAYER_ROWS = 64
 
 
 @dataclass(frozen=True)
