@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.atomic import claim_file, write_claimed
+from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.verify.html_page import html_page
 
 logger = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ def read_benchmark(path: Path) -> dict[str, float | None] | None:
     with path.open(newline="") as stream:
         rows = list(csv.DictReader(stream, delimiter="\t"))
     if not rows:
-        raise ValueError(f"{path} has no benchmark row: not a Snakemake benchmark file")
+        raise EdgeLLMError(f"{path} has no benchmark row: not a Snakemake benchmark file")
     if missing := sorted(set(FIELDS) - set(rows[-1])):
-        raise ValueError(f"{path} lacks the column {missing[0]!r}: not a Snakemake benchmark file")
+        raise EdgeLLMError(f"{path} lacks the column {missing[0]!r}: not a Snakemake benchmark file")
     figures: dict[str, float | None] = {}
     for column, name in FIELDS.items():
         try:
