@@ -124,7 +124,8 @@ def demo_summary(workdir: Path) -> str:
         )
     jobs = json.loads((workdir / DEMO_JOBS).read_text())
     lines.append(
-        f"Jobs: {len(jobs['jobs'])} measured in {workdir / DEMO_JOBS}, {jobs['total_wall_s']:.0f} s in all, "
+        f"Jobs: {len(jobs['jobs']) - len(jobs['not_measured'])} of {len(jobs['jobs'])} measured in "
+        f"{workdir / DEMO_JOBS}, {jobs['total_wall_s']:.0f} s in all, "
         f"the largest peak {jobs['max_rss_mib']:.0f} MiB"
     )
     if (workdir / DEMO_SNAKEMAKE_REPORT).is_file():
