@@ -18,12 +18,15 @@ import pytest
 from edgellm_steps.artifacts.manifest import ManifestMismatchError
 from edgellm_steps.engine import build_engine as step
 from edgellm_steps.engine import host, layout
-from edgellm_steps.engine.limits import BuildLimits
+from edgellm_steps.engine.limits import BuildLimits, image_token_limits
 from edgellm_steps.errors import EdgeLLMError, MissingDependencyError
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.export.kinds import EXPORT_KINDS
 
-LIMITS = BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32)
+#: Small LLM limits; the image-token limits a Qwen-VL tower's defaults (the contract's), as planning fills them in.
+LIMITS = image_token_limits(
+    BuildLimits(max_batch_size=1, max_input_len=16, max_kv_cache_capacity=32), tiled=False, where=""
+)
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,9 @@ def test_minimal_entry_gets_documented_defaults():
         "max_kv_cache_capacity": 4096,
         "max_lora_rank": 0,
         "max_tree_size": 60,
-        "min_image_tokens": 4,
-        "max_image_tokens": 1024,
-        "max_image_tokens_per_image": 512,
+        "min_image_tokens": None,
+        "max_image_tokens": None,
+        "max_image_tokens_per_image": None,
     }
 
 
@@ -92,11 +92,9 @@ def test_an_engine_reads_only_the_limits_of_its_kind():
         "max_lora_rank": 0,
         "max_tree_size": 8,
     }
-    assert planner.facts.model("m").build_limits("visual") == {
-        "min_image_tokens": 4,
-        "max_image_tokens": 2048,
-        "max_image_tokens_per_image": 512,
-    }
+    # The image-token limits given; the others are the vision tower's defaults, filled in when planned.
+    build = planner.facts.model("m").settings.build
+    assert (build.min_image_tokens, build.max_image_tokens, build.max_image_tokens_per_image) == (None, 2048, None)
 
 
 def test_job_threads_have_defaults_and_are_validated():

@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         help="a process-lora output to link in lora/NAME (repeatable; implies --lora)",
     )
     for limit in fields(BuildLimits):
-        parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {limit.default})")
+        default = "the vision tower's" if limit.default is None else limit.default
+        parser.add_argument(f"--{limit.name}", type=int, default=limit.default, help=f"(default {default})")
     args = parser.parse_args(argv)
     limits = BuildLimits(**{limit.name: getattr(args, limit.name) for limit in fields(BuildLimits)})
     adapters = dict(entry.split("=", 1) for entry in args.lora_adapter if "=" in entry)

@@ -18,8 +18,8 @@ from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.manifest import check_step_output, read_manifest_step
 from edgellm_steps.engine import host
 from edgellm_steps.engine.layout import check_component_engine, export_kind_of, write_engine_dir
-from edgellm_steps.engine.limits import BuildLimits
-from edgellm_steps.engine.profiles import engine_kind, engine_profiles
+from edgellm_steps.engine.limits import BuildLimits, image_token_limits
+from edgellm_steps.engine.profiles import engine_kind, engine_profiles, is_tiled
 from edgellm_steps.engine.trt_build import serialize_engine
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export.kinds import DRAFT, EAGLE_BASE, EXPORT_KINDS, LLM, VISUAL, ExportKind
@@ -104,6 +104,8 @@ def build_engine(
         raise EdgeLLMError(
             f"{onnx_dir}: its manifest says a {kind.profile} export but the graph makes a {engine_kind(graph)}"
         )
+    if kind.profile == VISUAL.profile:
+        limits = image_token_limits(limits, tiled=is_tiled(graph), where=str(onnx_dir))
     engine = serialize_engine(graph_path, engine_profiles(graph, limits), plugin)
     return write_engine_dir(
         engine_dir,

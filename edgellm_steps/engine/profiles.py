@@ -21,15 +21,18 @@ R = max LoRA rank, T = EAGLE tree size, pad(n) = n rounded up to a multiple of 3
 
 Vision engines (Qwen-VL) have one profile over image tokens, min / (min+max)/2 / max;
 the patch count ``hw`` is four times the image tokens (the merger joins 2 x 2 patches).
+A tiled tower's (InternVL) is over ``num_blocks`` tiles of 256 image tokens each: its token
+limits are whole tiles (min 256, max 3328 by default).
 """
 
 from __future__ import annotations
 
 import onnx
 
-from edgellm_steps.engine.limits import BuildLimits
+from edgellm_steps.engine.limits import BuildLimits, image_token_limits
 from edgellm_steps.errors import EdgeLLMError
 from edgellm_steps.export import llm_io, visual_io
+from edgellm_steps.models.tile_geometry import RUNTIME_TILE_TOKENS
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
@@ -76,15 +79,24 @@ def symbol_ranges(limits: BuildLimits, phase: str, *, tree: bool = False) -> Ran
     return ranges
 
 
-def visual_symbol_ranges(limits: BuildLimits) -> Ranges:
-    """(min, opt, max) of every symbolic dim of a vision encoder graph."""
+def visual_symbol_ranges(limits: BuildLimits, *, tiled: bool = False) -> Ranges:
+    """(min, opt, max) of every symbolic dim of a vision encoder graph (a tiled one's in whole tiles)."""
+    limits = image_token_limits(limits, tiled=tiled, where="vision engine")
     low, high = limits.min_image_tokens, limits.max_image_tokens
     if not 1 <= low <= high:
         raise EdgeLLMError(
             f"image token limits min {low} / max {high} are not a range; set min_image_tokens <= max_image_tokens"
         )
+    if tiled:
+        blocks = (low // RUNTIME_TILE_TOKENS, (low + high) // 2 // RUNTIME_TILE_TOKENS, high // RUNTIME_TILE_TOKENS)
+        return {visual_io.NUM_BLOCKS: blocks, visual_io.IMAGE_TOKENS: tuple(RUNTIME_TILE_TOKENS * n for n in blocks)}
     tokens = (low, (low + high) // 2, high)
     return {visual_io.IMAGE_TOKENS: tokens, visual_io.HW: tuple(PATCHES_PER_IMAGE_TOKEN * n for n in tokens)}
+
+
+def is_tiled(model: onnx.ModelProto) -> bool:
+    """A tiled vision tower's graph (InternVL): its input is counted in tiles."""
+    return any(d.dim_param == visual_io.NUM_BLOCKS for v in model.graph.input for d in v.type.tensor_type.shape.dim)
 
 
 def engine_kind(model: onnx.ModelProto) -> str:
@@ -125,8 +137,8 @@ def llm_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:
 
 
 def visual_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:
-    """The one profile of a vision encoder over image tokens."""
-    return [_profile(model, visual_symbol_ranges(limits))]
+    """The one profile of a vision encoder over image tokens (tiles, for a tiled tower)."""
+    return [_profile(model, visual_symbol_ranges(limits, tiled=is_tiled(model)))]
 
 
 def engine_profiles(model: onnx.ModelProto, limits: BuildLimits) -> list[Profile]:

@@ -7,7 +7,8 @@ reads (``preprocessor_config.json``: patch and merge sizes, mean and std) and ou
 on generated images (:mod:`edgellm_steps.quant.visual_calibration`); the patch embedding
 (a Conv3d) stays fp16. The directory replaces ``output_dir`` whole, only when complete.
 A Qwen3-VL tower (learned positions, deepstack outputs, contract 7.2) is built by
-:class:`~edgellm_steps.export.visual_graph_qwen3.Qwen3VisualGraph`, the others by
+:class:`~edgellm_steps.export.visual_graph_qwen3.Qwen3VisualGraph`, an InternVL one (tiles, contract 7.3) by
+:class:`~edgellm_steps.export.visual_graph_internvl.InternVLVisualGraph`, the others by
 :class:`~edgellm_steps.export.visual_graph.VisualGraph`.
 """
 
@@ -27,9 +28,10 @@ from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokeni
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisualGraph
+from edgellm_steps.export.visual_graph_internvl import InternVLVisualGraph
 from edgellm_steps.export.visual_graph_qwen3 import Qwen3VisualGraph
-from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
-from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.graph.onnx_builder import ONNX_NAME, GraphBuilder, write_graph
+from edgellm_steps.models.vision_geometry import VisionTower, open_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrate_fp8_tower
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ def visual_config(hf_config: dict[str, Any], precision: str) -> dict[str, Any]:
     return config
 
 
+def _graph(builder: GraphBuilder, tower: VisionTower, store: Any, fp8_modules: frozenset[str]) -> VisualGraph:
+    """The graph builder of the tower's kind, over ``store`` (the checkpoint, or calibrated tensors in front of it)."""
+    args = (builder, store, tower.spec, tower.dims, tower.prefix)
+    if tower.spec.tiled:
+        return InternVLVisualGraph(*args, projector=tower.projector, fp8_modules=fp8_modules)
+    graph = Qwen3VisualGraph if tower.spec.deepstack else VisualGraph
+    return graph(*args, fp8_modules=fp8_modules)
+
+
 def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16") -> Path:
     """Export the vision tower of ``model_dir`` (local directory or hub id) into ``output_dir``."""
     started = time.monotonic()
@@ -68,15 +79,14 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
         )
     checkpoint = resolve_source(str(model_dir), allow_download=True)
     tower = open_vision_tower(checkpoint)  # the processor config checked too
-    spec, dims, store, prefix = tower.spec, tower.dims, tower.store, tower.prefix
+    dims, store = tower.dims, tower.store
     fp8_modules: frozenset[str] = frozenset()
     if quantization == "fp8":
         store, fp8_modules = calibrate_fp8_tower(tower)
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
-        graph = Qwen3VisualGraph if spec.deepstack else VisualGraph
-        write_graph(staging, lambda builder: graph(builder, store, spec, dims, prefix, fp8_modules=fp8_modules).build())
+        write_graph(staging, lambda builder: _graph(builder, tower, store, fp8_modules).build())
         write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step=steps.EXPORT_VISUAL, parameters={"precision": quantization})

@@ -8,6 +8,7 @@ from __future__ import annotations
 from onnx import TensorProto
 
 from edgellm_steps.export.llm_io import TensorSpec
+from edgellm_steps.models.tile_geometry import TileDims
 from edgellm_steps.models.vision_geometry import VisionDims
 
 # Graph I/O names and symbolic dims (contract section 7).
@@ -27,6 +28,8 @@ OUTPUT = "output"
 DEEPSTACK_FEATURES = "deepstack_features_{k}"
 HW = "hw"
 IMAGE_TOKENS = "image_token_len"
+#: A tiled tower (InternVL, contract 7.3): tiles in, 256 rows per tile out.
+NUM_BLOCKS = "num_blocks"
 
 
 def visual_inputs(dims: VisionDims, *, windowed: bool) -> list[TensorSpec]:
@@ -62,3 +65,14 @@ def visual_outputs(dims: VisionDims) -> list[TensorSpec]:
     """An embedding per image token, then (Qwen3-VL) each deepstack merger's, all the same shape."""
     names = [OUTPUT, *deepstack_names(dims)]
     return [TensorSpec(name, TensorProto.FLOAT16, (IMAGE_TOKENS, dims.out_width)) for name in names]
+
+
+def tile_inputs(dims: TileDims) -> list[TensorSpec]:
+    """A tiled tower's one input: the normalized tiles [num_blocks, 3, S, S]."""
+    side = dims.image_size
+    return [TensorSpec(INPUT, TensorProto.FLOAT16, (NUM_BLOCKS, dims.in_channels, side, side))]
+
+
+def tile_outputs(dims: TileDims) -> list[TensorSpec]:
+    """A tiled tower's one output: ``tile_tokens`` rows of the decoder's width per tile, tiles in input order."""
+    return [TensorSpec(OUTPUT, TensorProto.FLOAT16, (IMAGE_TOKENS, dims.out_width))]

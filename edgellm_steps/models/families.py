@@ -32,9 +32,10 @@ class VisionSpec:
     gated_mlp: bool
     #: Blocks not in ``fullatt_block_indexes`` attend within windows: the graph takes the window inputs.
     window_attention: bool
-    #: ``vision_config`` keys of the blocks' width and of the merger's output width (the decoder's).
+    #: ``vision_config`` keys of the blocks' width and of the merger's output width (the decoder's); no output
+    #: key when a projector outside the tower outputs the decoder's width by construction (InternVL).
     width_key: str
-    out_width_key: str
+    out_width_key: str | None
     #: The transformers class of the tower alone (module path and class name): calibration and the
     #: reference load just the tower, never the language model.
     hf_tower_class: str
@@ -44,6 +45,15 @@ class VisionSpec:
     #: Qwen3-VL's tower: a learned position embedding mixed bilinearly, ``linear_fc1`` / ``linear_fc2``
     #: MLPs, and deepstack mergers on the outputs of ``deepstack_visual_indexes`` (contract 7.2).
     deepstack: bool = False
+    #: The tensor (under one of :attr:`prefixes`) that locates the tower in a checkpoint.
+    probe: str = "patch_embed.proj.weight"
+    #: InternVL (contract 7.3): the tower takes whole tiles [blocks, 3, S, S] (CLS token, learned positions,
+    #: full attention, no rotary angles), and a pixel shuffle and MLP projector outside it, under
+    #: :attr:`projector_prefixes`, give 256 rows of the decoder's width per tile.
+    tiled: bool = False
+    projector_prefixes: tuple[str, ...] = ()
+    #: The transformers class whose ``get_image_features`` is a tiled tower's reference (built without decoder).
+    hf_feature_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,24 @@ class FamilySpec:
     hf_renames: tuple[tuple[str, str], ...] = ()
     #: The vision tower export-visual exports (vision-language families only).
     vision: VisionSpec | None = None
+    #: (decoder prefix, LM head name) pairs: where the LM head lives for each of :attr:`text_prefixes` when not
+    #: at :attr:`lm_head` (InternVL's ``-hf`` layout keeps it at ``language_model.lm_head.weight``).
+    lm_head_for: tuple[tuple[str, str], ...] = ()
+    #: The ``text_config.model_type`` values whose decoder this family's graph is (empty: not checked). A
+    #: composite class such as InternVL's carries other decoders too (InternVL3.5's Qwen3), which would export
+    #: without their q/k norms.
+    text_model_types: tuple[str, ...] = ()
+
+    def check_text_model(self, hf_config: dict) -> None:
+        """Refuse, in one line, a composite checkpoint whose decoder is not the one this family's graph builds."""
+        if not self.text_model_types:
+            return
+        found = (hf_config.get("text_config") or {}).get("model_type")
+        if found not in self.text_model_types:
+            raise SourceError(
+                f"{self.family} checkpoints with a {found!r} language model are not supported (text_config.model_type "
+                f"must be {' or '.join(map(repr, self.text_model_types))})"
+            )
 
     def check_dims(self, dims: DecoderDims) -> None:
         """Refuse, in one line, a decoder config this family's graph cannot express (checked at planning too)."""
@@ -146,6 +174,7 @@ class FamilySpec:
                     embed_tokens=prefix + suffix,
                     layer_prefix=prefix + self.layer_prefix.removeprefix("model."),
                     final_norm=prefix + self.final_norm.removeprefix("model."),
+                    lm_head=dict(self.lm_head_for).get(prefix, self.lm_head),
                     text_prefixes=(prefix,),
                 )
         tried = ", ".join(prefix + suffix for prefix in self.text_prefixes)
@@ -224,6 +253,42 @@ FAMILIES: tuple[FamilySpec, ...] = (
             hf_tower_class="transformers.models.qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
             prefixes=("model.visual.", "visual."),
             deepstack=True,
+        ),
+    ),
+)
+
+# InternVL3 (transformers' ``-hf`` layout, contract 7.3): a plain Qwen2 / Qwen2.5 decoder (no MRoPE) stored as
+# ``language_model.model.*`` with its LM head at ``language_model.lm_head.weight`` (absent when tied), InternViT
+# at ``vision_tower.*`` and the projector at ``multi_modal_projector.*``; transformers 5 loads them as
+# ``model.language_model.*``, ``lm_head``, ``model.vision_tower.*`` and ``model.multi_modal_projector.*``.
+FAMILIES += (
+    FamilySpec(
+        family="internvl",
+        architectures=("InternVLForConditionalGeneration",),
+        text_prefixes=("language_model.model.", "model.language_model."),
+        lm_head_for=(("language_model.model.", "language_model.lm_head.weight"),),
+        text_model_types=("qwen2",),
+        vision_language=True,
+        hf_auto_class="AutoModelForImageTextToText",
+        quant_exclude=("*vision_tower*", "*multi_modal_projector*"),
+        hf_renames=(
+            ("language_model.model.", "model.language_model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "model.vision_tower."),
+            ("multi_modal_projector.", "model.multi_modal_projector."),
+        ),
+        vision=VisionSpec(
+            norm="layer",  # or RMSNorm: each checkpoint's vision_config.norm_type says
+            gated_mlp=False,
+            window_attention=False,
+            width_key="hidden_size",
+            out_width_key=None,
+            hf_tower_class="transformers.models.internvl.modeling_internvl.InternVLVisionModel",
+            prefixes=("vision_tower.", "model.vision_tower."),
+            probe="embeddings.patch_embeddings.projection.weight",
+            tiled=True,
+            hf_feature_class="InternVLModel",
+            projector_prefixes=("multi_modal_projector.", "model.multi_modal_projector."),
         ),
     ),
 )

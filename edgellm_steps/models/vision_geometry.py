@@ -16,6 +16,7 @@ from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.sources import read_hf_config, read_json_object
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for
+from edgellm_steps.models.tile_geometry import TileDims, check_tile_processor, tile_dims
 
 #: The runtime computes the vision rotary angles with this base (it does not read the config).
 RUNTIME_VISION_ROPE_THETA = 10000.0
@@ -148,6 +149,9 @@ def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: Visio
             "(patch size, merge size, mean and std); add the model's processor files to the checkpoint"
         )
     processor = read_json_object(processor_path, what="an image processor config")
+    if spec.tiled:
+        check_tile_processor(processor, tile_dims(hf_config, llm_hidden, where=str(config_path)), processor_path)
+        return
     for processor_key, vision_key in PROCESSOR_AGREES:
         cuts, built = processor.get(processor_key), vision.get(vision_key)
         if cuts is not None and built is not None and cuts != built:
@@ -173,10 +177,21 @@ def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: Visio
 def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
     """Which of the spec's prefixes the checkpoint stores the vision tower under."""
     for prefix in spec.prefixes:
-        if f"{prefix}patch_embed.proj.weight" in store:
+        if f"{prefix}{spec.probe}" in store:
             return prefix
-    tried = ", ".join(f"{prefix}patch_embed.proj.weight" for prefix in spec.prefixes)
+    tried = ", ".join(f"{prefix}{spec.probe}" for prefix in spec.prefixes)
     raise SourceError(f"checkpoint holds no vision tower (looked for {tried}); is it complete?")
+
+
+def projector_prefix(store: TensorStore, spec: VisionSpec) -> str | None:
+    """Which of the spec's projector prefixes the checkpoint stores the projector under (None: no projector)."""
+    if not spec.projector_prefixes:
+        return None
+    for prefix in spec.projector_prefixes:
+        if f"{prefix}linear_1.weight" in store:
+            return prefix
+    tried = ", ".join(f"{prefix}linear_1.weight" for prefix in spec.projector_prefixes)
+    raise SourceError(f"checkpoint holds no vision projector (looked for {tried}); is it complete?")
 
 
 def vision_spec(hf_config: dict, where: str) -> tuple[FamilySpec, VisionSpec]:
@@ -224,17 +239,25 @@ class VisionTower:
     checkpoint: Path
     hf_config: dict[str, Any]
     spec: VisionSpec
-    dims: VisionDims
+    #: A tiled tower's (InternVL) are :class:`TileDims`.
+    dims: VisionDims | TileDims
     store: TensorStore
     #: Where the checkpoint keeps the tower's tensors (``visual.`` or ``model.visual.``).
     prefix: str
+    #: Where it keeps the projector outside the tower (InternVL's ``multi_modal_projector.``), if any.
+    projector: str | None = None
 
 
 def open_vision_tower(checkpoint: Path) -> VisionTower:
     """The vision tower of a local VLM checkpoint, or a one-line refusal (text-only model, no tower tensors)."""
     hf_config = read_hf_config(checkpoint)
     _, spec = vision_spec(hf_config, str(checkpoint))
-    check_vision_source(checkpoint, hf_config, spec, decoder_dims(hf_config).hidden_size)
-    dims = load_vision_dims(checkpoint, spec)
+    llm_hidden = decoder_dims(hf_config).hidden_size
+    check_vision_source(checkpoint, hf_config, spec, llm_hidden)
+    if spec.tiled:
+        dims: VisionDims | TileDims = tile_dims(hf_config, llm_hidden, where=str(checkpoint / "config.json"))
+    else:
+        dims = load_vision_dims(checkpoint, spec)
     store = TensorStore(checkpoint)
-    return VisionTower(checkpoint, hf_config, spec, dims, store, tower_prefix(store, spec))
+    prefix, projector = tower_prefix(store, spec), projector_prefix(store, spec)
+    return VisionTower(checkpoint, hf_config, spec, dims, store, prefix, projector)

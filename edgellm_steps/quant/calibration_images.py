@@ -184,3 +184,16 @@ def image_patches(image: np.ndarray, dims: VisionDims, processing: ImageProcessi
     frame = normalized.transpose(2, 0, 1)  # [C, H, W]
     frames = np.repeat(frame[None], dims.temporal_patch_size, axis=0)
     return patchify(frames, dims)
+
+
+def calibration_tiles(checkpoint: Path, side: int, count: int, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """``count`` generated S x S images as a tiled tower's input [count, 3, S, S] (float32), normalized as the
+    checkpoint's processor normalizes its tiles."""
+    processing = read_image_processing(checkpoint)
+    area = side * side
+    tiles = []
+    for image in calibration_images(count, side, min_pixels=area, max_pixels=area, seed=seed):
+        pixels = image.astype(np.float32) * np.float32(processing.rescale_factor)
+        normalized = (pixels - np.asarray(processing.mean, np.float32)) / np.asarray(processing.std, np.float32)
+        tiles.append(normalized.transpose(2, 0, 1))
+    return np.stack(tiles)

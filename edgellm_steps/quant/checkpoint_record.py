@@ -74,6 +74,7 @@ def open_checkpoint(
     try:
         dims = decoder_dims(hf_config)
         spec.check_dims(dims)
+        spec.check_text_model(hf_config)
         files = tuple(weight_files(path))
         check_tokenizer(path)
         block = block_fp8_config(hf_config, where=str(path / "config.json")) if allow_block_fp8 else None

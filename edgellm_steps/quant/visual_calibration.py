@@ -25,8 +25,13 @@ import torch
 from edgellm_steps.artifacts.memory_store import MemoryStore
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.vision_geometry import Grid, VisionDims, VisionTower
-from edgellm_steps.models.vision_tower import load_vision_tower
-from edgellm_steps.quant.calibration_images import calibration_images, image_patches, read_image_processing
+from edgellm_steps.models.vision_tower import TileFeatures, load_tile_features, load_vision_tower
+from edgellm_steps.quant.calibration_images import (
+    calibration_images,
+    calibration_tiles,
+    image_patches,
+    read_image_processing,
+)
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import modelopt_config
 
@@ -34,8 +39,12 @@ log = logging.getLogger(__name__)
 
 #: Generated images the tower is calibrated on (each a few hundred patches).
 DEFAULT_CALIB_IMAGES = 16
-#: The patch embedding (a Conv3d) stays fp16 (contract: Conv layers are not quantized).
+#: The patch embedding (a Conv3d, InternViT's a Conv2d) stays fp16 (contract: Conv layers are not quantized).
+#: InternVL's projector, outside the tower, is never handed to ModelOpt: its two small GEMMs, whose outputs are
+#: the decoder's embeddings, stay fp16.
 FP16_MODULES = ("*patch_embed*",)
+#: Tiles per calibration batch of a tiled tower.
+TILE_BATCH = 4
 #: Module classes whose inputs ModelOpt's recipe would quantize but the graph computes in float:
 #: Qwen2-VL's LayerNorms (block norms, the merger's ``ln_q``). Only Linears are fp8 in the graph.
 FLOAT_CLASSES = ("nn.LayerNorm",)
@@ -69,7 +78,9 @@ def fp8_tower_config() -> dict[str, Any]:
     return config
 
 
-def calibrated_tower(tower: VisionTower, *, store: Any = None, images: int = DEFAULT_CALIB_IMAGES) -> torch.nn.Module:
+def calibrated_tower(
+    tower: VisionTower, *, store: Any = None, images: int = DEFAULT_CALIB_IMAGES
+) -> torch.nn.Module | TileFeatures:
     """The checkpoint's vision tower, fake-quantized to fp8 by ModelOpt and calibrated on generated images.
 
     Also the reference the tests hold the fp8 graph to: the same call gives the same scales. ``store``
@@ -77,6 +88,8 @@ def calibrated_tower(tower: VisionTower, *, store: Any = None, images: int = DEF
     """
     import modelopt.torch.quantization as mtq
 
+    if tower.spec.tiled:
+        return _calibrated_tiles(tower, store, images)
     model = load_vision_tower(
         tower.checkpoint, tower.spec, tower.store if store is None else store, tower.prefix, dtype=torch.float32
     )
@@ -94,6 +107,29 @@ def calibrated_tower(tower: VisionTower, *, store: Any = None, images: int = DEF
         sum(patches.shape[0] for patches, _ in inputs),
     )
     return model
+
+
+def _calibrated_tiles(tower: VisionTower, store: Any, images: int) -> TileFeatures:
+    """A tiled tower's feature path (tower and projector), fake-quantized and calibrated on generated tiles."""
+    import modelopt.torch.quantization as mtq
+
+    features = load_tile_features(tower, store)
+    tiles = torch.from_numpy(calibration_tiles(tower.checkpoint, tower.dims.image_size, images))
+
+    def forward_loop(model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for start in range(0, len(tiles), TILE_BATCH):
+                features(tiles[start : start + TILE_BATCH])
+
+    # The tower alone, named from its own root: the recipe disables every quantizer under ``*vision_tower*``.
+    mtq.quantize(features.model.vision_tower, fp8_tower_config(), forward_loop=forward_loop)
+    log.info("calibrated the vision tower on %d generated tiles", len(tiles))
+    return features
+
+
+def quantized_modules(calibrated: Any) -> torch.nn.Module:
+    """The calibrated tower module whose Linears are named as the checkpoint names them under the tower prefix."""
+    return calibrated.model.vision_tower if isinstance(calibrated, TileFeatures) else calibrated
 
 
 def _enabled(module: torch.nn.Module, quantizer: str) -> bool:
@@ -144,7 +180,7 @@ def quantizer_tensors(tower: torch.nn.Module, prefix: str) -> tuple[dict[str, to
 def calibrate_fp8_tower(tower: VisionTower) -> tuple[MemoryStore, frozenset[str]]:
     """The tower's tensors with its calibrated fp8 quantizer tensors in front, and the fp8 Linears' module names."""
     checkpoint, store = tower.checkpoint, tower.store
-    tensors, modules = quantizer_tensors(calibrated_tower(tower), tower.prefix)
+    tensors, modules = quantizer_tensors(quantized_modules(calibrated_tower(tower)), tower.prefix)
     if not modules:
         raise SourceError(
             f"{checkpoint}: ModelOpt's fp8 recipe quantized no Linear of the vision tower (a recipe pattern such as "

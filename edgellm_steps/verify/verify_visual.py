@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ from edgellm_steps.artifacts.atomic import claim_file
 from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.export.kinds import VISUAL
-from edgellm_steps.export.visual_io import OUTPUT, deepstack_names
+from edgellm_steps.export.visual_io import INPUT, OUTPUT, deepstack_names
 from edgellm_steps.graph.opsets import ONNX_NAME
+from edgellm_steps.models.tile_geometry import TileDims
 from edgellm_steps.models.vision_geometry import Grid, VisionDims, open_vision_tower
-from edgellm_steps.models.vision_tower import load_vision_tower
+from edgellm_steps.models.vision_tower import load_tile_features, load_vision_tower
 from edgellm_steps.quant.visual_calibration import calibrated_tower
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, Tolerance, compare_logits, judge
 from edgellm_steps.verify.report import conclude, make_report
@@ -64,6 +66,34 @@ def tower_outputs(tower: Any, patches: np.ndarray, grids: list[Grid], dims: Visi
     return outputs
 
 
+#: Tiles per scenario of a tiled tower (InternVL): one tile, and two images together (2 tiles and a thumbnail, 1 tile).
+TILE_SCENARIOS = {"one_tile": 1, "two_images": 4}
+
+#: (scenario, what the report records of its input, graph feeds, reference outputs in float32, in float16).
+Case = tuple[str, dict[str, Any], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def _patch_cases(tower: Any, half: Any, dims: VisionDims, windowed: bool, rng: np.random.Generator) -> Iterator[Case]:
+    """Qwen-VL towers: random patches of one image, and of two images of different sizes packed together."""
+    for name, grids in SCENARIOS.items():
+        patches = rng.standard_normal((sum(t * h * w for t, h, w in grids), dims.patch_dim)).astype(np.float32)
+        expected = tower_outputs(tower, patches, grids, dims)
+        expected_half = tower_outputs(half, patches.astype(np.float16), grids, dims)
+        yield name, {"grids": grids}, visual_feeds(patches, grids, dims, windowed=windowed), expected, expected_half
+
+
+def _tile_cases(features: Any, half: Any, dims: TileDims, rng: np.random.Generator) -> Iterator[Case]:
+    """Tiled towers: random normalized tiles, each answered by transformers' ``get_image_features``."""
+    import torch
+
+    for name, blocks in TILE_SCENARIOS.items():
+        tiles = rng.standard_normal((blocks, dims.in_channels, dims.image_size, dims.image_size)).astype(np.float32)
+        with torch.no_grad():
+            expected = {OUTPUT: features(torch.from_numpy(tiles)).numpy()}
+            expected_half = {OUTPUT: half(torch.from_numpy(tiles).half()).float().numpy()}
+        yield name, {"blocks": blocks}, {INPUT: tiles.astype(np.float16)}, expected, expected_half
+
+
 def verify_visual(
     onnx_dir: str | Path, model_dir: str | Path, *, seed: int = 0, report: str | Path | None = None
 ) -> dict[str, Any]:
@@ -81,6 +111,8 @@ def verify_visual(
     if precision == "fp8":
         # As for LLM exports, a quantized graph answers to ModelOpt's fake-quantized model, calibrated as it was.
         tower = calibrated_tower(opened)
+    elif spec.tiled:
+        tower = load_tile_features(opened)
     else:
         tower = load_vision_tower(checkpoint, spec, opened.store, opened.prefix)
     session = ReferenceEvaluator(str(onnx_dir / ONNX_NAME))
@@ -88,18 +120,20 @@ def verify_visual(
     rng = np.random.default_rng(seed)
     results: dict[str, ParityResult] = {}
     floors: dict[str, ParityResult] = {}
-    # The tower in float16, the graph's precision: the reference's own noise floor on the same patches.
+    case_inputs: dict[str, dict[str, Any]] = {}
+    # The tower in float16, the graph's precision: the reference's own noise floor on the same inputs.
     half = copy.deepcopy(tower).to(torch.float16)
-    for name, grids in SCENARIOS.items():
-        patches = rng.standard_normal((sum(t * h * w for t, h, w in grids), dims.patch_dim)).astype(np.float32)
-        expected = tower_outputs(tower, patches, grids, dims)
-        expected_half = tower_outputs(half, patches.astype(np.float16), grids, dims)
-        feeds = visual_feeds(patches, grids, dims, windowed=spec.window_attention)
+    if spec.tiled:
+        cases = _tile_cases(tower, half, dims, rng)
+    else:
+        cases = _patch_cases(tower, half, dims, spec.window_attention, rng)
+    for name, inputs, feeds, expected, expected_half in cases:
         got = session.run(list(expected), feeds)
         for output, answer in zip(expected, got, strict=True):
             case = name if output == OUTPUT else f"{name}/{output}"
             results[case] = compare_logits(answer.astype(np.float32), expected[output])
             floors[case] = compare_logits(expected_half[output].astype(np.float32), expected[output])
+            case_inputs[case] = inputs
             verdict = "pass" if results[case].passed(judge(tolerance, floors[case])) else "FAIL"
             log.info("%s: %s; reference floor %s -> %s", case, results[case], floors[case], verdict)
     summary = make_report(
@@ -110,7 +144,7 @@ def verify_visual(
         tolerance=tolerance,
         inputs={"seed": seed},
         results=results,
-        case_inputs={name: {"grids": SCENARIOS[name.partition("/")[0]]} for name in results},
+        case_inputs=case_inputs,
         floors=floors,
     )
     bounds = {case: judge(tolerance, floor) for case, floor in floors.items()}

@@ -139,12 +139,15 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
 
 
 def _schema_default_settings(schema: dict[str, Any]) -> dict[str, Any]:
-    """Defaults of every setting; nested objects (``build``, ``quantization``, ...) get their members' defaults."""
+    """Defaults of every setting; nested objects (``build``, ``quantization``, ...) get their members' defaults.
+
+    A member without one (a vision engine's image-token limits, whose default depends on the tower) is None.
+    """
     defaults = {}
     for key, spec in schema["$defs"]["settings"]["properties"].items():
         if "$ref" in spec:
             nested = schema["$defs"][spec["$ref"].rsplit("/", 1)[-1]]["properties"]
-            defaults[key] = {name: member["default"] for name, member in nested.items()}
+            defaults[key] = {name: member.get("default") for name, member in nested.items()}
         else:
             defaults[key] = spec.get("default")
     return defaults

@@ -18,7 +18,7 @@ from edgellm_steps.artifacts.digests import DigestCache
 from edgellm_steps.artifacts.draft_weights import draft_d2t_header
 from edgellm_steps.artifacts.signatures import SignatureSpec, check_signature_files
 from edgellm_steps.artifacts.sources import STAMP_SUFFIX, STATE_DIR, read_hf_config, refresh_stamps, resolve_source
-from edgellm_steps.engine.limits import LIMITS_READ
+from edgellm_steps.engine.limits import LIMITS_READ, image_token_limits
 from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, PrecisionError, SourceError
 from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
@@ -357,7 +357,12 @@ class CheckedModel:
 
     def build_limits(self, kind: str = "llm") -> dict[str, int]:
         """The limits an engine of ``kind`` reads: changing another one leaves it up to date."""
-        limits = vars(self.settings.build)
+        build = self.settings.build
+        if kind == "visual":
+            self.require_vision_language()
+            tiled = self.checkpoint.spec.vision.tiled
+            build = image_token_limits(build, tiled=tiled, where=f"model '{self.name}'")
+        limits = vars(build)
         return {key: limits[key] for key in LIMITS_READ[kind]}
 
 

@@ -21,6 +21,7 @@ def make_checkpoint(
     seed: int = 0,
     max_shard_size: str | None = None,
     dtype: str = "float16",
+    vision: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` with tokenizer and chat template.
@@ -34,7 +35,12 @@ def make_checkpoint(
     ``image_token_id`` / ``video_token_id`` / ``vision_start_token_id`` / ``vision_end_token_id``
     pointing at the tokenizer's own special tokens, and a ``preprocessor_config.json``.
     transformers 5 saves its weights as ``model.embed_tokens`` / ``model.layers.*`` /
-    ``model.norm``, ``visual.*`` and ``lm_head``.
+    ``model.norm``, ``visual.*`` and ``lm_head``. ``vision`` overrides keys of the tiny ``vision_config``.
+
+    InternVL (``internvl``) saves as its ``-hf`` checkpoints are published: ``language_model.model.*``,
+    ``vision_tower.*`` and ``multi_modal_projector.*``, the LM head tied to the embeddings; its projector
+    outputs the decoder's width by construction, and the parameters its initialization leaves constant
+    (CLS token, position embeddings, layer scales) are drawn at random so that each one shows in the output.
     """
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype {dtype!r}: expected float16, bfloat16 or float32")
@@ -57,8 +63,10 @@ def make_checkpoint(
         # The merger's output width is the decoder's (its features replace token embeddings).
         vision_ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in spec["token_ids"].items()}
         out_width_key = next(f.vision.out_width_key for f in FAMILIES if f.family == family)
-        vision = {**spec["vision"], out_width_key: sizes["hidden_size"]}
-        config = config_class(text_config={**sizes, **token_ids}, vision_config=vision, **vision_ids)
+        vision_config = {**spec["vision"], **(vision or {})}
+        if out_width_key is not None:
+            vision_config[out_width_key] = sizes["hidden_size"]
+        config = config_class(text_config={**sizes, **token_ids}, vision_config=vision_config, **vision_ids)
     else:
         config = config_class(**sizes, **token_ids)
     torch.manual_seed(seed)
@@ -66,13 +74,15 @@ def make_checkpoint(
         model = getattr(transformers, spec["model_class"])._from_config(config)
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
+    _draw_constant_parameters(model)
     model = model.to(getattr(torch, dtype))
     output_dir = Path(output_dir)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(output_dir), **save_kwargs)
     tokenizer.save_pretrained(str(output_dir))
     if "vision" in spec:
-        _save_image_processor(output_dir, config, spec)
+        write = _save_tile_processor if family == "internvl" else _save_image_processor
+        write(output_dir, config, spec)
     log.info("wrote a tiny %s checkpoint (%d parameters) to %s", family, model.num_parameters(), output_dir)
     return output_dir
 
@@ -103,5 +113,47 @@ def _save_image_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -
         # Small images: 4 to 64 merged tokens, each covering (patch_size * merge_size)^2 pixels.
         "min_pixels": 4 * (vision.patch_size * vision.spatial_merge_size) ** 2,
         "max_pixels": 64 * (vision.patch_size * vision.spatial_merge_size) ** 2,
+    }
+    (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+
+
+#: Parameters transformers initializes to a constant (zeros, or InternViT's 0.1 layer scale): a graph that
+#: dropped or misplaced one would still match a freshly initialized model.
+CONSTANT_INIT = ("cls_token", "position_embeddings", "lambda_1", "lambda_2")
+
+
+def _draw_constant_parameters(model: Any) -> None:
+    """Give every :data:`CONSTANT_INIT` parameter random values (seeded by the caller's ``torch.manual_seed``)."""
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.rpartition(".")[2] in CONSTANT_INIT:
+                parameter.copy_(torch.randn_like(parameter) * (2.0 if "lambda" in name else 0.2))
+
+
+def _save_tile_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -> None:
+    """InternVL's ``preprocessor_config.json`` (GotOcr2's tiling image processor), sized to the tiny tower's tiles.
+
+    Written as the ``-hf`` checkpoints hold it, directly (the processor classes need torchvision).
+    """
+    import json
+
+    side = config.vision_config.image_size[0]
+    processor = {
+        "image_processor_type": "GotOcr2ImageProcessor",
+        "processor_class": spec["processor_class"],
+        "crop_to_patches": False,
+        "min_patches": 1,
+        "max_patches": 12,
+        "do_resize": True,
+        "size": {"height": side, "width": side},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "image_mean": spec["image_mean"],
+        "image_std": spec["image_std"],
     }
     (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")

@@ -197,6 +197,47 @@ TINY_FAMILIES["qwen3_vl"] = {
     "image_std": [0.5, 0.5, 0.5],
 }
 
+#: InternVL-hf's ChatML: an image part renders as one ``<IMG_CONTEXT>`` placeholder, which the processor expands to
+#: ``<img>`` + 256 placeholders per tile + ``</img>``.
+INTERNVL_TEMPLATE = QWEN_VL_TEMPLATE.replace(
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}", "{{- '<IMG_CONTEXT>\\n' }}"
+).replace("{{- '<|vision_start|><|video_pad|><|vision_end|>' }}", "{{- '<video>\\n' }}")
+
+#: InternVL3 (transformers' ``-hf`` layout): a Qwen2 decoder, InternViT with a CLS token and learned positions,
+#: pixel shuffle 0.5 and an MLP projector. A 64 x 64 tile of 2 x 2 patches is a 32 x 32 grid, which the pixel
+#: shuffle halves to 256 tokens per tile, as 448 / 14 does for the published sizes.
+TINY_FAMILIES["internvl"] = {
+    "config_class": "InternVLConfig",
+    "model_class": "InternVLForConditionalGeneration",
+    "processor_class": "InternVLProcessor",
+    "template": INTERNVL_TEMPLATE,
+    "special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"],
+    # The names InternVLProcessor reads from the tokenizer.
+    "extra_special": {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    },
+    "bos": None,
+    "eos": "<|im_end|>",
+    "config": {},
+    "vision": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 64,
+        "patch_size": 2,
+        "attention_bias": True,
+        # Wider initial weights than transformers' 0.02, so the blocks (not the patch embedding alone) shape the output.
+        "initializer_range": 0.2,
+    },
+    "token_ids": {"image_token_id": "<IMG_CONTEXT>"},
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+}
+
 TINY_SIZES = {
     "hidden_size": 64,
     "intermediate_size": 128,

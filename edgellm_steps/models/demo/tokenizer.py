@@ -27,6 +27,7 @@ def train_tokenizer(family: str, vocab_size: int = 384) -> Any:
         bos_token=spec["bos"],
         eos_token=spec["eos"],
         pad_token=spec["special"][0],
+        **({"extra_special_tokens": spec["extra_special"]} if "extra_special" in spec else {}),
     )
     fast.chat_template = spec["template"]
     return fast
