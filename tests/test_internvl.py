@@ -34,8 +34,10 @@ from edgellm_steps.export.visual_graph_internvl import InternVLVisualGraph
 from edgellm_steps.graph.onnx_builder import write_graph
 from edgellm_steps.models.tile_geometry import TOP_DEFAULTS, VISION_DEFAULTS
 from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.quant.calibration_images import calibration_images
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.visual_calibration import calibrated_tower
+from edgellm_steps.verify.internvl_tiles import expand_prompt, vision_input
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, compare_logits, hf_rope_table, judge
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_visual import _tolerance as fp8_tolerance
@@ -47,8 +49,6 @@ TOL = TOLERANCES["fp16"]
 ROWS_TOL = replace(TOL, greedy=False)
 #: A decoder whose attention depends on its inputs (see the module docstring).
 SHARP = {"initializer_range": 0.2}
-#: Tiles per image of the end-to-end prompt: a 2 x 1 image with its thumbnail, and a one-tile image.
-IMAGE_TILES = (3, 1)
 NEW_TOKENS = 4
 
 
@@ -208,25 +208,33 @@ def test_verify_passes_fp16_and_fp8_towers_and_the_fp8_reference_catches_an_fp16
     assert not compare_logits(internvl.graph(tiles), expected).passed(bound)
 
 
-def prompt_ids(internvl: InternVL, tiles: tuple[int, ...]) -> list[int]:
-    """The chat template's ids, each image placeholder expanded as InternVL's processor expands it:
-    ``<img>``, 256 placeholders per tile, ``</img>``."""
+def prompt_ids(internvl: InternVL, blocks: list[int]) -> list[int]:
+    """The chat template's ids, each image placeholder expanded as the runtime expands it (``<img>``, 256
+    placeholders per block, ``</img>``; :mod:`~edgellm_steps.verify.internvl_tiles`)."""
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(internvl.checkpoint))
     content: list[dict] = [{"type": "text", "text": "Compare"}]
-    for _ in tiles:
+    for _ in blocks:
         content += [{"type": "image"}, {"type": "text", "text": " and"}]
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
+    start, end = (tokenizer.convert_tokens_to_ids(token) for token in ("<img>", "</img>"))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     context = internvl.config["image_token_id"]
-    start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<img>", "</img>"))
-    counts = iter(tiles)
-    ids: list[int] = []
-    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-        ids += [start, *[context] * (256 * next(counts)), end] if token == context else [token]
-    return ids
+    return expand_prompt(ids, blocks, image_token_id=context, img_start_id=start, img_end_id=end)
+
+
+def runtime_tiles(internvl: InternVL) -> tuple[np.ndarray, list[int]]:
+    """Two generated images tiled as the runtime tiles them: a wide one (2 tiles and its thumbnail) and a small
+    one (1 tile and, the runtime's rule, a thumbnail too)."""
+    side = internvl.config["vision_config"]["image_size"][0]
+    wide, small = calibration_images(2, 8, seed=3)
+    images = [np.resize(wide, (side, 2 * side, 3)), small[: side // 2, : side // 2]]
+    tiles, blocks = vision_input(images, tile_size=side, thumbnail="always")
+    assert blocks == [3, 2]
+    return tiles.astype(np.float32), blocks
 
 
 def reference(internvl: InternVL, ids: list[int], tiles: np.ndarray) -> tuple[list[int], np.ndarray]:
@@ -259,15 +267,16 @@ def ours(internvl: InternVL, ids: list[int], tiles: np.ndarray, new_tokens: list
 
 
 def test_a_prompt_with_two_images_end_to_end_equals_transformers(internvl):
-    """Vision graph -> splice at vocab_size + k -> LLM graph, against the transformers model's logits with
-    equal greedy tokens; controls: the two images' tiles swapped, the rows spliced in reverse."""
-    ids = prompt_ids(internvl, IMAGE_TILES)
-    tiles = tiles_of(internvl, sum(IMAGE_TILES), seed=3)
+    """Runtime tiles -> vision graph -> splice at vocab_size + k -> LLM graph, against the transformers model's
+    logits on the same tiles and ids, with equal greedy tokens; controls: the two images' tiles swapped, the
+    rows spliced in reverse."""
+    tiles, blocks = runtime_tiles(internvl)
+    ids = prompt_ids(internvl, blocks)
     tokens, expected = reference(internvl, ids, tiles)
     got = ours(internvl, ids, tiles, tokens)
     result = compare_logits(got, expected)
     assert result.passed(TOL) and [int(row.argmax()) for row in got[:-1]] == tokens, result
-    swapped = np.concatenate([tiles[IMAGE_TILES[0] :], tiles[: IMAGE_TILES[0]]])
+    swapped = np.concatenate([tiles[blocks[0] :], tiles[: blocks[0]]])
     assert fails(compare_logits(ours(internvl, ids, swapped, tokens), expected), TOL)
     reversed_rows = internvl.graph(tiles)[::-1].copy()
     assert fails(compare_logits(ours(internvl, ids, tiles, tokens, rows=reversed_rows), expected), TOL)
