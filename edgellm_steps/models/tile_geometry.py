@@ -11,6 +11,7 @@ express is refused in one line before any job runs.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,9 @@ from edgellm_steps.errors import SourceError
 
 #: The tiles' rows per image token the runtime's InternVL runner allocates (contract 7.3).
 RUNTIME_TILE_TOKENS = 256
+#: The ids the 0.5 runtime's InternVL runner writes before and after every image's rows, whatever the tokenizer
+#: says: ``<img>`` and ``</img>`` of the Qwen2.5-based InternVL3 tokenizers.
+RUNTIME_IMAGE_BRACKETS = {"<img>": 151665, "</img>": 151666}
 #: InternViT's norms, by ``vision_config.norm_type``.
 NORMS = {"layer_norm": "layer", "rms_norm": "rms"}
 #: The projector's LayerNorm epsilon (transformers' ``nn.LayerNorm`` default; the config has no key for it).
@@ -182,3 +186,23 @@ def check_tile_processor(processor: dict[str, Any], dims: TileDims, processor_pa
             f"{processor_path}: size is {size!r} but the vision tower takes {dims.image_size} x {dims.image_size} "
             "tiles; restore the checkpoint's own processor files"
         )
+
+
+def runtime_tile_warning(checkpoint: Path) -> str | None:
+    """Why the runtime would bracket this checkpoint's images with the wrong tokens, or None when it would not.
+
+    Read from ``tokenizer.json``'s added tokens alone (planning imports no tokenizer library).
+    """
+    try:
+        added = json.loads((Path(checkpoint) / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens")
+    except (OSError, ValueError, AttributeError):
+        return None  # the tokenizer check names an unreadable tokenizer
+    ids = {token.get("content"): token.get("id") for token in added or [] if isinstance(token, dict)}
+    found = {token: ids.get(token) for token in RUNTIME_IMAGE_BRACKETS}
+    if found == RUNTIME_IMAGE_BRACKETS:
+        return None
+    return (
+        f"its tokenizer's <img> / </img> ids are {found['<img>']} / {found['</img>']}, but the Edge-LLM runtime's "
+        f"InternVL runner writes {' / '.join(map(str, RUNTIME_IMAGE_BRACKETS.values()))} around every image, so "
+        "its prompts would carry other tokens there (the exports and their verify are still right)"
+    )

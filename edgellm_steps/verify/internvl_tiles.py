@@ -52,19 +52,20 @@ from typing import Literal
 
 import numpy as np
 
+from edgellm_steps.models.tile_geometry import RUNTIME_IMAGE_BRACKETS, RUNTIME_TILE_TOKENS
 from edgellm_steps.verify.image_resize import RESAMPLERS
 from edgellm_steps.verify.vlm_splice import runtime_token_ids
 
 logger = logging.getLogger(__name__)
 
 #: Image rows per tile (InternVL3: (448 / 14)^2 patches, pixel shuffle 0.5); a constant in the 0.5 runner.
-TOKENS_PER_TILE = 256
+TOKENS_PER_TILE = RUNTIME_TILE_TOKENS
 #: The 0.5 runner's fixed normalization (ImageNet's), RGB.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``<img>`` and ``</img>`` as the 0.5 runner hard-codes them (Qwen2.5-based InternVL3 tokenizers).
-RUNTIME_IMG_START_ID = 151665
-RUNTIME_IMG_END_ID = 151666
+RUNTIME_IMG_START_ID = RUNTIME_IMAGE_BRACKETS["<img>"]
+RUNTIME_IMG_END_ID = RUNTIME_IMAGE_BRACKETS["</img>"]
 
 Thumbnail = Literal["always", "multi_tile", "never"]
 Resample = Literal["pil", "stb"]

@@ -24,6 +24,7 @@ from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_base
 from edgellm_steps.models.families import runtime_rope_warning
+from edgellm_steps.models.tile_geometry import runtime_tile_warning
 from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, check_source_fits, open_checkpoint
 from edgellm_steps.quant.exclusions import source_exclusions
@@ -97,6 +98,9 @@ class CheckedModel:
             self.settings.source, model=self.name, where=where, allow_download=False, allow_block_fp8=True
         )
         if (warning := runtime_rope_warning(opened.dims)) is not None:
+            log.warning("model '%s': %s", self.name, warning)
+        vision = opened.spec.vision
+        if vision is not None and vision.tiled and (warning := runtime_tile_warning(opened.path)) is not None:
             log.warning("model '%s': %s", self.name, warning)
         return opened
 
