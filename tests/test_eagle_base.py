@@ -19,6 +19,7 @@ import torch
 from edgellm_steps.export import llm_io
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.models.eagle import eagle_hidden_state_indices
+from edgellm_steps.models.families import family_for
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_table
 from edgellm_steps.verify.reference import LLMRunner
 
@@ -28,6 +29,8 @@ from edgellm_steps.verify.reference import LLMRunner
 CASES = {
     "qwen2": {"family": "qwen2", "initializer_range": 0.2},
     "llama": {"family": "llama", "initializer_range": 0.2},
+    # A VLM's language model under its own prefixes (InternVL's -hf layout): the base graph is the decoder's.
+    "internvl": {"family": "internvl", "initializer_range": 0.2},
 }
 LAYERS = 8
 #: A tree of 5 slots: root 0; children 1 and 2 of the root; 3 under 1; 4 under 3.
@@ -67,7 +70,8 @@ def eagle_base(request, checkpoint_factory, tmp_path_factory):
     checkpoint = checkpoint_factory(CASES[case]["family"], num_hidden_layers=LAYERS, **options)
     out = tmp_path_factory.mktemp(f"eagle-{case}") / "eagle_base"
     export_llm(checkpoint, out, eagle_base=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    auto_class = getattr(transformers, family_for(json.loads((checkpoint / "config.json").read_text())).hf_auto_class)
+    model = auto_class.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
     return case, out, model
 
 
@@ -99,7 +103,7 @@ def test_the_graph_is_the_contracts_eagle_base(eagle_base):
 
 def test_hidden_states_are_the_three_hf_hidden_states_at_every_position(eagle_base):
     _, out, model = eagle_base
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, PROMPT).tolist()
+    ids = np.random.default_rng(1).integers(0, model.config.get_text_config().vocab_size, PROMPT).tolist()
     runner = LLMRunner(out, hf_rope_table(model, 16), batch=1, capacity=16)
     runner.step([ids], all_logits=True)
     with torch.no_grad():
@@ -107,9 +111,9 @@ def test_hidden_states_are_the_three_hf_hidden_states_at_every_position(eagle_ba
     assert eagle_hidden_state_indices(LAYERS) == (2, 4, 5)
     expected = torch.cat([states[2], states[4], states[5]], dim=-1).numpy()
     got = runner.hidden_states.astype(np.float32)
-    assert got.shape == expected.shape == (1, PROMPT, 3 * model.config.hidden_size)
+    assert got.shape == expected.shape == (1, PROMPT, 3 * model.config.get_text_config().hidden_size)
     # Each third on its own scale: later layers' states are larger.
-    h = model.config.hidden_size
+    h = model.config.get_text_config().hidden_size
     for k in range(3):
         part, ref = got[..., k * h : (k + 1) * h], expected[..., k * h : (k + 1) * h]
         error = np.abs(part - ref).max() / np.abs(ref).max()
@@ -120,7 +124,7 @@ def run_tree(out, model, ids, parents, mask=None):
     """Prefill ``ids``, then the tree ``parents`` of tokens in one step; logits of every tree slot."""
     depth, tree = tree_mask(parents)
     rng = np.random.default_rng(2)
-    tokens = rng.integers(0, model.config.vocab_size, len(parents)).tolist()
+    tokens = rng.integers(0, model.config.get_text_config().vocab_size, len(parents)).tolist()
     runner = LLMRunner(out, hf_rope_table(model, 32), batch=1, capacity=32)
     runner.step([ids])
     positions = (len(ids) + depth)[None].astype(np.int32)
@@ -139,7 +143,7 @@ def hf_path_logits(model, ids, tokens, parents) -> np.ndarray:
 
 def test_tree_logits_equal_transformers_on_each_root_to_node_path(eagle_base):
     case, out, model = eagle_base
-    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, PROMPT).tolist()
+    ids = np.random.default_rng(3).integers(0, model.config.get_text_config().vocab_size, PROMPT).tolist()
     tokens, logits = run_tree(out, model, ids, PARENTS)
     result = compare_logits(logits, hf_path_logits(model, ids, tokens, PARENTS))
     assert result.passed(TOL), f"{case}: {result}"
@@ -148,7 +152,7 @@ def test_tree_logits_equal_transformers_on_each_root_to_node_path(eagle_base):
 def test_the_tree_mask_decides_what_each_slot_sees(eagle_base):
     """The same tokens read as one causal chain give other logits wherever the tree branches."""
     _, out, model = eagle_base
-    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, PROMPT).tolist()
+    ids = np.random.default_rng(3).integers(0, model.config.get_text_config().vocab_size, PROMPT).tolist()
     _, logits = run_tree(out, model, ids, PARENTS)
     chain = (-1, 0, 1, 2, 3)
     _, chain_mask = tree_mask(chain)
