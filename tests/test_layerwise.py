@@ -40,7 +40,7 @@ SAMPLES, TOKENS = 4, 32
 #: (checkpoint case, precision): every weight algorithm (max, SmoothQuant, AWQ-lite, NVFP4's two levels), LM head
 #: and KV quantizers, tied embeddings, fused qkv / gate_up (Phi-3), qk norms (Qwen3), a VLM (renamed decoder,
 #: mrope positions, a vision tower ModelOpt converts but never calibrates; Qwen3-VL's interleaved mrope and
-#: deepstack-fed decoder).
+#: deepstack-fed decoder; InternVL's decoder under its -hf prefixes beside a tower and projector left float).
 CASES = [
     ("qwen2", "fp8"),
     ("qwen2", "int8_sq"),
@@ -51,6 +51,7 @@ CASES = [
     ("qwen3", "fp8-lmfp8-kvfp8"),
     ("qwen2_vl", "fp8"),
     ("qwen3_vl", "fp8"),
+    ("internvl", "int8_sq-kvfp8"),
 ]
 
 WIDE = {"hidden_size": 128, "intermediate_size": 256}
@@ -125,8 +126,10 @@ def test_layer_by_layer_equals_modelopts_whole_model_quantization(checkpoint_fac
     calibration = {"calib_size": SAMPLES, "calib_max_tokens": TOKENS}
     quantize_llm(checkpoint, tmp_path / "layerwise", precision=precision, exclude=exclude, **calibration)
     _assert_modelopts(tmp_path / "layerwise", tmp_path / "whole")
-    # A VLM's vision tower stays float: its quantizers are never calibrated, so none is saved.
-    assert not [n for n in _tensors(tmp_path / "layerwise") if "_quantizer." in n and "visual" in n]
+    # A VLM's vision tower (and projector) stays float: its quantizers are never calibrated, so none is saved.
+    spec = family_for(read_hf_config(checkpoint))
+    quantizers = [n for n in _tensors(tmp_path / "layerwise") if "_quantizer." in n]
+    assert not [n for n in quantizers if any(fnmatchcase(n, pattern) for pattern in spec.quant_exclude)]
     if exclude:  # the excluded Linears hold no scale: they stay float
         scaled = {n.split(".weight_quantizer")[0] for n in _tensors(tmp_path / "whole") if ".weight_quantizer." in n}
         assert scaled and not [n for n in scaled if fnmatchcase(n, exclude[0])], scaled

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
+from edgellm_steps.artifacts.sources import read_hf_config
 from edgellm_steps.errors import SourceError
 
 #: Rows converted to the calibration dtype at a time when a stored tensor is cast.
@@ -113,7 +114,8 @@ class ModelSkeleton:
         self.layers = decoder.layers
         self.norm = decoder.norm
         self.lm_head = self.model.get_output_embeddings()
-        self.tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        # Tied as transformers 5 ties them: a composite config (InternVL) may say so at its top level only.
+        self.tied = decoder_dims(read_hf_config(checkpoint)).tie_word_embeddings
         self._torch = torch
 
     def name_of(self, module: Any) -> str:
