@@ -57,6 +57,8 @@ TINY_CASES = {
     "qwen2_5_vl": {"family": "qwen2_5_vl"},
     # Qwen3-VL: interleaved MRoPE, q/k norms, deepstack inputs (zeros for text, as the runtime binds them).
     "qwen3_vl": {"family": "qwen3_vl"},
+    # InternVL3: a Qwen2 decoder under the -hf layout's language_model.model.* names, its LM head tied.
+    "internvl": {"family": "internvl"},
 }
 
 

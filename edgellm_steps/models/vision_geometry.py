@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
+from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder_dims
 from edgellm_steps.artifacts.sources import read_hf_config, read_json_object
 from edgellm_steps.errors import SourceError
-from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for
-from edgellm_steps.models.tile_geometry import TileDims, check_tile_processor, tile_dims
+from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for, runtime_rope_warning
+from edgellm_steps.models.tile_geometry import TileDims, check_tile_processor, runtime_tile_warning, tile_dims
 
 #: The runtime computes the vision rotary angles with this base (it does not read the config).
 RUNTIME_VISION_ROPE_THETA = 10000.0
@@ -172,6 +172,13 @@ def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: Visio
             f"size is {llm_hidden}: the vision features would not fit its embeddings; restore the checkpoint's own "
             "config.json"
         )
+
+
+def runtime_warnings(spec: FamilySpec, dims: DecoderDims, checkpoint: Path) -> list[str]:
+    """What the runtime would get wrong with this checkpoint although its exports are right (planning warns)."""
+    tiled = spec.vision is not None and spec.vision.tiled
+    found = (runtime_rope_warning(dims), runtime_tile_warning(checkpoint) if tiled else None)
+    return [warning for warning in found if warning is not None]
 
 
 def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:

@@ -23,8 +23,7 @@ from edgellm_steps.errors import ChatTemplateError, ConfigError, EdgeLLMError, P
 from edgellm_steps.export.chat_template import load_processed_chat_template
 from edgellm_steps.lora.adapter_fit import read_fitting_adapter
 from edgellm_steps.models.eagle import check_d2t, check_draft_fits, check_eagle_base
-from edgellm_steps.models.families import runtime_rope_warning
-from edgellm_steps.models.tile_geometry import runtime_tile_warning
+from edgellm_steps.models.vision_geometry import runtime_warnings
 from edgellm_steps.quant.calibration import check_corpus_source
 from edgellm_steps.quant.checkpoint_record import OpenedCheckpoint, check_source_fits, open_checkpoint
 from edgellm_steps.quant.exclusions import source_exclusions
@@ -97,10 +96,7 @@ class CheckedModel:
         opened = open_checkpoint(
             self.settings.source, model=self.name, where=where, allow_download=False, allow_block_fp8=True
         )
-        if (warning := runtime_rope_warning(opened.dims)) is not None:
-            log.warning("model '%s': %s", self.name, warning)
-        vision = opened.spec.vision
-        if vision is not None and vision.tiled and (warning := runtime_tile_warning(opened.path)) is not None:
+        for warning in runtime_warnings(opened.spec, opened.dims, opened.path):
             log.warning("model '%s': %s", self.name, warning)
         return opened
 
@@ -362,10 +358,9 @@ class CheckedModel:
     def build_limits(self, kind: str = "llm") -> dict[str, int]:
         """The limits an engine of ``kind`` reads: changing another one leaves it up to date."""
         build = self.settings.build
-        if kind == "visual":
+        if kind == "visual":  # a tiled tower's defaults, and whole tiles
             self.require_vision_language()
-            tiled = self.checkpoint.spec.vision.tiled
-            build = image_token_limits(build, tiled=tiled, where=f"model '{self.name}'")
+            build = image_token_limits(build, tiled=self.checkpoint.spec.vision.tiled, where=f"model '{self.name}'")
         limits = vars(build)
         return {key: limits[key] for key in LIMITS_READ[kind]}
 
