@@ -37,9 +37,9 @@ def test_verify_target_writes_a_passing_report(tmp_path, checkpoint_factory):
 
 QUANT_CONFIG = scenario("quantized")
 ACCURACY = "reports/tiny/accuracy.json"
-#: The weight formats the accuracy report is built for through Snakemake: one built already, one planned for it
-#: (each format's figures are checked against ModelOpt in test_quantize; the demo builds fp8's).
-ACCURACY_PRECISIONS = ("int4_awq", "nvfp4")
+#: The precisions the accuracy report is built for through Snakemake: two built already, one of them from the shared
+#: statistics (each format's figures are checked against ModelOpt in test_quantize; the demo builds fp8's).
+ACCURACY_PRECISIONS = ("int4_awq", "int8_sq-lmnvfp4-kvfp8")
 JOBS = "reports/tiny/jobs.json"
 #: One precision per part of the grammar the rules pass on (weights alone, a KV cache over fp16 weights, and
 #: weights with an lm_head and a KV cache); fp8 weights go through the workflow in the demo, the block-FP8 and
@@ -67,12 +67,11 @@ def test_every_quantized_precision_builds_and_calibration_config_is_tracked(tmp_
         assert (info["calibration"].get("statistics") == "shared") == (precision != "int4_awq"), precision
     assert NOTHING in run_snakemake(tmp_path, "-n", *targets).output
 
-    # The accuracy report of the configured weight formats: their quantize jobs from the statistics already there
-    # (AWQ's built), their exports and one job over them, its page and plot in Snakemake's own report; a changed
-    # accuracy setting reruns it alone.
+    # The accuracy report of configured precisions already built: one job over their exports, its page and plot in
+    # Snakemake's own report; a changed accuracy setting reruns it alone.
     configured = QUANT_CONFIG + f"    precisions: [{', '.join(ACCURACY_PRECISIONS)}]\n"
     write_config(tmp_path, configured)
-    planned = {"quantize_llm": 1, "export_llm": 1, "accuracy_report": 1, "job_costs": 1}
+    planned = {"accuracy_report": 1, "job_costs": 1}
     assert planned_jobs(run_snakemake(tmp_path, "-n", ACCURACY, JOBS).output) == planned
     run_snakemake(tmp_path, ACCURACY, JOBS)
     run_snakemake(tmp_path, ACCURACY, JOBS, "--report", "report.html")
