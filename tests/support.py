@@ -59,6 +59,8 @@ TINY_CASES = {
     "qwen3_vl": {"family": "qwen3_vl"},
     # InternVL3: a Qwen2 decoder under the -hf layout's language_model.model.* names, its LM head tied.
     "internvl": {"family": "internvl"},
+    # Phi-4-multimodal as transformers 5 loads it: the Phi-3 decoder beside a SigLIP tower and an audio encoder.
+    "phi4mm": {"family": "phi4mm"},
 }
 
 

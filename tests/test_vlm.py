@@ -39,9 +39,11 @@ def tensor_names(checkpoint) -> list[str]:
 
 def test_vlm_families_are_declared():
     vlm = {spec.family: spec for spec in FAMILIES if spec.vision_language}
-    # Qwen3-VL's language model has its own tests (test_qwen3_vl_llm.py), InternVL's test_internvl.py.
-    assert set(vlm) == {*VLM_CASES, "qwen3_vl", "internvl"}
-    assert not vlm["internvl"].mrope and vlm["internvl"].vision.tiled
+    # Qwen3-VL's language model has its own tests (test_qwen3_vl_llm.py), InternVL's and Phi-4-multimodal's
+    # test_internvl.py and test_phi4mm.py.
+    assert set(vlm) == {*VLM_CASES, "qwen3_vl", "internvl", "phi4mm"}
+    assert all(not vlm[tiled].mrope and vlm[tiled].vision.tiled for tiled in ("internvl", "phi4mm"))
+    vlm = {family: spec for family, spec in vlm.items() if not spec.vision.tiled}
     for family, arch in {**VLM_CASES, "qwen3_vl": "Qwen3VLForConditionalGeneration"}.items():
         assert vlm[family].architectures == (arch,) and vlm[family].mrope
         assert vlm[family].hf_auto_class == "AutoModelForImageTextToText"

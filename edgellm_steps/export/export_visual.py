@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from edgellm_steps import EDGELLM_VERSION
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
@@ -29,6 +31,7 @@ from edgellm_steps.errors import PrecisionError
 from edgellm_steps.export.sidecars import write_json
 from edgellm_steps.export.visual_graph import VisualGraph
 from edgellm_steps.export.visual_graph_internvl import InternVLVisualGraph
+from edgellm_steps.export.visual_graph_phi4mm import Phi4mmVisualGraph
 from edgellm_steps.export.visual_graph_qwen3 import Qwen3VisualGraph
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, GraphBuilder, write_graph
 from edgellm_steps.models.vision_geometry import VisionTower, open_vision_tower
@@ -65,9 +68,18 @@ def _graph(builder: GraphBuilder, tower: VisionTower, store: Any, fp8_modules: f
     """The graph builder of the tower's kind, over ``store`` (the checkpoint, or calibrated tensors in front of it)."""
     args = (builder, store, tower.spec, tower.dims, tower.prefix)
     if tower.spec.tiled:
-        return InternVLVisualGraph(*args, projector=tower.projector, fp8_modules=fp8_modules)
+        tiled = {"internvl": InternVLVisualGraph, "phi4mm": Phi4mmVisualGraph}[tower.spec.tiles]
+        return tiled(*args, projector=tower.projector, fp8_modules=fp8_modules)
     graph = Qwen3VisualGraph if tower.spec.deepstack else VisualGraph
     return graph(*args, fp8_modules=fp8_modules)
+
+
+def _build(graph: VisualGraph, staging: Path) -> onnx.ModelProto:
+    """The graph, and the side files a tiled tower's runtime reads beside it (Phi-4-multimodal's separators)."""
+    model = graph.build()
+    if isinstance(graph, InternVLVisualGraph):
+        graph.write_sidecars(staging)
+    return model
 
 
 def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16") -> Path:
@@ -86,7 +98,7 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
-        write_graph(staging, lambda builder: _graph(builder, tower, store, fp8_modules).build())
+        write_graph(staging, lambda builder: _build(_graph(builder, tower, store, fp8_modules), staging))
         write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step=steps.EXPORT_VISUAL, parameters={"precision": quantization})

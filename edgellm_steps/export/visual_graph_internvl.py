@@ -24,6 +24,8 @@ plain 2-D GEMM, as in the other vision graphs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto
@@ -98,7 +100,7 @@ class InternVLVisualGraph(VisualGraph):
             self.const([axis], f"ax_{axis}"),
         ]
 
-    def tile_attention(self, module: str, x: str) -> str:
+    def tile_attention(self, module: str, x: str, *, out: str = "projection_layer") -> str:
         """Full attention within each tile: [blocks * T, C] -> [blocks * T, C]."""
         g, d = self.g, self.dims
         path = _node_path(module)
@@ -115,11 +117,10 @@ class InternVLVisualGraph(VisualGraph):
         scores = g.op("Cast", [g.op("MatMul", [q, k], f"{path}/MatMul")], f"{path}/Cast", to=TensorProto.FLOAT)
         probs = g.op("Softmax", [scores], f"{path}/Softmax", axis=-1)
         probs = g.op("Cast", [probs], f"{path}/Cast_1", to=TensorProto.FLOAT16)
-        out = g.op(
-            "Transpose", [g.op("MatMul", [probs, v], f"{path}/MatMul_1")], f"{path}/Transpose_3", perm=[0, 2, 1, 3]
-        )
-        out = g.op("Reshape", [out, self.const([-1, d.width], "rows")], f"{path}/Reshape_1")
-        return self.linear(f"{module}.projection_layer", out)
+        heads_out = g.op("MatMul", [probs, v], f"{path}/MatMul_1")
+        merged = g.op("Transpose", [heads_out], f"{path}/Transpose_3", perm=[0, 2, 1, 3])
+        merged = g.op("Reshape", [merged, self.const([-1, d.width], "rows")], f"{path}/Reshape_1")
+        return self.linear(f"{module}.{out}", merged)
 
     def scaled(self, name: str, x: str, path: str) -> str:
         """``x`` times the layer-scale vector ``name``."""
@@ -131,7 +132,7 @@ class InternVLVisualGraph(VisualGraph):
         h = self.tile_attention(f"{layer}.attention", self.norm(f"{layer}.layernorm_before", x))
         x = g.op("Add", [x, self.scaled(f"{layer}.lambda_1", h, f"{path}/Mul")], f"{path}/Add")
         h = self.norm(f"{layer}.layernorm_after", x)
-        h = self.linear(f"{layer}.mlp.fc2", self.gelu(self.linear(f"{layer}.mlp.fc1", h), f"{path}/mlp/gelu"))
+        h = self.linear(f"{layer}.mlp.fc2", self.activation(self.linear(f"{layer}.mlp.fc1", h), f"{path}/mlp/act"))
         return g.op("Add", [x, self.scaled(f"{layer}.lambda_2", h, f"{path}/Mul_1")], f"{path}/Add_1")
 
     def pixel_shuffle(self, x: str) -> str:
@@ -159,9 +160,18 @@ class InternVLVisualGraph(VisualGraph):
             x = self.layer(i, x)
         if d.final_norm:
             x = self.tile_norm(f"{p}layernorm", x, kind="layer", eps=d.norm_eps)
-        h = self.pixel_shuffle(x)
+        g.node("Identity", [self.project(self.merge_patches(x))], "/output/Identity", outputs=[OUTPUT])
+        return g.to_model("edgellm_visual")
+
+    def merge_patches(self, x: str) -> str:
+        """[blocks * T, C] -> one row per image token: InternVL's pixel shuffle."""
+        return self.pixel_shuffle(x)
+
+    def project(self, h: str) -> str:
+        """InternVL's projector: LayerNorm over the joined row, linear_1, GELU, linear_2."""
         h = self.tile_norm(f"{self.projector}layer_norm", h, kind="layer", eps=PROJECTOR_EPS)
         h = self.gelu(self.linear(f"{self.projector}linear_1", h), "/projector/gelu")
-        h = self.linear(f"{self.projector}linear_2", h)
-        g.node("Identity", [h], "/output/Identity", outputs=[OUTPUT])
-        return g.to_model("edgellm_visual")
+        return self.linear(f"{self.projector}linear_2", h)
+
+    def write_sidecars(self, directory: Path) -> None:
+        """Files the runtime reads beside the vision engine, other than the graph (none for InternVL)."""

@@ -47,13 +47,16 @@ class VisionSpec:
     deepstack: bool = False
     #: The tensor (under one of :attr:`prefixes`) that locates the tower in a checkpoint.
     probe: str = "patch_embed.proj.weight"
-    #: InternVL (contract 7.3): the tower takes whole tiles [blocks, 3, S, S] (CLS token, learned positions,
-    #: full attention, no rotary angles), and a pixel shuffle and MLP projector outside it, under
-    #: :attr:`projector_prefixes`, give 256 rows of the decoder's width per tile.
-    tiled: bool = False
+    #: A tower that takes whole tiles [blocks, 3, S, S] and gives 256 rows of the decoder's width per tile, named
+    #: by its layout (``models/tile_geometry.py``): ``internvl`` (contract 7.3: InternViT with a CLS token, pixel
+    #: shuffle 0.5, an MLP projector) or ``phi4mm`` (7.4: SigLIP, 2 x 2 average pooling, the image projection).
+    #: The projector lives outside the tower, under :attr:`projector_prefixes`.
+    tiles: str | None = None
     projector_prefixes: tuple[str, ...] = ()
-    #: The transformers class whose ``get_image_features`` is a tiled tower's reference (built without decoder).
-    hf_feature_class: str | None = None
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles is not None
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,9 @@ class FamilySpec:
     #: composite class such as InternVL's carries other decoders too (InternVL3.5's Qwen3), which would export
     #: without their q/k norms.
     text_model_types: tuple[str, ...] = ()
+    #: Why no engine of this family can be planned yet (None: it can): a language model that serves images only
+    #: with an adapter merged in that the workflow cannot merge.
+    engine_blocked: str | None = None
 
     def check_text_model(self, hf_config: dict) -> None:
         """Refuse, in one line, a composite checkpoint whose decoder is not the one this family's graph builds."""
@@ -286,9 +292,39 @@ FAMILIES += (
             hf_tower_class="transformers.models.internvl.modeling_internvl.InternVLVisionModel",
             prefixes=("vision_tower.", "model.vision_tower."),
             probe="embeddings.patch_embeddings.projection.weight",
-            tiled=True,
-            hf_feature_class="InternVLModel",
+            tiles="internvl",
             projector_prefixes=("multi_modal_projector.", "model.multi_modal_projector."),
+        ),
+    ),
+)
+
+# Phi-4-multimodal as transformers 5 loads it natively (contract 7.4): the Phi-4-mini decoder (fused qkv /
+# gate_up, LongRoPE) at ``model.*``; the SigLIP tower, its image projection and the separators at
+# ``model.embed_tokens_extend.image_embed.*``; an audio encoder the exports never read.
+FAMILIES += (
+    FamilySpec(
+        family="phi4mm",
+        architectures=("Phi4MultimodalForCausalLM",),
+        fused_qkv=True,
+        fused_gate_up=True,
+        vision_language=True,
+        quant_exclude=("*embed_tokens_extend*",),
+        engine_blocked=(
+            "Phi-4-multimodal's language model answers image prompts only with its vision LoRA (vision-lora/) "
+            "merged in, which the workflow does not merge yet; build its exports (onnx/<model>_<precision>/llm/, "
+            "text prompts, and onnx/<model>/visual/) but no engine"
+        ),
+        vision=VisionSpec(
+            norm="layer",
+            gated_mlp=False,
+            window_attention=False,
+            width_key="hidden_size",
+            out_width_key=None,
+            hf_tower_class="transformers.models.siglip.modeling_siglip.SiglipVisionModel",
+            prefixes=("model.embed_tokens_extend.image_embed.img_processor.",),
+            probe="embeddings.patch_embedding.weight",
+            tiles="phi4mm",
+            projector_prefixes=("model.embed_tokens_extend.image_embed.",),
         ),
     ),
 )

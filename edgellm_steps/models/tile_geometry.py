@@ -12,6 +12,7 @@ express is refused in one line before any job runs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -109,8 +110,8 @@ TOP_DEFAULTS = {
 }
 
 
-def tile_dims(hf_config: dict[str, Any], llm_hidden: int, *, where: str = "config.json") -> TileDims:
-    """The tower's sizes from the checkpoint's ``config.json`` (transformers' defaults for absent keys), checked."""
+def internvl_tile_dims(hf_config: dict[str, Any], llm_hidden: int, where: str) -> TileDims:
+    """InternVL's tower sizes from ``config.json`` (transformers' defaults for absent keys), checked."""
     config = SimpleNamespace(**{**TOP_DEFAULTS, **{k: hf_config[k] for k in TOP_DEFAULTS if k in hf_config}})
     raw = hf_config.get("vision_config") or {}
     vision = SimpleNamespace(**{**VISION_DEFAULTS, **{k: raw[k] for k in VISION_DEFAULTS if k in raw}})
@@ -167,14 +168,83 @@ def tile_dims(hf_config: dict[str, Any], llm_hidden: int, *, where: str = "confi
         raise SourceError(
             f"{where}: vision_config.num_attention_heads {dims.num_heads} does not divide hidden_size {dims.width}"
         )
-    if dims.grid % shuffle:
-        raise SourceError(f"{where}: a tile's {dims.grid} x {dims.grid} patches do not pixel-shuffle by 2 x 2")
-    if dims.tile_tokens != RUNTIME_TILE_TOKENS or config.image_seq_length != RUNTIME_TILE_TOKENS:
+    if config.image_seq_length != RUNTIME_TILE_TOKENS:
         raise SourceError(
-            f"{where}: a tile gives {dims.tile_tokens} image tokens (image_seq_length {config.image_seq_length}), but "
-            f"the runtime's InternVL runner takes {RUNTIME_TILE_TOKENS} per tile"
+            f"{where}: image_seq_length is {config.image_seq_length}, but the runtime's InternVL runner takes "
+            f"{RUNTIME_TILE_TOKENS} image tokens per tile"
+        )
+    return _checked(dims, where)
+
+
+def _checked(dims: TileDims, where: str) -> TileDims:
+    """Refuse tiles the runtime cannot take: 2 x 2 groups of patches, 256 of them per tile."""
+    if dims.grid % dims.shuffle:
+        raise SourceError(f"{where}: a tile's {dims.grid} x {dims.grid} patches do not group by 2 x 2")
+    if dims.tile_tokens != RUNTIME_TILE_TOKENS:
+        raise SourceError(
+            f"{where}: a tile gives {dims.tile_tokens} image tokens, but the runtime takes {RUNTIME_TILE_TOKENS} a tile"
         )
     return dims
+
+
+#: transformers' defaults for the keys a Phi-4-multimodal ``vision_config`` may leave out (held equal to
+#: ``Phi4MultimodalVisionConfig()``'s by a test).
+PHI4MM_VISION_DEFAULTS = {
+    "hidden_size": 1152,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "intermediate_size": 4304,
+    "hidden_act": "gelu_pytorch_tanh",
+    "num_channels": 3,
+    "image_size": 448,
+    "patch_size": 14,
+    "crop_size": 448,
+    "layer_norm_eps": 1e-6,
+    "feature_layer": -2,
+}
+
+
+def phi4mm_tile_dims(hf_config: dict[str, Any], llm_hidden: int, where: str) -> TileDims:
+    """Phi-4-multimodal's SigLIP sizes from ``config.json`` (transformers' defaults for absent keys), checked.
+
+    Its features are ``hidden_states[feature_layer]`` (no final LayerNorm), averaged over 2 x 2 patches.
+    """
+    raw = hf_config.get("vision_config") or {}
+    vision = SimpleNamespace(**{**PHI4MM_VISION_DEFAULTS, **{k: raw[k] for k in PHI4MM_VISION_DEFAULTS if k in raw}})
+    image_size = _side(vision.image_size, "image_size", where)
+    if vision.crop_size != image_size:
+        raise SourceError(
+            f"{where}: vision_config.crop_size {vision.crop_size} is not image_size {image_size}; the runtime's crops "
+            "are the tower's tiles"
+        )
+    depth, layer = vision.num_hidden_layers, vision.feature_layer
+    if not isinstance(layer, int) or not -depth - 1 <= layer <= depth:
+        raise SourceError(f"{where}: vision_config.feature_layer {layer!r} is not one layer of the {depth}-layer tower")
+    dims = TileDims(
+        width=vision.hidden_size,
+        out_width=llm_hidden,
+        depth=depth,
+        num_heads=vision.num_attention_heads,
+        mlp_width=vision.intermediate_size,
+        hidden_act=vision.hidden_act,
+        in_channels=vision.num_channels,
+        image_size=image_size,
+        patch_size=_side(vision.patch_size, "patch_size", where),
+        norm="layer",
+        norm_eps=vision.layer_norm_eps,
+        qk_norm=False,
+        feature_blocks=layer % (depth + 1),
+        final_norm=False,
+        shuffle=2,
+        projector_act="gelu",
+    )
+    if dims.width % dims.num_heads:
+        raise SourceError(
+            f"{where}: vision_config.num_attention_heads {dims.num_heads} does not divide hidden_size {dims.width}"
+        )
+    if vision.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
+        raise SourceError(f"{where}: vision hidden_act {vision.hidden_act!r} is not supported (GELU, exact or tanh)")
+    return _checked(dims, where)
 
 
 def check_tile_processor(processor: dict[str, Any], dims: TileDims, processor_path: Path) -> None:
@@ -206,3 +276,25 @@ def runtime_tile_warning(checkpoint: Path) -> str | None:
         f"InternVL runner writes {' / '.join(map(str, RUNTIME_IMAGE_BRACKETS.values()))} around every image, so "
         "its prompts would carry other tokens there (the exports and their verify are still right)"
     )
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """What differs between the tiled towers, per ``VisionSpec.tiles``."""
+
+    dims: Callable[[dict[str, Any], int, str], TileDims]
+    #: The projector tensor (under the spec's projector prefix) that locates it.
+    projector_probe: str
+    #: Why the runtime would mishandle this checkpoint although its exports are right, or None.
+    warning: Callable[[Path], str | None] | None = None
+
+
+TILE_LAYOUTS = {
+    "internvl": TileLayout(internvl_tile_dims, "linear_1.weight", runtime_tile_warning),
+    "phi4mm": TileLayout(phi4mm_tile_dims, "img_projection_up.weight"),
+}
+
+
+def tile_dims(tiles: str, hf_config: dict[str, Any], llm_hidden: int, *, where: str = "config.json") -> TileDims:
+    """The sizes of a tiled tower of layout ``tiles``, checked."""
+    return TILE_LAYOUTS[tiles].dims(hf_config, llm_hidden, where)

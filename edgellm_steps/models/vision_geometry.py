@@ -16,7 +16,7 @@ from edgellm_steps.artifacts.checkpoint import DecoderDims, TensorStore, decoder
 from edgellm_steps.artifacts.sources import read_hf_config, read_json_object
 from edgellm_steps.errors import SourceError
 from edgellm_steps.models.families import FAMILIES, FamilySpec, VisionSpec, family_for, runtime_rope_warning
-from edgellm_steps.models.tile_geometry import TileDims, check_tile_processor, runtime_tile_warning, tile_dims
+from edgellm_steps.models.tile_geometry import TILE_LAYOUTS, TileDims, check_tile_processor, tile_dims
 
 #: The runtime computes the vision rotary angles with this base (it does not read the config).
 RUNTIME_VISION_ROPE_THETA = 10000.0
@@ -150,7 +150,9 @@ def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: Visio
         )
     processor = read_json_object(processor_path, what="an image processor config")
     if spec.tiled:
-        check_tile_processor(processor, tile_dims(hf_config, llm_hidden, where=str(config_path)), processor_path)
+        check_tile_processor(
+            processor, tile_dims(spec.tiles, hf_config, llm_hidden, where=str(config_path)), processor_path
+        )
         return
     for processor_key, vision_key in PROCESSOR_AGREES:
         cuts, built = processor.get(processor_key), vision.get(vision_key)
@@ -176,8 +178,8 @@ def check_vision_source(checkpoint: Path, hf_config: dict[str, Any], spec: Visio
 
 def runtime_warnings(spec: FamilySpec, dims: DecoderDims, checkpoint: Path) -> list[str]:
     """What the runtime would get wrong with this checkpoint although its exports are right (planning warns)."""
-    tiled = spec.vision is not None and spec.vision.tiled
-    found = (runtime_rope_warning(dims), runtime_tile_warning(checkpoint) if tiled else None)
+    layout = TILE_LAYOUTS[spec.vision.tiles] if spec.vision is not None and spec.vision.tiled else None
+    found = (runtime_rope_warning(dims), layout.warning(checkpoint) if layout and layout.warning else None)
     return [warning for warning in found if warning is not None]
 
 
@@ -192,12 +194,13 @@ def tower_prefix(store: TensorStore, spec: VisionSpec) -> str:
 
 def projector_prefix(store: TensorStore, spec: VisionSpec) -> str | None:
     """Which of the spec's projector prefixes the checkpoint stores the projector under (None: no projector)."""
-    if not spec.projector_prefixes:
+    if not spec.tiled:
         return None
+    probe = TILE_LAYOUTS[spec.tiles].projector_probe
     for prefix in spec.projector_prefixes:
-        if f"{prefix}linear_1.weight" in store:
+        if f"{prefix}{probe}" in store:
             return prefix
-    tried = ", ".join(f"{prefix}linear_1.weight" for prefix in spec.projector_prefixes)
+    tried = ", ".join(f"{prefix}{probe}" for prefix in spec.projector_prefixes)
     raise SourceError(f"checkpoint holds no vision projector (looked for {tried}); is it complete?")
 
 
@@ -262,7 +265,9 @@ def open_vision_tower(checkpoint: Path) -> VisionTower:
     llm_hidden = decoder_dims(hf_config).hidden_size
     check_vision_source(checkpoint, hf_config, spec, llm_hidden)
     if spec.tiled:
-        dims: VisionDims | TileDims = tile_dims(hf_config, llm_hidden, where=str(checkpoint / "config.json"))
+        dims: VisionDims | TileDims = tile_dims(
+            spec.tiles, hf_config, llm_hidden, where=str(checkpoint / "config.json")
+        )
     else:
         dims = load_vision_dims(checkpoint, spec)
     store = TensorStore(checkpoint)

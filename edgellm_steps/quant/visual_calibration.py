@@ -43,6 +43,9 @@ DEFAULT_CALIB_IMAGES = 16
 #: InternVL's projector, outside the tower, is never handed to ModelOpt: its two small GEMMs, whose outputs are
 #: the decoder's embeddings, stay fp16.
 FP16_MODULES = ("*patch_embed*",)
+#: Modules of a tower that its features never pass through (SigLIP's attention-pooling head, under the tower
+#: root): their quantizers stay off, as the graph has no place for them.
+UNUSED_MODULES = ("head.*",)
 #: Tiles per calibration batch of a tiled tower.
 TILE_BATCH = 4
 #: Module classes whose inputs ModelOpt's recipe would quantize but the graph computes in float:
@@ -73,7 +76,7 @@ def fp8_tower_config() -> dict[str, Any]:
     (the patch Conv3d, a LayerNorm's input) would make the calibrated tower compute something
     the graph does not.
     """
-    config = modelopt_config(Precision("fp8"), FP16_MODULES)
+    config = modelopt_config(Precision("fp8"), FP16_MODULES + UNUSED_MODULES)
     config["quant_cfg"] += [{"quantizer_name": "*", "parent_class": cls, "enable": False} for cls in FLOAT_CLASSES]
     return config
 
@@ -122,14 +125,14 @@ def _calibrated_tiles(tower: VisionTower, store: Any, images: int) -> TileFeatur
                 features(tiles[start : start + TILE_BATCH])
 
     # The tower alone, named from its own root: the recipe disables every quantizer under ``*vision_tower*``.
-    mtq.quantize(features.model.vision_tower, fp8_tower_config(), forward_loop=forward_loop)
+    mtq.quantize(features.tower, fp8_tower_config(), forward_loop=forward_loop)
     log.info("calibrated the vision tower on %d generated tiles", len(tiles))
     return features
 
 
 def quantized_modules(calibrated: Any) -> torch.nn.Module:
     """The calibrated tower module whose Linears are named as the checkpoint names them under the tower prefix."""
-    return calibrated.model.vision_tower if isinstance(calibrated, TileFeatures) else calibrated
+    return calibrated.tower if isinstance(calibrated, TileFeatures) else calibrated
 
 
 def _enabled(module: torch.nn.Module, quantizer: str) -> bool:

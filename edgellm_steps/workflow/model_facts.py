@@ -322,6 +322,8 @@ class CheckedModel:
 
     def engine_sm(self, precision: str, sm: str | int | None) -> int:
         """The SM target of an engine target (the model's default when ``sm`` is None), checked."""
+        if (blocked := self.checkpoint.spec.engine_blocked) is not None:
+            raise SourceError(f"model '{self.name}': {blocked}")
         target = self.settings.default_sm if sm is None else int(sm)
         check_sm_supports(self.precision(precision), target)
         return target

@@ -66,7 +66,13 @@ def make_checkpoint(
         vision_config = {**spec["vision"], **(vision or {})}
         if out_width_key is not None:
             vision_config[out_width_key] = sizes["hidden_size"]
-        config = config_class(text_config={**sizes, **token_ids}, vision_config=vision_config, **vision_ids)
+        if spec.get("flat_text"):  # Phi-4-multimodal: decoder sizes at the top, placeholder ids in the sub-configs
+            audio_ids = {key: tokenizer.convert_tokens_to_ids(t) for key, t in spec["audio_token_ids"].items()}
+            audio_config = {**spec["audio"], **audio_ids}
+            vision_config |= vision_ids
+            config = config_class(**sizes, **token_ids, vision_config=vision_config, audio_config=audio_config)
+        else:
+            config = config_class(text_config={**sizes, **token_ids}, vision_config=vision_config, **vision_ids)
     else:
         config = config_class(**sizes, **token_ids)
     torch.manual_seed(seed)
@@ -75,13 +81,15 @@ def make_checkpoint(
     else:
         model = transformers.AutoModelForCausalLM.from_config(config)
     _draw_constant_parameters(model)
+    if "redraw" in spec:
+        _redraw(model, *spec["redraw"])
     model = model.to(getattr(torch, dtype))
     output_dir = Path(output_dir)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(output_dir), **save_kwargs)
     tokenizer.save_pretrained(str(output_dir))
     if "vision" in spec:
-        write = _save_tile_processor if family == "internvl" else _save_image_processor
+        write = {"internvl": _save_tile_processor, "phi4mm": _save_crop_processor}.get(family, _save_image_processor)
         write(output_dir, config, spec)
     log.info("wrote a tiny %s checkpoint (%d parameters) to %s", family, model.num_parameters(), output_dir)
     return output_dir
@@ -119,7 +127,14 @@ def _save_image_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -
 
 #: Parameters transformers initializes to a constant (zeros, or InternViT's 0.1 layer scale): a graph that
 #: dropped or misplaced one would still match a freshly initialized model.
-CONSTANT_INIT = ("cls_token", "position_embeddings", "lambda_1", "lambda_2")
+CONSTANT_INIT = (
+    "cls_token",
+    "position_embeddings",
+    "lambda_1",
+    "lambda_2",
+    "global_img_feature_extensor",
+    "sub_img_feature_extensor",
+)
 
 
 def _draw_constant_parameters(model: Any) -> None:
@@ -130,6 +145,26 @@ def _draw_constant_parameters(model: Any) -> None:
         for name, parameter in model.named_parameters():
             if name.rpartition(".")[2] in CONSTANT_INIT:
                 parameter.copy_(torch.randn_like(parameter) * (2.0 if "lambda" in name else 0.2))
+
+
+def _redraw(model: Any, prefix: str, std: float) -> None:
+    """Draw the parameters under ``prefix`` afresh: matrices with ``std``, norm scales about 1, biases about 0.
+
+    For a tower whose transformers initialization draws unit-variance weights (Phi-4-multimodal's SigLIP):
+    its activations would grow a hundredfold per block, far from a trained tower's.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not name.startswith(prefix):
+                continue
+            if parameter.ndim >= 2:
+                parameter.copy_(torch.randn_like(parameter) * std)
+            elif name.endswith("weight"):
+                parameter.copy_(1 + torch.randn_like(parameter) * 0.1)
+            else:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
 
 
 def _save_tile_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -> None:
@@ -153,6 +188,26 @@ def _save_tile_processor(output_dir: Path, config: Any, spec: dict[str, Any]) ->
         "rescale_factor": 1 / 255,
         "do_normalize": True,
         "do_convert_rgb": True,
+        "image_mean": spec["image_mean"],
+        "image_std": spec["image_std"],
+    }
+    (output_dir / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n", encoding="utf-8")
+
+
+def _save_crop_processor(output_dir: Path, config: Any, spec: dict[str, Any]) -> None:
+    """Phi-4-multimodal's ``preprocessor_config.json`` (its HD-crop processor), sized to the tiny tower's crops."""
+    import json
+
+    vision = config.vision_config
+    processor = {
+        "image_processor_type": "Phi4MultimodalImageProcessorFast",
+        "processor_class": spec["processor_class"],
+        "size": {"height": vision.crop_size, "width": vision.crop_size},
+        "patch_size": vision.patch_size,
+        "dynamic_hd": 36,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
         "image_mean": spec["image_mean"],
         "image_std": spec["image_std"],
     }

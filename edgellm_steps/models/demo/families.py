@@ -238,6 +238,61 @@ TINY_FAMILIES["internvl"] = {
     "image_std": [0.229, 0.224, 0.225],
 }
 
+#: Phi-3's chat format with an image part rendered as the tiny tokenizer's image placeholder.
+PHI4MM_TEMPLATE = (
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}{%- elif 'text' in part %}{{- part['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- endmacro %}"
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>' + render(message['content']) + '<|end|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
+)
+
+#: Phi-4-multimodal as transformers 5 loads it natively (``Phi4MultimodalForCausalLM``): the Phi-3 decoder's sizes
+#: at the top level of the config, a SigLIP tower (64 x 64 tiles of 2 x 2 patches: a 32 x 32 grid, pooled 2 x 2 to
+#: 256 tokens, as 448 / 14 is) and a token-sized audio encoder the exports never read.
+TINY_FAMILIES["phi4mm"] = {
+    "config_class": "Phi4MultimodalConfig",
+    "model_class": "Phi4MultimodalForCausalLM",
+    "processor_class": "Phi4MultimodalProcessor",
+    "template": PHI4MM_TEMPLATE,
+    "special": ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|image|>", "<|audio|>"],
+    "bos": None,
+    "eos": "<|end|>",
+    # The text sizes sit at the top level of the config, beside vision_config and audio_config.
+    "flat_text": True,
+    "config": {"original_max_position_embeddings": 256},
+    "vision": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "image_size": 64,
+        "crop_size": 64,
+        "patch_size": 2,
+    },
+    # transformers draws the tower's matrices with unit variance: drawn again at a trained tower's scale.
+    "redraw": ("model.embed_tokens_extend.image_embed", 0.15),
+    "audio": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_blocks": 1,
+        "num_attention_heads": 2,
+        "ext_pw_out_channel": 32,
+        "depthwise_separable_out_channel": 32,
+        "nemo_conv_channels": 32,
+    },
+    # Phi-4-multimodal keeps the placeholder ids in its sub-configs.
+    "token_ids": {"image_token_id": "<|image|>"},
+    "audio_token_ids": {"audio_token_id": "<|audio|>"},
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+
 TINY_SIZES = {
     "hidden_size": 64,
     "intermediate_size": 128,

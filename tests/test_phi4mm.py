@@ -1,0 +1,126 @@
+"""Phi-4-multimodal (contract 7.4) against transformers: the vision graph per crop, the separators' side file.
+
+The language model's text parity is test_export_llm's (case ``phi4mm``). The vision reference is transformers'
+``SiglipVisionModel`` holding the checkpoint's tower (see ``models/vision_tower.py`` for why not the native
+``Phi4MultimodalVisionModel``), followed by the native ``Phi4MultimodalImageEmbedding``'s own pooling and
+projection modules, as its ``get_img_features`` and ``forward`` apply them. The runtime's HD layout of the crops
+(a ``sub_GN`` per row, ``glb_GN``, the global image) and the vision LoRA merge are not built yet: planning refuses
+a Phi-4-multimodal engine (tested here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from edgellm_steps.export import visual_io as io
+from edgellm_steps.export.export_visual import export_visual
+from edgellm_steps.export.visual_graph_phi4mm import GN_PROJ_FILE, Phi4mmVisualGraph
+from edgellm_steps.graph.onnx_builder import write_graph
+from edgellm_steps.models.tile_geometry import PHI4MM_VISION_DEFAULTS
+from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.models.vision_tower import load_tile_features
+from edgellm_steps.verify.parity import TOLERANCES, compare_logits
+from edgellm_steps.verify.verify_visual import verify_visual
+
+from .support import copy_checkpoint, run_snakemake, write_config
+
+#: Feature rows have no argmax to agree on.
+TOL = replace(TOLERANCES["fp16"], greedy=False)
+
+
+@pytest.fixture(scope="module")
+def phi4mm(checkpoint_factory, tmp_path_factory):
+    checkpoint = checkpoint_factory("phi4mm")
+    visual = tmp_path_factory.mktemp("phi4mm") / "visual"
+    export_visual(checkpoint, visual)
+    tower = open_vision_tower(checkpoint)
+    session = ort.InferenceSession(str(visual / "model.onnx"), providers=["CPUExecutionProvider"])
+    return checkpoint, visual, tower, load_tile_features(tower), session
+
+
+def crops(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 3, 64, 64)).astype(np.float32)
+
+
+def run(session: ort.InferenceSession, tiles: np.ndarray) -> np.ndarray:
+    return session.run([io.OUTPUT], {io.INPUT: tiles.astype(np.float16)})[0].astype(np.float32)
+
+
+def test_planning_reads_transformers_defaults():
+    from transformers import Phi4MultimodalVisionConfig
+
+    vision = Phi4MultimodalVisionConfig()
+    assert {key: getattr(vision, key) for key in PHI4MM_VISION_DEFAULTS} == PHI4MM_VISION_DEFAULTS
+
+
+def test_the_vision_graph_equals_transformers_per_crop(phi4mm, tmp_path):
+    """One crop and five (a 2 x 2 HD image and its global view) in one batch; controls: crops in another order,
+    the features of the last block instead of ``feature_layer`` (-2)."""
+    checkpoint, _, tower, features, session = phi4mm
+    for count in (1, 5):
+        tiles = crops(count, seed=count)
+        with torch.no_grad():
+            expected = features(torch.from_numpy(tiles)).numpy()
+        assert expected.shape == (count * 256, json.loads((checkpoint / "config.json").read_text())["hidden_size"])
+        result = compare_logits(run(session, tiles), expected)
+        assert result.passed(TOL), result
+    assert not compare_logits(run(session, tiles[::-1].copy()), expected).passed(TOL)
+
+    class LastBlock(Phi4mmVisualGraph):
+        def build(self):
+            self.dims = type(self.dims)(**{**vars(self.dims), "feature_blocks": self.dims.depth})
+            return super().build()
+
+    args = (tower.store, tower.spec, tower.dims, tower.prefix)
+    write_graph(tmp_path, lambda builder: LastBlock(builder, *args, projector=tower.projector).build())
+    wrong = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert not compare_logits(run(wrong, tiles), expected).passed(TOL)
+
+
+def test_the_separators_side_file_is_their_projection_by_transformers(phi4mm):
+    """``glb_GN`` / ``sub_GN`` equal the native module's projection of its own separator parameters (float16);
+    the unprojected vectors, the control, do not."""
+    import transformers
+
+    checkpoint, visual, _, _, _ = phi4mm
+    model = transformers.Phi4MultimodalForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    embed = model.model.embed_tokens_extend.image_embed
+    side = load_file(str(visual / GN_PROJ_FILE))
+    assert sorted(side) == ["glb_GN", "sub_GN"]
+    for key, parameter in (("glb_GN", embed.global_img_feature_extensor), ("sub_GN", embed.sub_img_feature_extensor)):
+        with torch.no_grad():
+            vector = parameter.reshape(-1)
+            expected = embed.img_projection_down(torch.nn.functional.gelu(embed.img_projection_up(vector))).numpy()
+        got = side[key].astype(np.float32)
+        assert side[key].dtype == np.float16 and got.shape == (model.config.hidden_size,)
+        np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
+        assert not np.allclose(np.resize(vector.detach().numpy(), got.shape), expected, atol=2e-3)
+
+
+def test_the_fp8_tower_verifies_and_the_engine_is_refused_at_planning(phi4mm, tmp_path):
+    """fp8 (the tower's Linears; the patch embedding, the unused pooling head and the projection float) against
+    ModelOpt's fake-quantized tower; the fp16 graph's parity is the test above."""
+    checkpoint, _, _, _, _ = phi4mm
+    export_visual(checkpoint, tmp_path / "fp8", quantization="fp8")
+    assert verify_visual(tmp_path / "fp8", checkpoint)["passed"]
+    graph = onnx.load(str(tmp_path / "fp8/model.onnx"), load_external_data=False).graph
+    fp8 = {node.name.rsplit("/", 2)[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    assert any("encoder/layers/1/mlp/fc2" in name for name in fp8), sorted(fp8)[:4]
+    assert not [name for name in fp8 if "projection" in name or "patch_embedding" in name or "/head/" in name]
+    copy_checkpoint(checkpoint, tmp_path / "ckpt")
+    write_config(tmp_path, "models:\n  vlm:\n    source: ckpt\n")
+    refused = run_snakemake(tmp_path, "-n", "engines/sm110/vlm_fp16.engine", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    assert "model 'vlm': Phi-4-multimodal's language model answers image prompts only with its vision LoRA" in (
+        refused.output
+    )
+    plan = run_snakemake(tmp_path, "-n", "onnx/vlm_fp16/llm/model.onnx", "reports/vlm/visual/verify.json")
+    assert "export_visual" in plan.output and "export_llm" in plan.output
