@@ -40,7 +40,8 @@ SAMPLES, TOKENS = 4, 32
 #: (checkpoint case, precision): every weight algorithm (max, SmoothQuant, AWQ-lite, NVFP4's two levels), LM head
 #: and KV quantizers, tied embeddings, fused qkv / gate_up (Phi-3), qk norms (Qwen3), a VLM (renamed decoder,
 #: mrope positions, a vision tower ModelOpt converts but never calibrates; Qwen3-VL's interleaved mrope and
-#: deepstack-fed decoder; InternVL's decoder under its -hf prefixes beside a tower and projector left float).
+#: deepstack-fed decoder; InternVL's decoder under its -hf prefixes beside a tower and projector left float;
+#: Phi-4-multimodal's beside its vision and audio encoders).
 CASES = [
     ("qwen2", "fp8"),
     ("qwen2", "int8_sq"),
@@ -52,6 +53,7 @@ CASES = [
     ("qwen2_vl", "fp8"),
     ("qwen3_vl", "fp8"),
     ("internvl", "int8_sq-kvfp8"),
+    ("phi4mm", "fp8"),
 ]
 
 WIDE = {"hidden_size": 128, "intermediate_size": 256}
