@@ -29,6 +29,11 @@ LONG_MODULES = frozenset(
         "test_reproducible_quantize",
         "test_vlm",
         "test_lora",
+        "test_layerwise",
+        "test_prequantized",
+        "test_internvl",
+        "test_phi4mm",
+        "test_eagle_base",
     }
 )
 

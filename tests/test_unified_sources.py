@@ -40,6 +40,9 @@ from edgellm_steps.verify.verify_onnx import verify_onnx
 from .support import planned_jobs, run_snakemake, write_config
 from .unified_checkpoint import modelopt_dequantized_weight, write_unified
 
+#: Every test reads the exports one Snakemake run builds (the ``workflow`` fixture).
+pytestmark = pytest.mark.workflow
+
 CALIB = {"calib_size": 8, "calib_max_tokens": 32}
 #: The precisions the done-when names; quant_algo of each.
 PRECISIONS = {
