@@ -1,12 +1,14 @@
-"""Geometry of a tiled vision tower (InternVL, contract 7.3): tiles in, 256 rows of the decoder's width per tile out.
+"""Geometry of the tiled vision towers (contract 7.3, 7.4): tiles in, 256 rows of the decoder's width per tile out.
 
-The runtime cuts an image into S x S tiles (and a thumbnail) and feeds them as one batch
-[blocks, 3, S, S]. InternViT embeds each tile's (S/P)^2 patches after a CLS token, adds learned
-positions (one per patch and the CLS, no interpolation at the native size), runs full attention
-within the tile, and the features of ``vision_feature_layer`` lose the CLS row, go through a pixel
-shuffle that joins 2 x 2 neighbours (``downsample_ratio`` 0.5) and the MLP projector. Every fact
-here is read from the checkpoint's JSON and checked at planning, so a tower the graph cannot
-express is refused in one line before any job runs.
+The runtime cuts an image into S x S tiles (InternVL: dynamic tiles and a thumbnail; Phi-4-multimodal: HD
+crops and a global view) and feeds them as one batch [blocks, 3, S, S]. InternViT embeds each tile's
+(S/P)^2 patches after a CLS token, adds learned positions (one per patch and the CLS, no interpolation at
+the native size), runs full attention within the tile, and the features of ``vision_feature_layer`` lose
+the CLS row, go through a pixel shuffle that joins 2 x 2 neighbours (``downsample_ratio`` 0.5) and the MLP
+projector. Phi-4-multimodal's SigLIP has no CLS token; its features of ``feature_layer`` are averaged over
+2 x 2 neighbours and projected. :data:`TILE_LAYOUTS` holds what differs, per ``VisionSpec.tiles``. Every
+fact here is read from the checkpoint's JSON and checked at planning, so a tower the graph cannot express is
+refused in one line before any job runs.
 """
 
 from __future__ import annotations
