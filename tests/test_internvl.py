@@ -34,6 +34,7 @@ from edgellm_steps.export.visual_graph_internvl import InternVLVisualGraph
 from edgellm_steps.graph.onnx_builder import write_graph
 from edgellm_steps.models.tile_geometry import TOP_DEFAULTS, VISION_DEFAULTS
 from edgellm_steps.models.vision_geometry import open_vision_tower
+from edgellm_steps.models.vision_tower import load_tile_features
 from edgellm_steps.quant.calibration_images import calibration_images
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.visual_calibration import calibrated_tower
@@ -182,6 +183,17 @@ def test_rms_norm_qk_norm_and_an_earlier_feature_layer(checkpoint_factory, tmp_p
         got = _session(tmp_path / f"visual{layer}").run(None, {io.INPUT: tiles.astype(np.float16)})[0]
         result = compare_logits(got.astype(np.float32), expected.reshape(-1, expected.shape[-1]).numpy())
         assert result.passed(ROWS_TOL), (layer, pooling, result)
+
+
+def test_verify_s_float16_floor_runs_a_float16_copy_of_the_reference(internvl):
+    """The floor verify bounds its check by is the reference itself in float16: a deep copy, cast, computes with
+    its own (float16) modules and leaves the original in float32."""
+    features = load_tile_features(open_vision_tower(internvl.checkpoint))
+    half = copy.deepcopy(features).to(torch.float16)
+    tiles = torch.from_numpy(tiles_of(internvl, 1))
+    with torch.no_grad():
+        full, low = features(tiles), half(tiles.half())
+    assert full.dtype == torch.float32 and low.dtype == torch.float16 and not torch.equal(full, low.float())
 
 
 def test_verify_passes_the_fp8_tower_and_its_reference_catches_an_fp16_graph(internvl, tmp_path):

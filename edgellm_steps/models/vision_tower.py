@@ -47,11 +47,13 @@ class TileFeatures:
     [N * 256, H] out (:func:`load_tile_features`). ``tower`` is the module fp8 calibration quantizes, its
     module names the checkpoint's below the tower prefix."""
 
-    def __init__(self, model: Any, features: Callable[[Any], Any], tower: Any) -> None:
+    def __init__(self, model: Any, features: Callable[[Any, Any], Any], tower: Any) -> None:
+        # ``features(model, tiles)`` reaches every module through ``model``, so that a deep copy (verify's
+        # float16 floor) computes with its own copies, not the original's.
         self.model, self._features, self.tower = model, features, tower
 
     def __call__(self, tiles: Any) -> Any:
-        out = self._features(tiles)
+        out = self._features(self.model, tiles)
         return out.reshape(-1, out.shape[-1])
 
     def to(self, *args: Any) -> TileFeatures:
@@ -82,9 +84,11 @@ def _internvl_features(tower: VisionTower, config: Any, store: TensorStore, dtyp
     _load_part(model.vision_tower, store, tower.prefix, tower.checkpoint, "vision tower")
     _load_part(model.multi_modal_projector, store, tower.projector, tower.checkpoint, "vision projector")
     model.eval()
-    return TileFeatures(
-        model, lambda tiles: model.get_image_features(pixel_values=tiles).pooler_output, model.vision_tower
-    )
+    return TileFeatures(model, _internvl_image_features, model.vision_tower)
+
+
+def _internvl_image_features(model: Any, tiles: Any) -> Any:
+    return model.get_image_features(pixel_values=tiles).pooler_output
 
 
 def _phi4mm_features(tower: VisionTower, config: Any, store: TensorStore, dtype: Any) -> TileFeatures:
@@ -113,11 +117,13 @@ def _phi4mm_features(tower: VisionTower, config: Any, store: TensorStore, dtype:
     state = {n.removeprefix(tower.projector): store.get(n) for n in store.names() if n.startswith(tower.projector)}
     embed.load_state_dict({n: t for n, t in state.items() if not n.startswith("img_processor.")}, strict=True)
     model = torch.nn.ModuleDict({"siglip": siglip, "embed": embed})
+    layer = vision.feature_layer
 
-    def features(tiles: Any) -> Any:
-        hidden = siglip(pixel_values=tiles, output_hidden_states=True).hidden_states[vision.feature_layer]
+    def features(model: Any, tiles: Any) -> Any:
+        hidden = model["siglip"](pixel_values=tiles, output_hidden_states=True).hidden_states[layer]
         side = int(hidden.shape[1] ** 0.5)
         grid = hidden.reshape(-1, side, side, hidden.shape[-1]).permute(0, 3, 1, 2)
+        embed = model["embed"]
         pooled = embed.image_token_compression(grid).permute(0, 2, 3, 1).flatten(1, 2)
         up = torch.nn.functional.gelu(embed.img_projection_up(pooled))
         return embed.img_projection_down(up)
