@@ -3,9 +3,9 @@
 The language model's text parity is test_export_llm's (case ``phi4mm``). The vision reference is transformers'
 ``SiglipVisionModel`` holding the checkpoint's tower (see ``models/vision_tower.py`` for why not the native
 ``Phi4MultimodalVisionModel``), followed by the native ``Phi4MultimodalImageEmbedding``'s own pooling and
-projection modules, as its ``get_img_features`` and ``forward`` apply them. The runtime's HD layout of the crops
-(a ``sub_GN`` per row, ``glb_GN``, the global image) and the vision LoRA merge are not built yet: planning refuses
-a Phi-4-multimodal engine (tested here).
+projection modules, as its ``get_img_features`` and ``forward`` apply them. End to end, the runtime's layout of
+the crops (``verify/phi4mm_layout.py``) against the native model. The vision LoRA merge is not built yet: planning
+refuses a Phi-4-multimodal engine (tested here).
 """
 
 from __future__ import annotations
@@ -124,3 +124,77 @@ def test_the_fp8_tower_verifies_and_the_engine_is_refused_at_planning(phi4mm, tm
     )
     plan = run_snakemake(tmp_path, "-n", "onnx/vlm_fp16/llm/model.onnx", "reports/vlm/visual/verify.json")
     assert "export_visual" in plan.output and "export_llm" in plan.output
+
+
+#: An image of 1 x 2 crops: the global view first, then the crops, as the native module orders them.
+ROWS, COLS = 1, 2
+NEW_TOKENS = 3
+
+
+def test_a_prompt_with_an_image_end_to_end_equals_transformers(checkpoint_factory, tmp_path):
+    """Vision graph over the global view and the crops -> the runtime's layout with the side file's separators ->
+    splice at vocab_size + k -> language graph, prefill and decode, against ``Phi4MultimodalForCausalLM`` (its
+    vision attention made bidirectional, which alone makes its tower SigLIP's); controls: zeros for the
+    separators, the global view taken as the last block."""
+    import transformers
+
+    from edgellm_steps.export.export_llm import export_llm
+    from edgellm_steps.verify.parity import hf_rope_table
+    from edgellm_steps.verify.phi4mm_layout import image_rows, image_tokens
+    from edgellm_steps.verify.reference import LLMRunner
+    from edgellm_steps.verify.vlm_splice import runtime_token_ids, spliced_embeddings
+
+    checkpoint = checkpoint_factory("phi4mm", initializer_range=0.2)
+    export_llm(checkpoint, tmp_path / "llm")
+    export_visual(checkpoint, tmp_path / "visual")
+    config = json.loads((checkpoint / "config.json").read_text())
+    image_id, vocab = config["vision_config"]["image_token_id"], config["vocab_size"]
+    model = transformers.Phi4MultimodalForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    for module in model.model.embed_tokens_extend.image_embed.img_processor.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(checkpoint))
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the picture."}]}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids: list[int] = []
+    for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+        ids += [image_id] * image_tokens(ROWS, COLS) if token == image_id else [token]
+    blocks = crops(1 + ROWS * COLS, seed=7)
+    pixels = {
+        "image_pixel_values": torch.from_numpy(blocks)[None],
+        "image_sizes": torch.tensor([[64 * ROWS, 64 * COLS]]),
+        "image_attention_mask": torch.ones(1, len(blocks), 32, 32, dtype=torch.bool),
+    }
+    tokens = list(ids)
+    while True:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens]), **pixels, use_cache=False).logits[0]
+        if len(tokens) == len(ids) + NEW_TOKENS:
+            break
+        tokens.append(int(logits[-1].argmax()))
+    expected, new_tokens = logits[len(ids) - 1 :].numpy(), tokens[len(ids) :]
+    side = load_file(str(tmp_path / "visual" / GN_PROJ_FILE))
+    session = ort.InferenceSession(str(tmp_path / "visual/model.onnx"), providers=["CPUExecutionProvider"])
+    rows = run(session, blocks)
+    embedding = load_file(str(tmp_path / "llm/embedding.safetensors"))["embedding"]
+    runtime_ids = runtime_token_ids([ids], image_id, vocab)
+
+    def ours(image: np.ndarray) -> np.ndarray:
+        embeds = spliced_embeddings(runtime_ids, embedding, image).astype(np.float16)
+        capacity = len(ids) + NEW_TOKENS
+        runner = LLMRunner(tmp_path / "llm", hf_rope_table(model, capacity), batch=1, capacity=capacity)
+        out = [runner.step([ids], embeds=embeds)[0, -1]]
+        out += [runner.step([[token]])[0, -1] for token in new_tokens]
+        return np.stack(out)
+
+    glb, sub = side["glb_GN"].astype(np.float32), side["sub_GN"].astype(np.float32)
+    got = ours(image_rows(rows, ROWS, COLS, glb, sub))
+    result = compare_logits(got, expected)
+    assert result.passed(TOLERANCES["fp16"]) and [int(r.argmax()) for r in got[:-1]] == new_tokens, result
+    no_separators = image_rows(rows, ROWS, COLS, np.zeros_like(glb), np.zeros_like(sub))
+    assert not compare_logits(ours(no_separators), expected).passed(TOLERANCES["fp16"])
+    global_last = np.concatenate([rows[256:], rows[:256]])
+    assert not compare_logits(ours(image_rows(global_last, ROWS, COLS, glb, sub)), expected).passed(TOLERANCES["fp16"])
