@@ -30,7 +30,7 @@ from edgellm_steps.models.vision_tower import load_tile_features
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits
 from edgellm_steps.verify.verify_visual import verify_visual
 
-from .support import copy_checkpoint, run_snakemake, write_config
+from .support import copy_checkpoint, planned_jobs, run_snakemake, write_config
 
 #: Feature rows have no argmax to agree on.
 TOL = replace(TOLERANCES["fp16"], greedy=False)
@@ -105,7 +105,7 @@ def test_the_separators_side_file_is_their_projection_by_transformers(phi4mm):
         assert not np.allclose(np.resize(vector.detach().numpy(), got.shape), expected, atol=2e-3)
 
 
-def test_the_fp8_tower_verifies_and_the_engine_is_refused_at_planning(phi4mm, tmp_path):
+def test_the_fp8_tower_verifies(phi4mm, tmp_path):
     """fp8 (the tower's Linears; the patch embedding, the unused pooling head and the projection float) against
     ModelOpt's fake-quantized tower; the fp16 graph's parity is the test above."""
     checkpoint, _, _, _, _ = phi4mm
@@ -115,15 +115,6 @@ def test_the_fp8_tower_verifies_and_the_engine_is_refused_at_planning(phi4mm, tm
     fp8 = {node.name.rsplit("/", 2)[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert any("encoder/layers/1/mlp/fc2" in name for name in fp8), sorted(fp8)[:4]
     assert not [name for name in fp8 if "projection" in name or "patch_embedding" in name or "/head/" in name]
-    copy_checkpoint(checkpoint, tmp_path / "ckpt")
-    write_config(tmp_path, "models:\n  vlm:\n    source: ckpt\n")
-    refused = run_snakemake(tmp_path, "-n", "engines/sm110/vlm_fp16.engine", check=False)
-    assert refused.returncode != 0 and "Traceback" not in refused.output
-    assert "model 'vlm': Phi-4-multimodal's language model answers image prompts only with its vision LoRA" in (
-        refused.output
-    )
-    plan = run_snakemake(tmp_path, "-n", "onnx/vlm_fp16/llm/model.onnx", "reports/vlm/visual/verify.json")
-    assert "export_visual" in plan.output and "export_llm" in plan.output
 
 
 #: An image of 1 x 2 crops: the global view first, then the crops, as the native module orders them.
@@ -198,3 +189,37 @@ def test_a_prompt_with_an_image_end_to_end_equals_transformers(checkpoint_factor
     assert not compare_logits(ours(no_separators), expected).passed(TOLERANCES["fp16"])
     global_last = np.concatenate([rows[256:], rows[:256]])
     assert not compare_logits(ours(image_rows(global_last, ROWS, COLS, glb, sub)), expected).passed(TOLERANCES["fp16"])
+
+
+#: The language model's GEMMs as the published vision LoRA targets them (not the audio encoder's o_proj).
+VISION_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+
+
+def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_factory, tmp_path):
+    """The base model's engine is refused at planning (its language model alone would answer images); the
+    variant merging ``vision-lora/`` merges, exports and verifies through Snakemake, and its engine directory
+    (with the vision engine) is planned. Served LoRA stays refused on a VLM."""
+    from edgellm_steps.models.demo import make_lora_adapter
+
+    copy_checkpoint(checkpoint_factory("phi4mm"), tmp_path / "ckpt")
+    make_lora_adapter(tmp_path / "ckpt/vision-lora", tmp_path / "ckpt", VISION_LORA_TARGETS, r=4)
+    merged = "models:\n  vlm:\n    source: ckpt\n    lora: {vision: {source: ckpt/vision-lora, merge: true}}\n"
+    write_config(tmp_path, merged)
+    refused = run_snakemake(tmp_path, "-n", "engines/sm110/vlm_fp16.engine", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    assert "model 'vlm': a phi4mm engine answers image prompts only with the checkpoint's vision-lora/ merged" in (
+        refused.output
+    )
+    plan = run_snakemake(tmp_path, "-n", "engines/sm110/vlm+vision_fp16.engine")
+    assert planned_jobs(plan.output) == {
+        "merge_lora": 1,
+        "export_llm": 1,
+        "export_visual": 1,
+        "build_visual_engine": 1,
+        "build_engine": 1,
+    }
+    run_snakemake(tmp_path, "reports/vlm+vision_fp16/verify.json")
+    assert json.loads((tmp_path / "reports/vlm+vision_fp16/verify.json").read_text())["passed"]
+    write_config(tmp_path, merged.replace("merge: true", "merge: false"))
+    served = run_snakemake(tmp_path, "-n", "lora/vlm/vision/processed_adapter_model.safetensors", check=False)
+    assert "LoRA served on a vision-language model (phi4mm) is not supported" in served.output

@@ -20,11 +20,16 @@ def graph_module(peft_module: str) -> str:
     return peft_module if peft_module.startswith("model.") else f"model.{peft_module}"
 
 
-def adaptable_gemms(model_config: dict[str, Any], where: str) -> dict[str, tuple[int, int]]:
-    """The GEMMs of a model's LLM graph that take LoRA inputs: module -> (in_features, out_features)."""
+def adaptable_gemms(model_config: dict[str, Any], where: str, *, merge: bool = False) -> dict[str, tuple[int, int]]:
+    """The GEMMs of a model's LLM graph that an adapter may adapt: module -> (in_features, out_features).
+
+    A vision-language model takes no served LoRA; one whose family merges its own adapters (Phi-4-multimodal's
+    vision LoRA) takes them with ``merge``.
+    """
     spec = family_for(model_config, where=where)
-    if spec.vision_language:
-        raise SourceError(f"{where}: LoRA on a vision-language model ({spec.family}) is not supported")
+    if spec.vision_language and not (merge and spec.vision_lora is not None):
+        how = "served on" if spec.vision_lora is not None else "on"
+        raise SourceError(f"{where}: LoRA {how} a vision-language model ({spec.family}) is not supported")
     return spec.linear_shapes(decoder_dims(model_config))
 
 
@@ -47,10 +52,16 @@ def check_adapter_fits(modules: list[AdapterModule], gemms: dict[str, tuple[int,
 
 
 def read_fitting_adapter(
-    adapter: Path, model_config: dict[str, Any] | None, model_where: str = "", *, tensors: bool = True
+    adapter: Path,
+    model_config: dict[str, Any] | None,
+    model_where: str = "",
+    *,
+    tensors: bool = True,
+    merge: bool = False,
 ) -> tuple[dict[str, Any], list[AdapterModule]]:
-    """The adapter's config and modules (lm_head / norm tensors dropped), checked against the model if given."""
+    """The adapter's config and modules (lm_head / norm tensors dropped), checked against the model if given
+    (``merge``: to be folded into its weights rather than served)."""
     config, modules = read_adapter(adapter, tensors=tensors)
     if model_config is not None:
-        check_adapter_fits(modules, adaptable_gemms(model_config, model_where), str(adapter))
+        check_adapter_fits(modules, adaptable_gemms(model_config, model_where, merge=merge), str(adapter))
     return config, modules

@@ -33,7 +33,7 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str |
         raise PrecisionError(
             f"{checkpoint} is already quantized as {held.precision}; an adapter merges into float weights only"
         )
-    read_fitting_adapter(adapter, config, str(checkpoint), tensors=False)  # the adapter fits, before any loading
+    read_fitting_adapter(adapter, config, str(checkpoint), tensors=False, merge=True)  # it fits, before any loading
     TensorStore(checkpoint)  # every shard header checked before transformers reads them
 
     import peft

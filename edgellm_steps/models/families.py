@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgellm_steps.errors import SourceError, UnsupportedArchitectureError
@@ -109,9 +110,20 @@ class FamilySpec:
     #: composite class such as InternVL's carries other decoders too (InternVL3.5's Qwen3), which would export
     #: without their q/k norms.
     text_model_types: tuple[str, ...] = ()
-    #: Why no engine of this family can be planned yet (None: it can): a language model that serves images only
-    #: with an adapter merged in that the workflow cannot merge.
-    engine_blocked: str | None = None
+    #: The adapter directory a checkpoint of this family ships for image prompts (Phi-4-multimodal's
+    #: ``vision-lora``): its language model answers images only with it merged, so an engine is built only for
+    #: the variant that merges it (``lora: {vision: {source: <checkpoint>/vision-lora, merge: true}}``).
+    vision_lora: str | None = None
+
+    def engine_refusal(self, merged_adapter: str | None) -> str | None:
+        """Why no engine of this family's model can be built, given the source of the adapter merged into it."""
+        if self.vision_lora is None or (merged_adapter is not None and Path(merged_adapter).name == self.vision_lora):
+            return None
+        return (
+            f"a {self.family} engine answers image prompts only with the checkpoint's {self.vision_lora}/ merged "
+            f"into its language model; add lora: {{vision: {{source: <checkpoint>/{self.vision_lora}, merge: true}}}} "
+            "and build the engine of <model>+vision"
+        )
 
     def check_text_model(self, hf_config: dict) -> None:
         """Refuse, in one line, a composite checkpoint whose decoder is not the one this family's graph builds."""
@@ -309,11 +321,7 @@ FAMILIES += (
         fused_gate_up=True,
         vision_language=True,
         quant_exclude=("*embed_tokens_extend*",),
-        engine_blocked=(
-            "Phi-4-multimodal's language model answers image prompts only with its vision LoRA (vision-lora/) "
-            "merged in, which the workflow does not merge yet; build its exports (onnx/<model>_<precision>/llm/, "
-            "text prompts, and onnx/<model>/visual/) but no engine"
-        ),
+        vision_lora="vision-lora",
         vision=VisionSpec(
             norm="layer",
             gated_mlp=False,

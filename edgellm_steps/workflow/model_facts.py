@@ -285,9 +285,8 @@ class CheckedModel:
                 raise ConfigError(f"model '{self.name}' has a draft and LoRA adapters; EAGLE engines take no LoRA")
             path = resolve_source(entry.source, model=self.name)
             try:
-                _, modules = read_fitting_adapter(
-                    path, self.checkpoint.hf_config, f"model '{self.name}'", tensors=False
-                )
+                config, owner = self.checkpoint.hf_config, f"model '{self.name}'"
+                _, modules = read_fitting_adapter(path, config, owner, tensors=False, merge=entry.merge)
             except SourceError as err:
                 raise SourceError(f"{where}: {err}") from err
             rank, limit = max(m.rank for m in modules), self.settings.build.max_lora_rank
@@ -322,8 +321,9 @@ class CheckedModel:
 
     def engine_sm(self, precision: str, sm: str | int | None) -> int:
         """The SM target of an engine target (the model's default when ``sm`` is None), checked."""
-        if (blocked := self.checkpoint.spec.engine_blocked) is not None:
-            raise SourceError(f"model '{self.name}': {blocked}")
+        merged = self.facts.model(self.base).settings.lora[self.merged_adapter].source if self.merged_adapter else None
+        if (refusal := self.checkpoint.spec.engine_refusal(merged)) is not None:
+            raise SourceError(f"model '{self.name}': {refusal}")
         target = self.settings.default_sm if sm is None else int(sm)
         check_sm_supports(self.precision(precision), target)
         return target
