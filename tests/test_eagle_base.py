@@ -31,6 +31,8 @@ CASES = {
     "llama": {"family": "llama", "initializer_range": 0.2},
     # A VLM's language model under its own prefixes (InternVL's -hf layout): the base graph is the decoder's.
     "internvl": {"family": "internvl", "initializer_range": 0.2},
+    # Phi-4-multimodal's Phi-4-mini decoder (fused projections) beside its vision and audio encoders.
+    "phi4mm": {"family": "phi4mm", "initializer_range": 0.2},
 }
 LAYERS = 8
 #: A tree of 5 slots: root 0; children 1 and 2 of the root; 3 under 1; 4 under 3.

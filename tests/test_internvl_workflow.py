@@ -11,23 +11,23 @@ from .support import NOTHING, WorkdirLayout, planned_jobs, run_snakemake, scenar
 pytestmark = pytest.mark.workflow
 
 WORKDIR = WorkdirLayout(checkpoint="internvl", config=scenario("vlm"))
-#: Both exports' parity with transformers is test_internvl's (and the language model's test_export_llm's): here
-#: they are built, the vision encoder verified, through the rules.
-REPORTS = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm/visual/verify.json")
+#: Both exports' parity with transformers is test_internvl's: here they are built and verified through the rules.
+REPORTS = ("reports/vlm_fp16/verify.json", "reports/vlm/visual/verify.json")
 ENGINE = "engines/sm87/vlm_fp16.engine"
 
 
 def test_internvl_builds_verified_exports_and_plans_its_engine_in_tiles(workdir):
-    """The fp16 language model and the verified vision encoder; the engine directory (vision engine inside) planned
+    """The fp16 language model and vision encoder verified; the engine directory (vision engine inside) planned
     with whole-tile image limits; an fp8 language model planned through quantize; limits that are not whole tiles
     refused at planning in one line."""
     plan = run_snakemake(workdir, "-n", *REPORTS)
-    assert planned_jobs(plan.output) == {"export_llm": 1, "export_visual": 1, "verify_visual": 1}
+    assert planned_jobs(plan.output) == {"export_llm": 1, "verify_onnx": 1, "export_visual": 1, "verify_visual": 1}
     # The tiny tokenizer's image brackets are not the ids the runtime writes: planning says so, once.
     [warning] = [line for line in plan.output.splitlines() if line.startswith("Warning: model 'vlm'")]
     assert "<img> / </img> ids are 3 / 4, but the Edge-LLM runtime's InternVL runner writes 151665 / 151666" in warning
     run_snakemake(workdir, *REPORTS)
-    assert json.loads((workdir / REPORTS[1]).read_text())["passed"]
+    for report in REPORTS:
+        assert json.loads((workdir / report).read_text())["passed"], report
     visual = json.loads((workdir / "onnx/vlm/visual/config.json").read_text())
     assert visual["model_type"] == "internvl" and visual["vision_config"]["image_size"] == [64, 64]
     assert json.loads((workdir / "onnx/vlm_fp16/llm/config.json").read_text())["model"] == "internvl"

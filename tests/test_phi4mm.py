@@ -197,8 +197,8 @@ VISION_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(
 
 def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_factory, tmp_path):
     """The base model's engine is refused at planning (its language model alone would answer images); the
-    variant merging ``vision-lora/`` merges, exports and verifies through Snakemake, and its engine directory
-    (with the vision engine) is planned. Served LoRA stays refused on a VLM."""
+    variant merging ``vision-lora/`` merges, exports and verifies through Snakemake, as the vision encoder does,
+    and its engine directory (with the vision engine) is planned. Served LoRA stays refused on a VLM."""
     from edgellm_steps.models.demo import make_lora_adapter
 
     copy_checkpoint(checkpoint_factory("phi4mm"), tmp_path / "ckpt")
@@ -218,8 +218,11 @@ def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_
         "build_visual_engine": 1,
         "build_engine": 1,
     }
-    run_snakemake(tmp_path, "reports/vlm+vision_fp16/verify.json")
-    assert json.loads((tmp_path / "reports/vlm+vision_fp16/verify.json").read_text())["passed"]
+    reports = ("reports/vlm+vision_fp16/verify.json", "reports/vlm/visual/verify.json")
+    run_snakemake(tmp_path, *reports)
+    for report in reports:
+        assert json.loads((tmp_path / report).read_text())["passed"], report
+    assert (tmp_path / "onnx/vlm/visual" / GN_PROJ_FILE).is_file()
     write_config(tmp_path, merged.replace("merge: true", "merge: false"))
     served = run_snakemake(tmp_path, "-n", "lora/vlm/vision/processed_adapter_model.safetensors", check=False)
     assert "LoRA served on a vision-language model (phi4mm) is not supported" in served.output
