@@ -42,7 +42,6 @@ from edgellm_steps.verify.internvl_tiles import expand_prompt, vision_input
 from edgellm_steps.verify.parity import TOLERANCES, ParityResult, compare_logits, hf_rope_table, judge
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_visual import _tolerance as fp8_tolerance
-from edgellm_steps.verify.verify_visual import verify_visual
 from edgellm_steps.verify.vlm_splice import runtime_token_ids, spliced_embeddings
 
 TOL = TOLERANCES["fp16"]
@@ -196,13 +195,12 @@ def test_verify_s_float16_floor_runs_a_float16_copy_of_the_reference(internvl):
     assert full.dtype == torch.float32 and low.dtype == torch.float16 and not torch.equal(full, low.float())
 
 
-def test_verify_passes_the_fp8_tower_and_its_reference_catches_an_fp16_graph(internvl, tmp_path):
-    """verify-onnx of the fp8 tower against ModelOpt's fake-quantized one (projector and patch embedding float;
-    the fp16 tower's verify runs in test_internvl_workflow); the fp16 graph under the fp8 bound fails."""
+def test_the_fp8_tower_is_modelopts_and_its_bound_catches_an_fp16_graph(internvl, tmp_path):
+    """The fp8 graph within verify's fp8 bound of ModelOpt's fake-quantized tower (projector and patch embedding
+    float; verify-onnx runs on a tiled fp8 tower in test_phi4mm, on this fp16 one in test_internvl_workflow); the
+    fp16 graph held to the same bound fails."""
     fp8_dir = tmp_path / "visual_fp8"
     export_visual(internvl.checkpoint, fp8_dir, quantization="fp8")
-    report = verify_visual(fp8_dir, internvl.checkpoint, report=tmp_path / "verify.json")
-    assert report["passed"] and set(report["cases"]) == {"one_tile", "two_images"}
     graph = onnx.load(str(fp8_dir / "model.onnx"), load_external_data=False).graph
     fp8 = {node.name.rsplit("/", 2)[0] for node in graph.node if node.op_type == "QuantizeLinear"}
     assert any("encoder/layer/1/mlp/fc2" in name for name in fp8), sorted(fp8)[:4]

@@ -28,6 +28,7 @@ from edgellm_steps.models.tile_geometry import PHI4MM_VISION_DEFAULTS
 from edgellm_steps.models.vision_geometry import open_vision_tower
 from edgellm_steps.models.vision_tower import load_tile_features
 from edgellm_steps.verify.parity import TOLERANCES, compare_logits
+from edgellm_steps.verify.verify_visual import verify_visual
 
 from .support import copy_checkpoint, planned_jobs, run_snakemake, write_config
 
@@ -102,6 +103,18 @@ def test_the_separators_side_file_is_their_projection_by_transformers(phi4mm):
         assert side[key].dtype == np.float16 and got.shape == (model.config.hidden_size,)
         np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)
         assert not np.allclose(np.resize(vector.detach().numpy(), got.shape), expected, atol=2e-3)
+
+
+def test_the_fp8_tower_verifies(phi4mm, tmp_path):
+    """fp8 (the tower's Linears; the patch embedding, the unused pooling head and the projection float) against
+    ModelOpt's fake-quantized tower; the fp16 graph's parity is the test above."""
+    checkpoint, _, _, _, _ = phi4mm
+    export_visual(checkpoint, tmp_path / "fp8", quantization="fp8")
+    assert verify_visual(tmp_path / "fp8", checkpoint)["passed"]
+    graph = onnx.load(str(tmp_path / "fp8/model.onnx"), load_external_data=False).graph
+    fp8 = {node.name.rsplit("/", 2)[0] for node in graph.node if node.op_type == "QuantizeLinear"}
+    assert any("encoder/layers/1/mlp/fc2" in name for name in fp8), sorted(fp8)[:4]
+    assert not [name for name in fp8 if "projection" in name or "patch_embedding" in name or "/head/" in name]
 
 
 #: An image of 1 x 2 crops: the global view first, then the crops, as the native module orders them.
@@ -184,16 +197,13 @@ VISION_LORA_TARGETS = r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(
 
 def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_factory, tmp_path):
     """The base model's engine is refused at planning (its language model alone would answer images); the
-    variant merging ``vision-lora/`` merges, exports and verifies through Snakemake, as the fp8 vision encoder
-    does, and its engine directory (with the vision engine) is planned. Served LoRA stays refused on a VLM."""
+    variant merging ``vision-lora/`` merges, exports and verifies through Snakemake, as the vision encoder does,
+    and its engine directory (with the vision engine) is planned. Served LoRA stays refused on a VLM."""
     from edgellm_steps.models.demo import make_lora_adapter
 
     copy_checkpoint(checkpoint_factory("phi4mm"), tmp_path / "ckpt")
     make_lora_adapter(tmp_path / "ckpt/vision-lora", tmp_path / "ckpt", VISION_LORA_TARGETS, r=4)
-    merged = (
-        "models:\n  vlm:\n    source: ckpt\n    visual_precision: fp8\n"
-        "    lora: {vision: {source: ckpt/vision-lora, merge: true}}\n"
-    )
+    merged = "models:\n  vlm:\n    source: ckpt\n    lora: {vision: {source: ckpt/vision-lora, merge: true}}\n"
     write_config(tmp_path, merged)
     refused = run_snakemake(tmp_path, "-n", "engines/sm110/vlm_fp16.engine", check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.output
@@ -212,14 +222,7 @@ def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_
     run_snakemake(tmp_path, *reports)
     for report in reports:
         assert json.loads((tmp_path / report).read_text())["passed"], report
-    # The vision encoder in fp8 (the tower's Linears; the patch embedding, the unused pooling head and the
-    # projection float), verified against ModelOpt's fake-quantized tower; its side file beside it.
-    assert json.loads((tmp_path / reports[1]).read_text())["precision"] == "fp8"
     assert (tmp_path / "onnx/vlm/visual" / GN_PROJ_FILE).is_file()
-    graph = onnx.load(str(tmp_path / "onnx/vlm/visual/model.onnx"), load_external_data=False).graph
-    fp8 = {node.name.rsplit("/", 2)[0] for node in graph.node if node.op_type == "QuantizeLinear"}
-    assert any("encoder/layers/1/mlp/fc2" in name for name in fp8), sorted(fp8)[:4]
-    assert not [name for name in fp8 if "projection" in name or "patch_embedding" in name or "/head/" in name]
     write_config(tmp_path, merged.replace("merge: true", "merge: false"))
     served = run_snakemake(tmp_path, "-n", "lora/vlm/vision/processed_adapter_model.safetensors", check=False)
     assert "LoRA served on a vision-language model (phi4mm) is not supported" in served.output

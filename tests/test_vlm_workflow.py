@@ -22,15 +22,12 @@ VISUAL = "onnx/vlm/visual/model.onnx"
 WORKDIR = WorkdirLayout(checkpoint="qwen2_5_vl", config=CONFIG)
 
 
-def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkpoint_factory):
-    """fp16 language model and vision encoder, each verified (the demo test builds the fp8 one through quantize)."""
+def test_vlm_builds_both_exports_then_plans_nothing(workdir, checkpoint_factory):
+    """The fp16 language model and the vision encoder (the demo test builds the fp8 language model through
+    quantize, and verifies both through Snakemake)."""
     source = checkpoint_factory("qwen2_5_vl")
-    targets = ("onnx/vlm_fp16/llm/model.onnx", "reports/vlm_fp16/verify.json", VISUAL, "reports/vlm/visual/verify.json")
+    targets = ("onnx/vlm_fp16/llm/model.onnx", VISUAL)
     run_snakemake(workdir, *targets)
-    report = json.loads((workdir / "reports/vlm_fp16/verify.json").read_text())
-    assert report["precision"] == "fp16" and report["passed"], report
-    visual_report = json.loads((workdir / "reports/vlm/visual/verify.json").read_text())
-    assert visual_report["precision"] == "fp16" and visual_report["passed"], visual_report
     visual = workdir / "onnx/vlm/visual"
     assert json.loads((visual / "manifest.json").read_text())["step"] == "export-visual"
     assert (visual / "preprocessor_config.json").read_bytes() == (source / "preprocessor_config.json").read_bytes()
@@ -43,13 +40,7 @@ def test_vlm_builds_both_exports_with_reports_then_plans_nothing(workdir, checkp
     # The vision encoder's own precision reruns its export (and report), nothing of the language model.
     write_config(workdir, CONFIG + "    visual_precision: fp8\n")
     replan = run_snakemake(workdir, "-n", *targets, "onnx/vlm_fp8/llm/model.onnx")
-    assert planned_jobs(replan.output) == {
-        "export_visual": 1,
-        "verify_visual": 1,
-        "calibrate_llm": 1,
-        "quantize_llm": 1,
-        "export_llm": 1,
-    }
+    assert planned_jobs(replan.output) == {"export_visual": 1, "calibrate_llm": 1, "quantize_llm": 1, "export_llm": 1}
     assert "--quantization fp8" in replan.output
 
 
