@@ -35,10 +35,11 @@ demo: setup
 	$(DEMO) --workdir $(DEMO_DIR) --summary
 
 # Test files run side by side (one file per worker at a time: module fixtures such as the Slurm cluster
-# are set up once); `make test PYTEST_WORKERS=0` runs them one after another.
+# are set up once), handed out in tests/conftest.py's order, longest first (xdist would otherwise reorder
+# them by test count); `make test PYTEST_WORKERS=0` runs them one after another.
 PYTEST_WORKERS ?= auto
 test: setup cluster-deps
-	$(BIN)/python -m pytest -q --numprocesses $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q --numprocesses $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The Slurm test starts a throwaway single-node cluster; as root, install its Debian packages.
 cluster-deps:

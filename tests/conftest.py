@@ -48,9 +48,9 @@ MODULE_SECONDS = {
 def pytest_collection_modifyitems(items):
     """The longest modules first, each module's tests in order.
 
-    xdist's loadfile hands out modules in collection order: handing out the longest first (and the short
-    ones last, to fill the gaps) keeps the two workers busy to the end instead of leaving one running a
-    long module alone.
+    xdist's loadfile hands out modules in collection order when told not to reorder them by test count
+    (``--no-loadscope-reorder``, as ``make test`` runs it): the longest first, and the short ones last to fill
+    the gaps, keeps the two workers busy to the end instead of leaving one running a long module alone.
     """
     items.sort(key=lambda item: -MODULE_SECONDS.get(item.module.__name__.rsplit(".", 1)[-1], 0))
 
