@@ -226,3 +226,16 @@ def test_only_the_variant_with_the_vision_lora_merged_gets_an_engine(checkpoint_
     write_config(tmp_path, merged.replace("merge: true", "merge: false"))
     served = run_snakemake(tmp_path, "-n", "lora/vlm/vision/processed_adapter_model.safetensors", check=False)
     assert "LoRA served on a vision-language model (phi4mm) is not supported" in served.output
+
+
+def test_the_remote_code_layout_is_refused_at_planning_with_the_conversion_to_run(checkpoint_factory, tmp_path):
+    copy_checkpoint(checkpoint_factory("phi4mm"), tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt/config.json").read_text())
+    config["architectures"] = ["Phi4MMForCausalLM"]
+    (tmp_path / "ckpt/config.json").write_text(json.dumps(config))
+    write_config(tmp_path, "models:\n  vlm:\n    source: ckpt\n")
+    refused = run_snakemake(tmp_path, "-n", "onnx/vlm_fp16/llm/model.onnx", check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.output
+    [line] = [line for line in refused.output.splitlines() if line.startswith("Error")]
+    assert "unsupported architecture Phi4MMForCausalLM: this is Phi-4-multimodal's remote-code layout" in line
+    assert "convert_phi4_multimodal_weights_to_hf.py" in line

@@ -376,12 +376,24 @@ def supported_architectures() -> list[str]:
     return sorted(_BY_ARCHITECTURE)
 
 
+#: Architectures of a supported model saved in another layout: what to run to get the supported one.
+CONVERT_FIRST = {
+    "Phi4MMForCausalLM": (
+        "this is Phi-4-multimodal's remote-code layout; convert it to transformers' native Phi4MultimodalForCausalLM "
+        "layout with transformers' convert_phi4_multimodal_weights_to_hf.py (src/transformers/models/"
+        "phi4_multimodal/ in its source tree) and point source at the converted directory"
+    ),
+}
+
+
 def family_for(hf_config: dict, *, where: str = "checkpoint") -> FamilySpec:
     """The spec for a checkpoint's ``config.json``, or a one-line error listing the supported ones."""
     architectures = hf_config.get("architectures") or []
     for arch in architectures:
         if arch in _BY_ARCHITECTURE:
             return _BY_ARCHITECTURE[arch]
+        if arch in CONVERT_FIRST:
+            raise UnsupportedArchitectureError(f"{where}: unsupported architecture {arch}: {CONVERT_FIRST[arch]}")
     found = ", ".join(architectures) if architectures else f"none (model_type {hf_config.get('model_type')!r})"
     raise UnsupportedArchitectureError(
         f"{where}: unsupported architecture {found}; supported: {', '.join(supported_architectures())}"
