@@ -70,10 +70,9 @@ class InternVLVisualGraph(VisualGraph):
     def norm(self, module: str, x: str) -> str:
         return self.tile_norm(module, x, kind=self.dims.norm, eps=self.dims.norm_eps)
 
-    def embed_tiles(self) -> str:
-        """[blocks * T, C]: CLS then the patches of each tile, positions added."""
-        g, d, p = self.g, self.dims, self.prefix
-        patch = f"{p}embeddings.patch_embeddings.projection"
+    def patch_embeddings(self, patch: str) -> str:
+        """[blocks, G^2, C]: each tile's patches through the Conv2d ``patch`` (stride = kernel) as one MatMul."""
+        g, d = self.g, self.dims
         path = _node_path(patch)
         c, side = d.in_channels, d.patch_size
         grid = [-1, c, d.grid, side, d.grid, side]
@@ -83,7 +82,12 @@ class InternVLVisualGraph(VisualGraph):
         kernel = self.store.get(f"{patch}.weight").reshape(d.width, c * side * side)
         w = g.weight_chunks(f"{patch}.weight", np.float16, (c * side * side, d.width), fp16_transposed_chunks(kernel))
         x = add_bias(g, self.store, patch, g.op("MatMul", [flat, w], f"{path}/MatMul"), path)
-        x = g.op("Reshape", [x, self.const([-1, d.grid**2, d.width], "tile_patch_rows")], f"{path}/Reshape_2")
+        return g.op("Reshape", [x, self.const([-1, d.grid**2, d.width], "tile_patch_rows")], f"{path}/Reshape_2")
+
+    def embed_tiles(self) -> str:
+        """[blocks * T, C]: CLS then the patches of each tile, positions added."""
+        g, d, p = self.g, self.dims, self.prefix
+        x = self.patch_embeddings(f"{p}embeddings.patch_embeddings.projection")
         # The CLS token, one per tile: broadcast [1, 1, C] to [blocks, 1, C].
         blocks = g.op("Slice", [g.op("Shape", [x], "/cls/Shape"), *self.slice_args(0, 1)], "/cls/Slice")
         cls_shape = g.op("Concat", [blocks, self.const([1, d.width], "cls_tail")], "/cls/Concat", axis=0)

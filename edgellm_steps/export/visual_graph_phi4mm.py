@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from onnx import TensorProto
 
 from edgellm_steps.export.visual_graph import _node_path
 from edgellm_steps.export.visual_graph_internvl import InternVLVisualGraph
-from edgellm_steps.export.visual_io import INPUT
-from edgellm_steps.graph.graph_ops import add_bias, fp16
-from edgellm_steps.graph.weight_streams import fp16_transposed_chunks
+from edgellm_steps.graph.graph_ops import fp16
 
 #: The side file of the separators, projected, and its tensors (the runtime's names).
 GN_PROJ_FILE = "phi4mm_gn_proj.safetensors"
@@ -40,17 +37,7 @@ class Phi4mmVisualGraph(InternVLVisualGraph):
     def embed_tiles(self) -> str:
         """[blocks * G^2, C]: each crop's patch embeddings plus the learned positions (the grid's own, in order)."""
         g, d, p = self.g, self.dims, self.prefix
-        patch = f"{p}embeddings.patch_embedding"
-        path = _node_path(patch)
-        c, side = d.in_channels, d.patch_size
-        grid = [-1, c, d.grid, side, d.grid, side]
-        tiles = g.op("Reshape", [INPUT, self.const(grid, "tile_patches")], f"{path}/Reshape")
-        tiles = g.op("Transpose", [tiles], f"{path}/Transpose", perm=[0, 2, 4, 1, 3, 5])
-        flat = g.op("Reshape", [tiles, self.const([-1, c * side * side], "patch_rows")], f"{path}/Reshape_1")
-        kernel = self.store.get(f"{patch}.weight").reshape(d.width, c * side * side)
-        w = g.weight_chunks(f"{patch}.weight", np.float16, (c * side * side, d.width), fp16_transposed_chunks(kernel))
-        x = add_bias(g, self.store, patch, g.op("MatMul", [flat, w], f"{path}/MatMul"), path)
-        x = g.op("Reshape", [x, self.const([-1, self.rows, d.width], "tile_patch_rows")], f"{path}/Reshape_2")
+        x = self.patch_embeddings(f"{p}embeddings.patch_embedding")
         positions = f"{p}embeddings.position_embedding.weight"
         x = g.op("Add", [x, g.weight(positions, fp16(self.store.get(positions)))], "/embeddings/Add")
         return g.op("Reshape", [x, self.const([-1, d.width], "rows")], "/embeddings/Reshape")

@@ -166,10 +166,6 @@ def internvl_tile_dims(hf_config: dict[str, Any], llm_hidden: int, where: str) -
         shuffle=shuffle,
         projector_act=config.projector_hidden_act,
     )
-    if dims.width % dims.num_heads:
-        raise SourceError(
-            f"{where}: vision_config.num_attention_heads {dims.num_heads} does not divide hidden_size {dims.width}"
-        )
     if config.image_seq_length != RUNTIME_TILE_TOKENS:
         raise SourceError(
             f"{where}: image_seq_length is {config.image_seq_length}, but the runtime's InternVL runner takes "
@@ -179,7 +175,12 @@ def internvl_tile_dims(hf_config: dict[str, Any], llm_hidden: int, where: str) -
 
 
 def _checked(dims: TileDims, where: str) -> TileDims:
-    """Refuse tiles the runtime cannot take: 2 x 2 groups of patches, 256 of them per tile."""
+    """Refuse a tower the graph or the runtime cannot take: heads that do not divide the width, patches that do not
+    group 2 x 2, or other than 256 groups per tile."""
+    if dims.width % dims.num_heads:
+        raise SourceError(
+            f"{where}: vision_config.num_attention_heads {dims.num_heads} does not divide hidden_size {dims.width}"
+        )
     if dims.grid % dims.shuffle:
         raise SourceError(f"{where}: a tile's {dims.grid} x {dims.grid} patches do not group by 2 x 2")
     if dims.tile_tokens != RUNTIME_TILE_TOKENS:
@@ -240,10 +241,6 @@ def phi4mm_tile_dims(hf_config: dict[str, Any], llm_hidden: int, where: str) -> 
         shuffle=2,
         projector_act="gelu",
     )
-    if dims.width % dims.num_heads:
-        raise SourceError(
-            f"{where}: vision_config.num_attention_heads {dims.num_heads} does not divide hidden_size {dims.width}"
-        )
     if vision.hidden_act not in ("gelu_pytorch_tanh", "gelu"):
         raise SourceError(f"{where}: vision hidden_act {vision.hidden_act!r} is not supported (GELU, exact or tanh)")
     return _checked(dims, where)
