@@ -15,6 +15,7 @@ rule export_llm:
         targets.EXPORT_LLM_BENCHMARK
     conda:
         "../envs/export.yaml"
+    threads: ask(RESOURCES.export_threads, "model")
     params:
         **step(steps.EXPORT_LLM),
         checkpoint=ask_unrecorded(INPUTS.export_checkpoint, "model", "precision"),
@@ -22,7 +23,7 @@ rule export_llm:
         eagle_base="",
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.model:q})"
-        " {params.eagle_base} {params.options} > {log:q} 2>&1"
+        " {params.eagle_base} {params.options} --threads {threads} > {log:q} 2>&1"
 
 
 use rule export_llm as export_eagle_base with:
@@ -52,13 +53,14 @@ rule export_visual:
         "benchmarks/export_visual/{model}.tsv"
     conda:
         "../envs/export.yaml"
+    threads: ask(RESOURCES.export_threads, "model")
     params:
         **step(steps.EXPORT_VISUAL),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "model"),
         options=ask(INPUTS.visual_options, "model"),
     shell:
         "{params.command} --model_dir {params.checkpoint:q} --output_dir $(dirname {output.model:q})"
-        " {params.options} > {log:q} 2>&1"
+        " {params.options} --threads {threads} > {log:q} 2>&1"
 
 
 rule export_draft:
@@ -72,13 +74,14 @@ rule export_draft:
         "benchmarks/export_draft/{model}_{precision}.tsv"
     conda:
         "../envs/export.yaml"
+    threads: ask(RESOURCES.export_threads, "model")
     params:
         **step(steps.EXPORT_DRAFT),
         draft=ask_unrecorded(INPUTS.draft_export_checkpoint, "model"),
         base=ask_unrecorded(INPUTS.checkpoint, "model"),
     shell:
         "{params.command} --draft_model_dir {params.draft:q} --base_model_dir {params.base:q}"
-        " --output_dir $(dirname {output.model:q}) > {log:q} 2>&1"
+        " --output_dir $(dirname {output.model:q}) --threads {threads} > {log:q} 2>&1"
 
 
 rule reduce_vocab:

@@ -212,8 +212,10 @@ def test_planner_threads_and_gpus_follow_the_config(checkpoint_factory):
     ckpt = checkpoint_factory("qwen2", hidden_size=128, intermediate_size=256)
     default = planner(ckpt).resources
     assert (default.quantize_threads("m"), default.verify_threads("m"), default.quantize_gpus("m")) == (8, 4, 0)
-    cuda = planner(ckpt, quantization={"device": "cuda", "threads": 3}, verify={"threads": 5}).resources
-    assert (cuda.quantize_threads("m"), cuda.verify_threads("m"), cuda.quantize_gpus("m")) == (3, 5, 1)
+    assert default.export_threads("m") == 4
+    cuda = planner(ckpt, quantization={"device": "cuda", "threads": 3}, verify={"threads": 5}, export={"threads": 6})
+    assert (cuda.resources.quantize_threads("m"), cuda.resources.verify_threads("m")) == (3, 5)
+    assert (cuda.resources.quantize_gpus("m"), cuda.resources.export_threads("m")) == (1, 6)
 
 
 def test_gptq_source_counts_as_its_dequantized_weights(checkpoint_factory, tmp_path):

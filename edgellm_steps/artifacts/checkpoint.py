@@ -10,6 +10,7 @@ slice of rows) at a time, so a caller never holds more than the tensor it works 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from edgellm_steps.errors import SourceError
 if TYPE_CHECKING:  # planning imports this module and must not pay for importing torch
     import torch
 
+    from edgellm_steps.artifacts.read_ahead import ReadAhead
     from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 
 
@@ -289,6 +291,8 @@ class TensorStore:
 
     Opening the store opens (and so validates the header of) every shard named by
     :func:`weight_files`: a damaged checkpoint fails here, with one line, before any work.
+    Within :meth:`reading_ahead`, :meth:`read_ahead` starts reading the tensors a caller will ask
+    for next (the next decoder layer), so that reading overlaps the work on the current ones.
     """
 
     def __init__(self, checkpoint: Path) -> None:
@@ -300,6 +304,28 @@ class TensorStore:
             shard = SafetensorsFile(path)
             for name in shard.names():
                 self._shard_of[name] = shard
+        self._ahead: ReadAhead | None = None
+
+    @contextlib.contextmanager
+    def reading_ahead(self) -> Iterator[None]:
+        """Let :meth:`read_ahead` read in a background thread while the block runs."""
+        from edgellm_steps.artifacts.read_ahead import ReadAhead
+
+        self._ahead = ReadAhead(self._read, self._nbytes)
+        try:
+            yield
+        finally:
+            ahead, self._ahead = self._ahead, None
+            ahead.close()
+
+    def read_ahead(self, prefix: str) -> None:
+        """Start reading every tensor whose name starts with ``prefix``, in file order (nothing outside
+        :meth:`reading_ahead`); :meth:`get` then takes them from the background reads."""
+        if self._ahead is None:
+            return
+        names = [name for name in self._shard_of if name.startswith(prefix)]
+        names.sort(key=lambda name: (str(self._shard_of[name].path), self._shard_of[name].offset(name)))
+        self._ahead.add(names)
 
     def __contains__(self, name: str) -> bool:
         return name in self._shard_of
@@ -325,7 +351,15 @@ class TensorStore:
 
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in the checkpoint's dtype."""
+        if self._ahead is not None and (tensor := self._ahead.take(name)) is not None:
+            return tensor
+        return self._read(name)
+
+    def _read(self, name: str) -> torch.Tensor:
         return self._shard(name).read(name)
+
+    def _nbytes(self, name: str) -> int:
+        return self._shard(name).nbytes(name)
 
     def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
         """The tensor in slices of ``rows`` leading-dim rows, each read on its own."""

@@ -37,6 +37,35 @@ def bytes_digest(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+#: Digests computed while files were written, by (device, inode): ``(size, mtime_ns, digest)``.
+_WRITTEN: dict[tuple[int, int], tuple[int, int, str]] = {}
+
+
+def remember_written(path: Path, digest: str) -> None:
+    """Record ``digest`` as the content of ``path``, which this process has just written and closed.
+
+    A step's manifest then takes the digest from here instead of reading the file again
+    (:func:`written_digest`). Keyed by inode, so renaming the file (a shard named once its number is
+    known, a staging directory committed) keeps the record.
+    """
+    stat = os.stat(path)
+    _WRITTEN[(stat.st_dev, stat.st_ino)] = (stat.st_size, stat.st_mtime_ns, digest)
+
+
+def written_digest(path: Path) -> str | None:
+    """The digest :func:`remember_written` recorded for ``path``, if the file is still as it was then.
+
+    Size and modification time must be unchanged: a file written again after its digest was
+    recorded (even in place) is hashed again by the caller. The inode's ctime is not compared, since
+    a rename moves it; the record lives only in this process, which wrote the file moments ago.
+    """
+    stat = os.stat(path)
+    entry = _WRITTEN.get((stat.st_dev, stat.st_ino))
+    if entry is None or entry[:2] != (stat.st_size, stat.st_mtime_ns):
+        return None
+    return entry[2]
+
+
 def file_identity(stat: os.stat_result) -> list[int]:
     """What must be unchanged for a cached digest to stand: ``[dev, ino, size, mtime_ns, ctime_ns]``."""
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgellm_steps.artifacts.atomic import staging_prefix
 from edgellm_steps.artifacts.claims import claim_path
-from edgellm_steps.artifacts.digests import file_digest
+from edgellm_steps.artifacts.digests import file_digest, written_digest
 from edgellm_steps.errors import EdgeLLMError
 
 MANIFEST_NAME = "manifest.json"
@@ -30,7 +30,11 @@ class ManifestMismatchError(EdgeLLMError):
 
 
 def write_manifest(directory: Path, *, step: str, parameters: dict[str, Any]) -> Path:
-    """Digest every file in ``directory`` and write the manifest there."""
+    """Digest every file in ``directory`` and write the manifest there.
+
+    A file whose digest was computed as it was written (:mod:`edgellm_steps.artifacts.streamed_file`)
+    is not read again.
+    """
     directory = Path(directory)
     files = {name: _file_entry(directory / name) for name in _file_names(directory)}
     manifest = {"step": step, "parameters": parameters, "files": files}
@@ -43,7 +47,7 @@ def _file_entry(path: Path) -> dict[str, Any]:
     """A file by size and digest; a symbolic link by its target (an engine directory links its LoRA adapters)."""
     if path.is_symlink():
         return {"symlink": os.readlink(path)}
-    return {"bytes": path.stat().st_size, "xxh3_128": file_digest(path)}
+    return {"bytes": path.stat().st_size, "xxh3_128": written_digest(path) or file_digest(path)}
 
 
 def _file_names(directory: Path) -> list[str]:

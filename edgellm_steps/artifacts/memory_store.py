@@ -8,6 +8,7 @@ export), or a small draft checkpoint read with torch's weights-only loader.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -56,3 +57,12 @@ class MemoryStore:
         if self.fallback is None:
             raise self._missing(name)
         return self.fallback.row_chunks(name, rows)
+
+    def reading_ahead(self) -> contextlib.AbstractContextManager[None]:
+        """The fallback's read-ahead (the tensors held here need none)."""
+        reading_ahead = getattr(self.fallback, "reading_ahead", None)
+        return reading_ahead() if reading_ahead is not None else contextlib.nullcontext()
+
+    def read_ahead(self, prefix: str) -> None:
+        if self.fallback is not None and hasattr(self.fallback, "read_ahead"):
+            self.fallback.read_ahead(prefix)

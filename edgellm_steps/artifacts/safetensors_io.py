@@ -1,9 +1,11 @@
 """Reading and writing safetensors files by byte range.
 
 The format is an 8-byte little-endian header length, a JSON header mapping each
-tensor to its dtype, shape and ``data_offsets``, then the raw data. Tensors are
-read with positioned reads of their byte range into a fresh buffer, so a reader's
-resident memory is the size of what it asked for (the file is never mapped: every
+tensor to its dtype, shape and ``data_offsets``, then the raw data. A tensor is read
+by byte range: a small one with a positioned read into a fresh buffer, a large one
+mapped (copy-on-write) for its own lifetime only, so the kernel's page cache is used
+in place, without zeroing a buffer and copying into it, and a reader's resident
+memory is still the size of what it holds (the whole file is never mapped: every
 touched page of a mapped 16 GB checkpoint would count as resident). Writing streams
 chunks, so a large table is never held twice.
 
@@ -15,15 +17,19 @@ with one line naming it instead of a traceback from deep inside a step.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgellm_steps.artifacts.streamed_file import StreamedFile
 from edgellm_steps.errors import SourceError
 
 if TYPE_CHECKING:
@@ -61,6 +67,13 @@ _TORCH_NAMES = {
 }
 _NUMPY_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
 
+#: Tensors at least this large are mapped from the file rather than read into a buffer.
+MAP_BYTES = 1 << 20
+
+#: Reads at least this large first hand the allocator's free memory back to the system (an LM head of
+#: 1 GB would otherwise come on top of what the layers before left free but held).
+LARGE_READ_BYTES = 256 << 20
+
 #: The safetensors library's own cap on the JSON header; checked before the header is read,
 #: so a corrupt length prefix (say 2**40) fails at once instead of asking for that much memory.
 MAX_HEADER_BYTES = 100_000_000
@@ -74,6 +87,25 @@ class _Entry:
     shape: tuple[int, ...]
     begin: int
     end: int
+
+
+def release_free_memory() -> None:
+    """Return memory the C allocator holds free to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    Threads that convert weights leave freed chunks in their own malloc arenas; before a large read those
+    pages would count again on top of it.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _invalid(path: Path, problem: str) -> SourceError:
@@ -212,6 +244,14 @@ class SafetensorsFile:
         """The tensor's safetensors dtype name (``F16``, ``I64``, ...)."""
         return self._entries[name].dtype
 
+    def nbytes(self, name: str) -> int:
+        entry = self._entries[name]
+        return entry.end - entry.begin
+
+    def offset(self, name: str) -> int:
+        """Where the tensor's bytes begin in the data section: reading tensors in this order reads the file forward."""
+        return self._entries[name].begin
+
     def read_array(self, name: str) -> np.ndarray:
         """A tensor of a dtype numpy has (not BF16 or FP8) as a numpy array, without importing torch."""
         entry = self._entries[name]
@@ -231,8 +271,11 @@ class SafetensorsFile:
         offset = self._data_start + entry.begin
         return np.memmap(self.path, dtype=np.dtype(numpy_name), mode="r", offset=offset, shape=entry.shape)
 
-    def _read(self, offset: int, size: int) -> bytearray:
-        buffer = bytearray(size)
+    def _read(self, offset: int, size: int) -> np.ndarray:
+        if size >= LARGE_READ_BYTES:
+            release_free_memory()
+        # np.empty, not bytearray: the buffer is filled by the read, and zeroing it first would cost as much again.
+        buffer = np.empty(size, dtype=np.uint8)
         view = memoryview(buffer)
         with open(self.path, "rb", buffering=0) as handle:
             handle.seek(self._data_start + offset)
@@ -250,7 +293,24 @@ class SafetensorsFile:
         dtype = getattr(torch, _TORCH_NAMES[entry.dtype])
         if end == begin:
             return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._read(begin, end - begin), dtype=dtype).reshape(shape)
+        size = end - begin
+        data = self._map(begin, size) if size >= MAP_BYTES else self._read(begin, size)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def _map(self, offset: int, size: int) -> memoryview:
+        """``size`` bytes at data ``offset``, mapped copy-on-write (a write changes the caller's copy, never the file).
+
+        The mapping lives as long as the tensors viewing it. The kernel is asked to read it ahead at once, so
+        that a cold file streams from the disk while the caller works on what came before.
+        """
+        if size >= LARGE_READ_BYTES:
+            release_free_memory()
+        start = self._data_start + offset
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as handle:
+            mapped = mmap.mmap(handle.fileno(), start - aligned + size, offset=aligned, access=mmap.ACCESS_COPY)
+        mapped.madvise(mmap.MADV_WILLNEED)
+        return memoryview(mapped)[start - aligned :]
 
     def read(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
@@ -267,21 +327,34 @@ class SafetensorsFile:
 
 
 def write_single_tensor(
-    path: Path, name: str, shape: tuple[int, ...], dtype: np.dtype, chunks: Iterable[np.ndarray]
+    path: Path,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    chunks: Iterable[np.ndarray | Callable[[], np.ndarray]],
+    *,
+    threads: int = 1,
 ) -> None:
-    """Write a safetensors file holding one tensor whose data arrives as row-major chunks."""
+    """Write a safetensors file holding one tensor whose data arrives as row-major chunks.
+
+    A chunk may be a conversion still to run; with ``threads`` > 1 they run on that many threads and
+    the file is written behind the caller (:class:`~edgellm_steps.artifacts.streamed_file.StreamedFile`,
+    which also records the file's digest for the manifest).
+    """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
     header = {name: {"dtype": _NUMPY_NAMES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    written = 0
-    with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
+
+    def typed(data: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(data, dtype=dtype)
+
+    with StreamedFile(path, threads=threads) as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
         for chunk in chunks:
-            data = np.ascontiguousarray(chunk, dtype=dtype)
-            handle.write(memoryview(data).cast("B"))
-            written += data.nbytes
+            out.write((lambda convert=chunk: typed(convert())) if callable(chunk) else typed(chunk))
+    written = out.bytes_written - 8 - len(encoded)
     if written != nbytes:
         raise ValueError(f"{path}: wrote {written} bytes of tensor {name!r}, expected {nbytes}")

@@ -22,6 +22,27 @@ def key_value(flag: str, key: str, value: str = "DIR") -> Callable[[str], tuple[
     return parse
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` of an export step: threads converting weights while others read and write."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="threads converting weights while others read and write (default: the cores this process may use)",
+    )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def run_cli(body: Callable[[], object]) -> int:
     """Run ``body`` with logging set up; a user error becomes one line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import add_threads_argument, run_cli
 from edgellm_steps.export.export_llm import export_llm
 
 
@@ -21,6 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reduced_vocab_dir", default=None, help="keep only the lm_head rows of this vocab_map (edgellm-reduce-vocab)"
     )
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             chat_template=args.chat_template,
             eagle_base=args.is_eagle_base,
             reduced_vocab_dir=args.reduced_vocab_dir,
+            threads=args.threads,
         )
     )
 

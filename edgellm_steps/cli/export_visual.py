@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import add_threads_argument, run_cli
 from edgellm_steps.export.export_visual import VISUAL_PRECISIONS, export_visual
 
 
@@ -18,12 +18,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=VISUAL_PRECISIONS,
         help="weights of the tower's Linear layers (fp8: calibrated on generated images; patch embedding stays fp16)",
     )
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: export_visual(args.model_dir, args.output_dir, quantization=args.quantization))
+    return run_cli(
+        lambda: export_visual(args.model_dir, args.output_dir, quantization=args.quantization, threads=args.threads)
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from edgellm_steps.artifacts.checkpoint import DecoderDims, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
+from edgellm_steps.artifacts.streamed_file import StreamedFile, available_cores
 from edgellm_steps.export.draft_graph import DraftGraph
 from edgellm_steps.export.sidecars import runtime_config, write_json
 from edgellm_steps.graph.onnx_builder import ONNX_NAME, write_graph
@@ -54,8 +56,14 @@ def draft_config_json(dims: DecoderDims, draft_config: dict[str, Any], target: i
     return config
 
 
-def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | Path) -> Path:
-    """Export the EAGLE3 draft ``draft_dir`` for the base ``base_dir`` into ``output_dir``."""
+def export_draft(
+    draft_dir: str | Path, base_dir: str | Path, output_dir: str | Path, *, threads: int | None = None
+) -> Path:
+    """Export the EAGLE3 draft ``draft_dir`` for the base ``base_dir`` into ``output_dir``.
+
+    The weights stream to disk as export-llm's do (converted on ``threads`` threads, default every core
+    this process may use; hashed as written).
+    """
     from safetensors.numpy import save_file
 
     started = time.monotonic()
@@ -85,6 +93,7 @@ def export_draft(draft_dir: str | Path, base_dir: str | Path, output_dir: str | 
                 target_hidden_size=target,
                 draft_vocab_size=draft_vocab,
             ).build(),
+            partial(StreamedFile, threads=threads or available_cores()),
         )
         write_json(staging / "config.json", draft_config_json(dims, draft_config, target, draft_vocab))
         save_file({"d2t": d2t}, str(staging / D2T_FILE))

@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import check_if_step_output, write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
+from edgellm_steps.artifacts.streamed_file import StreamedFile, available_cores
 from edgellm_steps.artifacts.tokenizer_files import EXPORT_TOKENIZER_FILES, copy_tokenizer_files
 from edgellm_steps.export.chat_template import load_processed_chat_template, process_chat_template
 from edgellm_steps.export.llm_graph import DecoderGraph
@@ -34,6 +37,14 @@ from edgellm_steps.quant.unified import open_tensors
 log = logging.getLogger(__name__)
 
 
+def _chat_template(checkpoint: Path, given: dict | None, vision_language: bool) -> dict:
+    """The processed chat template: the one given, else derived from the checkpoint's tokenizer (which must load)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    return given if given is not None else process_chat_template(tokenizer, vision_language=vision_language)
+
+
 def export_llm(
     model_dir: str | Path,
     output_dir: str | Path,
@@ -41,6 +52,7 @@ def export_llm(
     chat_template: str | Path | None = None,
     eagle_base: bool = False,
     reduced_vocab_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Export ``model_dir`` (local directory or hub id) into ``output_dir``; returns the ONNX path.
 
@@ -50,7 +62,9 @@ def export_llm(
     ``config.json``, the map copied beside the graph.
 
     Runs no model: weights are read tensor by tensor from the shards (by byte range)
-    and written straight into the graph's external data.
+    and written straight into the graph's external data, as a pipeline on ``threads`` threads
+    (default: every core this process may use): the next layer is read while the current one is
+    converted and the one before is written, and every large file is hashed as it is written.
     """
     started = time.monotonic()
     # A quantize-llm output must be complete (its manifest checked) before it is read.
@@ -60,13 +74,7 @@ def export_llm(
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     if eagle_base:
         check_eagle_base(dims, str(checkpoint))
-    processed_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
-    if processed_template is None:
-        processed_template = process_chat_template(tokenizer, vision_language=spec.vision_language)
+    given_template = load_processed_chat_template(Path(chat_template)) if chat_template else None
     store = open_tensors(checkpoint, held)
     spec = spec.resolved(store.names())
     if held is not None and held.gptq is not None:
@@ -79,21 +87,29 @@ def export_llm(
     vocab_map = load_vocab_map(reduced_vocab_dir, dims.vocab_size) if reduced_vocab_dir else None
     output_dir = Path(output_dir)
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
-    with staged_directory(output_dir) as staging:
+    threads = threads or available_cores()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="chat-template") as side,
+        staged_directory(output_dir) as staging,
+        store.reading_ahead(),
+    ):
+        # transformers' import and the tokenizer take seconds of one core: they run beside the weights.
+        template = side.submit(_chat_template, checkpoint, given_template, spec.vision_language)
         write_graph(
             staging,
             lambda builder: DecoderGraph(
                 builder, store, spec, dims, quant, eagle_base=eagle_base, vocab_map=vocab_map
             ).build(),
+            partial(StreamedFile, threads=threads),
         )
-        write_embedding(store, spec, staging / "embedding.safetensors")
+        write_embedding(store, spec, staging / "embedding.safetensors", threads=threads)
         config = runtime_config(dims, spec, hf_config, eagle_base=eagle_base)
         if vocab_map is not None:
             config["reduced_vocab_size"] = len(vocab_map)
             shutil.copyfile(Path(reduced_vocab_dir) / VOCAB_MAP_FILE, staging / VOCAB_MAP_FILE)
         write_json(staging / "config.json", config)
         copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)
-        write_json(staging / "processed_chat_template.json", processed_template)
+        write_json(staging / "processed_chat_template.json", template.result())
         write_manifest(
             staging,
             step=steps.EXPORT_LLM,

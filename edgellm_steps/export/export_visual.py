@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.sources import resolve_source
+from edgellm_steps.artifacts.streamed_file import StreamedFile, available_cores
 from edgellm_steps.artifacts.tokenizer_files import PROCESSOR_FILES, copy_tokenizer_files
 from edgellm_steps.errors import PrecisionError
 from edgellm_steps.export.sidecars import write_json
@@ -82,8 +84,14 @@ def _build(graph: VisualGraph, staging: Path) -> onnx.ModelProto:
     return model
 
 
-def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16") -> Path:
-    """Export the vision tower of ``model_dir`` (local directory or hub id) into ``output_dir``."""
+def export_visual(
+    model_dir: str | Path, output_dir: str | Path, *, quantization: str = "fp16", threads: int | None = None
+) -> Path:
+    """Export the vision tower of ``model_dir`` (local directory or hub id) into ``output_dir``.
+
+    The weights stream to disk as export-llm's do (converted on ``threads`` threads, default every core
+    this process may use; hashed as written).
+    """
     started = time.monotonic()
     if quantization not in VISUAL_PRECISIONS:
         raise PrecisionError(
@@ -98,7 +106,11 @@ def export_visual(model_dir: str | Path, output_dir: str | Path, *, quantization
     output_dir = Path(output_dir)
     log.info("exporting the vision tower of %s (%d blocks, %s) to %s", checkpoint, dims.depth, quantization, output_dir)
     with staged_directory(output_dir) as staging:
-        write_graph(staging, lambda builder: _build(_graph(builder, tower, store, fp8_modules), staging))
+        write_graph(
+            staging,
+            lambda builder: _build(_graph(builder, tower, store, fp8_modules), staging),
+            partial(StreamedFile, threads=threads or available_cores()),
+        )
         write_json(staging / "config.json", visual_config(tower.hf_config, quantization))
         copy_tokenizer_files(checkpoint, staging, PROCESSOR_FILES)
         write_manifest(staging, step=steps.EXPORT_VISUAL, parameters={"precision": quantization})

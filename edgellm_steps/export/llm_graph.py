@@ -154,6 +154,8 @@ class DecoderGraph:
 
     def decoder_layer(self, layer: int, x: str) -> str:
         prefix = self.spec.layer_prefix.format(i=layer)
+        if layer + 1 < self.dims.num_layers:  # the next layer's weights are read while this one is converted
+            self.store.read_ahead(self.spec.layer_prefix.format(i=layer + 1) + ".")
         path = _node_path(prefix)
         h = self.rms_norm(f"{prefix}.input_layernorm.weight", x, f"{path}/input_layernorm")
         x = self.g.op("Add", [x, self.attention(layer, prefix, h)], f"{path}/Add")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,16 @@ def runtime_config(
     return config
 
 
-def write_embedding(store: TensorStore, spec: FamilySpec, path: Path) -> None:
-    """``embedding.safetensors``: tensor ``embedding``, float16 [V, H]."""
+def _fp16(rows: torch.Tensor) -> np.ndarray:
+    return rows.to(torch.float16).numpy()
+
+
+def write_embedding(store: TensorStore, spec: FamilySpec, path: Path, *, threads: int = 1) -> None:
+    """``embedding.safetensors``: tensor ``embedding``, float16 [V, H], converted on ``threads`` threads."""
     shape = store.shape(spec.embed_tokens)
     rows = max(1, CHUNK_ELEMENTS // max(shape[-1], 1))
-    chunks = (chunk.to(torch.float16).numpy() for chunk in store.row_chunks(spec.embed_tokens, rows))
-    write_single_tensor(path, "embedding", shape, np.float16, chunks)
+    chunks = (partial(_fp16, chunk) for chunk in store.row_chunks(spec.embed_tokens, rows))
+    write_single_tensor(path, "embedding", shape, np.float16, chunks, threads=threads)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -3,15 +3,18 @@
 Weights never live in the ONNX proto: each one is converted, written to
 ``onnx_model.data`` at an aligned offset and referenced from the initializer,
 then dropped. The proto therefore stays a few hundred kB even for an 8B model,
-and peak memory is one tensor, not the model.
+and peak memory is a few tensors, not the model. Conversions may be handed over
+still to run, so that a pipelined sink overlaps them with the reads and writes
+around them.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -38,26 +41,76 @@ NP_TO_ONNX = {
 }
 
 
-class ExternalDataWriter:
-    """Appends raw tensors to one data file and returns initializers that reference them."""
+class DataSink(Protocol):
+    """Where the weights' bytes go, in order: a chunk is data or a function of no arguments returning it.
 
-    def __init__(self, directory: Path) -> None:
+    The export hands over conversions still to run, so that a pipelined sink
+    (:class:`~edgellm_steps.artifacts.streamed_file.StreamedFile`) runs them on several threads while
+    the graph goes on; :class:`PlainFile` runs them at once.
+    """
+
+    def write(self, chunk: Any) -> None: ...
+
+    def close(self) -> Any: ...
+
+    def abort(self) -> None: ...
+
+
+class PlainFile:
+    """A :class:`DataSink` that converts and writes each chunk in the caller's thread."""
+
+    def __init__(self, path: Path) -> None:
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed by close() / abort()
+
+    def write(self, chunk: Any) -> None:
+        data = chunk() if callable(chunk) else chunk
+        self._handle.write(memoryview(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).cast("B"))
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def abort(self) -> None:
+        self._handle.close()
+
+
+#: Opens the external-data file of a graph: the sink its weights stream into.
+OpenSink = Callable[[Path], DataSink]
+
+
+class ExternalDataWriter:
+    """Appends raw tensors to one data file and returns initializers that reference them.
+
+    Offsets and lengths follow from the shapes alone, so an initializer is complete when its chunks
+    are handed to the sink, before they are converted or written; the byte counts are checked as
+    the chunks are converted, and a mismatch is raised by :meth:`close`.
+    """
+
+    def __init__(self, directory: Path, open_sink: OpenSink = PlainFile) -> None:
         self.location = EXTERNAL_DATA_FILE
-        self._handle = open(Path(directory) / self.location, "wb")  # noqa: SIM115 - closed by close()
+        self._sink = open_sink(Path(directory) / self.location)
         self._offset = 0
         self.bytes_written = 0
+        self._lock = threading.Lock()
+        self._counted: dict[str, int] = {}
+        self._expected: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+    def _count(self, name: str, dtype: np.dtype, data: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(data, dtype=dtype)
+        with self._lock:
+            self._counted[name] = self._counted.get(name, 0) + data.nbytes
+        return data
 
     def add_chunks(
         self,
         name: str,
         dtype: np.dtype,
         shape: tuple[int, ...],
-        chunks: Iterable[np.ndarray],
+        chunks: Iterable[np.ndarray | Callable[[], np.ndarray]],
         *,
         elem_type: int | None = None,
         dims: tuple[int, ...] | None = None,
     ) -> TensorProto:
-        """Write a tensor whose row-major data arrives in chunks; only one chunk is alive at a time.
+        """Write a tensor whose row-major data arrives in chunks, each an array or a conversion producing one.
 
         ``elem_type`` overrides the ONNX type for data handed over as raw bytes of
         another NumPy dtype (float8 weights arrive as uint8); ``dims`` overrides the
@@ -68,15 +121,15 @@ class ExternalDataWriter:
         align = _PAGE_ALIGN if nbytes >= _PAGE_ALIGN_THRESHOLD else _SMALL_ALIGN
         pad = -self._offset % align
         if pad:
-            self._handle.write(b"\0" * pad)
+            self._sink.write(b"\0" * pad)
             self._offset += pad
-        written = 0
+        self._expected[name] = (nbytes, tuple(shape))
+        self._counted.setdefault(name, 0)
         for chunk in chunks:
-            data = np.ascontiguousarray(chunk, dtype=dtype)
-            self._handle.write(memoryview(data).cast("B"))
-            written += data.nbytes
-        if written != nbytes:
-            raise ValueError(f"tensor {name!r}: got {written} bytes for shape {tuple(shape)}, expected {nbytes}")
+            if callable(chunk):
+                self._sink.write(lambda convert=chunk: self._count(name, dtype, convert()))
+            else:
+                self._sink.write(self._count(name, dtype, chunk))
         tensor = TensorProto(name=name, data_type=elem_type or NP_TO_ONNX[dtype], dims=list(dims or shape))
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.location), ("offset", self._offset), ("length", nbytes)):
@@ -87,7 +140,16 @@ class ExternalDataWriter:
         return tensor
 
     def close(self) -> None:
-        self._handle.close()
+        """Finish writing; raises if a tensor's chunks did not add up to its shape."""
+        self._sink.close()
+        for name, (nbytes, shape) in self._expected.items():
+            if self._counted[name] != nbytes:
+                raise ValueError(
+                    f"tensor {name!r}: got {self._counted[name]} bytes for shape {shape}, expected {nbytes}"
+                )
+
+    def abort(self) -> None:
+        self._sink.abort()
 
 
 class GraphBuilder:
@@ -186,13 +248,20 @@ class GraphBuilder:
         return model
 
 
-def write_graph(directory: Path, build: Callable[[GraphBuilder], onnx.ModelProto]) -> None:
-    """``build`` a graph whose weights stream into ``directory``/onnx_model.data; save and check ``model.onnx``."""
-    writer = ExternalDataWriter(directory)
+def write_graph(
+    directory: Path, build: Callable[[GraphBuilder], onnx.ModelProto], open_sink: OpenSink = PlainFile
+) -> None:
+    """``build`` a graph whose weights stream into ``directory``/onnx_model.data; save and check ``model.onnx``.
+
+    ``open_sink`` opens that data file (a pipelined, hashing one for an export step).
+    """
+    writer = ExternalDataWriter(directory, open_sink)
     try:
         model = build(GraphBuilder(writer))
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     log.info("wrote %.1f MB of weights to %s", writer.bytes_written / 1e6, EXTERNAL_DATA_FILE)
     onnx.save_model(model, str(Path(directory) / ONNX_NAME))
     onnx.checker.check_model(str(Path(directory) / ONNX_NAME))

@@ -16,6 +16,7 @@ not re-derived at all: its stored codes and E4M3 block scales go into the graph 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +164,13 @@ class UnifiedStore:
         if name in self._derived:
             return self._derived[name]()
         return self.raw.get(name)
+
+    def reading_ahead(self) -> contextlib.AbstractContextManager[None]:
+        return self.raw.reading_ahead()
+
+    def read_ahead(self, prefix: str) -> None:
+        """The stored tensors under ``prefix`` (codes and scales), read ahead by the raw store."""
+        self.raw.read_ahead(prefix)
 
     def row_chunks(self, name: str, rows: int) -> Iterator[torch.Tensor]:
         if name.endswith(".weight") and name.removesuffix(".weight") in self.quantized:

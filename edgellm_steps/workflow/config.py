@@ -39,6 +39,14 @@ class QuantizationSettings:
 
 
 @dataclass(frozen=True)
+class ExportSettings:
+    """How export jobs run (not part of what they write)."""
+
+    #: CPU threads of an export job (Snakemake's ``threads``).
+    threads: int
+
+
+@dataclass(frozen=True)
 class VerifySettings:
     """How verify-onnx jobs run (not part of what they check)."""
 
@@ -101,6 +109,7 @@ class ModelSettings:
     lora: dict[str, LoraAdapter]
     build: BuildLimits
     quantization: QuantizationSettings
+    export: ExportSettings
     verify: VerifySettings
     accuracy: AccuracySettings
     #: The source's model-signing signature, verified before any step reads the source.
@@ -199,6 +208,7 @@ def model_settings(config: dict[str, Any], name: str, schema: dict[str, Any] | N
         quantization=QuantizationSettings(
             **{**merged["quantization"], "exclude": tuple(merged["quantization"]["exclude"])}
         ),
+        export=ExportSettings(**merged["export"]),
         verify=VerifySettings(**merged["verify"]),
         accuracy=AccuracySettings(**merged["accuracy"]),
         signature=signature_spec(merged.get("signature"), f"model '{name}'"),

@@ -114,6 +114,9 @@ class JobResources:
         self.facts.model(model).checkpoint  # noqa: B018 (a source checked before its job is sized)
         return resources.dequantize_mem_mb()
 
+    def export_threads(self, model: str) -> int:
+        return self.facts.model(model).settings.export.threads
+
     def verify_threads(self, model: str) -> int:
         return self.facts.model(model).settings.verify.threads
 
