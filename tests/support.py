@@ -233,3 +233,12 @@ def rescaled_copy(checkpoint: Path, destination: Path, factors: dict[str, float]
         tensors[name] = tensor * factor
     save_file(tensors, str(shard), metadata=metadata)
     return destination
+
+
+def small_chunks(monkeypatch, elements: int) -> None:
+    """Convert weights ``elements`` at a time instead of 16M, so that tiny models' weights stream in several chunks."""
+    from edgellm_steps.export import quantized_linear, sidecars
+    from edgellm_steps.graph import weight_streams
+
+    for module in (weight_streams, quantized_linear, sidecars):
+        monkeypatch.setattr(module, "CHUNK_ELEMENTS", elements)

@@ -37,7 +37,7 @@ from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .support import BIN, tool_env
+from .support import BIN, small_chunks, tool_env
 
 #: precision -> quantize flags (weights, lm_head, kv cache). The model's dims are multiples of 128 (int4).
 VARIANTS = {
@@ -92,7 +92,7 @@ def quantized(base, tmp_path_factory):
                 precision=precision,
                 **CALIB,
             )
-            export_llm(root / "quantized", root / "llm")
+            export_llm(root / "quantized", root / "llm", threads=3)  # pipelined: see the serial export's test
             done[precision] = (root / "quantized", root / "llm")
         return done[precision]
 
@@ -198,6 +198,19 @@ def test_nvfp4_graph_structure(quantized):
     blocked = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
     assert len(blocked) == 2 * (2 * 7 + 1)  # weights and activations of every GEMM
     assert all({a.name: a.i for a in n.attribute} == {"axis": -1, "block_size": 16} for n in blocked)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8_sq", "int4_awq-lmfp8", "nvfp4-lmnvfp4-kvfp8"])
+def test_a_pipelined_quantized_export_writes_the_serial_bytes(quantized, precision, tmp_path, monkeypatch):
+    """Every weight format's packing, converted on three threads (the fixture's export), writes the bytes of the
+    serial export converting small chunks one at a time (the same conversion, in several pieces for nvfp4)."""
+    checkpoint, pipelined = quantized(precision)
+    small_chunks(monkeypatch, 1000)
+    export_llm(checkpoint, tmp_path / "serial", threads=1)
+    names = sorted(p.name for p in pipelined.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "serial").iterdir())
+    for name in names:
+        assert (pipelined / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
 
 
 def test_nvfp4_gemm_matches_the_modelopt_linear(quantized, tmp_path):

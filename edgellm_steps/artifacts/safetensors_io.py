@@ -22,7 +22,7 @@ import functools
 import json
 import mmap
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +66,10 @@ _TORCH_NAMES = {
     "BOOL": "bool",
 }
 _NUMPY_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
+_SAFETENSORS_NAMES = {torch_name: name for name, torch_name in _TORCH_NAMES.items()}
+#: The safetensors format's dtypes in the order of its own ``Dtype`` enumeration (those above only): the
+#: library writes tensors in the reverse of this order, then by name.
+DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
 
 #: Tensors at least this large are mapped from the file rather than read into a buffer.
 MAP_BYTES = 1 << 20
@@ -358,3 +362,33 @@ def write_single_tensor(
     written = out.bytes_written - 8 - len(encoded)
     if written != nbytes:
         raise ValueError(f"{path}: wrote {written} bytes of tensor {name!r}, expected {nbytes}")
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as one safetensors file, hashing the bytes as they are written (for the manifest).
+
+    The layout is the safetensors library's, byte for byte: the tensors ordered by dtype (:data:`DTYPE_ORDER`,
+    last first: largest elements first, so each begins aligned), then by name; the header padded with
+    spaces to 8 bytes.
+    """
+    import torch
+
+    def order(item: tuple[str, torch.Tensor]) -> tuple[int, str]:
+        return (-DTYPE_ORDER.index(_SAFETENSORS_NAMES[str(item[1].dtype).removeprefix("torch.")]), item[0])
+
+    ordered = sorted(tensors.items(), key=order)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, tensor in ordered:
+        size = tensor.numel() * tensor.element_size()
+        dtype = _SAFETENSORS_NAMES[str(tensor.dtype).removeprefix("torch.")]
+        header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with StreamedFile(path) as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for _, tensor in ordered:
+            if tensor.numel():
+                out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

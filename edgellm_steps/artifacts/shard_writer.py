@@ -3,7 +3,8 @@
 The layout is the one ``save_pretrained`` writes for a large model: ``model-0000k-of-0000n.safetensors``
 shards and ``model.safetensors.index.json`` mapping every tensor to its shard (or a single
 ``model.safetensors`` when everything fits one shard). Shards are written under provisional names and
-renamed once their number is known.
+renamed once their number is known. Each shard is hashed as it is written, so the step's manifest does not
+read the checkpoint again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from edgellm_steps.artifacts.safetensors_io import write_safetensors
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -50,12 +53,10 @@ class ShardWriter:
 
     def flush(self) -> None:
         """Write the queued tensors as one shard."""
-        from safetensors.torch import save_file
-
         if not self._pending:
             return
         path = self.directory / f".shard-{len(self._written):05d}.safetensors"
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+        write_safetensors(path, self._pending, metadata={"format": "pt"})
         self._written.append((path, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

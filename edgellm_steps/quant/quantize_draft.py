@@ -30,6 +30,7 @@ from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import TensorStore, decoder_dims
 from edgellm_steps.artifacts.draft_weights import open_draft_store
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.safetensors_io import write_safetensors
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.errors import EdgeLLMError, PrecisionError
 from edgellm_steps.models.eagle import check_draft_fits, eagle_hidden_state_indices
@@ -97,7 +98,6 @@ def quantize_draft(
     import modelopt.torch.quantization as mtq
     import torch
     import transformers
-    from safetensors.torch import save_file
     from tqdm import tqdm
 
     from edgellm_steps.models.eagle3_draft import Eagle3Draft
@@ -138,7 +138,7 @@ def quantize_draft(
     tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
     tensors.update({name: store.get(name) for name in store.names() if name not in tensors})
     with staged_directory(Path(output_dir)) as staging:
-        save_file(tensors, str(staging / DRAFT_WEIGHTS), metadata={"format": "pt"})
+        write_safetensors(staging / DRAFT_WEIGHTS, tensors, metadata={"format": "pt"})
         shutil.copyfile(draft / "config.json", staging / "config.json")
         save_modelopt_state(model, staging / MODELOPT_STATE)
         (staging / QUANT_INFO).write_text(json.dumps(info, indent=2) + "\n")
