@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 import subprocess
 
 import numpy as np
@@ -37,7 +38,7 @@ from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.reference_models import load_reference_model
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .support import BIN, small_chunks, tool_env
+from .support import BIN, flip_last_byte, small_chunks, tool_env
 
 #: precision -> quantize flags (weights, lm_head, kv cache). The model's dims are multiples of 128 (int4).
 VARIANTS = {
@@ -211,6 +212,28 @@ def test_a_pipelined_quantized_export_writes_the_serial_bytes(quantized, precisi
     assert names == sorted(p.name for p in (tmp_path / "serial").iterdir())
     for name in names:
         assert (pipelined / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
+
+
+def test_an_export_refuses_a_quantized_checkpoint_changed_after_quantize_llm(quantized, tmp_path, monkeypatch):
+    """The manifest check runs beside the export's reads (the checkpoint comes from the disk once): a changed byte
+    fails the export and nothing is committed; a changed size fails it before any weight is read."""
+    from edgellm_steps.artifacts.manifest import ManifestMismatchError
+    from edgellm_steps.export.llm_graph import DecoderGraph
+
+    checkpoint, _ = quantized("fp8")
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    shard = sorted(changed.glob("*.safetensors"))[0]
+    flip_last_byte(shard)
+    with pytest.raises(ManifestMismatchError, match="changed after quantize-llm wrote it"):
+        export_llm(changed, tmp_path / "llm", threads=2)
+    assert not (tmp_path / "llm").exists()
+    with shard.open("ab") as handle:
+        handle.write(b"\0")
+    monkeypatch.setattr(DecoderGraph, "build", lambda self: pytest.fail("weights were read"))
+    with pytest.raises(ManifestMismatchError, match="changed after quantize-llm wrote it"):
+        export_llm(changed, tmp_path / "llm", threads=2)
+    # Control: the unchanged checkpoint exports (test_a_pipelined_quantized_export_writes_the_serial_bytes).
 
 
 def test_nvfp4_gemm_matches_the_modelopt_linear(quantized, tmp_path):

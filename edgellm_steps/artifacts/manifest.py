@@ -74,12 +74,14 @@ def is_later_step_file(name: str) -> bool:
     )
 
 
-def check_step_output(directory: Path, step: str) -> dict[str, Any]:
+def check_step_output(directory: Path, step: str, *, contents: bool = True) -> dict[str, Any]:
     """Return ``directory``'s manifest after proving the directory is exactly what ``step`` wrote.
 
     Every listed file must be there with its size and digest, and no other file may be:
     a consumer never reads a file that was edited, truncated or added after the step
     finished. Raises :class:`ManifestMismatchError` naming the first difference.
+    ``contents=False`` checks the names and sizes only, reading no file: the quick half, for a consumer
+    that hashes the contents while it reads them and commits nothing before that half passes too.
     """
     directory = Path(directory)
     manifest = _step_manifest(directory, step)
@@ -89,7 +91,7 @@ def check_step_output(directory: Path, step: str) -> dict[str, Any]:
             f"{directory} holds {extra[0]}, which its manifest does not list; {_rerun_hint(step)}"
         )
     for name in sorted(listed):
-        _check_file(directory, manifest, step, name)
+        _check_file(directory, manifest, step, name, contents=contents)
     return manifest
 
 
@@ -120,7 +122,7 @@ def _step_manifest(directory: Path, step: str) -> dict[str, Any]:
     return manifest
 
 
-def _check_file(directory: Path, manifest: dict[str, Any], step: str, name: str) -> None:
+def _check_file(directory: Path, manifest: dict[str, Any], step: str, name: str, *, contents: bool = True) -> None:
     path, entry = directory / name, manifest["files"].get(name)
     if not isinstance(entry, dict):
         raise ManifestMismatchError(f"{path} is not listed in the {step} manifest; {_rerun_hint(step)}")
@@ -130,7 +132,7 @@ def _check_file(directory: Path, manifest: dict[str, Any], step: str, name: str)
         return
     if not path.is_file():
         raise ManifestMismatchError(f"{path} is listed in its manifest but missing; {_rerun_hint(step)}")
-    if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("xxh3_128"):
+    if path.stat().st_size != entry.get("bytes") or (contents and file_digest(path) != entry.get("xxh3_128")):
         raise ManifestMismatchError(
             f"{path} changed after {step} wrote it (size or digest differs); {_rerun_hint(step)}"
         )
@@ -153,9 +155,9 @@ def read_manifest_step(directory: Path) -> str | None:
     return manifest.get("step") if isinstance(manifest, dict) else None
 
 
-def check_if_step_output(directory: Path, step: str) -> dict[str, Any] | None:
+def check_if_step_output(directory: Path, step: str, *, contents: bool = True) -> dict[str, Any] | None:
     """:func:`check_step_output` for a directory that may instead be a user's own (no manifest of ``step``)."""
     directory = Path(directory)
     if read_manifest_step(directory) != step:
         return None
-    return check_step_output(directory, step)
+    return check_step_output(directory, step, contents=contents)

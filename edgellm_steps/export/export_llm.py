@@ -67,9 +67,9 @@ def export_llm(
     converted and the one before is written, and every large file is hashed as it is written.
     """
     started = time.monotonic()
-    # A quantize-llm output must be complete (its manifest checked) before it is read.
     source = resolve_source(str(model_dir), allow_download=True)
-    check_if_step_output(source, steps.QUANTIZE_LLM)
+    # A quantize-llm output must be whole before it is read: its files' names and sizes now, their bytes below.
+    check_if_step_output(source, steps.QUANTIZE_LLM, contents=False)
     opened = open_checkpoint(source)
     checkpoint, hf_config, spec, dims, held = opened.path, opened.hf_config, opened.spec, opened.dims, opened.held
     if eagle_base:
@@ -89,11 +89,14 @@ def export_llm(
     log.info("exporting %s (%s, %d layers, %s) to %s", checkpoint, spec.family, dims.num_layers, precision, output_dir)
     threads = threads or available_cores()
     with (
-        ThreadPoolExecutor(1, thread_name_prefix="chat-template") as side,
+        ThreadPoolExecutor(2, thread_name_prefix="export-side") as side,
         staged_directory(output_dir) as staging,
         store.reading_ahead(),
     ):
-        # transformers' import and the tokenizer take seconds of one core: they run beside the weights.
+        # A quantize-llm output's manifest is checked (every byte hashed) while its weights are read, so that
+        # the checkpoint comes from the disk once; nothing is committed unless the check passes. transformers'
+        # import and the tokenizer take seconds of one core: they too run beside the weights.
+        checked = side.submit(check_if_step_output, source, steps.QUANTIZE_LLM)
         template = side.submit(_chat_template, checkpoint, given_template, spec.vision_language)
         write_graph(
             staging,
@@ -110,6 +113,7 @@ def export_llm(
         write_json(staging / "config.json", config)
         copy_tokenizer_files(checkpoint, staging, EXPORT_TOKENIZER_FILES)
         write_json(staging / "processed_chat_template.json", template.result())
+        checked.result()
         write_manifest(
             staging,
             step=steps.EXPORT_LLM,
