@@ -8,7 +8,6 @@ export), or a small draft checkpoint read with torch's weights-only loader.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -58,11 +57,7 @@ class MemoryStore:
             raise self._missing(name)
         return self.fallback.row_chunks(name, rows)
 
-    def reading_ahead(self) -> contextlib.AbstractContextManager[None]:
-        """The fallback's read-ahead (the tensors held here need none)."""
-        reading_ahead = getattr(self.fallback, "reading_ahead", None)
-        return reading_ahead() if reading_ahead is not None else contextlib.nullcontext()
-
     def read_ahead(self, prefix: str) -> None:
-        if self.fallback is not None and hasattr(self.fallback, "read_ahead"):
+        """The fallback's read-ahead (the tensors held here need none): a decoder graph names each next layer."""
+        if self.fallback is not None:
             self.fallback.read_ahead(prefix)

@@ -18,7 +18,6 @@ waits when the queue is full.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -32,8 +31,6 @@ import numpy as np
 import xxhash
 
 from edgellm_steps.artifacts.digests import remember_written
-
-log = logging.getLogger(__name__)
 
 #: What a caller hands over: bytes-like data, or a function of no arguments returning it.
 Chunk = bytes | bytearray | memoryview | np.ndarray | Callable[[], Any]
