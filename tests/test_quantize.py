@@ -207,11 +207,15 @@ def test_a_pipelined_quantized_export_writes_the_serial_bytes(quantized, precisi
     serial export converting small chunks one at a time (the same conversion, in several pieces for nvfp4)."""
     checkpoint, pipelined = quantized(precision)
     small_chunks(monkeypatch, 1000)
-    export_llm(checkpoint, tmp_path / "serial", threads=1)
-    names = sorted(p.name for p in pipelined.iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "serial").iterdir())
-    for name in names:
-        assert (pipelined / name).read_bytes() == (tmp_path / "serial" / name).read_bytes(), name
+    exports = {"serial": 1}
+    if precision.startswith("nvfp4"):  # its block scales wait on its codes' conversions: small and out of order too
+        exports["small pipelined"] = 3
+    for label, threads in exports.items():
+        export_llm(checkpoint, tmp_path / label, threads=threads)
+        names = sorted(p.name for p in pipelined.iterdir())
+        assert names == sorted(p.name for p in (tmp_path / label).iterdir())
+        for name in names:
+            assert (pipelined / name).read_bytes() == (tmp_path / label / name).read_bytes(), (label, name)
 
 
 def test_an_export_refuses_a_quantized_checkpoint_changed_after_quantize_llm(quantized, tmp_path, monkeypatch):

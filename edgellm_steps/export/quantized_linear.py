@@ -25,6 +25,10 @@ ModelOpt calibrated one (SmoothQuant, AWQ; also an fp8 lm_head under AWQ).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
+
 import numpy as np
 import torch
 from onnx import TensorProto
@@ -132,13 +136,36 @@ def _nvfp4_dequantize(g: GraphBuilder, codes: str, block_scales: str, global_sca
     return g.op("DequantizeLinear", [codes, scale], f"{path}/DequantizeLinear_1", axis=-1, block_size=NVFP4_BLOCK_SIZE)
 
 
-def _nvfp4_weight_chunks(weight: torch.Tensor, gs: np.float32, scales: list[np.ndarray]):
-    """Packed FP4 codes of ``weight`` [N, K], a slice of rows at a time; block scales go to ``scales``."""
-    step = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
-    for first in range(0, weight.shape[0], step):
-        blocks = nvfp4.quantize_scaled(weight[first : first + step].to(torch.float32).numpy(), gs)
-        scales.append(blocks.block_scales.view(np.uint8))
-        yield nvfp4.pack_codes(blocks.codes)
+class _Nvfp4Slices:
+    """FP4 codes and E4M3 block scales of ``weight`` [N, K], a slice of rows at a time, as conversions still to run.
+
+    One quantization gives both a slice's codes and its scales, but the codes tensor is written whole
+    before the scales tensor. So each codes conversion quantizes its slice and hands the scales to a
+    future; the scales conversions wait on those futures. A pipelined writer starts conversions in the
+    order handed over, so every codes conversion has started before any scales conversion waits.
+    """
+
+    def __init__(self, weight: torch.Tensor, gs: np.float32) -> None:
+        self.weight, self.gs = weight, gs
+        step = max(1, CHUNK_ELEMENTS // max(weight.shape[1], 1))
+        self.slices = [(first, min(first + step, weight.shape[0])) for first in range(0, weight.shape[0], step)]
+        self.scales: list[Future] = [Future() for _ in self.slices]
+
+    def _codes(self, index: int) -> np.ndarray:
+        first, last = self.slices[index]
+        try:
+            blocks = nvfp4.quantize_scaled(self.weight[first:last].to(torch.float32).numpy(), self.gs)
+        except BaseException as err:
+            self.scales[index].set_exception(err)
+            raise
+        self.scales[index].set_result(blocks.block_scales.view(np.uint8))
+        return nvfp4.pack_codes(blocks.codes)
+
+    def codes(self) -> list[Callable[[], np.ndarray]]:
+        return [partial(self._codes, index) for index in range(len(self.slices))]
+
+    def block_scales(self) -> list[Callable[[], np.ndarray]]:
+        return [future.result for future in self.scales]
 
 
 def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
@@ -146,16 +173,15 @@ def nvfp4_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x:
     if cols % NVFP4_BLOCK_SIZE:
         raise ValueError(f"{module}: nvfp4 needs an input dim that is a multiple of {NVFP4_BLOCK_SIZE}, got {cols}")
     a_scale = nvfp4.global_scale(float(store.get(f"{module}.input_quantizer._amax").float().max()))
-    scales: list[np.ndarray] = []
     stored = store.fp4_blocks(module) if isinstance(store, UnifiedStore) else None
     if stored is not None and tuple(stored[0].shape) == (rows, cols // 2):
         # A unified export's codes and block scales, byte for byte, under its own second-level scale.
         packed, block_bytes, second = stored
-        w_scale, chunks = np.float32(second.item()), [packed.numpy()]
-        scales.append(block_bytes.numpy())
+        w_scale, chunks, scales = np.float32(second.item()), [packed.numpy()], [block_bytes.numpy()]
     else:
         w_scale = nvfp4.global_scale(float(store.get(f"{module}.weight_quantizer._amax").float().max()))
-        chunks = _nvfp4_weight_chunks(weight, w_scale, scales)
+        slices = _Nvfp4Slices(weight, w_scale)
+        chunks, scales = slices.codes(), slices.block_scales()
     codes = g.weight_chunks(
         f"{module}.weight", np.uint8, (rows, cols // 2), chunks, elem_type=TensorProto.FLOAT4E2M1, dims=(rows, cols)
     )
