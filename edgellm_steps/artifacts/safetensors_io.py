@@ -17,8 +17,6 @@ with one line naming it instead of a traceback from deep inside a step.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import mmap
 import struct
@@ -29,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgellm_steps.artifacts.heap import release_free_memory
 from edgellm_steps.artifacts.streamed_file import StreamedFile
 from edgellm_steps.errors import SourceError
 
@@ -91,25 +90,6 @@ class _Entry:
     shape: tuple[int, ...]
     begin: int
     end: int
-
-
-def release_free_memory() -> None:
-    """Return memory the C allocator holds free to the system (glibc's ``malloc_trim``; nothing elsewhere).
-
-    Threads that convert weights leave freed chunks in their own malloc arenas; before a large read those
-    pages would count again on top of it.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
 
 
 def _invalid(path: Path, problem: str) -> SourceError:

@@ -8,9 +8,10 @@ thread takes the results strictly in the order they were handed over, and the ca
 the next weights meanwhile. The bytes written are therefore exactly those of the serial order, whatever
 the thread count.
 
-The writer hashes what it writes (xxh3-128, far faster than any disk), and the digest is remembered
-for the step's manifest (:func:`~edgellm_steps.artifacts.digests.remember_written`): the output is
-never read back to be hashed.
+The file is written around the page cache where the file system allows it
+(:mod:`~edgellm_steps.artifacts.uncached_file`). The writer hashes what it writes (xxh3-128, far
+faster than any disk), and the digest is remembered for the step's manifest
+(:func:`~edgellm_steps.artifacts.digests.remember_written`): the output is never read back to be hashed.
 
 Memory stays bounded: at most ``threads + 2`` chunks are queued or being converted; the caller
 waits when the queue is full.
@@ -31,6 +32,7 @@ import numpy as np
 import xxhash
 
 from edgellm_steps.artifacts.digests import remember_written
+from edgellm_steps.artifacts.uncached_file import open_output
 
 #: What a caller hands over: bytes-like data, or a function of no arguments returning it.
 Chunk = bytes | bytearray | memoryview | np.ndarray | Callable[[], Any]
@@ -61,7 +63,7 @@ class StreamedFile:
         self.threads = max(1, int(threads))
         self.bytes_written = 0
         self._hasher = xxhash.xxh3_128()
-        self._handle = open(self.path, "wb")  # noqa: SIM115 - closed by close() / abort()
+        self._handle = open_output(self.path)
         self._error: BaseException | None = None
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -144,7 +146,7 @@ class StreamedFile:
         if self._error is None:
             self._error = RuntimeError(f"{self.path}: writing was aborted")
         self._stop_threads()
-        self._handle.close()
+        self._handle.discard()
         self._closed = True
 
     def __enter__(self) -> StreamedFile:

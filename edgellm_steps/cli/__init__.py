@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from edgellm_steps.artifacts.heap import reuse_freed_buffers
 from edgellm_steps.errors import EdgeLLMError
 
 
@@ -52,3 +53,9 @@ def run_cli(body: Callable[[], object]) -> int:
         sys.stderr.write(f"error: {err}\n")
         return 2
     return 0
+
+
+def run_streaming_cli(body: Callable[[], object]) -> int:
+    """:func:`run_cli` for a step that streams weights through conversion buffers: freed buffers are reused."""
+    reuse_freed_buffers()
+    return run_cli(body)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import add_threads_argument, run_cli
+from edgellm_steps.cli import add_threads_argument, run_streaming_cli
 from edgellm_steps.export.export_draft import export_draft
 
 
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="export directory (replaced whole when complete)")
     add_threads_argument(parser)
     args = parser.parse_args(argv)
-    return run_cli(
+    return run_streaming_cli(
         lambda: export_draft(args.draft_model_dir, args.base_model_dir, args.output_dir, threads=args.threads)
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import add_threads_argument, run_cli
+from edgellm_steps.cli import add_threads_argument, run_streaming_cli
 from edgellm_steps.export.export_visual import VISUAL_PRECISIONS, export_visual
 
 
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(
+    return run_streaming_cli(
         lambda: export_visual(args.model_dir, args.output_dir, quantization=args.quantization, threads=args.threads)
     )
 

@@ -15,8 +15,9 @@ from functools import partial
 import numpy as np
 import torch
 
-#: Elements converted per slice (32 MB of float16).
-CHUNK_ELEMENTS = 1 << 24
+#: Elements converted per slice (16 MB of float16): small enough that the C allocator reuses a freed
+#: slice's pages for the next one (:mod:`edgellm_steps.artifacts.heap`), large enough to stream.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def transposed_chunks(
