@@ -132,12 +132,32 @@ def test_reading_ahead_hands_over_the_tensors_within_its_budget():
                 name = f"layer{layer}.{kind}"
                 assert torch.equal(ahead.take(name), tensors[name])
                 held.remove(name)
+                time.sleep(0.03)  # the budget taken frees the next read
         assert ahead.take("layer0.a") is None  # taken already: the caller reads it itself
         # A batch never asked for is dropped two batches later: its names are read by the caller.
         ahead.add(["layer0.a"])
         ahead.add(["layer1.a"])
         ahead.add(["layer2.a"])
         assert ahead.take("layer0.a") is None
+    finally:
+        ahead.close()
+
+
+def test_a_tensor_asked_for_out_of_file_order_is_never_waited_for_beyond_the_budget():
+    """The reader holds its budget in tensors the caller wants later; the caller asks for the next one first.
+
+    A read must not be waited for while it waits for the budget: the caller reads that tensor itself."""
+    ahead = ReadAhead(lambda name: name.upper(), lambda name: 1000, budget=2000)
+    try:
+        ahead.add(["a", "b", "c"])
+        time.sleep(0.05)  # a and b are read: the budget is full, c waits
+        result = []
+        asking = threading.Thread(target=lambda: result.append(ahead.take("c")), daemon=True)
+        asking.start()
+        asking.join(timeout=5)
+        assert not asking.is_alive(), "take('c') waits on a read that waits for the budget"
+        assert result == [None]  # not started: the caller reads it itself
+        assert ahead.take("a") == "A" and ahead.take("b") == "B"
     finally:
         ahead.close()
 

@@ -50,7 +50,7 @@ def test_an_output_writes_the_same_bytes_by_every_route(tmp_path, monkeypatch, r
     if route == "refused at open":
         refuse_direct_opens(monkeypatch)
     if route == "off":
-        monkeypatch.setattr(uncached_file, "USE_DIRECT", False)
+        monkeypatch.setenv("EDGELLM_DIRECT_IO", "0")
     path = tmp_path / "out.bin"
     out = open_output(path)
     if route in ("direct", "refused mid-file"):

@@ -53,6 +53,7 @@ class ReadAhead:
                 return None
             if not future.running() and not future.done():  # not started yet: the caller reads it now
                 future.cancel()
+                self._cond.notify_all()
                 return None
         try:
             return future.result()
@@ -65,20 +66,32 @@ class ReadAhead:
         if not future.cancel() and future.done() and future.exception() is None:
             self._held -= self._size_of(name)
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self._queue:
+    def _next(self) -> tuple[str, Future] | None:
+        """The next name to read, once the budget allows it (None when closed).
+
+        A name is only marked as being read once it fits the budget: until then :meth:`take` sees it
+        pending and reads it itself, so a caller asking out of file order never waits on a read that
+        waits on the caller to take something.
+        """
+        with self._cond:
+            while not self._closed:
+                if not self._queue:
                     self._cond.wait()
-                if self._closed:
-                    return
-                name, future = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
-                    continue  # dropped or taken before its turn
+                    continue
+                name, future = self._queue[0]
                 size = self._size_of(name)
-                while not self._closed and self._held > 0 and self._held + size > self._budget:
+                if not future.cancelled() and self._held > 0 and self._held + size > self._budget:
                     self._cond.wait()
-                self._held += size
+                    continue
+                self._queue.popleft()
+                if future.set_running_or_notify_cancel():  # else dropped or taken before its turn
+                    self._held += size
+                    return name, future
+            return None
+
+    def _loop(self) -> None:
+        while (item := self._next()) is not None:
+            name, future = item
             try:
                 future.set_result(self._read(name))
             except BaseException as err:

@@ -10,7 +10,7 @@ later, often elsewhere), so caching it only evicts what the user had cached.
 size: data is gathered in a page-aligned buffer of :data:`BLOCK_BYTES` and written a whole buffer at
 a time; the last, unaligned bytes are written with ``O_DIRECT`` turned off. Where the file system
 refuses ``O_DIRECT`` (tmpfs, some network file systems) or refuses a write, the file carries on
-buffered: the same bytes either way.
+buffered: the same bytes either way. ``EDGELLM_DIRECT_IO=0`` in the environment writes buffered always.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 16 << 20
 #: Offsets and lengths of direct writes are multiples of this (a page; every common block size divides it).
 ALIGN = 4096
-#: Off in tests that need the buffered path, and where a user's file system misbehaves with O_DIRECT.
-USE_DIRECT = hasattr(os, "O_DIRECT")
+#: Set to ``0`` in the environment, O_DIRECT is not tried (a file system that accepts it but misbehaves).
+DIRECT_IO_VARIABLE = "EDGELLM_DIRECT_IO"
 
 
 class OutputFile(Protocol):
@@ -129,7 +129,7 @@ class UncachedFile:
 
 def open_output(path: Path) -> OutputFile:
     """``path`` created (or emptied) for writing: uncached where the file system allows, else buffered."""
-    if USE_DIRECT:
+    if hasattr(os, "O_DIRECT") and os.environ.get(DIRECT_IO_VARIABLE, "1") != "0":
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT | os.O_CLOEXEC, 0o666)
         except OSError as err:
