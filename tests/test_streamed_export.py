@@ -143,14 +143,25 @@ def test_reading_ahead_hands_over_the_tensors_within_its_budget():
         ahead.close()
 
 
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_a_tensor_asked_for_out_of_file_order_is_never_waited_for_beyond_the_budget():
     """The reader holds its budget in tensors the caller wants later; the caller asks for the next one first.
 
     A read must not be waited for while it waits for the budget: the caller reads that tensor itself."""
-    ahead = ReadAhead(lambda name: name.upper(), lambda name: 1000, budget=2000)
+    reads = []
+    ahead = ReadAhead(lambda name: reads.append(name) or name.upper(), lambda name: 1000, budget=2000)
     try:
         ahead.add(["a", "b", "c"])
-        time.sleep(0.05)  # a and b are read: the budget is full, c waits
+        assert wait_until(lambda: reads == ["a", "b"])  # the budget is full, c waits
+        time.sleep(0.1)  # for the reader to reach c (the fault was to mark c started while it waited)
         result = []
         asking = threading.Thread(target=lambda: result.append(ahead.take("c")), daemon=True)
         asking.start()
@@ -158,6 +169,27 @@ def test_a_tensor_asked_for_out_of_file_order_is_never_waited_for_beyond_the_bud
         assert not asking.is_alive(), "take('c') waits on a read that waits for the budget"
         assert result == [None]  # not started: the caller reads it itself
         assert ahead.take("a") == "A" and ahead.take("b") == "B"
+    finally:
+        ahead.close()
+
+
+def test_a_dropped_batch_gives_its_budget_back_even_when_its_read_failed():
+    reads = []
+
+    def read(name):
+        reads.append(name)
+        if name == "x":
+            raise OSError("unreadable")
+        return name.upper()
+
+    ahead = ReadAhead(read, lambda name: 1500, budget=2000)
+    try:
+        ahead.add(["x", "y"])  # x fails, y waits for the budget x holds
+        assert wait_until(lambda: reads == ["x"])
+        ahead.add(["p"])
+        ahead.add(["q"])  # drops x and y: x's bytes leave the budget
+        assert wait_until(lambda: "p" in reads), "p is never read ahead: x's failed read still holds the budget"
+        assert ahead.take("p") == "P"
     finally:
         ahead.close()
 

@@ -58,13 +58,17 @@ class ReadAhead:
         try:
             return future.result()
         finally:
-            with self._cond:
-                self._held -= self._size_of(name)
-                self._cond.notify_all()
+            self._release(name)
 
     def _drop(self, name: str, future: Future) -> None:
-        if not future.cancel() and future.done() and future.exception() is None:
+        """Forget ``name``: not started, it is never read; started, its bytes leave the budget once read."""
+        if not future.cancel():
+            future.add_done_callback(lambda _: self._release(name))
+
+    def _release(self, name: str) -> None:
+        with self._cond:
             self._held -= self._size_of(name)
+            self._cond.notify_all()
 
     def _next(self) -> tuple[str, Future] | None:
         """The next name to read, once the budget allows it (None when closed).
