@@ -242,3 +242,20 @@ def small_chunks(monkeypatch, elements: int) -> None:
 
     for module in (weight_streams, quantized_linear, sidecars):
         monkeypatch.setattr(module, "CHUNK_ELEMENTS", elements)
+
+
+def weights_hashed_as_written(patch) -> None:
+    """Make a step's manifest fail if it reads a weights file again to hash it (``patch``: a MonkeyPatch).
+
+    Steps that write weights hash them as they write them; the manifest must take that digest.
+    """
+    from edgellm_steps.artifacts import manifest
+
+    read = manifest.file_digest
+
+    def digest(path):
+        if Path(path).suffix in (".safetensors", ".data"):
+            raise AssertionError(f"{path} was read again to be hashed")
+        return read(path)
+
+    patch.setattr(manifest, "file_digest", digest)

@@ -20,7 +20,14 @@ from edgellm_steps.quant.checkpoint_record import open_checkpoint
 from edgellm_steps.quant.dequantize_fp8 import dequantize_fp8, dequantize_weight
 from edgellm_steps.workflow.planning import Planner, load_workflow_config
 
-from .support import copy_checkpoint, planned_jobs, run_snakemake, scenario, write_config
+from .support import (
+    copy_checkpoint,
+    planned_jobs,
+    run_snakemake,
+    scenario,
+    weights_hashed_as_written,
+    write_config,
+)
 
 #: k_proj / v_proj are 64 rows (one cropped block); every other Linear dim is a multiple of 128, so
 #: transformers' loader (which derives the block from the scale grid) reads the whole release right.
@@ -38,7 +45,9 @@ def release(checkpoint_factory, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dequantized(release, tmp_path_factory):
-    return dequantize_fp8(release, tmp_path_factory.mktemp("dequantized") / "out")
+    with pytest.MonkeyPatch.context() as patch:
+        weights_hashed_as_written(patch)  # checked against the files by check_step_output below
+        return dequantize_fp8(release, tmp_path_factory.mktemp("dequantized") / "out")
 
 
 def test_dequantized_weights_equal_transformers_dequantization(release, dequantized):

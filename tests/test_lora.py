@@ -20,7 +20,9 @@ import transformers
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
+from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.claims import claim_path
+from edgellm_steps.artifacts.manifest import check_step_output
 from edgellm_steps.errors import EdgeLLMError, ParityError, SourceError
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.export.lora_sites import read_sites
@@ -32,7 +34,7 @@ from edgellm_steps.verify.parity import TOLERANCES, compare_logits, hf_rope_tabl
 from edgellm_steps.verify.reference import LLMRunner
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
-from .support import BIN, tool_env
+from .support import BIN, tool_env, weights_hashed_as_written
 
 #: case -> (checkpoint case, the modules an adapter targets). Phi-3 fuses q/k/v and gate/up.
 CASES = {
@@ -156,7 +158,11 @@ def test_rank_and_alpha_patterns_scale_as_peft_does(checkpoint_factory, tmp_path
         alpha_pattern={"down_proj": 3},
         use_rslora=True,
     )
-    tensors = load_file(str(process_lora(adapter, tmp_path / "out") / "processed_adapter_model.safetensors"))
+    with pytest.MonkeyPatch.context() as patch:
+        weights_hashed_as_written(patch)
+        processed = process_lora(adapter, tmp_path / "out")
+    check_step_output(processed, steps.PROCESS_LORA)  # the digest taken while writing is the file's
+    tensors = load_file(str(processed / "processed_adapter_model.safetensors"))
     checked = 0
     for name, module in model.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):

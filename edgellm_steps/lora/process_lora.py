@@ -20,6 +20,7 @@ from typing import Any
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.manifest import write_manifest
+from edgellm_steps.artifacts.safetensors_io import write_safetensors
 from edgellm_steps.artifacts.sources import read_hf_config, resolve_source
 from edgellm_steps.export import llm_io
 from edgellm_steps.lora.adapter_fit import graph_module, read_fitting_adapter
@@ -44,8 +45,6 @@ def processed_tensors(modules: list[AdapterModule]) -> dict[str, Any]:
 
 def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: str | Path | None = None) -> Path:
     """Process the PEFT adapter ``input_dir`` into ``output_dir``, checked against ``model_dir`` when given."""
-    from safetensors.torch import save_file
-
     adapter = resolve_source(str(input_dir), allow_download=True)
     checkpoint = resolve_source(str(model_dir), allow_download=True) if model_dir is not None else None
     model_config = read_hf_config(checkpoint) if checkpoint is not None else None
@@ -60,7 +59,8 @@ def process_lora(input_dir: str | Path, output_dir: str | Path, *, model_dir: st
         "base_model_name_or_path": config.get("base_model_name_or_path"),
     }
     with staged_directory(Path(output_dir)) as staging:
-        save_file(processed_tensors(modules), str(staging / PROCESSED_WEIGHTS), metadata={"format": "pt"})
+        # The safetensors library's bytes, hashed as they are written (the manifest does not read them again).
+        write_safetensors(staging / PROCESSED_WEIGHTS, processed_tensors(modules), metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(processed, indent=2) + "\n")
         write_manifest(
             staging, step=steps.PROCESS_LORA, parameters={"adapter": str(input_dir), "max_rank": processed["r"]}

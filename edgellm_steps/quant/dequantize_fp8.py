@@ -31,6 +31,7 @@ from edgellm_steps.artifacts.checkpoint import INDEX_NAME, TensorStore, weight_f
 from edgellm_steps.artifacts.manifest import write_manifest
 from edgellm_steps.artifacts.safetensors_io import DTYPE_SIZES, SafetensorsFile
 from edgellm_steps.artifacts.sources import checkpoint_files
+from edgellm_steps.artifacts.streamed_file import StreamedFile
 from edgellm_steps.errors import SourceError
 from edgellm_steps.quant.block_fp8 import FLOAT_DTYPES, SCALE_SUFFIX, WEIGHT_DTYPE, WEIGHT_SUFFIX, BlockFP8Source
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
@@ -96,7 +97,7 @@ def _write_shard(shard: SafetensorsFile, destination: Path, scales: TensorStore,
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with open(destination, "wb") as handle:
+    with StreamedFile(destination) as handle:  # hashed as written: the manifest does not read it again
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         for name in names:
