@@ -37,7 +37,7 @@ from edgellm_steps.artifacts.checkpoint import TensorStore
 from edgellm_steps.graph.onnx_builder import GraphBuilder
 from edgellm_steps.graph.weight_streams import CHUNK_ELEMENTS, fp16_transposed_chunks, transposed_chunks
 from edgellm_steps.plugins.fp4_quantize import emit_fp4_dynamic_quantize
-from edgellm_steps.plugins.int4_gemm import emit_int4_gemm, pack_int4
+from edgellm_steps.plugins.int4_gemm import ROW_GROUP, emit_int4_gemm, pack_int4
 from edgellm_steps.quant import nvfp4
 from edgellm_steps.quant.formats import FORMATS, FP8_E4M3_MAX, INT4_GROUP_SIZE, INT4_MAX, INT8_MAX, NVFP4_BLOCK_SIZE
 from edgellm_steps.quant.gptq import gptq_codes
@@ -117,12 +117,25 @@ def int8_sq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, 
     return g.op("MatMul", [x_dq, w_dq], f"{path}/MatMul")
 
 
+def _int4_chunks(weight: torch.Tensor, amax: torch.Tensor) -> list[Callable[[], np.ndarray]]:
+    """The plugin's packed int4 weight, whole row groups at a time, as conversions still to run.
+
+    A row group's packed words depend on its own rows only and are contiguous in the packed tensor,
+    so the slices concatenate to the packing of the whole weight."""
+    rows, cols = weight.shape
+    step = max(ROW_GROUP, CHUNK_ELEMENTS // max(cols, 1) // ROW_GROUP * ROW_GROUP)
+
+    def pack(first: int, last: int) -> np.ndarray:
+        multiplier = (INT4_MAX / amax[first:last]).repeat_interleave(INT4_GROUP_SIZE, dim=1)
+        return pack_int4(_codes(weight[first:last], multiplier, INT4_MAX).to(torch.int8).numpy())
+
+    return [partial(pack, first, min(first + step, rows)) for first in range(0, rows, step)]
+
+
 def int4_awq_linear(g: GraphBuilder, store: TensorStore, module: str, path: str, x: str, weight: torch.Tensor) -> str:
     rows, cols = weight.shape
     amax = store.get(f"{module}.weight_quantizer._amax").float().reshape(rows, cols // INT4_GROUP_SIZE)
-    multiplier = (INT4_MAX / amax).repeat_interleave(INT4_GROUP_SIZE, dim=1)
-    q = _codes(weight, multiplier, INT4_MAX).to(torch.int8)
-    packed = g.weight(f"{module}.weight", pack_int4(q.numpy()))
+    packed = g.weight_chunks(f"{module}.weight", np.int8, (rows // 2, cols), _int4_chunks(weight, amax))
     scales = g.weight(f"{module}.weight_quantizer.scale", _fp16((amax / INT4_MAX).t().contiguous()))
     x_s = _pre_quant_scale(g, store, module, x, path)
     return emit_int4_gemm(g, f"{path}/Int4GroupwiseGemmPlugin", x_s, packed, scales, n=rows, k=cols)
