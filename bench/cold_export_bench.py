@@ -11,7 +11,8 @@ data still dirty in the page cache is not written yet, and the export and the co
     .venv/bin/python -m bench.cold_export_bench --checkpoint DIR --label 8b-fp8 [--eagle-base]
 
 ``--checkpoint`` exports any checkpoint (a quantize-llm output: the export's precision is the
-checkpoint's; ``bench.stretch_layers`` makes a few quantized layers into the 8B's 32). Without root the caches cannot be dropped: the run says so and records ``cold: false``.
+checkpoint's; ``bench.stretch_layers`` makes a few quantized layers into the 8B's 32). Without root
+the caches cannot be dropped: the run says so and records ``cold: false``.
 Targets (issue: the 8B fp16 export): cold export / cold cp at most 1.3, peak RSS at most 2 GB.
 Runs are appended to bench/results/cold_export_bench.json.
 """
