@@ -109,6 +109,15 @@ def test_a_failed_conversion_is_raised_by_the_stream_and_stops_it(tmp_path):
     assert written_digest(tmp_path / "data.bin") is None
 
 
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def test_reading_ahead_hands_over_the_tensors_within_its_budget():
     tensors = {f"layer{i}.{kind}": torch.full((250,), float(i)) for i in range(6) for kind in "abc"}
     reading, peak, lock = set(), [0], threading.Lock()
@@ -130,9 +139,9 @@ def test_reading_ahead_hands_over_the_tensors_within_its_budget():
             assert peak[0] <= 2
             for kind in "abc":
                 name = f"layer{layer}.{kind}"
+                assert wait_until(lambda name=name: name in reading)  # c starts once a's budget is taken back
                 assert torch.equal(ahead.take(name), tensors[name])
                 held.remove(name)
-                time.sleep(0.03)  # the budget taken frees the next read
         assert ahead.take("layer0.a") is None  # taken already: the caller reads it itself
         # A batch never asked for is dropped two batches later: its names are read by the caller.
         ahead.add(["layer0.a"])
@@ -141,15 +150,6 @@ def test_reading_ahead_hands_over_the_tensors_within_its_budget():
         assert ahead.take("layer0.a") is None
     finally:
         ahead.close()
-
-
-def wait_until(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def test_a_tensor_asked_for_out_of_file_order_is_never_waited_for_beyond_the_budget():

@@ -73,7 +73,7 @@ class UncachedFile:
         self.direct = True
 
     def write(self, data: memoryview) -> None:
-        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        """Append ``data``: a flat byte view, as the streamed file hands over."""
         taken = 0
         while taken < data.nbytes:
             count = min(self._block - self._filled, data.nbytes - taken)
