@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from edgellm_steps.artifacts.atomic import claim_file, staged_directory, staging_prefix, write_claimed
+from edgellm_steps.artifacts.atomic import (
+    claim_file,
+    current_umask,
+    staged_directory,
+    staging_prefix,
+    write_claimed,
+    write_if_changed,
+)
 from edgellm_steps.artifacts.claims import SupersededError, claim_path, process_start_ns, take_claim
 from edgellm_steps.errors import EdgeLLMError
 
@@ -80,6 +87,29 @@ def test_the_destination_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in destination.iterdir()) == ["manifest.json", "model.onnx"]
     assert (destination / "model.onnx").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == [claim_path(destination).name, "llm"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_committed_outputs_have_the_modes_the_umask_gives_not_the_staging_names_private_ones(tmp_path, umask):
+    """On a shared cluster a group-readable umask must give group-readable engines and exports.
+
+    Control: the staging names alone (``mkdtemp`` 0700, ``mkstemp`` 0600) fail the 0o022 and 0o002 cases.
+    """
+    previous = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with staged_directory(tmp_path / "llm") as staging:
+            (staging / "model.onnx").write_text("graph")
+        claim = claim_file(tmp_path / "llm" / "lora_model.onnx")
+        write_claimed(claim, b"lora graph")
+        write_if_changed(tmp_path / "config.yaml", b"models: {}")
+    finally:
+        os.umask(previous)
+    modes = {
+        path.name: path.stat().st_mode & 0o777
+        for path in (tmp_path / "llm", tmp_path / "llm" / "lora_model.onnx", tmp_path / "config.yaml")
+    }
+    assert modes == {"llm": 0o777 & ~umask, "lora_model.onnx": 0o666 & ~umask, "config.yaml": 0o666 & ~umask}
 
 
 def test_a_failed_run_leaves_the_destination_as_it_was(tmp_path):

@@ -7,6 +7,7 @@ existed, and to its own serial mode. The quantized formats get the same comparis
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 
@@ -198,6 +199,28 @@ def test_the_thread_count_must_be_positive():
     with pytest.raises(SystemExit):
         parse_args(["--model_dir", "m", "--output_dir", "o", "--threads", "0"])
     assert parse_args(["--model_dir", "m", "--output_dir", "o", "--threads", "3"]).threads == 3
+
+
+@pytest.mark.parametrize(
+    ("step", "required"),
+    [
+        ("calibrate_llm", ["--model_dir", "m", "--output_dir", "o"]),
+        ("quantize_llm", ["--model_dir", "m", "--output_dir", "o", "--precision", "fp8"]),
+        (
+            "quantize_draft",
+            ["--base_model_dir", "b", "--draft_model_dir", "d", "--output_dir", "o", "--precision", "fp8"],
+        ),
+        ("verify_onnx", ["--onnx_dir", "x", "--model_dir", "m"]),
+    ],
+)
+@pytest.mark.parametrize("threads", ["0", "-2", "two"])
+def test_torch_steps_refuse_a_thread_count_below_one_in_one_usage_line(step, required, threads, capsys):
+    """Every step's ``--threads`` is read the same way: a usage error (exit 2) before any work."""
+    main = importlib.import_module(f"edgellm_steps.cli.{step}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main([*required, "--threads", threads])
+    assert exit_info.value.code == 2
+    assert "argument --threads:" in capsys.readouterr().err
 
 
 def every_dtype() -> dict[str, torch.Tensor]:

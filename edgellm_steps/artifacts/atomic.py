@@ -26,6 +26,32 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"
 
 
+def current_umask() -> int:
+    """The process's file mode creation mask, read without changing it (Linux reports it in ``/proc``).
+
+    Elsewhere the mask is set and put back at once, which is safe before any thread writes files.
+    """
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path | int, directory: bool = False) -> None:
+    """Give what ``mkstemp`` (0600) or ``mkdtemp`` (0700) made the mode an ordinary ``open`` or ``mkdir`` gives.
+
+    The temporary names' private modes would otherwise survive the rename into place, and on a
+    shared cluster the team's engines and exports would be readable by their builder alone.
+    """
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
 def write_if_changed(path: Path, data: bytes) -> bool:
     """Atomically write ``data`` to ``path`` unless it already holds exactly that.
 
@@ -40,6 +66,7 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        _as_if_created(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
@@ -149,6 +176,7 @@ def staged_directory(destination: Path) -> Iterator[Path]:
     remove_stale_staging(destination)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(destination), dir=destination.parent))
     try:
+        _as_if_created(staging, directory=True)
         try:
             yield staging
         except Exception as err:
@@ -187,6 +215,7 @@ def write_claimed(claim: Claim, data: bytes) -> bool:
     fd, name = tempfile.mkstemp(prefix=staging_prefix(destination), dir=destination.parent)
     staged = Path(name)
     try:
+        _as_if_created(fd)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         with claim.committing():

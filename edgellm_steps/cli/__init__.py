@@ -33,6 +33,24 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_torch_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` of a torch step (calibrate, quantize, verify); applied by :func:`use_torch_threads`."""
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
+    )
+
+
+def use_torch_threads(threads: int | None) -> None:
+    """Give torch ``threads`` CPU threads; None leaves torch's own choice."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:

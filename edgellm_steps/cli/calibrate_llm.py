@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import add_torch_threads_argument, run_cli, use_torch_threads
 from edgellm_steps.quant.calibrate_llm import calibrate_llm
 from edgellm_steps.quant.calibration_source import DEFAULT_CALIB_MAX_TOKENS, DEFAULT_CALIB_SIZE
 
@@ -30,22 +30,12 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, calib_size: int, 
     parser.add_argument(
         "--calib_batch_size", type=int, default=None, help="calibration batch (default: 1, or 16 for int4_awq)"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
-    )
+    add_torch_threads_argument(parser)
 
 
-def calibration_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+def calibration_options(args: argparse.Namespace) -> dict:
     """The parsed calibration flags that were given, as keyword arguments; applies ``--threads``."""
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_torch_threads(args.threads)
     options = {"device": args.device}
     options.update({name: getattr(args, name) for name in CALIBRATION_FLAGS if getattr(args, name) is not None})
     return options
@@ -57,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="statistics directory (quantize-llm's --statistics_dir)")
     add_calibration_arguments(parser, DEFAULT_CALIB_SIZE, DEFAULT_CALIB_MAX_TOKENS)
     args = parser.parse_args(argv)
-    options = calibration_options(parser, args)
+    options = calibration_options(args)
     return run_cli(lambda: calibrate_llm(args.model_dir, args.output_dir, **options))
 
 

@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", required=True, help="quantized draft directory")
     add_quantization_arguments(parser, DEFAULT_DRAFT_CALIB_SIZE, DEFAULT_DRAFT_CALIB_MAX_TOKENS)
     args = parser.parse_args(argv)
-    options = quantization_options(parser, args)
+    options = quantization_options(args)
     return run_cli(lambda: quantize_draft(args.base_model_dir, args.draft_model_dir, args.output_dir, **options))
 
 

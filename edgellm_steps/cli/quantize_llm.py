@@ -16,9 +16,9 @@ def add_quantization_arguments(parser: argparse.ArgumentParser, calib_size: int,
     add_calibration_arguments(parser, calib_size, calib_max_tokens)
 
 
-def quantization_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+def quantization_options(args: argparse.Namespace) -> dict:
     """The parsed flags as keyword arguments of the quantize functions; applies ``--threads``."""
-    return {"precision": args.precision, **calibration_options(parser, args)}
+    return {"precision": args.precision, **calibration_options(args)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_quantization_arguments(parser, DEFAULT_CALIB_SIZE, DEFAULT_CALIB_MAX_TOKENS)
     args = parser.parse_args(argv)
-    options = {**quantization_options(parser, args), "exclude": tuple(args.exclude)}
+    options = {**quantization_options(args), "exclude": tuple(args.exclude)}
     if args.statistics_dir is not None:
         given = [f"--{name}" for name in CALIBRATION_FLAGS if name in options]
         if given:

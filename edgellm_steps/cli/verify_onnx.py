@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgellm_steps.cli import run_cli
+from edgellm_steps.cli import add_torch_threads_argument, run_cli, use_torch_threads
 from edgellm_steps.verify.verify_onnx import verify_onnx
 
 
@@ -19,19 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--adapter", default=None, help="a PEFT LoRA adapter: run lora_model.onnx with it, against PEFT's model"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
-    )
+    add_torch_threads_argument(parser)
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    use_torch_threads(args.threads)
     return run_cli(
         lambda: verify_onnx(
             args.onnx_dir,
