@@ -55,7 +55,7 @@ rule merge_lora:
     conda:
         "../envs/export.yaml"
     resources:
-        mem_mb=ask(RESOURCES.merge_lora_mem_mb, "base"),
+        mem_mb=ask(RESOURCES.merge_lora_mem_mb, "base", "adapter"),
     params:
         **step(steps.MERGE_LORA),
         checkpoint=ask_unrecorded(INPUTS.checkpoint, "base"),

@@ -344,7 +344,7 @@ def test_a_merged_adapter_exports_as_the_peft_merged_model(checkpoint_factory, t
     checkpoint = checkpoint_factory("phi3-partial-rotary")
     model, adapter = make_adapter(checkpoint, tmp_path / "adapter", CASES["phi3"][1])
     with pytest.MonkeyPatch.context() as patch:
-        weights_hashed_as_written(patch)  # save_pretrained's shards come from our writer, hashed as written
+        weights_hashed_as_written(patch)  # the shards are hashed as written
         merged = merge_lora(checkpoint, adapter, tmp_path / "merged")
     check_step_output(merged, steps.MERGE_LORA)
     export_llm(merged, tmp_path / "llm")

@@ -143,6 +143,28 @@ def test_an_8b_shared_calibration_asks_for_a_fraction_of_the_whole_model_fit():
     assert from_statistics < calibrate < whole / 4
 
 
+#: (widest adapted weight in float32, adapter bytes, measured peak MiB): bench/merge_lora_bench.py runs, Llama-3.1-8B
+#: shape (gate_proj 14336 x 4096, the LM head 128256 x 4096), 32 and 2 layers.
+MERGE_RUNS = [
+    (4 * 14336 * 4096, 83_946_192, 974),
+    (4 * 128_256 * 4096, 88_181_720, 2821),
+    (4 * 14336 * 4096, 83_946_192 // 16, 830),
+    (4 * 128_256 * 4096, 83_946_192 // 16 + 2 * 16 * (4096 + 128_256), 2676),
+]
+
+
+@pytest.mark.parametrize(("widest", "adapter", "peak_mib"), MERGE_RUNS)
+def test_merge_requests_cover_every_measured_peak_with_the_margin(widest, adapter, peak_mib):
+    request = resources.merge_lora_mem_mb(widest_weight_bytes=widest, adapter_bytes=adapter)
+    assert MARGIN * peak_mib <= request <= max(FLOOR_MB, 2 * MARGIN * peak_mib)
+
+
+def test_merge_asks_for_a_fraction_of_what_it_asked_when_it_loaded_the_model():
+    """An 8B merge used to ask the verify fit (the model in float32 with PEFT): 8.9 x 16 GB."""
+    widest = resources.merge_lora_mem_mb(widest_weight_bytes=4 * 128_256 * 4096, adapter_bytes=88_181_720)
+    assert widest < verify_mem_mb(16 * 10**9) / 30
+
+
 #: (shape, layers, vocab, samples, tokens, precisions compared, measured peak MiB): bench/accuracy_bench.py runs.
 TINY_SHAPE = {"hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256}
 ACCURACY_RUNS = [

@@ -214,6 +214,8 @@ class SafetensorsFile:
         metadata = header.pop("__metadata__", None)
         if metadata is not None:
             _check_metadata(self.path, metadata)
+        #: The header's ``__metadata__`` (strings), or None: a step that rewrites the file keeps it.
+        self.metadata: dict[str, str] | None = metadata
         self._entries = {name: _check_entry(self.path, name, entry) for name, entry in header.items()}
         self._data_start = 8 + length
         _check_layout(self.path, self._entries, size - self._data_start)

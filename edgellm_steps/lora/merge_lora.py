@@ -1,57 +1,133 @@
 """merge-lora: a model and one of its PEFT LoRA adapters -> an HF checkpoint with the adapter folded in.
 
 The classic test matrix's ``merge_lora``: a model variant that serves one adapter with no LoRA
-inputs at all. PEFT folds B A x scaling into each adapted weight (``merge_and_unload``) in
-float32, and the result is saved in the source's dtype with its tokenizer files, so quantize-llm
-and export-llm read it as any checkpoint: a quantized variant quantizes the merged weights.
+inputs at all. Each adapted weight becomes PEFT's ``merge_and_unload`` of it, computed the way PEFT
+computes it on a float32 model: ``W + (B @ A) * scaling`` in float32, then rounded once to the weight's
+stored dtype, so the merged tensors are PEFT's bit for bit (tested). Nothing else changes: every other
+tensor, the shard layout and index, ``config.json``, the generation config and the tokenizer files are
+the source's byte for byte, so quantize-llm and export-llm read the result as any checkpoint of its
+family.
+
+The checkpoint is streamed shard by shard and tensor by tensor (:mod:`~edgellm_steps.artifacts.shard_rewrite`),
+an adapted weight a slice of rows at a time: the step holds the adapter and one adapted weight's B A in
+float32, never the model, whatever its size.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
-from edgellm_steps.artifacts.checkpoint import TensorStore
+from edgellm_steps.artifacts.checkpoint import INDEX_NAME, TensorStore, weight_files
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.safetensors_io import write_safetensors
+from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
+from edgellm_steps.artifacts.shard_rewrite import COPY_CHUNK_BYTES, Rewritten, rewrite_shard
 from edgellm_steps.artifacts.sources import resolve_source
 from edgellm_steps.artifacts.tokenizer_files import TOKENIZER_ASSETS, copy_tokenizer_files
-from edgellm_steps.errors import PrecisionError
-from edgellm_steps.lora.adapter_fit import read_fitting_adapter
+from edgellm_steps.errors import PrecisionError, SourceError
+from edgellm_steps.lora.adapter_fit import graph_module, read_fitting_adapter
+from edgellm_steps.lora.peft_adapter import PEFT_PREFIX, AdapterModule
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+#: The source's files besides its weights that the merged checkpoint carries, byte for byte, when present.
+CARRIED_FILES = ("config.json", "generation_config.json", *TOKENIZER_ASSETS)
 
-@contextlib.contextmanager
-def _shards_hashed_as_written() -> Iterator[None]:
-    """Have ``save_pretrained`` write its shards with our safetensors writer, so the manifest need not read them.
 
-    transformers writes each shard with the safetensors library's ``save_file``, imported into
-    ``transformers.modeling_utils`` as ``safe_save_file``. :func:`write_safetensors` writes the same bytes
-    (tested against ``save_file`` for every dtype), around the page cache, hashing them as it goes.
-    Where a transformers version has no such name, it writes its own way and the manifest reads the
-    shards to hash them: slower, never different.
+def lora_delta(module: AdapterModule) -> torch.Tensor:
+    """``(B @ A) * scaling`` in float32, as PEFT's ``get_delta_weight`` computes it on a float32 model.
+
+    The product is scaled in place: the same rounding as PEFT's out-of-place product, one copy fewer.
+    It is computed whole: a matrix product's rounding may depend on how its rows are split.
     """
-    from transformers import modeling_utils
+    delta = module.b.float() @ module.a.float()
+    delta *= module.scaling
+    return delta
 
-    original = getattr(modeling_utils, "safe_save_file", None)
-    if original is None:
-        yield
-        return
 
-    def save(tensors: dict, filename: str, metadata: dict[str, str] | None = None) -> None:
-        write_safetensors(Path(filename), tensors, metadata=metadata)
+def merged_rows(rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Rows of a weight with the matching rows of its :func:`lora_delta` added in float32, rounded back to its dtype.
 
-    modeling_utils.safe_save_file = save
-    try:
-        yield
-    finally:
-        modeling_utils.safe_save_file = original
+    PEFT adds the delta to the float32 weight in place and the model is cast back to its dtype afterwards; both
+    are element by element, so merging a weight a slice of rows at a time gives the same bits.
+    """
+    merged = rows.float()
+    merged += delta
+    return merged.to(rows.dtype)
+
+
+def merged_weight(weight: torch.Tensor, module: AdapterModule) -> torch.Tensor:
+    """``weight`` with ``module``'s B A folded in, as PEFT's ``merge_and_unload`` computes it on a float32 model."""
+    return merged_rows(weight, lora_delta(module))
+
+
+def stored_weight_names(
+    modules: list[AdapterModule], store: TensorStore, renames: tuple[tuple[str, str], ...], where: str
+) -> dict[str, AdapterModule]:
+    """Stored tensor name -> the adapter module that adapts it, through the family's load-time renaming.
+
+    PEFT names a module as the loaded model does; the checkpoint may store it under another prefix
+    (``FamilySpec.hf_renames``). An adapted module whose weight the checkpoint does not hold with the
+    adapter's shape is refused, naming the key.
+    """
+    adapted: dict[str, AdapterModule] = {}
+    for module in modules:
+        loaded = [f"{module.module}.weight", f"{graph_module(module.module)}.weight"]
+        candidates = loaded + [
+            stored + name.removeprefix(prefix)
+            for name in loaded
+            for stored, prefix in renames
+            if name.startswith(prefix)
+        ]
+        found = next((name for name in candidates if name in store), None)
+        key = f"{PEFT_PREFIX}{module.module}.lora_A.weight"
+        if found is None:
+            raise SourceError(f"{where}: adapter key {key} adapts {loaded[0]}, which the checkpoint does not hold")
+        if store.shape(found) != (module.out_features, module.in_features):
+            raise SourceError(
+                f"{where}: adapter key {key} adapts {found} as {module.in_features} -> {module.out_features}, "
+                f"but the checkpoint's is {store.shape(found)[1]} -> {store.shape(found)[0]}"
+            )
+        if module.saved_base is not None and not _same_values(module.saved_base, store.get(found)):
+            raise SourceError(
+                f"{where}: the adapter carries its own {found} (PEFT's save_embedding_layers), which differs from "
+                "the checkpoint's (a resized or retrained LM head?); merge it into the checkpoint it was trained on"
+            )
+        adapted[found] = module
+    return adapted
+
+
+def _same_values(saved: torch.Tensor, stored: torch.Tensor) -> bool:
+    """Whether the adapter's copy of a weight holds the checkpoint's values (PEFT saves it in the training dtype)."""
+    return saved.shape == stored.shape and bool((saved.float() == stored.float()).all())
+
+
+def _merged_chunks(shard: SafetensorsFile, name: str, module: AdapterModule, where: str) -> Iterator[torch.Tensor]:
+    """The merged weight ``name`` in slices of rows (of about :data:`COPY_CHUNK_BYTES` in float32), refused when
+    the merge made a finite weight infinite or NaN (what PEFT's safe merge checks)."""
+    import torch
+
+    delta = lora_delta(module)
+    rows = max(1, COPY_CHUNK_BYTES // (4 * max(1, module.in_features)))
+    first = 0
+    for chunk in shard.read_row_chunks(name, rows):
+        merged = merged_rows(chunk, delta[first : first + len(chunk)])
+        if not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(chunk).all()):
+            raise SourceError(
+                f"{where}: merging {PEFT_PREFIX}{module.module} makes {name} overflow its {chunk.dtype} "
+                "(inf or NaN); the adapter is broken or was trained for another model"
+            )
+        first += len(chunk)
+        yield merged
 
 
 def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
@@ -63,24 +139,33 @@ def merge_lora(model_dir: str | Path, adapter_dir: str | Path, output_dir: str |
         raise PrecisionError(
             f"{checkpoint} is already quantized as {held.precision}; an adapter merges into float weights only"
         )
-    read_fitting_adapter(adapter, config, str(checkpoint), tensors=False, merge=True)  # it fits, before any loading
-    TensorStore(checkpoint)  # every shard header checked before transformers reads them
-
-    import peft
-    import torch
-    import transformers
-
-    dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"))
-    auto = getattr(transformers, spec.hf_auto_class)
-    model = auto.from_pretrained(str(checkpoint), dtype=torch.float32, use_safetensors=True)
-    # The adapter is data: read_adapter accepted safetensors weights only, and PEFT loads those.
-    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().to(dtype)
+    # The adapter is data: read_adapter accepts safetensors weights of plain LoRA on Linears only.
+    _, modules = read_fitting_adapter(adapter, config, str(checkpoint), tensors=True, merge=True)
+    store = TensorStore(checkpoint)  # every shard header checked before any is written
+    adapted = stored_weight_names(modules, store, spec.hf_renames, str(adapter))
     with staged_directory(Path(output_dir)) as staging:
-        with _shards_hashed_as_written():
-            merged.save_pretrained(str(staging), safe_serialization=True)
-        copy_tokenizer_files(checkpoint, staging, TOKENIZER_ASSETS)
-        write_manifest(
-            staging, step=steps.MERGE_LORA, parameters={"model": str(model_dir), "adapter": str(adapter_dir)}
-        )
-    log.info("merged %s into %s -> %s", adapter, checkpoint, output_dir)
+        for path in weight_files(checkpoint):
+            shard = SafetensorsFile(path)
+            changed = {
+                name: Rewritten(
+                    shard.dtype(name),
+                    lambda name=name, shard=shard: _merged_chunks(shard, name, adapted[name], str(adapter)),
+                )
+                for name in shard.names()
+                if name in adapted
+            }
+            rewrite_shard(shard, staging / path.relative_to(checkpoint), changed)
+        if (checkpoint / INDEX_NAME).is_file():
+            shutil.copyfile(checkpoint / INDEX_NAME, staging / INDEX_NAME)  # same names, shards and sizes
+        copy_tokenizer_files(checkpoint, staging, CARRIED_FILES)
+        parameters = {
+            "model": str(model_dir),
+            "adapter": str(adapter_dir),
+            "changed": {
+                "weights": f"{len(adapted)} adapted weights: W + (B @ A) x scaling in float32, rounded to their "
+                "stored dtype; every other tensor and file byte for byte"
+            },
+        }
+        write_manifest(staging, step=steps.MERGE_LORA, parameters=parameters)
+    log.info("merged %s (%d weights) into %s -> %s", adapter, len(adapted), checkpoint, output_dir)
     return Path(output_dir)

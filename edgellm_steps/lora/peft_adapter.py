@@ -29,11 +29,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])\.weight$")
+#: The LM head's own weight, which PEFT saves beside a LoRA on it (``save_embedding_layers``) and loads over the
+#: model's: a merged adapter's LM head is this weight plus B A.
+SAVED_LM_HEAD = f"{PEFT_PREFIX}lm_head.base_layer.weight"
 
 
-def _without_graph_input(key: str) -> bool:
-    """A key of lm_head or a norm: the graph has no LoRA input there (contract 6 drops them)."""
-    return any(part == "lm_head" or "norm" in part for part in key.split("."))
+def _without_graph_input(key: str, lm_head: bool = False) -> bool:
+    """A key of a norm, or of lm_head unless ``lm_head``: the graph has no LoRA input there (contract 6 drops them)."""
+    return any((part == "lm_head" and not lm_head) or "norm" in part for part in key.split("."))
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class AdapterModule:
     scaling: float
     a: torch.Tensor | None = None
     b: torch.Tensor | None = None
+    #: The base weight the adapter carries for this module (:data:`SAVED_LM_HEAD`), when read.
+    saved_base: torch.Tensor | None = None
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -81,10 +86,19 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[str, Any], list[AdapterModule]]:
+def adapter_weight_bytes(directory: str | Path) -> int:
+    """The size of an adapter's weights file (a merge job holds them whole)."""
+    return (Path(directory) / ADAPTER_WEIGHTS).stat().st_size
+
+
+def read_adapter(
+    directory: str | Path, *, tensors: bool = True, lm_head: bool = False
+) -> tuple[dict[str, Any], list[AdapterModule]]:
     """The adapter's config and its adapted modules (named as PEFT names them, ``base_model.model.`` stripped).
 
-    With ``tensors=False`` only the safetensors header is read (planning checks an adapter that way).
+    With ``tensors=False`` only the safetensors header is read (planning checks an adapter that way). LoRA on
+    lm_head is dropped with a warning (no graph input serves it) unless ``lm_head`` (an adapter merged into
+    the weights).
     """
     from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
 
@@ -97,7 +111,8 @@ def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[s
         raise SourceError(f"{directory} has no {ADAPTER_WEIGHTS}{hint if pickled.is_file() else ''}")
     store = SafetensorsFile(weights)
     pairs: dict[str, dict[str, str]] = {}
-    dropped = sorted(k for k in store.names() if k.startswith(PEFT_PREFIX) and _without_graph_input(k))
+    names = set(store.names())
+    dropped = sorted(k for k in store.names() if k.startswith(PEFT_PREFIX) and _without_graph_input(k, lm_head))
     if dropped:
         log.warning(
             "%s: dropping %d tensors of lm_head / norms (no LoRA input in the graph), e.g. %s",
@@ -106,6 +121,8 @@ def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[s
             dropped[0],
         )
     for key in sorted(set(store.names()) - set(dropped)):
+        if lm_head and key == SAVED_LM_HEAD:
+            continue
         match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
         if not key.startswith(PEFT_PREFIX) or match is None:
             raise SourceError(
@@ -131,7 +148,9 @@ def read_adapter(directory: str | Path, *, tensors: bool = True) -> tuple[dict[s
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         a, b = (store.read(pair["A"]), store.read(pair["B"])) if tensors else (None, None)
-        modules.append(AdapterModule(module, rank, int(a_shape[1]), int(b_shape[0]), alpha, scaling, a, b))
+        saved = f"{PEFT_PREFIX}{module}.base_layer.weight"
+        base = store.read(saved) if tensors and lm_head and saved == SAVED_LM_HEAD and saved in names else None
+        modules.append(AdapterModule(module, rank, int(a_shape[1]), int(b_shape[0]), alpha, scaling, a, b, base))
     if not modules:
         left = " once lm_head and norm tensors are dropped" if dropped else ""
         raise SourceError(f"{directory}: {ADAPTER_WEIGHTS} holds no LoRA weights{left}")

@@ -18,20 +18,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
-import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edgellm_steps.artifacts import steps
 from edgellm_steps.artifacts.atomic import staged_directory
 from edgellm_steps.artifacts.checkpoint import INDEX_NAME, TensorStore, weight_files
 from edgellm_steps.artifacts.manifest import write_manifest
-from edgellm_steps.artifacts.safetensors_io import DTYPE_SIZES, SafetensorsFile
+from edgellm_steps.artifacts.safetensors_io import SafetensorsFile
+from edgellm_steps.artifacts.shard_rewrite import Rewritten, rewrite_shard
 from edgellm_steps.artifacts.sources import checkpoint_files
-from edgellm_steps.artifacts.streamed_file import StreamedFile
 from edgellm_steps.errors import SourceError
 from edgellm_steps.quant.block_fp8 import FLOAT_DTYPES, SCALE_SUFFIX, WEIGHT_DTYPE, WEIGHT_SUFFIX, BlockFP8Source
 from edgellm_steps.quant.checkpoint_record import open_checkpoint
@@ -42,8 +40,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
-#: Bytes of an unquantized tensor copied per read: large tables travel in slices this size.
-COPY_CHUNK_BYTES = 64 * 2**20
 
 
 def dequantize_weight(
@@ -70,53 +66,21 @@ def _dequantized_chunks(
         yield dequantize_weight(rows, scale[index : index + 1], block, dtype)
 
 
-def _copied_chunks(shard: SafetensorsFile, name: str) -> Iterator[torch.Tensor]:
-    """An unquantized tensor as it is stored, in slices of rows."""
-    shape = shard.shape(name)
-    if not shape or shape[0] == 0:
-        yield shard.read(name)
-        return
-    row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[shard.dtype(name)]
-    yield from shard.read_row_chunks(name, max(1, COPY_CHUNK_BYTES // max(row_bytes, 1)))
-
-
 def _write_shard(shard: SafetensorsFile, destination: Path, scales: TensorStore, source: BlockFP8Source) -> int:
     """Write ``shard`` without its scales, its F8 weights dequantized; returns the bytes of tensor data."""
     import torch
 
-    out_dtype = FLOAT_DTYPES[source.config.dtype]
     torch_dtype = getattr(torch, source.config.dtype)
-    names = [name for name in shard.names() if not name.endswith(SCALE_SUFFIX)]
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name in names:
-        dtype = out_dtype if shard.dtype(name) == WEIGHT_DTYPE else shard.dtype(name)
-        size = math.prod(shard.shape(name)) * DTYPE_SIZES[dtype]
-        header[name] = {"dtype": dtype, "shape": list(shard.shape(name)), "data_offsets": [offset, offset + size]}
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with StreamedFile(destination) as handle:  # hashed as written: the manifest does not read it again
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
-        for name in names:
-            quantized = shard.dtype(name) == WEIGHT_DTYPE
-            chunks = (
-                _dequantized_chunks(shard, name, scales, source, torch_dtype)
-                if quantized
-                else _copied_chunks(shard, name)
-            )
-            written = 0
-            for chunk in chunks:
-                data = chunk.contiguous().view(torch.uint8).numpy() if chunk.numel() else b""
-                handle.write(data)
-                written += len(data) if isinstance(data, bytes) else data.nbytes
-            begin, end = header[name]["data_offsets"]
-            if written != end - begin:
-                raise RuntimeError(f"{destination}: wrote {written} bytes of {name}, expected {end - begin}")
-    log.info("wrote %s (%d tensors)", destination, len(names))
-    return offset
+    changed = {
+        name: Rewritten(
+            FLOAT_DTYPES[source.config.dtype],
+            lambda name=name: _dequantized_chunks(shard, name, scales, source, torch_dtype),
+        )
+        for name in shard.names()
+        if shard.dtype(name) == WEIGHT_DTYPE
+    }
+    dropped = [name for name in shard.names() if name.endswith(SCALE_SUFFIX)]
+    return rewrite_shard(shard, destination, changed, dropped)
 
 
 def _write_index(checkpoint: Path, staging: Path, total_size: int) -> None:

@@ -10,6 +10,7 @@ import math
 
 from edgellm_steps.artifacts.checkpoint import DecoderDims
 from edgellm_steps.artifacts.draft_weights import draft_weight_files
+from edgellm_steps.lora.peft_adapter import adapter_weight_bytes, read_adapter
 from edgellm_steps.quant.formats import FLOAT_WEIGHTS
 from edgellm_steps.quant.precision import Precision
 from edgellm_steps.quant.recipes import calibration_batch_size
@@ -105,9 +106,13 @@ class JobResources:
         """Host RAM of a vision verify job: bounded by the verify of the whole model (the tower is a part)."""
         return resources.verify_mem_mb(self.facts.model(model).weight_bytes)
 
-    def merge_lora_mem_mb(self, model: str) -> int:
-        """Host RAM of a merge-lora job: the model in float32 with the adapter, as a verify job holds it."""
-        return resources.verify_mem_mb(self.facts.model(model).weight_bytes)
+    def merge_lora_mem_mb(self, model: str, adapter: str) -> int:
+        """Host RAM of a merge-lora job: it streams the checkpoint and holds the adapter and one adapted weight in
+        float32 (resources.py), so the adapter's widest module sizes it (read from its header)."""
+        path = self.facts.model(model).adapter_checkpoint(adapter)
+        _, modules = read_adapter(path, tensors=False, lm_head=True)
+        widest = max(m.in_features * m.out_features for m in modules)
+        return resources.merge_lora_mem_mb(widest_weight_bytes=4 * widest, adapter_bytes=adapter_weight_bytes(path))
 
     def dequantize_mem_mb(self, model: str) -> int:
         """Host RAM of a dequantize-fp8 job: it streams one row of blocks at a time (resources.py)."""

@@ -63,7 +63,7 @@ FLOOR_MB = 4096
 PEAKS: dict[str, PeakModel] = {
     **{name: row.quantize_peak for name, row in FORMATS.items() if row.quantize_peak is not None},
     # Fitted when verify ran the whole graph; streamed it peaks at 3.3x (3232 MiB, 0.5B fp16). Kept: the vision
-    # verify and merge-lora jobs size by it too and have not been measured since.
+    # verify jobs size by it too and have not been measured since.
     "verify": PeakModel(factor=8.9),
 }
 
@@ -72,6 +72,23 @@ PEAKS: dict[str, PeakModel] = {
 #: 0.99 GB bf16, its 272 MB embedding copied in 64 MiB slices), ``python -m bench.dequantize_bench``,
 #: bench/results/dequantize_bench.json. The step streams, so a larger model adds only its widest row of blocks.
 DEQUANTIZE_PEAK_MIB = 357
+
+
+@dataclass(frozen=True)
+class MergePeak:
+    """merge-lora's peak RSS: the interpreter, torch and the 64 MiB slices in flight (MiB), plus multiples of the
+    widest adapted weight in float32 (its ``B @ A``, held whole while its slices merge) and of the adapter's
+    weights file (read whole, and widened to float32 a module at a time)."""
+
+    base_mib: float
+    weight: float
+    adapter: float
+
+
+#: Fitted to ``python -m bench.merge_lora_bench`` (bench/results/merge_lora_bench.json), Llama-3.1-8B shape, rank
+#: 16 on every projection (80 MiB of adapter): 974 MiB (widest weight gate_proj, 224 MiB in float32) and 2821 MiB
+#: with the LM head adapted too (2004 MiB in float32); 830 and 2676 MiB with 2 layers.
+MERGE_PEAK = MergePeak(base_mib=600, weight=1.1, adapter=2)
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,13 @@ def dequantize_mem_mb() -> int:
     """mem_mb of a dequantize-fp8 job: it streams one row of blocks (or 64 MiB of a table) at a time, so its
     peak is the interpreter's and torch's, whatever the checkpoint's size (:data:`DEQUANTIZE_PEAK_MIB`)."""
     return request_mb(DEQUANTIZE_PEAK_MIB * MIB)
+
+
+def merge_lora_mem_mb(*, widest_weight_bytes: int, adapter_bytes: int) -> int:
+    """mem_mb of a merge-lora job: it streams the checkpoint, holding the adapter and, while one weight merges, a few
+    float32 copies of it (``widest_weight_bytes``: the widest adapted weight in float32) (:data:`MERGE_PEAK`)."""
+    peak = MERGE_PEAK
+    return request_mb(peak.base_mib * MIB + peak.weight * widest_weight_bytes + peak.adapter * adapter_bytes)
 
 
 def verify_mem_mb(weight_bytes: int, weights: str = FLOAT_WEIGHTS, *, unified: bool = False) -> int:
