@@ -62,7 +62,7 @@ def test_merged_tensors_are_peft_merge_and_unload_bit_for_bit(case, checkpoint_f
     with pytest.MonkeyPatch.context() as patch:
         weights_hashed_as_written(patch)  # the shards are hashed as written, never read again
         # Slices of a few rows (the last one short), so that every weight is merged and copied in several.
-        patch.setattr(merge_lora_module, "COPY_CHUNK_BYTES", 1000)
+        patch.setattr(merge_lora_module, "MERGE_SLICE_BYTES", 1000)
         patch.setattr(shard_rewrite, "COPY_CHUNK_BYTES", 1000)
         merge_lora(checkpoint, adapter, tmp_path / "merged")
     check_step_output(tmp_path / "merged", steps.MERGE_LORA)

@@ -146,10 +146,10 @@ def test_an_8b_shared_calibration_asks_for_a_fraction_of_the_whole_model_fit():
 #: (widest adapted weight in float32, adapter bytes, measured peak MiB): bench/merge_lora_bench.py runs, Llama-3.1-8B
 #: shape (gate_proj 14336 x 4096, the LM head 128256 x 4096), 32 and 2 layers.
 MERGE_RUNS = [
-    (4 * 14336 * 4096, 83_946_192, 974),
-    (4 * 128_256 * 4096, 88_181_720, 2821),
-    (4 * 14336 * 4096, 83_946_192 // 16, 830),
-    (4 * 128_256 * 4096, 83_946_192 // 16 + 2 * 16 * (4096 + 128_256), 2676),
+    (4 * 14336 * 4096, 83_946_192, 733),
+    (4 * 128_256 * 4096, 88_181_720, 2437),
+    (4 * 14336 * 4096, 5_246_600, 641),
+    (4 * 128_256 * 4096, 9_482_088, 2361),
 ]
 
 

@@ -76,9 +76,9 @@ DEQUANTIZE_PEAK_MIB = 357
 
 @dataclass(frozen=True)
 class MergePeak:
-    """merge-lora's peak RSS: the interpreter, torch and the 64 MiB slices in flight (MiB), plus multiples of the
-    widest adapted weight in float32 (its ``B @ A``, held whole while its slices merge) and of the adapter's
-    weights file (read whole, and widened to float32 a module at a time)."""
+    """merge-lora's peak RSS: the interpreter, torch and the slices in flight (MiB), plus multiples of the widest
+    adapted weight in float32 (the buffer its ``B @ A`` is computed into, held whole while its slices merge) and
+    of the adapter's weights file (read whole)."""
 
     base_mib: float
     weight: float
@@ -86,9 +86,9 @@ class MergePeak:
 
 
 #: Fitted to ``python -m bench.merge_lora_bench`` (bench/results/merge_lora_bench.json), Llama-3.1-8B shape, rank
-#: 16 on every projection (80 MiB of adapter): 974 MiB (widest weight gate_proj, 224 MiB in float32) and 2821 MiB
-#: with the LM head adapted too (2004 MiB in float32); 830 and 2676 MiB with 2 layers.
-MERGE_PEAK = MergePeak(base_mib=600, weight=1.1, adapter=2)
+#: 16 on every projection: 733 MiB (32 layers, 80 MiB of adapter; widest weight gate_proj, 224 MiB in float32) and
+#: 2437 MiB with the LM head adapted too (2004 MiB in float32); 641 and 2361 MiB with 2 layers (5 and 9 MiB).
+MERGE_PEAK = MergePeak(base_mib=450, weight=1.0, adapter=1.25)
 
 
 @dataclass(frozen=True)
