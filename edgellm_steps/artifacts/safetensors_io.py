@@ -50,7 +50,8 @@ DTYPE_SIZES = {
     "U8": 1,
     "BOOL": 1,
 }
-_TORCH_NAMES = {
+#: safetensors dtype name -> the name of its torch dtype (an attribute of ``torch``).
+TORCH_DTYPE_NAMES = {
     "F64": "float64",
     "F32": "float32",
     "F16": "float16",
@@ -65,7 +66,7 @@ _TORCH_NAMES = {
     "BOOL": "bool",
 }
 _NUMPY_NAMES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}
-_SAFETENSORS_NAMES = {torch_name: name for name, torch_name in _TORCH_NAMES.items()}
+_SAFETENSORS_NAMES = {torch_name: name for name, torch_name in TORCH_DTYPE_NAMES.items()}
 #: The safetensors format's dtypes in the order of its own ``Dtype`` enumeration (those above only): the
 #: library writes tensors in the reverse of this order, then by name.
 DTYPE_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64")
@@ -241,7 +242,7 @@ class SafetensorsFile:
     def read_array(self, name: str) -> np.ndarray:
         """A tensor of a dtype numpy has (not BF16 or FP8) as a numpy array, without importing torch."""
         entry = self._entries[name]
-        numpy_name = _TORCH_NAMES[entry.dtype]
+        numpy_name = TORCH_DTYPE_NAMES[entry.dtype]
         if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             raise SourceError(f"{self.path}: tensor {_short(name)} is {entry.dtype}, which numpy cannot hold")
         data = self._read(entry.begin, entry.end - entry.begin)
@@ -251,7 +252,7 @@ class SafetensorsFile:
         """A numpy-typed tensor mapped read-only from the file: indexing it reads only the rows it touches (an
         embedding table looked up for a few tokens)."""
         entry = self._entries[name]
-        numpy_name = _TORCH_NAMES[entry.dtype]
+        numpy_name = TORCH_DTYPE_NAMES[entry.dtype]
         if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
             raise SourceError(f"{self.path}: tensor {_short(name)} is {entry.dtype}, which numpy cannot hold")
         offset = self._data_start + entry.begin
@@ -276,7 +277,7 @@ class SafetensorsFile:
     def _tensor(self, entry: _Entry, begin: int, end: int, shape: tuple[int, ...]) -> torch.Tensor:
         import torch
 
-        dtype = getattr(torch, _TORCH_NAMES[entry.dtype])
+        dtype = getattr(torch, TORCH_DTYPE_NAMES[entry.dtype])
         if end == begin:
             return torch.empty(shape, dtype=dtype)
         size = end - begin

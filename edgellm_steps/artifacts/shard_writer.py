@@ -10,21 +10,57 @@ read the checkpoint again.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.safetensors_io import write_safetensors
+from edgellm_steps.artifacts.safetensors_io import TORCH_DTYPE_NAMES, write_safetensors
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
+#: Elements of a tensor narrowed and compared at a time by :func:`as_stored` (16 MiB of float32).
+NARROW_ELEMENTS = 1 << 22
+
+
+def as_stored(tensor: Any, stored: str) -> Any:
+    """``tensor`` in the float dtype ``stored`` (a safetensors name) when that dtype holds its values exactly, else as
+    it is.
+
+    A step that computes in float32 (calibration on the CPU) would otherwise write a bf16 source's weights it
+    never changed at twice their size, for every later step to read. A tensor the step changed (a smoothed
+    weight) keeps the step's dtype unless its new values happen to fit: either way nothing is rounded. The
+    values are narrowed and checked a slice of rows at a time, so the check holds no second full-size copy.
+    """
+    import torch
+
+    target = getattr(torch, TORCH_DTYPE_NAMES.get(stored, ""), None)
+    if not isinstance(target, torch.dtype) or not target.is_floating_point or not tensor.is_floating_point():
+        return tensor
+    if target == tensor.dtype:
+        return tensor
+    narrowed = torch.empty(tensor.shape, dtype=target)
+    flat, out = tensor.reshape(-1), narrowed.view(-1)
+    for start in range(0, flat.numel(), NARROW_ELEMENTS):
+        part = flat[start : start + NARROW_ELEMENTS]
+        out[start : start + len(part)] = part
+        if not torch.equal(out[start : start + len(part)].to(tensor.dtype), part):
+            return tensor
+    return narrowed
+
+
 class ShardWriter:
     """Collects tensors into shards of at most ``max_shard_bytes`` (a tensor larger than that gets its own)."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self, directory: Path, max_shard_bytes: int = 1 << 30, *, stored_dtypes: Mapping[str, str] | None = None
+    ) -> None:
+        """``stored_dtypes``: tensor name -> its safetensors dtype in the step's source; a tensor whose values that
+        dtype holds exactly is written in it (:func:`as_stored`)."""
         self.directory = directory
         self.max_shard_bytes = max_shard_bytes
+        self.stored_dtypes = dict(stored_dtypes or {})
         self._pending: dict[str, Any] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
@@ -33,6 +69,8 @@ class ShardWriter:
     def add(self, name: str, tensor: Any) -> None:
         """Queue ``tensor`` (a CPU tensor) under ``name``; a shard is written as soon as it is full, so a tensor as
         large as a shard is written at once rather than held."""
+        if name in self.stored_dtypes:
+            tensor = as_stored(tensor, self.stored_dtypes[name])
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self.flush()

@@ -25,8 +25,8 @@ and 3's forwards: ``mtq.quantize``'s forward loop hands each activation quantize
 statistics pass recorded, and no stage runs at all.
 
 Everything else the checkpoint holds (the embeddings, a vision tower) has no calibrated quantizer and
-is passed through as stored, cast to the calibration dtype. The embeddings are never materialized:
-the calibration tokens' rows are read once.
+is passed through as stored, in its stored dtype. The embeddings are never materialized: the calibration
+tokens' rows are read once.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def quantize_layerwise(
     stage_states.append(done.modelopt_state)
     for name, tensor in model.passthrough_tensors(claimed):
         write(model.saved_name(name), tensor)
-        del tensor  # before the next one is cast (an 8B model's embedding table is 2 GB in float32)
+        del tensor  # before the next one is read (an 8B model's embedding table is 1 GB in bf16)
     log.info("the other tensors written (peak RSS so far %.2f GiB)", peak_rss_gib())
     staged = {path for stage in (*stages_seen, rest) for path in stage.modules}
     order = {name: at for at, (name, _) in enumerate(model.model.named_modules()) if name in staged}

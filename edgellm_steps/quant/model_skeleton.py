@@ -185,11 +185,12 @@ class ModelSkeleton:
         return name
 
     def passthrough_tensors(self, claimed: set[str]) -> Iterator[tuple[str, Any]]:
-        """Every model tensor no stage holds, as stored and cast to the calibration dtype (save_pretrained's names)."""
+        """Every model tensor no stage holds, as stored (save_pretrained's names): nothing changed them, so they are
+        not cast to the calibration dtype (an 8B model's embedding table would be 2 GB in float32)."""
         for name in self.model.state_dict():
             if name in claimed or (self.tied and name == f"{self.name_of(self.lm_head)}.weight"):
                 continue
-            yield name, self._cast_tensor(name)
+            yield name, self.store.get(self._stored_name(name))
 
     # -- the states each stage runs on ---------------------------------------------------------------------------
 

@@ -186,7 +186,8 @@ def quantize_llm(
         log.info("keeping %d Linears in float (quantization.exclude %s)", len(excluded), list(exclude))
     info = quantization_record(precision, calibration, exclude, excluded)
     with staged_directory(Path(output_dir)) as staging:
-        writer = ShardWriter(staging)
+        # Tensors the calibration did not change are written in their stored dtype, not the calibration's.
+        writer = ShardWriter(staging, stored_dtypes={name: store.dtype(name) for name in store.names()})
         with cpu_fake_quantization(), torch.no_grad():
             result = quantize_layerwise(
                 checkpoint,
