@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from edgellm_steps.artifacts import shard_writer, steps
 from edgellm_steps.artifacts.checkpoint import weight_files
 from edgellm_steps.artifacts.manifest import check_step_output, write_manifest
-from edgellm_steps.artifacts.shard_writer import as_stored
+from edgellm_steps.artifacts.shard_writer import ShardWriter, as_stored
 from edgellm_steps.export.export_llm import export_llm
 from edgellm_steps.quant.quantize_llm import quantize_llm
 
@@ -73,3 +73,20 @@ def test_a_tensor_is_narrowed_only_when_every_slice_fits(monkeypatch):
     assert as_stored(last_off, "BF16") is last_off
     assert as_stored(fits, "F32") is fits and as_stored(fits, "I64") is fits
     assert as_stored(torch.arange(6), "BF16").dtype == torch.int64
+
+
+def test_a_tensor_with_a_shard_of_its_own_is_narrowed_as_it_is_written(monkeypatch, tmp_path):
+    """The same bytes as the safetensors library's file of the narrowed tensor, with no narrowed copy made whole."""
+    monkeypatch.setattr(shard_writer, "NARROW_ELEMENTS", 7)
+    head = torch.linspace(-3, 3, 30).reshape(6, 5).bfloat16().float()
+    changed = head + 2.0**-20  # not a bf16 value any more: stays float32
+    writer = ShardWriter(tmp_path / "out", max_shard_bytes=40, stored_dtypes={"head": "BF16", "changed": "BF16"})
+    (tmp_path / "out").mkdir()
+    with monkeypatch.context() as whole:
+        whole.setattr(shard_writer, "as_stored", None)  # the large tensor must not be narrowed whole
+        writer.add("head", head)
+    writer.add("changed", changed)
+    first, second = writer.close()
+    save_file({"head": head.bfloat16()}, str(tmp_path / "expected.safetensors"), {"format": "pt"})
+    assert first.read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+    assert load_file(str(second))["changed"].dtype == torch.float32

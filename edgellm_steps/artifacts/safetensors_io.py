@@ -313,6 +313,13 @@ class SafetensorsFile:
             yield self._tensor(entry, start, start + count * row_bytes, (count, *shape[1:]))
 
 
+def encoded_header(header: dict[str, Any]) -> bytes:
+    """A safetensors header as the library writes it: the length, then compact JSON padded with spaces to 8 bytes."""
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
 def write_single_tensor(
     path: Path,
     name: str,
@@ -330,19 +337,16 @@ def write_single_tensor(
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    header = {name: {"dtype": _NUMPY_NAMES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
+    encoded = encoded_header({name: {"dtype": _NUMPY_NAMES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}})
 
     def typed(data: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(data, dtype=dtype)
 
     with StreamedFile(path, threads=threads) as out:
-        out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
         for chunk in chunks:
             out.write((lambda convert=chunk: typed(convert())) if callable(chunk) else typed(chunk))
-    written = out.bytes_written - 8 - len(encoded)
+    written = out.bytes_written - len(encoded)
     if written != nbytes:
         raise ValueError(f"{path}: wrote {written} bytes of tensor {name!r}, expected {nbytes}")
 
@@ -367,11 +371,8 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         dtype = _SAFETENSORS_NAMES[str(tensor.dtype).removeprefix("torch.")]
         header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     with StreamedFile(path) as out:
-        out.write(struct.pack("<Q", len(encoded)))
-        out.write(encoded)
+        out.write(encoded_header(header))
         for _, tensor in ordered:
             if tensor.numel():
                 out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

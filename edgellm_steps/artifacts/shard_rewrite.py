@@ -11,16 +11,14 @@ the safetensors library writes it (compact JSON, entries in data order).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import struct
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgellm_steps.artifacts.safetensors_io import DTYPE_SIZES, SafetensorsFile
+from edgellm_steps.artifacts.safetensors_io import DTYPE_SIZES, SafetensorsFile, encoded_header
 from edgellm_steps.artifacts.streamed_file import StreamedFile
 
 if TYPE_CHECKING:
@@ -74,12 +72,9 @@ def rewrite_shard(
         size = math.prod(shard.shape(name)) * DTYPE_SIZES[dtype]
         header[name] = {"dtype": dtype, "shape": list(shard.shape(name)), "data_offsets": [offset, offset + size]}
         offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
     destination.parent.mkdir(parents=True, exist_ok=True)
     with StreamedFile(destination) as handle:
-        handle.write(struct.pack("<Q", len(encoded)))
-        handle.write(encoded)
+        handle.write(encoded_header(header))
         for name in names:
             written = 0
             for chunk in changed[name].chunks() if name in changed else copied_chunks(shard, name):

@@ -10,48 +10,82 @@ read the checkpoint again.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from edgellm_steps.artifacts.safetensors_io import TORCH_DTYPE_NAMES, write_safetensors
+from edgellm_steps.artifacts.safetensors_io import TORCH_DTYPE_NAMES, encoded_header, write_safetensors
+from edgellm_steps.artifacts.streamed_file import StreamedFile
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-#: Elements of a tensor narrowed and compared at a time by :func:`as_stored` (16 MiB of float32).
+#: Elements of a tensor narrowed and compared at a time (16 MiB of float32), so the check holds no second
+#: full-size copy.
 NARROW_ELEMENTS = 1 << 22
 
 
-def as_stored(tensor: Any, stored: str) -> Any:
-    """``tensor`` in the float dtype ``stored`` (a safetensors name) when that dtype holds its values exactly, else as
-    it is.
+def narrowing(tensor: Any, stored: str | None) -> Any:
+    """The float dtype ``stored`` (a safetensors name) when it holds every value of float ``tensor`` exactly and
+    differs from its dtype, else None.
 
     A step that computes in float32 (calibration on the CPU) would otherwise write a bf16 source's weights it
     never changed at twice their size, for every later step to read. A tensor the step changed (a smoothed
-    weight) keeps the step's dtype unless its new values happen to fit: either way nothing is rounded. The
-    values are narrowed and checked a slice of rows at a time, so the check holds no second full-size copy.
+    weight) keeps the step's dtype unless its new values happen to fit: either way nothing is rounded.
     """
     import torch
 
-    target = getattr(torch, TORCH_DTYPE_NAMES.get(stored, ""), None)
+    target = getattr(torch, TORCH_DTYPE_NAMES.get(stored or "", ""), None)
     if not isinstance(target, torch.dtype) or not target.is_floating_point or not tensor.is_floating_point():
-        return tensor
+        return None
     if target == tensor.dtype:
-        return tensor
-    narrowed = torch.empty(tensor.shape, dtype=target)
-    flat, out = tensor.reshape(-1), narrowed.view(-1)
+        return None
+    fits = all(torch.equal(part.to(tensor.dtype), whole) for part, whole in _narrowed(tensor, target))
+    return target if fits else None
+
+
+def _narrowed(tensor: Any, target: Any) -> Iterator[tuple[Any, Any]]:
+    """(slice in ``target``, the same slice of ``tensor``), row-major, :data:`NARROW_ELEMENTS` at a time."""
+    flat = tensor.reshape(-1)
     for start in range(0, flat.numel(), NARROW_ELEMENTS):
         part = flat[start : start + NARROW_ELEMENTS]
-        out[start : start + len(part)] = part
-        if not torch.equal(out[start : start + len(part)].to(tensor.dtype), part):
-            return tensor
+        yield part.to(target), part
+
+
+def as_stored(tensor: Any, stored: str | None) -> Any:
+    """``tensor`` in the dtype ``stored`` when :func:`narrowing` allows it, else as it is."""
+    import torch
+
+    target = narrowing(tensor, stored)
+    if target is None:
+        return tensor
+    narrowed = torch.empty(tensor.shape, dtype=target)
+    flat, start = narrowed.view(-1), 0
+    for part, _ in _narrowed(tensor, target):
+        flat[start : start + len(part)] = part
+        start += len(part)
     return narrowed
 
 
+def write_narrowed(path: Path, name: str, tensor: Any, target: Any) -> int:
+    """Write ``tensor`` alone, in ``target``, as :func:`write_safetensors` writes it, a slice at a time (no narrowed
+    copy of it is ever whole); returns the bytes of tensor data."""
+    import torch
+
+    nbytes = tensor.numel() * target.itemsize
+    dtype = next(key for key, value in TORCH_DTYPE_NAMES.items() if value == str(target).removeprefix("torch."))
+    entry = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [0, nbytes]}
+    with StreamedFile(path) as out:
+        out.write(encoded_header({"__metadata__": {"format": "pt"}, name: entry}))
+        for part, _ in _narrowed(tensor, target):
+            out.write(part.view(torch.uint8).numpy())
+    return nbytes
+
+
 class ShardWriter:
-    """Collects tensors into shards of at most ``max_shard_bytes`` (a tensor larger than that gets its own)."""
+    """Collects tensors into shards of at most ``max_shard_bytes`` (a tensor larger than that gets its own, and so
+    does one narrowed to its stored dtype that fills half a shard: it is narrowed as it is written)."""
 
     def __init__(
         self, directory: Path, max_shard_bytes: int = 1 << 30, *, stored_dtypes: Mapping[str, str] | None = None
@@ -69,8 +103,11 @@ class ShardWriter:
     def add(self, name: str, tensor: Any) -> None:
         """Queue ``tensor`` (a CPU tensor) under ``name``; a shard is written as soon as it is full, so a tensor as
         large as a shard is written at once rather than held."""
-        if name in self.stored_dtypes:
-            tensor = as_stored(tensor, self.stored_dtypes[name])
+        target = narrowing(tensor, self.stored_dtypes.get(name))
+        if target is not None and tensor.numel() * target.itemsize >= self.max_shard_bytes // 2:
+            self._write_alone(name, tensor, target)  # a shard of its own, narrowed as it is written
+            return
+        tensor = as_stored(tensor, self.stored_dtypes.get(name)) if target is not None else tensor
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self.flush()
@@ -81,6 +118,14 @@ class ShardWriter:
         self._total += size
         if self._pending_bytes >= self.max_shard_bytes:
             self.flush()
+
+    def _write_alone(self, name: str, tensor: Any, target: Any) -> None:
+        self.flush()
+        if any(name in names for _, names in self._written):
+            raise ValueError(f"tensor {name} written twice")
+        path = self.directory / f".shard-{len(self._written):05d}.safetensors"
+        self._total += write_narrowed(path, name, tensor, target)
+        self._written.append((path, [name]))
 
     def end_group(self) -> None:
         """A group of tensors (a model layer) is complete: write what is queued when it is a sizable part of a
