@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from edgellm_steps.artifacts.heap import release_free_memory
 from edgellm_steps.artifacts.safetensors_io import TORCH_DTYPE_NAMES, encoded_header, write_safetensors
 from edgellm_steps.artifacts.streamed_file import StreamedFile
 
@@ -142,6 +143,7 @@ class ShardWriter:
         write_safetensors(path, self._pending, metadata={"format": "pt"})
         self._written.append((path, sorted(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+        release_free_memory()  # the shard's and its conversions' freed buffers would otherwise pile up in the heap
 
     def close(self) -> list[Path]:
         """Write what is queued, name the shards, and write the index when there is more than one."""

@@ -69,8 +69,8 @@ def read_fitting_adapter(
     tensors: bool = True,
     merge: bool = False,
 ) -> tuple[dict[str, Any], list[AdapterModule]]:
-    """The adapter's config and modules (lm_head / norm tensors dropped), checked against the model if given
-    (``merge``: to be folded into its weights rather than served)."""
+    """The adapter's config and modules (norm tensors dropped, and lm_head ones unless ``merge``), checked against
+    the model if given (``merge``: to be folded into its weights rather than served)."""
     config, modules = read_adapter(adapter, tensors=tensors, lm_head=merge)
     if model_config is not None:
         check_adapter_fits(modules, adaptable_gemms(model_config, model_where, merge=merge), str(adapter))

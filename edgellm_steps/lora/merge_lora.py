@@ -133,6 +133,11 @@ def stored_weight_names(
                 f"{where}: the adapter carries its own {found} (PEFT's save_embedding_layers), which differs from "
                 "the checkpoint's (a resized or retrained LM head?); merge it into the checkpoint it was trained on"
             )
+        if found in adapted:
+            raise SourceError(
+                f"{where}: {PEFT_PREFIX}{adapted[found].module} and {PEFT_PREFIX}{module.module} both adapt {found}; "
+                "an adapter adapts each weight once"
+            )
         adapted[found] = module
     return adapted
 

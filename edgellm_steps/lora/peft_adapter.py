@@ -120,7 +120,7 @@ def read_adapter(
             len(dropped),
             dropped[0],
         )
-    for key in sorted(set(store.names()) - set(dropped)):
+    for key in sorted(names - set(dropped)):
         if lm_head and key == SAVED_LM_HEAD:
             continue
         match = _LORA_KEY.match(key.removeprefix(PEFT_PREFIX))

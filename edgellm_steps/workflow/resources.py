@@ -178,8 +178,8 @@ def dequantize_mem_mb() -> int:
 
 
 def merge_lora_mem_mb(*, widest_weight_bytes: int, adapter_bytes: int) -> int:
-    """mem_mb of a merge-lora job: it streams the checkpoint, holding the adapter and, while one weight merges, a few
-    float32 copies of it (``widest_weight_bytes``: the widest adapted weight in float32) (:data:`MERGE_PEAK`)."""
+    """mem_mb of a merge-lora job: it streams the checkpoint, holding the adapter and, while one weight merges, its
+    ``B @ A`` in float32 (``widest_weight_bytes``: the widest adapted weight in float32) (:data:`MERGE_PEAK`)."""
     peak = MERGE_PEAK
     return request_mb(peak.base_mib * MIB + peak.weight * widest_weight_bytes + peak.adapter * adapter_bytes)
 
