@@ -313,6 +313,11 @@ class SafetensorsFile:
             yield self._tensor(entry, start, start + count * row_bytes, (count, *shape[1:]))
 
 
+def safetensors_dtype(dtype: torch.dtype) -> str:
+    """The safetensors name (``BF16``, ``F32``, ...) of a torch dtype."""
+    return _SAFETENSORS_NAMES[str(dtype).removeprefix("torch.")]
+
+
 def encoded_header(header: dict[str, Any]) -> bytes:
     """A safetensors header as the library writes it: the length, then compact JSON padded with spaces to 8 bytes."""
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -361,14 +366,14 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     import torch
 
     def order(item: tuple[str, torch.Tensor]) -> tuple[int, str]:
-        return (-DTYPE_ORDER.index(_SAFETENSORS_NAMES[str(item[1].dtype).removeprefix("torch.")]), item[0])
+        return (-DTYPE_ORDER.index(safetensors_dtype(item[1].dtype)), item[0])
 
     ordered = sorted(tensors.items(), key=order)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, tensor in ordered:
         size = tensor.numel() * tensor.element_size()
-        dtype = _SAFETENSORS_NAMES[str(tensor.dtype).removeprefix("torch.")]
+        dtype = safetensors_dtype(tensor.dtype)
         header[name] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
         offset += size
     with StreamedFile(path) as out:

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from edgellm_steps.artifacts.heap import release_free_memory
-from edgellm_steps.artifacts.safetensors_io import TORCH_DTYPE_NAMES, encoded_header, write_safetensors
+from edgellm_steps.artifacts.safetensors_io import (
+    TORCH_DTYPE_NAMES,
+    encoded_header,
+    safetensors_dtype,
+    write_safetensors,
+)
 from edgellm_steps.artifacts.streamed_file import StreamedFile
 
 SINGLE = "model.safetensors"
@@ -56,11 +61,14 @@ def _narrowed(tensor: Any, target: Any) -> Iterator[tuple[Any, Any]]:
 
 def as_stored(tensor: Any, stored: str | None) -> Any:
     """``tensor`` in the dtype ``stored`` when :func:`narrowing` allows it, else as it is."""
+    target = narrowing(tensor, stored)
+    return tensor if target is None else _narrowed_copy(tensor, target)
+
+
+def _narrowed_copy(tensor: Any, target: Any) -> Any:
+    """``tensor`` in ``target``, which :func:`narrowing` has found to hold its values."""
     import torch
 
-    target = narrowing(tensor, stored)
-    if target is None:
-        return tensor
     narrowed = torch.empty(tensor.shape, dtype=target)
     flat, start = narrowed.view(-1), 0
     for part, _ in _narrowed(tensor, target):
@@ -75,8 +83,7 @@ def write_narrowed(path: Path, name: str, tensor: Any, target: Any) -> int:
     import torch
 
     nbytes = tensor.numel() * target.itemsize
-    dtype = next(key for key, value in TORCH_DTYPE_NAMES.items() if value == str(target).removeprefix("torch."))
-    entry = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [0, nbytes]}
+    entry = {"dtype": safetensors_dtype(target), "shape": list(tensor.shape), "data_offsets": [0, nbytes]}
     with StreamedFile(path) as out:
         out.write(encoded_header({"__metadata__": {"format": "pt"}, name: entry}))
         for part, _ in _narrowed(tensor, target):
@@ -108,7 +115,7 @@ class ShardWriter:
         if target is not None and tensor.numel() * target.itemsize >= self.max_shard_bytes // 2:
             self._write_alone(name, tensor, target)  # a shard of its own, narrowed as it is written
             return
-        tensor = as_stored(tensor, self.stored_dtypes.get(name)) if target is not None else tensor
+        tensor = _narrowed_copy(tensor, target) if target is not None else tensor
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self.flush()

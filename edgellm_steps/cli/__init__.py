@@ -23,23 +23,21 @@ def key_value(flag: str, key: str, value: str = "DIR") -> Callable[[str], tuple[
     return parse
 
 
+def _add_threads(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, help=help)
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads`` of an export step: threads converting weights while others read and write."""
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="threads converting weights while others read and write (default: the cores this process may use)",
+    _add_threads(
+        parser, "threads converting weights while others read and write (default: the cores this process may use)"
     )
 
 
 def add_torch_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads`` of a torch step (calibrate, quantize, verify); applied by :func:`use_torch_threads`."""
-    parser.add_argument(
-        "--threads",
-        type=positive_int,
-        default=None,
-        help="CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)",
+    _add_threads(
+        parser, "CPU threads of torch (torch.set_num_threads; default: torch's, i.e. OMP_NUM_THREADS or the cores)"
     )
 
 
